@@ -1,0 +1,232 @@
+"""BERT in Flax: word + position + token-type embeddings, post-LayerNorm encoder blocks.
+
+Matches ``transformers.BertModel`` / ``BertForSequenceClassification`` on the same weights.
+Heads, chosen per call: ``"hidden"`` (last hidden state), ``"pooled"`` (the tanh pooler on
+[CLS]), ``"mean"`` (mask-weighted mean of the last hidden state, the sentence-transformers
+embedding before its L2 normalisation) and ``"classify"`` (pooler + classifier logits).
+Non-linearities (GeLU, tanh, softmax with the padding mask, LayerNorm, the token and token-type
+lookups) come from the ``ops`` set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from puma.models.layers import Embedding, LayerNorm, Linear, attend, padding_mask
+from puma.protocols import Ops
+from puma.protocols.exact import OPS as EXACT
+
+Array = Any
+HEADS = ("hidden", "pooled", "mean", "classify")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT hyper-parameters under their Hugging Face names.
+
+    ``architectures`` decides whether the checkpoint has a classifier head
+    (``BertForSequenceClassification``); ``id2label`` lists its label names in id order.
+    """
+
+    model_type: ClassVar[str] = "bert"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    architectures: tuple[str, ...] = ("BertModel",)
+    id2label: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "BertConfig":
+        """Build from a ``transformers.BertConfig``; only absolute position embeddings are supported."""
+        kind = getattr(hf_config, "position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ValueError(f"position_embedding_type {kind!r} is not supported (only 'absolute')")
+        kwargs = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)}
+        kwargs["architectures"] = tuple(getattr(hf_config, "architectures", None) or ("BertModel",))
+        labels = getattr(hf_config, "id2label", None) or {}
+        classifies = "BertForSequenceClassification" in kwargs["architectures"]
+        kwargs["id2label"] = tuple(labels[k] for k in sorted(labels, key=int)) if classifies else ()
+        if kwargs.get("pad_token_id") is None:
+            kwargs["pad_token_id"] = 0
+        return cls(**kwargs)
+
+    def to_hf(self):
+        """The equivalent ``transformers.BertConfig`` (for references and saving)."""
+        from transformers import BertConfig as HFConfig
+
+        kwargs = dataclasses.asdict(self)
+        labels = kwargs.pop("id2label")
+        kwargs["architectures"] = list(kwargs["architectures"])
+        if labels:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
+        return HFConfig(**kwargs)
+
+    @property
+    def has_classifier(self) -> bool:
+        return "BertForSequenceClassification" in self.architectures
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS = {
+    "bert-debug": BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "bert-debug-cls": BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, architectures=("BertForSequenceClassification",),
+        id2label=("negative", "positive"),
+    ),
+    "bert-base": BertConfig(),
+    "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, dh = cfg.num_attention_heads, cfg.head_dim
+        q = Linear(cfg.hidden_size, name="query")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
+        k = Linear(cfg.hidden_size, name="key")(x).reshape(batch, length, heads, dh)
+        v = Linear(cfg.hidden_size, name="value")(x).reshape(batch, length, heads, dh)
+        return attend(q, k, v, mask, self.ops)  # [B, T, D]
+
+
+class BertSubLayerOutput(nn.Module):
+    """dense -> residual add -> LayerNorm (HF's ``BertSelfOutput`` and ``BertOutput``)."""
+
+    config: BertConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, h, residual):
+        cfg = self.config
+        return LayerNorm(cfg.layer_norm_eps, self.ops, name="LayerNorm")(Linear(cfg.hidden_size, name="dense")(h) + residual)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        attn = BertSelfAttention(cfg, self.ops, name="attention_self")(x, mask)
+        x = BertSubLayerOutput(cfg, self.ops, name="attention_output")(attn, x)
+        act = self.ops.activation(cfg.hidden_act)
+        inner = act(Linear(cfg.intermediate_size, name="intermediate_dense")(x))
+        return BertSubLayerOutput(cfg, self.ops, name="output")(inner, x)
+
+
+class BertModel(nn.Module):
+    """BERT encoder with the head chosen per call.
+
+    Call with ``input_ids`` [B, T], ``attention_mask`` [B, T] (1 = real token),
+    ``token_type_ids`` [B, T] and ``position_ids`` [B, T] (defaults: all ones, zeros, 0..T-1)
+    and ``head`` (one of ``HEADS``). Returns [B, T, D] for ``"hidden"``, [B, D] for ``"pooled"``
+    and ``"mean"``, [B, num_labels] for ``"classify"``.
+    """
+
+    config: BertConfig
+    ops: Ops = EXACT
+
+    def setup(self):
+        cfg = self.config
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.embeddings_LayerNorm = LayerNorm(cfg.layer_norm_eps, self.ops)
+        self.layer = [BertLayer(cfg, self.ops, name=f"layer_{i}") for i in range(cfg.num_hidden_layers)]
+        self.pooler = Linear(cfg.hidden_size)
+        if cfg.has_classifier:
+            self.classifier = Linear(cfg.num_labels)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, head: str = "hidden"):
+        cfg = self.config
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        if head == "classify" and not cfg.has_classifier:
+            raise ValueError("this BERT has no classifier head (architectures lacks BertForSequenceClassification)")
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((batch, length), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+        x = (
+            self.word_embeddings(input_ids, self.ops)
+            + self.token_type_embeddings(token_type_ids, self.ops)
+            + self.position_embeddings.take_public(position_ids)
+        )  # [B, T, D]
+        x = self.embeddings_LayerNorm(x)
+        mask = padding_mask(attention_mask, length)  # [B, 1, T, T]
+        for layer in self.layer:
+            x = layer(x, mask)
+        if head == "hidden":
+            return x
+        if head == "mean":
+            weights = jnp.asarray(attention_mask, x.dtype)  # [B, T]
+            return jnp.einsum("bt,btd->bd", weights, x) / jnp.sum(weights, axis=-1, keepdims=True)
+        pooled = self.ops.tanh(self.pooler(x[:, 0]))  # [B, D]
+        return pooled if head == "pooled" else self.classifier(pooled)
+
+
+#: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.
+HF_MAPPING = [
+    ("bert.embeddings.word_embeddings.weight", "word_embeddings/embedding", False),
+    ("bert.embeddings.position_embeddings.weight", "position_embeddings/embedding", False),
+    ("bert.embeddings.token_type_embeddings.weight", "token_type_embeddings/embedding", False),
+    ("bert.embeddings.LayerNorm.weight", "embeddings_LayerNorm/weight", False),
+    ("bert.embeddings.LayerNorm.bias", "embeddings_LayerNorm/bias", False),
+    ("bert.encoder.layer.{i}.attention.self.query.weight", "layer_{i}/attention_self/query/kernel", True),
+    ("bert.encoder.layer.{i}.attention.self.query.bias", "layer_{i}/attention_self/query/bias", False),
+    ("bert.encoder.layer.{i}.attention.self.key.weight", "layer_{i}/attention_self/key/kernel", True),
+    ("bert.encoder.layer.{i}.attention.self.key.bias", "layer_{i}/attention_self/key/bias", False),
+    ("bert.encoder.layer.{i}.attention.self.value.weight", "layer_{i}/attention_self/value/kernel", True),
+    ("bert.encoder.layer.{i}.attention.self.value.bias", "layer_{i}/attention_self/value/bias", False),
+    ("bert.encoder.layer.{i}.attention.output.dense.weight", "layer_{i}/attention_output/dense/kernel", True),
+    ("bert.encoder.layer.{i}.attention.output.dense.bias", "layer_{i}/attention_output/dense/bias", False),
+    ("bert.encoder.layer.{i}.attention.output.LayerNorm.weight", "layer_{i}/attention_output/LayerNorm/weight", False),
+    ("bert.encoder.layer.{i}.attention.output.LayerNorm.bias", "layer_{i}/attention_output/LayerNorm/bias", False),
+    ("bert.encoder.layer.{i}.intermediate.dense.weight", "layer_{i}/intermediate_dense/kernel", True),
+    ("bert.encoder.layer.{i}.intermediate.dense.bias", "layer_{i}/intermediate_dense/bias", False),
+    ("bert.encoder.layer.{i}.output.dense.weight", "layer_{i}/output/dense/kernel", True),
+    ("bert.encoder.layer.{i}.output.dense.bias", "layer_{i}/output/dense/bias", False),
+    ("bert.encoder.layer.{i}.output.LayerNorm.weight", "layer_{i}/output/LayerNorm/weight", False),
+    ("bert.encoder.layer.{i}.output.LayerNorm.bias", "layer_{i}/output/LayerNorm/bias", False),
+    ("bert.pooler.dense.weight", "pooler/kernel", True),
+    ("bert.pooler.dense.bias", "pooler/bias", False),
+    ("classifier.weight", "classifier/kernel", True),
+    ("classifier.bias", "classifier/bias", False),
+]

@@ -1,0 +1,197 @@
+"""GPT-2 in Flax: learned positions, pre-LayerNorm blocks, LM head tied to the token embedding.
+
+Matches ``transformers.GPT2LMHeadModel`` on the same weights. Non-linearities (GeLU, softmax
+with the attention mask, LayerNorm, the token lookup) come from the ``ops`` set.
+
+Parameter tree (HF name -> here): ``transformer.wte.weight`` -> ``wte/embedding``,
+``transformer.h.{i}.attn.c_attn.weight`` -> ``h_{i}/attn/c_attn/kernel`` (GPT-2's Conv1D already
+stores ``[in, out]``: no transpose), ``transformer.ln_f.weight`` -> ``ln_f/weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from puma.models.layers import (
+    Embedding,
+    KVCache,
+    LayerNorm,
+    Linear,
+    attend,
+    causal_mask,
+    default_positions,
+    init_cache,
+    query_slots,
+    update_cache,
+)
+from puma.protocols import Ops
+from puma.protocols.exact import OPS as EXACT
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyper-parameters under their Hugging Face names."""
+
+    model_type: ClassVar[str] = "gpt2"
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "GPT2Config":
+        """Build from a ``transformers.GPT2Config`` (or anything with the same attributes)."""
+        return cls(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)})
+
+    def to_hf(self):
+        """The equivalent ``transformers.GPT2Config`` (for references and saving)."""
+        from transformers import GPT2Config as HFConfig
+
+        return HFConfig(**dataclasses.asdict(self))
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_head
+
+
+PRESETS = {
+    "gpt2-debug": GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    "gpt2": GPT2Config(),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+}
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, mask, layer_cache, cache_index):
+        cfg = self.config
+        batch, length, _ = x.shape
+        qkv = Linear(3 * cfg.n_embd, name="c_attn")(x)  # [B, T, 3D]
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
+        q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in (q, k, v))  # [B, T, H, Dh]
+        if layer_cache is not None:
+            layer_cache = update_cache(layer_cache, k, v, cache_index)
+            k, v = layer_cache["k"], layer_cache["v"]  # [B, S, H, Dh]
+        out = attend(q, k, v, mask, self.ops)  # [B, T, D]
+        return Linear(cfg.n_embd, name="c_proj")(out), layer_cache
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        act = self.ops.activation(cfg.activation_function)
+        return Linear(cfg.n_embd, name="c_proj")(act(Linear(inner, name="c_fc")(x)))
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, mask, layer_cache, cache_index):
+        cfg = self.config
+        h, layer_cache = GPT2Attention(cfg, self.ops, name="attn")(
+            LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_1")(x), mask, layer_cache, cache_index
+        )
+        x = x + h
+        x = x + GPT2MLP(cfg, self.ops, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_2")(x))
+        return x, layer_cache
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its tied language-model head.
+
+    Call with ``input_ids`` [B, T] and optionally ``attention_mask`` (1 = real token; left
+    padding for batches), ``position_ids`` [B, T], and a key/value ``cache`` with
+    ``cache_index`` (the slot of the first new token). Returns ``(logits, cache)``: logits
+    [B, T, V] (or [B, 1, V] with ``last_only``) and the updated cache (``None`` without one).
+    Without a cache ``attention_mask`` covers the T tokens; with one it covers all S slots.
+    """
+
+    config: GPT2Config
+    ops: Ops = EXACT
+
+    def setup(self):
+        cfg = self.config
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = Embedding(cfg.n_positions, cfg.n_embd, std=0.01)
+        self.h = [GPT2Block(cfg, self.ops, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.ops)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                 cache_index=0, last_only: bool = False):
+        batch, length = input_ids.shape
+        slots_total = length if cache is None else cache[0]["k"].shape[1]
+        key_valid = jnp.ones((batch, slots_total), jnp.int32) if attention_mask is None else attention_mask
+        if position_ids is None:
+            position_ids = default_positions(key_valid, cache_index, length)
+        mask = causal_mask(query_slots(batch, length, cache_index), key_valid)  # [B, 1, T, S]
+
+        x = self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)  # [B, T, D]
+        new_cache = []
+        for i, block in enumerate(self.h):
+            x, layer_cache = block(x, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, D]
+        logits = self.wte.attend(self.ln_f(x))  # [B, T, V]
+        return logits, (None if cache is None else tuple(new_cache))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        return init_cache(cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
+
+
+#: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.
+HF_MAPPING = [
+    ("transformer.wte.weight", "wte/embedding", False),
+    ("transformer.wpe.weight", "wpe/embedding", False),
+    ("transformer.h.{i}.ln_1.weight", "h_{i}/ln_1/weight", False),
+    ("transformer.h.{i}.ln_1.bias", "h_{i}/ln_1/bias", False),
+    ("transformer.h.{i}.attn.c_attn.weight", "h_{i}/attn/c_attn/kernel", False),
+    ("transformer.h.{i}.attn.c_attn.bias", "h_{i}/attn/c_attn/bias", False),
+    ("transformer.h.{i}.attn.c_proj.weight", "h_{i}/attn/c_proj/kernel", False),
+    ("transformer.h.{i}.attn.c_proj.bias", "h_{i}/attn/c_proj/bias", False),
+    ("transformer.h.{i}.ln_2.weight", "h_{i}/ln_2/weight", False),
+    ("transformer.h.{i}.ln_2.bias", "h_{i}/ln_2/bias", False),
+    ("transformer.h.{i}.mlp.c_fc.weight", "h_{i}/mlp/c_fc/kernel", False),
+    ("transformer.h.{i}.mlp.c_fc.bias", "h_{i}/mlp/c_fc/bias", False),
+    ("transformer.h.{i}.mlp.c_proj.weight", "h_{i}/mlp/c_proj/kernel", False),
+    ("transformer.h.{i}.mlp.c_proj.bias", "h_{i}/mlp/c_proj/bias", False),
+    ("transformer.ln_f.weight", "ln_f/weight", False),
+    ("transformer.ln_f.bias", "ln_f/bias", False),
+]

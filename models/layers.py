@@ -1,0 +1,157 @@
+"""Building blocks shared by the model files: parameter holders and attention.
+
+Parameters are named after their Hugging Face counterparts. ``kernel`` is always laid out
+``[in, out]`` (so a PyTorch ``nn.Linear.weight``, which is ``[out, in]``, is transposed when it
+is loaded); ``weight``/``bias`` of norms and ``embedding`` of lookup tables keep HF's layout.
+
+Non-linear functions and masking come from the :class:`puma.protocols.Ops` set the model was
+built with; nothing here calls ``jax.nn`` for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from puma.protocols import Ops
+
+Array = Any
+#: A key/value cache: one ``{"k": [B, S, Hkv, Dh], "v": [B, S, Hkv, Dh]}`` dict per layer.
+KVCache = tuple
+
+
+def normal_init(std: float = 0.02):
+    return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias with ``kernel`` of shape ``[in, out]``."""
+
+    features: int
+    use_bias: bool = True
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", normal_init(self.std), (x.shape[-1], self.features), jnp.float32)
+        y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, out] -> [..., out]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y
+
+
+class Embedding(nn.Module):
+    """A lookup table ``embedding`` of shape ``[num, dim]``."""
+
+    num: int
+    dim: int
+    std: float = 0.02
+
+    def setup(self):
+        self.embedding = self.param("embedding", normal_init(self.std), (self.num, self.dim), jnp.float32)
+
+    def __call__(self, ids: Array, ops: Ops) -> Array:
+        """Rows for (possibly secret) ids through the ops set: [...] -> [..., dim]."""
+        return ops.embed(ids, self.embedding)
+
+    def take_public(self, ids: Array) -> Array:
+        """Rows for public ids (positions): a plain gather, [...] -> [..., dim]."""
+        return jnp.take(self.embedding, ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: [..., dim] -> [..., num]."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm parameters (``weight``, ``bias``) applied through ``ops.layer_norm``."""
+
+    eps: float
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        return self.ops.layer_norm(x, weight, bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm parameter (``weight``) applied through ``ops.rms_norm``."""
+
+    eps: float
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return self.ops.rms_norm(x, weight, self.eps)
+
+
+def init_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int) -> KVCache:
+    """An empty key/value cache with room for ``max_len`` positions."""
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return tuple({"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)} for _ in range(num_layers))
+
+
+def query_slots(batch: int, length: int, cache_index: Array) -> Array:
+    """Absolute cache slots of the ``length`` new tokens: [B, T]."""
+    return jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def causal_mask(slots: Array, key_valid: Array) -> Array:
+    """Which keys each query may see: [B, 1, T, S] booleans.
+
+    ``slots`` [B, T] are the queries' cache slots; ``key_valid`` [B, S] marks real (non-padding)
+    keys. A query sees valid keys at or before its own slot, and always itself, so no row is
+    empty (padding queries attend to themselves only; their outputs are never used).
+    """
+    key_slots = jnp.arange(key_valid.shape[-1], dtype=jnp.int32)
+    earlier = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
+    allowed = (earlier & key_valid[:, None, :].astype(bool)) | (key_slots[None, None, :] == slots[:, :, None])
+    return allowed[:, None]
+
+
+def padding_mask(key_valid: Array, length: int) -> Array:
+    """Bidirectional mask: every query sees every valid key, [B, 1, T, S]."""
+    valid = key_valid.astype(bool)[:, None, None, :]
+    return jnp.broadcast_to(valid, (valid.shape[0], 1, length, valid.shape[-1]))
+
+
+def update_cache(layer_cache: dict, k: Array, v: Array, cache_index: Array) -> dict:
+    """Write new keys/values [B, T, Hkv, Dh] at slots cache_index..cache_index+T-1."""
+    start = (0, cache_index, 0, 0)
+    return {
+        "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
+    }
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops) -> Array:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: [B, 1, T, S].
+    Returns [B, T, H * Dh].
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))  # [B, T, Hkv, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]
+    probs = ops.softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, Hkv, G, Dh]
+    return out.reshape(batch, length, heads * head_dim)
+
+
+def default_positions(key_valid: Array, cache_index: Array, length: int) -> Array:
+    """Position ids [B, T] of the new tokens, counted over real tokens (so left padding works).
+
+    ``key_valid`` [B, S] marks real tokens over all slots; the new tokens sit at slots
+    ``cache_index .. cache_index + length - 1``.
+    """
+    positions = jnp.maximum(jnp.cumsum(jnp.asarray(key_valid, jnp.int32), axis=-1) - 1, 0)  # [B, S]
+    return jax.lax.dynamic_slice_in_dim(positions, cache_index, length, axis=1)

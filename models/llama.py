@@ -1,0 +1,263 @@
+"""LLaMA in Flax: RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention.
+
+Matches ``transformers.LlamaForCausalLM`` on the same weights (rotary embedding in HF's
+"rotate half" layout, ``rope_theta`` from the config, tied or untied LM head). Non-linearities
+(SiLU, softmax with the attention mask, RMSNorm, the token lookup) come from the ``ops`` set.
+
+Rotary tables are computed on the host for every position up to ``max_position_embeddings`` and
+gathered by (public) position ids, so no sine or cosine is evaluated under MPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from puma.models.layers import (
+    Embedding,
+    KVCache,
+    Linear,
+    RMSNorm,
+    attend,
+    causal_mask,
+    default_positions,
+    init_cache,
+    query_slots,
+    update_cache,
+)
+from puma.protocols import Ops
+from puma.protocols.exact import OPS as EXACT
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA hyper-parameters under their Hugging Face names."""
+
+    model_type: ClassVar[str] = "llama"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaConfig":
+        """Build from a ``transformers.LlamaConfig``; rope scaling other than none is refused."""
+        scaling = getattr(hf_config, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(f"rope_scaling {scaling!r} is not supported (only unscaled rotary embeddings)")
+        kwargs = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)}
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):
+            kwargs["eos_token_id"] = eos[0]
+        return cls(**kwargs)
+
+    def to_hf(self):
+        """The equivalent ``transformers.LlamaConfig`` (for references and saving)."""
+        from transformers import LlamaConfig as HFConfig
+
+        return HFConfig(**dataclasses.asdict(self))
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+
+PRESETS = {
+    "llama-debug": LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+    ),
+    "llama-7b": LlamaConfig(),
+}
+
+
+def rotary_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin for every position: two [max_positions, head_dim] float32 tables.
+
+    Computed in float32 the way transformers does, so angles round identically.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)  # [Dh/2]
+    positions = np.arange(config.max_position_embeddings, dtype=np.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [P, Dh/2]
+    angles = np.concatenate([freqs, freqs], axis=-1)  # [P, Dh]
+    return np.cos(angles), np.sin(angles)
+
+
+def rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """x * cos + rotate_half(x) * sin; x [B, T, H, Dh], cos/sin [B, T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = Linear(heads * dh, cfg.attention_bias, name="q_proj")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
+        k = Linear(kv_heads * dh, cfg.attention_bias, name="k_proj")(x).reshape(batch, length, kv_heads, dh)
+        v = Linear(kv_heads * dh, cfg.attention_bias, name="v_proj")(x).reshape(batch, length, kv_heads, dh)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if layer_cache is not None:
+            layer_cache = update_cache(layer_cache, k, v, cache_index)
+            k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
+        out = attend(q, k, v, mask, self.ops)  # [B, T, H * Dh]
+        return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        act = self.ops.activation(cfg.hidden_act)
+        gate = Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    ops: Ops
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+        cfg = self.config
+        h, layer_cache = LlamaAttention(cfg, self.ops, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, self.ops, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
+        )
+        x = x + h
+        x = x + LlamaMLP(cfg, self.ops, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.ops, name="post_attention_layernorm")(x))
+        return x, layer_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA with its LM head; same call convention as :class:`puma.models.gpt2.GPT2LMHeadModel`."""
+
+    config: LlamaConfig
+    ops: Ops = EXACT
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [LlamaDecoderLayer(cfg, self.ops, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.ops)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.vocab_size, use_bias=False)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                 cache_index=0, last_only: bool = False):
+        cfg = self.config
+        batch, length = input_ids.shape
+        slots_total = length if cache is None else cache[0]["k"].shape[1]
+        key_valid = jnp.ones((batch, slots_total), jnp.int32) if attention_mask is None else attention_mask
+        if position_ids is None:
+            position_ids = default_positions(key_valid, cache_index, length)
+        mask = causal_mask(query_slots(batch, length, cache_index), key_valid)  # [B, 1, T, S]
+        cos_table, sin_table = rotary_tables(cfg)
+        cos = jnp.take(jnp.asarray(cos_table), position_ids, axis=0)  # [B, T, Dh]
+        sin = jnp.take(jnp.asarray(sin_table), position_ids, axis=0)
+
+        x = self.embed_tokens(input_ids, self.ops)  # [B, T, D]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, D]
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)  # [B, T, V]
+        return logits, (None if cache is None else tuple(new_cache))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        return init_cache(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+
+
+#: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.
+HF_MAPPING = [
+    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/weight", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers_{i}/self_attn/q_proj/kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers_{i}/self_attn/k_proj/kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers_{i}/self_attn/v_proj/kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers_{i}/self_attn/o_proj/kernel", True),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers_{i}/self_attn/q_proj/bias", False),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers_{i}/self_attn/k_proj/bias", False),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers_{i}/self_attn/v_proj/bias", False),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layers_{i}/self_attn/o_proj/bias", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/weight", False),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", True),
+    ("model.layers.{i}.mlp.gate_proj.bias", "layers_{i}/mlp/gate_proj/bias", False),
+    ("model.layers.{i}.mlp.up_proj.bias", "layers_{i}/mlp/up_proj/bias", False),
+    ("model.layers.{i}.mlp.down_proj.bias", "layers_{i}/mlp/down_proj/bias", False),
+    ("model.norm.weight", "norm/weight", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+]
+
+#: GGUF (llama.cpp) tensor name -> Hugging Face name. llama.cpp stores q/k rows permuted for its
+#: interleaved rotary layout; :func:`puma.models.loading` undoes that permutation.
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}

