@@ -80,7 +80,8 @@ class GPT2Config:
 
 
 PRESETS = {
-    "gpt2-debug": GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    "gpt2-debug": GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127,
+                             eos_token_id=127),
     "gpt2": GPT2Config(),
     "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),

@@ -104,7 +104,7 @@ class LlamaConfig:
 PRESETS = {
     "llama-debug": LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
     ),
     "llama-7b": LlamaConfig(),
 }

@@ -17,42 +17,74 @@ from puma.errors import PumaError
 log = logging.getLogger("puma")
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="plaintext", choices=("plaintext", "sim", "nodes", "ray"),
+                   help="where to run: plaintext (no MPC), sim (parties as threads), nodes (party processes "
+                        "from --config), ray (parties as Ray actors); default %(default)s")
+    p.add_argument("--config", "-c", help="party topology file (configs/3pc.yaml); required by --backend nodes")
+    p.add_argument("--protocol", choices=("aby3", "semi2k", "cheetah"), help="MPC protocol (default: aby3)")
+    p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits (default: 18)")
+    p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
+    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, default_approx: str = "exact") -> None:
     p.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file or preset name")
-    p.add_argument("--backend", default="plaintext", help="plaintext (default)")
+    _add_backend_args(p)
     p.add_argument("--approx", default=default_approx, help="approximation set (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puma", description="Private Transformer inference with 3-party MPC (SPU).")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="greedy text continuation with a causal LM (GPT-2, LLaMA)")
+    gen = sub.add_parser("generate", parents=[common], help="greedy text continuation with a causal LM (GPT-2, LLaMA)")
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=16)
     gen.set_defaults(func=cmd_generate)
 
-    emb = sub.add_parser("embed", help="sentence embeddings with a BERT (mean pooling, L2-normalised)")
+    emb = sub.add_parser("embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)")
     _add_model_args(emb)
     emb.add_argument("texts", nargs="+", help="sentences to embed")
     emb.set_defaults(func=cmd_embed)
+
+    node = sub.add_parser("node", help="run computing parties for the nodes backend")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    up = node_sub.add_parser("up", parents=[common],
+                             help="start every party of the topology on this machine and supervise them")
+    up.add_argument("--config", "-c", required=True, help="topology file")
+    up.add_argument("--log-dir", default="runs/parties", help="where party logs go (default: %(default)s)")
+    up.set_defaults(func=cmd_node_up)
+    start = node_sub.add_parser("start", parents=[common], help="start one party (on its own host)")
+    start.add_argument("--config", "-c", required=True, help="topology file")
+    start.add_argument("--rank", type=int, required=True, help="which party of the topology this is")
+    start.add_argument("--log-file", help="SPU log file (default: a temporary file)")
+    start.set_defaults(func=cmd_node_start)
     return parser
 
 
 def _open(args):
     from puma.api import SecureModel
 
-    return SecureModel.from_pretrained(args.model, approx=args.approx, backend=args.backend)
+    return SecureModel.from_pretrained(
+        args.model, approx=args.approx, backend=args.backend, config=args.config, protocol=args.protocol,
+        fxp_bits=args.fxp_bits, field=args.field, ray_address=args.ray_address,
+    )
 
 
-def _emit(args, payload: dict, text_lines: list[str]) -> None:
+def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
+    if cost is not None and args.backend != "plaintext":
+        payload["stats"] = cost.to_dict()
     if args.json:
         print(json.dumps(payload))
-    else:
-        print("\n".join(text_lines))
+        return
+    print("\n".join(text_lines))
+    if cost is not None and args.backend != "plaintext":
+        print(cost.summary(), file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
@@ -67,7 +99,7 @@ def cmd_generate(args) -> int:
         "model": args.model,
     }
     lines = [prompt + text for prompt, text in zip(args.prompt, result.texts)]
-    _emit(args, payload, lines)
+    _emit(args, payload, lines, result.cost)
     return 0
 
 
@@ -83,7 +115,26 @@ def cmd_embed(args) -> int:
     }
     lines = [f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
              for text, row in zip(args.texts, result.outputs)]
-    _emit(args, payload, lines)
+    _emit(args, payload, lines, result.cost)
+    return 0
+
+
+def cmd_node_up(args) -> int:
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import run_local_parties
+
+    topology = Topology.from_yaml(args.config)
+    print(f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
+          f"logs in {args.log_dir}; Ctrl-C stops them", file=sys.stderr, flush=True)
+    return run_local_parties(topology, args.log_dir, args.verbose)
+
+
+def cmd_node_start(args) -> int:
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import serve_party
+
+    topology = Topology.from_yaml(args.config)
+    serve_party(topology, args.rank, args.log_file)
     return 0
 
 

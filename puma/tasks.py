@@ -132,6 +132,15 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
 
 
+def check_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> None:
+    """Refuse token ids outside the vocabulary (they would index past the embedding table)."""
+    vocab = model.config.vocab_size
+    for seq in batch:
+        for tok in seq:
+            if not 0 <= int(tok) < vocab:
+                raise PumaError(f"token id {tok} is outside the vocabulary (0..{vocab - 1})")
+
+
 def check_length(model: LoadedModel, longest: int, max_new_tokens: int = 0) -> None:
     limit = model.config.max_positions
     if longest + max_new_tokens > limit:
@@ -185,6 +194,7 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
         raise PumaError("empty prompt: give at least one token")
     longest = max(len(p) for p in prompt_ids)
     check_length(model, longest, max_new_tokens)
+    check_ids(model, prompt_ids)
     pad_id = int(model.config.eos_token_id)
     batch = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -263,6 +273,7 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
         raise PumaError("empty input: give at least one token")
     longest = max(len(p) for p in batch_ids)
     check_length(model, longest)
+    check_ids(model, batch_ids)
     ids, mask = left_pad(batch_ids, longest, int(model.config.eos_token_id))
     with session.measure() as cost:
         out = session.run(full_logits_program(model, ops), {"input_ids": ids},

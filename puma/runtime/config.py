@@ -1,0 +1,236 @@
+"""Declarative configuration: the MPC protocol and the party topology.
+
+A topology file (YAML, see ``configs/3pc.yaml``) lists the computing parties with the address
+of their MPC link and of their control port (where a driver submits jobs), the protocol and its
+fixed-point settings, timeouts and optional TLS. Everything is validated on load; a mistake
+ends in a :class:`~puma.errors.PumaError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from puma.errors import PumaError
+
+#: protocol name -> (SPU ProtocolKind name, number of computing parties)
+PROTOCOLS = {"aby3": ("ABY3", 3), "semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2)}
+FIELDS = ("FM64", "FM128")
+
+#: Compiler options puma turns on by default (PUMA's setting): one reciprocal per softmax row,
+#: broadcast to the row, instead of one division per element.
+DEFAULT_COMPILER = (("enable_optimize_denominator_with_broadcast", True),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """Which MPC protocol runs, on which ring, with how many fraction bits, and SPU options.
+
+    ``runtime`` and ``compiler`` are extra ``spu.RuntimeConfig`` / ``spu.CompilerOptions``
+    fields as (name, value) pairs; enum values are given by name (``"EXP_TAYLOR"``).
+    """
+
+    protocol: str = "aby3"
+    field: str = "FM64"
+    fxp_bits: int = 18
+    runtime: tuple[tuple[str, Any], ...] = ()
+    compiler: tuple[tuple[str, Any], ...] = DEFAULT_COMPILER
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise PumaError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.field not in FIELDS:
+            raise PumaError(f"unknown field {self.field!r}; choose FM64 or FM128")
+        limit = 62 if self.field == "FM128" else 30
+        if not 1 <= int(self.fxp_bits) <= limit:
+            raise PumaError(f"fxp_bits {self.fxp_bits} is out of range for {self.field} (1..{limit})")
+
+    @property
+    def world_size(self) -> int:
+        return PROTOCOLS[self.protocol][1]
+
+    def with_settings(self, settings) -> "ProtocolConfig":
+        """Add an approximation set's SPU settings (``puma.protocols.SpuSettings``); explicit
+        fields already set here win."""
+        runtime = dict(settings.runtime)
+        runtime.update(dict(self.runtime))
+        compiler = dict(settings.compiler)
+        compiler.update(dict(self.compiler))
+        return dataclasses.replace(self, runtime=tuple(sorted(runtime.items())), compiler=tuple(sorted(compiler.items())))
+
+    def runtime_config(self, profile: bool = True):
+        """The ``spu.RuntimeConfig`` for this protocol (with the pphlo profile on by default)."""
+        import spu.libspu as libspu
+
+        cfg = libspu.RuntimeConfig(
+            protocol=getattr(libspu.ProtocolKind, PROTOCOLS[self.protocol][0]),
+            field=getattr(libspu.FieldType, self.field),
+            fxp_fraction_bits=int(self.fxp_bits),
+        )
+        cfg.enable_pphlo_profile = profile
+        for name, value in self.runtime:
+            if not hasattr(cfg, name):
+                raise PumaError(f"unknown SPU runtime option {name!r}")
+            if isinstance(value, str):
+                value = _spu_enum(libspu.RuntimeConfig, name, value)
+            setattr(cfg, name, value)
+        return cfg
+
+    def compiler_options(self):
+        import spu.libspu as libspu
+
+        opts = libspu.CompilerOptions()
+        for name, value in self.compiler:
+            if not hasattr(opts, name):
+                raise PumaError(f"unknown SPU compiler option {name!r}")
+            setattr(opts, name, value)
+        return opts
+
+    def describe(self) -> str:
+        return f"{self.protocol}/{self.field}/{self.fxp_bits}"
+
+    def to_dict(self) -> dict:
+        return {"protocol": self.protocol, "field": self.field, "fxp_bits": self.fxp_bits,
+                "runtime": dict(self.runtime), "compiler": dict(self.compiler)}
+
+
+def _spu_enum(owner, field: str, value: str):
+    """Resolve an enum value given by name, e.g. ``fxp_exp_mode="EXP_TAYLOR"``."""
+    if hasattr(owner, value):
+        return getattr(owner, value)
+    raise PumaError(f"SPU option {field}: unknown value {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartySpec:
+    """One computing party: its id, MPC link address and control (job) address."""
+
+    rank: int
+    id: str
+    link: str
+    control: str
+
+    @property
+    def control_host_port(self) -> tuple[str, int]:
+        return _split_address(self.control, f"party {self.id} control")
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """Certificates for TLS on the party links and control connections (PEM files)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The computing parties of one deployment and how they talk.
+
+    ``recv_timeout_s`` bounds how long a party waits for a peer's message before it gives up
+    (a dead party is detected within it); ``connect_timeout_s`` bounds how long parties and
+    drivers retry connecting to a peer that is not up yet.
+    """
+
+    parties: tuple[PartySpec, ...]
+    protocol: ProtocolConfig = ProtocolConfig()
+    connect_timeout_s: float = 30.0
+    recv_timeout_s: float = 60.0
+    tls: TLSConfig | None = None
+    auth_key: str = "puma-local"
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        need = self.protocol.world_size
+        if len(self.parties) != need:
+            raise PumaError(
+                f"{self.source}: protocol {self.protocol.protocol} needs {need} parties, the topology lists "
+                f"{len(self.parties)}"
+            )
+        for what in ("link", "control"):
+            seen = {}
+            for p in self.parties:
+                addr = getattr(p, what)
+                _split_address(addr, f"{self.source}: party {p.id} {what}")
+                if addr in seen:
+                    raise PumaError(f"{self.source}: parties {seen[addr]} and {p.id} share the {what} address {addr}")
+                seen[addr] = p.id
+
+    @property
+    def world_size(self) -> int:
+        return len(self.parties)
+
+    def with_protocol(self, protocol: ProtocolConfig) -> "Topology":
+        return dataclasses.replace(self, protocol=protocol)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "Topology":
+        """Read and validate a topology file."""
+        import yaml
+
+        if not os.path.exists(path):
+            raise PumaError(f"topology file {path} not found")
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise PumaError(f"{path}: not valid YAML{where}") from err
+        return cls.from_dict(doc, source=path)
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "<dict>") -> "Topology":
+        if not isinstance(doc, dict):
+            raise PumaError(f"{source}: expected a mapping with 'parties', 'protocol', ...")
+        known = {"protocol", "field", "fxp_bits", "runtime", "compiler", "parties", "timeouts", "tls", "auth_key"}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise PumaError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        parties_doc = doc.get("parties")
+        if not isinstance(parties_doc, list) or not parties_doc:
+            raise PumaError(f"{source}: 'parties' must be a list of {{id, link, control}}")
+        parties = []
+        for rank, p in enumerate(parties_doc):
+            if not isinstance(p, dict) or not {"link", "control"} <= set(p):
+                raise PumaError(f"{source}: party {rank} needs 'link' and 'control' addresses (host:port)")
+            parties.append(PartySpec(rank, str(p.get("id", f"party{rank}")), str(p["link"]), str(p["control"])))
+        runtime = doc.get("runtime") or {}
+        compiler = dict(DEFAULT_COMPILER)
+        compiler.update(doc.get("compiler") or {})
+        try:
+            protocol = ProtocolConfig(
+                str(doc.get("protocol", "aby3")).lower(), str(doc.get("field", "FM64")), int(doc.get("fxp_bits", 18)),
+                tuple(sorted(runtime.items())), tuple(sorted(compiler.items())),
+            )
+        except (TypeError, ValueError, AttributeError) as err:
+            raise PumaError(f"{source}: bad protocol settings ({err})") from err
+        timeouts = doc.get("timeouts") or {}
+        tls = None
+        if doc.get("tls"):
+            t = doc["tls"]
+            if not isinstance(t, dict) or not {"cert", "key", "ca"} <= set(t):
+                raise PumaError(f"{source}: 'tls' needs 'cert', 'key' and 'ca' (PEM file paths)")
+            base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
+            tls = TLSConfig(*(os.path.join(base, os.path.expanduser(str(t[k]))) for k in ("cert", "key", "ca")))
+            for path in (tls.cert, tls.key, tls.ca):
+                if not os.path.exists(path):
+                    raise PumaError(f"{source}: TLS file {path} not found")
+        try:
+            return cls(
+                tuple(parties), protocol,
+                connect_timeout_s=float(timeouts.get("connect_s", 30.0)),
+                recv_timeout_s=float(timeouts.get("recv_s", 60.0)),
+                tls=tls, auth_key=str(doc.get("auth_key", "puma-local")), source=source,
+            )
+        except (TypeError, ValueError) as err:
+            raise PumaError(f"{source}: bad timeouts ({err})") from err
+
+
+def _split_address(address: str, what: str) -> tuple[str, int]:
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PumaError(f"{what}: {address!r} is not host:port")
+    return host, int(port)

@@ -1,0 +1,360 @@
+"""The ``nodes`` backend: one OS process per computing party, linked by SPU's brpc links.
+
+A party (:class:`PartyServer`, started by ``puma node start -c TOPOLOGY --rank N`` on its host,
+or all local parties at once by ``puma node up -c TOPOLOGY``) listens on its control address.
+A driver (:class:`NodesMesh`, the client and model-owner side) connects to every party, and
+for the length of that job session the parties open their MPC links to each other, receive
+shares and programs, run, and hand output shares back. When the driver leaves, the parties close
+the session and wait for the next job: parties serve many jobs without restarting.
+
+Faults end in one clear error naming the party and the cause, within a bounded time:
+
+- a party that is not up: the driver retries its control address for ``connect_s`` seconds;
+- a party that dies: its control connection drops (the driver fails at once); its peers stop
+  waiting after ``recv_s`` seconds, report the timeout and reset for the next job;
+- yacl may ``exit(-1)`` a party whose sends keep failing, so ``node up`` checks every party's
+  exit status and stops the rest when one dies;
+- a job for another protocol, a port already in use, a malformed topology: refused with a
+  message.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+from puma.errors import PumaError
+from puma.runtime.config import PartySpec, ProtocolConfig, Topology
+from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.roles import PartyShares
+from puma.runtime.secure import Mesh
+from puma.runtime import wire
+
+log = logging.getLogger(__name__)
+
+
+def link_desc(topology: Topology):
+    """SPU link description for the topology: addresses, timeouts, retries and TLS."""
+    import spu.libspu as libspu
+
+    desc = libspu.link.Desc()
+    for p in topology.parties:
+        desc.add_party(p.id, p.link)
+    interval_ms = 500
+    desc.connect_retry_interval_ms = interval_ms
+    desc.connect_retry_times = max(1, int(topology.connect_timeout_s * 1000 / interval_ms))
+    desc.recv_timeout_ms = int(topology.recv_timeout_s * 1000)
+    desc.http_timeout_ms = int(min(topology.recv_timeout_s, 30.0) * 1000)
+    desc.retry_opts.max_retry = 3
+    if topology.tls is not None:
+        desc.enable_ssl = True
+        for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
+            opts.cert.certificate_path = topology.tls.cert
+            opts.cert.private_key_path = topology.tls.key
+            opts.verify.ca_file_path = topology.tls.ca
+            opts.verify.verify_depth = 1
+    return desc
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Stacktrace"):
+            break
+        if line and line != "what:":
+            return line[:300]
+    return text[:300]
+
+
+# -- party side ------------------------------------------------------------------------------
+
+
+class PartyServer:
+    """Computing party ``rank`` of ``topology``: serves job sessions from drivers, one at a time."""
+
+    def __init__(self, topology: Topology, rank: int, log_path: str | None = None):
+        if not 0 <= rank < topology.world_size:
+            raise PumaError(f"rank {rank} is not in the topology (0..{topology.world_size - 1})")
+        self.topology = topology
+        self.rank = rank
+        self.spec: PartySpec = topology.parties[rank]
+        self.log_path = log_path
+        self.party = None
+        host, port = self.spec.control_host_port
+        try:
+            self.server = wire.listen(host, port)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise PumaError(f"party {self.spec.id}: control port {port} is already in use") from err
+            raise PumaError(f"party {self.spec.id}: cannot listen on {self.spec.control}: {err}") from err
+
+    def serve_forever(self) -> None:
+        from puma.runtime.party import ProcessLog
+
+        self.process_log = ProcessLog.get(self.log_path)
+        log.info("party %s (rank %d) ready: control %s, link %s", self.spec.id, self.rank, self.spec.control, self.spec.link)
+        while True:
+            try:
+                channel = wire.accept(self.server, self.topology.auth_key, self.topology.tls)
+            except (PermissionError, OSError) as err:
+                log.warning("party %s: rejected a connection: %s", self.spec.id, _first_line(err))
+                continue
+            try:
+                self._serve(channel)
+            finally:
+                self._end_session()
+                channel.close()
+
+    def _serve(self, channel: wire.Channel) -> None:
+        while True:
+            try:
+                command, *args = channel.recv()
+            except wire.ChannelClosed:
+                log.info("party %s: driver left", self.spec.id)
+                return
+            try:
+                reply = getattr(self, f"_cmd_{command}")(*args)
+            except PumaError as err:
+                channel.send(("error", str(err)))
+                continue
+            except Exception as err:  # SPU/yacl errors surface as RuntimeError
+                log.error("party %s: %s failed: %s", self.spec.id, command, _first_line(err))
+                self._end_session()
+                channel.send(("error", f"{command} failed: {_first_line(err)}"))
+                continue
+            try:
+                channel.send(("ok", reply))
+            except OSError:
+                return
+
+    def _end_session(self) -> None:
+        if self.party is not None:
+            try:
+                self.party.close()
+            except Exception as err:  # the link may already be broken
+                log.debug("party %s: closing session: %s", self.spec.id, err)
+            self.party = None
+
+    # commands ----------------------------------------------------------------------------
+
+    def _cmd_hello(self, protocol: ProtocolConfig, world_size: int, rank: int):
+        mine = self.topology.protocol
+        if (protocol.protocol, protocol.field) != (mine.protocol, mine.field) or world_size != self.topology.world_size:
+            raise PumaError(
+                f"party {self.spec.id} runs {mine.protocol}/{mine.field} with {self.topology.world_size} parties; "
+                f"the job asked for {protocol.protocol}/{protocol.field} with {world_size}"
+            )
+        if rank != self.rank:
+            raise PumaError(f"party {self.spec.id} is rank {self.rank}, the driver expected rank {rank}")
+        return {"id": self.spec.id, "pid": os.getpid()}
+
+    def _cmd_open(self, runtime_config_bytes: bytes):
+        import spu.libspu as libspu
+
+        from puma.runtime.party import ComputeParty
+
+        self._end_session()
+        config = libspu.RuntimeConfig()
+        config.ParseFromString(runtime_config_bytes)
+        link = libspu.link.create_brpc(link_desc(self.topology), self.rank)
+        self.party = ComputeParty(self.rank, link, config)
+        return None
+
+    def _require(self):
+        if self.party is None:
+            raise PumaError(f"party {self.spec.id}: no open session")
+        return self.party
+
+    def _cmd_deliver(self, bundle: PartyShares):
+        self._require().receive(bundle)
+
+    def _cmd_install(self, key: str, name: str, code: bytes):
+        self._require().install(key, name, code)
+
+    def _cmd_run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
+        party = self._require()
+        start = self.process_log.mark()
+        seconds = party.run(key, inputs, outputs)
+        blocks = parse_profiles(self.process_log.read_from(start))
+        if not blocks:
+            return None
+        block = blocks[-1]
+        block.link.rank = self.rank
+        block.link.seconds = seconds
+        return block
+
+    def _cmd_collect(self, names: list[str]) -> PartyShares:
+        return self._require().send(names)
+
+    def _cmd_drop(self, names: list[str]):
+        self._require().drop(names)
+
+    def _cmd_close(self):
+        self._end_session()
+
+
+def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> None:
+    """Entry point of a party process: serve until killed."""
+    PartyServer(topology, rank, log_path).serve_forever()
+
+
+# -- local supervisor (puma node up) ---------------------------------------------------------
+
+
+def _party_main(topology: Topology, rank: int, log_path: str, verbose: int) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format=f"%(asctime)s party{rank} %(levelname)s: %(message)s")
+    try:
+        serve_party(topology, rank, log_path)
+    except PumaError as err:
+        print(f"puma: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+def run_local_parties(topology: Topology, log_dir: str, verbose: int = 0, ready=None) -> int:
+    """Start every party of ``topology`` as a child process and supervise them.
+
+    Returns when a party exits (its status is reported and the others are stopped) or on
+    SIGINT/SIGTERM (all parties are stopped). Non-zero means a party failed.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for p in topology.parties:
+        proc = ctx.Process(target=_party_main, args=(topology, p.rank, os.path.join(log_dir, f"party{p.rank}.spu.log"), verbose),
+                           name=f"puma-party-{p.rank}")
+        proc.start()
+        procs.append(proc)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if ready is not None:
+        ready()
+    status = 0
+    try:
+        while not stop.is_set():
+            dead = [(p, proc) for p, proc in zip(topology.parties, procs) if proc.exitcode is not None]
+            if dead:
+                spec, proc = dead[0]
+                status = proc.exitcode or 1
+                print(f"puma: error: party {spec.id} (rank {spec.rank}) exited with status {proc.exitcode}; "
+                      f"stopping the other parties", file=sys.stderr, flush=True)
+                break
+            stop.wait(0.2)
+    finally:
+        for proc in procs:
+            if proc.exitcode is None:
+                proc.terminate()
+        for proc in procs:
+            proc.join(5)
+            if proc.exitcode is None:
+                proc.kill()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return status
+
+
+# -- driver side -----------------------------------------------------------------------------
+
+
+class NodesMesh(Mesh):
+    """The driver's view of party processes reachable at the topology's control addresses."""
+
+    backend = "nodes"
+
+    def __init__(self, topology: Topology):
+        self.topology = topology
+        self.world_size = topology.world_size
+        self.channels: list[wire.Channel] = []
+        try:
+            for spec in topology.parties:
+                self.channels.append(self._connect(spec))
+            self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
+            config = topology.protocol.runtime_config().SerializeToString()
+            self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, spec: PartySpec) -> wire.Channel:
+        host, port = spec.control_host_port
+        deadline = time.monotonic() + self.topology.connect_timeout_s
+        while True:
+            try:
+                return wire.connect(host, port, self.topology.auth_key, self.topology.tls, timeout=5.0)
+            except PermissionError as err:
+                raise PumaError(f"party {spec.id} at {spec.control} refused this driver: {err}") from err
+            except (OSError, wire.ChannelClosed) as err:
+                if time.monotonic() >= deadline:
+                    raise PumaError(
+                        f"party {spec.id} (rank {spec.rank}) at {spec.control} is unreachable after "
+                        f"{self.topology.connect_timeout_s:.0f} s: {_first_line(err)}; is it started (puma node up/start)?"
+                    ) from err
+                time.sleep(0.3)
+
+    def _all(self, messages: list[tuple], timeout: float | None = None) -> list:
+        """Send messages[r] to party r and wait for every reply; fail fast on the first error."""
+        results: list = [None] * self.world_size
+        errors: list[tuple[int, str]] = []
+        done = threading.Condition()
+        finished = [False] * self.world_size
+
+        def talk(rank: int):
+            spec = self.topology.parties[rank]
+            try:
+                self.channels[rank].send(messages[rank])
+                status, value = self.channels[rank].recv()
+                if status == "ok":
+                    results[rank] = value
+                else:
+                    errors.append((rank, f"party {spec.id} (rank {rank}): {value}"))
+            except (wire.ChannelClosed, OSError) as err:
+                errors.append((rank, f"party {spec.id} (rank {rank}) died or dropped the connection ({_first_line(err)})"))
+            with done:
+                finished[rank] = True
+                done.notify_all()
+
+        for rank in range(self.world_size):
+            threading.Thread(target=talk, args=(rank,), daemon=True).start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with done:
+            while not all(finished) and not errors:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    slow = [self.topology.parties[r].id for r in range(self.world_size) if not finished[r]]
+                    raise PumaError(f"parties {', '.join(slow)} did not answer {messages[0][0]!r} within {timeout:.0f} s")
+                done.wait(None if left is None else min(left, 1.0))
+        if errors:
+            rank, message = min(errors, key=lambda e: ("died" not in e[1], e[0]))
+            raise PumaError(message)
+        return results
+
+    def deliver(self, bundles: list[PartyShares]) -> None:
+        self._all([("deliver", b) for b in bundles])
+
+    def install(self, key: str, name: str, code: bytes) -> None:
+        self._all([("install", key, name, code)] * self.world_size)
+
+    def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
+        return self._all([("run", key, inputs, outputs)] * self.world_size)
+
+    def collect(self, names: list[str]) -> list[PartyShares]:
+        return self._all([("collect", names)] * self.world_size)
+
+    def drop(self, names: list[str]) -> None:
+        self._all([("drop", names)] * self.world_size)
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.channels = []

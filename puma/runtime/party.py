@@ -1,0 +1,112 @@
+"""A computing party: one SPU runtime slice that stores shares and runs compiled programs.
+
+The same class serves every backend: a thread (``sim``), an OS process (``nodes``) or a Ray
+actor (``ray``). It sees shares, public inputs and programs only (see :mod:`puma.runtime.roles`).
+
+Per-party cost comes from SPU's own profile: with ``enable_pphlo_profile`` every
+``Runtime.run`` logs a block ending in ``Link details: total send bytes ...`` to the process's
+SPU log. :class:`ProcessLog` points SPU's logging at a file and hands back what each run added.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+
+import spu
+import spu.libspu as libspu
+
+from puma.runtime.roles import PartyShares
+
+log = logging.getLogger(__name__)
+
+
+class ProcessLog:
+    """SPU's process-wide log file and a read cursor over it (one per process)."""
+
+    _lock = threading.Lock()
+    _instance: "ProcessLog | None" = None
+
+    def __init__(self, path: str):
+        self.path = path
+        self._offset = 0
+
+    @classmethod
+    def get(cls, path: str | None = None) -> "ProcessLog":
+        """The process's log, set up on first use (SPU allows one logging setup per process)."""
+        with cls._lock:
+            if cls._instance is None:
+                if path is None:
+                    fd, path = tempfile.mkstemp(prefix=f"puma-spu-{os.getpid()}-", suffix=".log")
+                    os.close(fd)
+                opts = libspu.logging.LogOptions()
+                opts.system_log_path = path
+                opts.enable_console_logger = False
+                libspu.logging.setup_logging(opts)
+                cls._instance = cls(path)
+            return cls._instance
+
+    def mark(self) -> int:
+        """The current end of the log (start of what the next runs will write)."""
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def read_from(self, offset: int) -> str:
+        if not os.path.exists(self.path):
+            return ""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
+
+
+def rank_of(block_name: str) -> int:
+    """The rank encoded by :func:`tagged` in a profile block's name."""
+    _, _, suffix = block_name.rpartition("@r")
+    return int(suffix)
+
+
+class ComputeParty:
+    """Rank ``rank`` of the mesh: an SPU runtime over ``link`` holding named shares.
+
+    Creating one blocks until every party has created theirs (SPU exchanges setup messages).
+    Programs are installed once as code and run many times with names bound per run.
+    """
+
+    def __init__(self, rank: int, link, config: libspu.RuntimeConfig):
+        self.rank = rank
+        self.link = link
+        self.runtime = spu.Runtime(link, config)
+        self.programs: dict[str, tuple[str, bytes]] = {}
+
+    def receive(self, bundle: PartyShares) -> None:
+        """Store a bundle of shares (weights, inputs, state) under their names."""
+        if bundle.rank != self.rank:
+            raise ValueError(f"party {self.rank} was handed party {bundle.rank}'s shares")
+        for name, share in bundle.values.items():
+            self.runtime.set_var(name, share)
+
+    def install(self, key: str, name: str, code: bytes) -> None:
+        self.programs[key] = (name, code)
+
+    def run(self, key: str, inputs: list[str], outputs: list[str]) -> float:
+        """Run installed program ``key``; its profile block is named ``<name>@r<rank>``.
+        Returns this party's seconds."""
+        name, code = self.programs[key]
+        executable = libspu.Executable(name=f"{name}@r{self.rank}", input_names=inputs, output_names=outputs, code=code)
+        start = time.perf_counter()
+        self.runtime.run(executable)
+        return time.perf_counter() - start
+
+    def send(self, names: list[str]) -> PartyShares:
+        """This party's shares of ``names`` (outputs, for the client)."""
+        return PartyShares(self.rank, {name: self.runtime.get_var(name) for name in names})
+
+    def drop(self, names: list[str]) -> None:
+        for name in names:
+            self.runtime.del_var(name)
+
+    def close(self) -> None:
+        self.runtime.clear()
+        self.link.stop_link()

@@ -1,0 +1,88 @@
+"""The three roles of private inference, kept apart in code.
+
+- :class:`ModelOwner` holds the plaintext weights. It turns them into one bundle of shares per
+  computing party and receives nothing back: no input, no output.
+- :class:`Client` holds the plaintext inputs. It sends each party its shares of the secret
+  inputs (and the public ones in the clear), and it alone reconstructs outputs, from the output
+  shares of all parties. It never receives the weights.
+- :class:`~puma.runtime.party.ComputeParty` (one per rank) receives only :class:`PartyShares`:
+  shares of weights, inputs and state, public inputs, and compiled programs. It never sees a
+  plaintext weight, input or output; any single party's shares are uniformly random.
+
+Share objects are ``spu.libspu.Share`` values made by ``spu.Io``; they pickle, so they travel to
+threads, processes and Ray actors alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import spu
+import spu.libspu as libspu
+
+from puma.models.loading import flatten
+
+
+@dataclasses.dataclass
+class PartyShares:
+    """What one computing party receives: named values, each a ``libspu.Share``.
+
+    Secret values are this party's shares only; public values (``public`` names) are the same at
+    every party. ``rank`` says whose bundle this is.
+    """
+
+    rank: int
+    values: dict[str, libspu.Share]
+    public: frozenset[str] = frozenset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(s.meta) + sum(len(c) for c in s.share_chunks) for s in self.values.values())
+
+
+def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int) -> list[dict]:
+    per_party: list[dict] = [{} for _ in range(world_size)]
+    for name, value in named.items():
+        for rank, share in enumerate(io.make_shares(np.asarray(value), visibility)):
+            per_party[rank][name] = share
+    return per_party
+
+
+class ModelOwner:
+    """Holds the model's plaintext weights; gives each computing party its shares of them."""
+
+    PREFIX = "p:"
+
+    def __init__(self, params: dict):
+        self._params = params
+
+    def names(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""
+        return {self.PREFIX + k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in flatten(self._params).items()}
+
+    def share(self, io: spu.Io, world_size: int) -> list[PartyShares]:
+        """Secret-share every weight: one :class:`PartyShares` per computing party."""
+        named = {self.PREFIX + k: v for k, v in flatten(self._params).items()}
+        return [PartyShares(r, vals) for r, vals in enumerate(_split(io, named, libspu.Visibility.VIS_SECRET, world_size))]
+
+
+class Client:
+    """Holds the plaintext inputs; the only role that reconstructs outputs."""
+
+    def __init__(self, io: spu.Io, world_size: int):
+        self._io = io
+        self._world_size = world_size
+
+    def share(self, secret: dict[str, np.ndarray], public: dict[str, np.ndarray]) -> list[PartyShares]:
+        """Shares of the secret inputs and the public inputs as-is, one bundle per party."""
+        sec = _split(self._io, secret, libspu.Visibility.VIS_SECRET, self._world_size)
+        pub = _split(self._io, public, libspu.Visibility.VIS_PUBLIC, self._world_size)
+        return [PartyShares(r, {**sec[r], **pub[r]}, frozenset(public)) for r in range(self._world_size)]
+
+    def reconstruct(self, bundles: list[PartyShares]) -> dict[str, np.ndarray]:
+        """Combine every party's output shares into the plaintext outputs."""
+        if len(bundles) != self._world_size:
+            raise ValueError(f"need shares from all {self._world_size} parties, got {len(bundles)}")
+        names = bundles[0].values.keys()
+        return {name: np.asarray(self._io.reconstruct([b.values[name] for b in bundles])) for name in names}
