@@ -70,7 +70,7 @@ class LoadedModel:
 
     family: str
     config: Any
-    params: dict
+    params: dict | None  # None when loaded without weights (the client's view)
     tokenizer: Any
     source: str
 
@@ -87,12 +87,18 @@ class LoadedModel:
     def variables(self) -> dict:
         return {"params": self.params}
 
+    def param_avals(self) -> dict:
+        """Shapes and dtypes of the weights (public), without the weights."""
+        flat = {k: jax.ShapeDtypeStruct(shape, np.float32) for k, shape in param_shapes(self.family, self.config).items()}
+        return unflatten(flat)
 
-def load(source: str, *, overrides: dict | None = None, seed: int = 0) -> LoadedModel:
+
+def load(source: str, *, overrides: dict | None = None, seed: int = 0, weights: bool = True) -> LoadedModel:
     """Load a model from a preset name, a Hugging Face folder or a ``.gguf`` file.
 
     ``overrides`` replaces config fields (for example ``{"num_hidden_layers": 1}`` to measure one
     layer of ``llama-7b``); it is accepted for presets only, where weights are random.
+    ``weights=False`` reads only the public part (config, tokenizer): what a client needs.
     """
     source = str(source)
     if source in ALIASES:
@@ -102,7 +108,7 @@ def load(source: str, *, overrides: dict | None = None, seed: int = 0) -> Loaded
         family, config = table[source]
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        return LoadedModel(family, config, random_params(family, config, seed), None, source)
+        return LoadedModel(family, config, random_params(family, config, seed) if weights else None, None, source)
     if overrides:
         raise PumaError("config overrides apply to presets only, not to checkpoints")
     path = os.path.expanduser(source)
@@ -112,9 +118,9 @@ def load(source: str, *, overrides: dict | None = None, seed: int = 0) -> Loaded
             f"({', '.join(sorted(table))})"
         )
     if os.path.isdir(path):
-        return _load_hf_folder(path)
+        return _load_hf_folder(path, weights)
     if path.endswith(".gguf"):
-        return _load_gguf(path)
+        return _load_gguf(path, weights)
     raise PumaError(f"{source}: not a folder or a .gguf file")
 
 
@@ -253,7 +259,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_hf_folder(path: str) -> LoadedModel:
+def _load_hf_folder(path: str, weights: bool = True) -> LoadedModel:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise PumaError(f"{path}: no config.json (not a Hugging Face model folder)")
@@ -271,7 +277,7 @@ def _load_hf_folder(path: str) -> LoadedModel:
         config = FAMILIES[model_type].config_cls.from_hf(hf_config)
     except ValueError as err:
         raise PumaError(f"{path}: {err}") from err
-    params = convert_hf_state(model_type, config, _read_state_dict(path), path)
+    params = convert_hf_state(model_type, config, _read_state_dict(path), path) if weights else None
     return LoadedModel(model_type, config, params, _load_tokenizer(path), path)
 
 
@@ -371,7 +377,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _load_gguf(path: str) -> LoadedModel:
+def _load_gguf(path: str, weights: bool = True) -> LoadedModel:
     from gguf import GGUFReader
 
     try:
@@ -398,5 +404,5 @@ def _load_gguf(path: str) -> LoadedModel:
         bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
     )
-    params = convert_hf_state("llama", config, _gguf_tensors(reader, config), path)
+    params = convert_hf_state("llama", config, _gguf_tensors(reader, config), path) if weights else None
     return LoadedModel("llama", config, params, _gguf_tokenizer(reader), path)

@@ -4,10 +4,12 @@
 >>> out = m.generate(["Once upon a time"], max_new_tokens=8)
 >>> out.texts[0], out.cost.total_bytes_sent
 
-Roles: the :class:`SecureModel` object is the driver. It hosts the model owner (who loads the
-weights and secret-shares them to the computing parties once, at construction) and the client
-(who shares inputs and alone reconstructs outputs). With ``backend="plaintext"`` nothing is
-shared: it is the reference the secure backends are measured against.
+Roles: the :class:`SecureModel` object is the driver and plays the client: it loads only the
+public part of the model (config, tokenizer), shares inputs and alone reconstructs outputs. The
+model owner loads the weights and secret-shares them to the computing parties once, at
+construction: in its own Ray actor on the ``ray`` backend, in the driver's process (weights
+dropped once shared) on ``sim`` and ``nodes``. With ``backend="plaintext"`` nothing is shared:
+it is the reference the secure backends are measured against.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from puma import protocols, tasks
 from puma.models import LoadedModel, load
 from puma.runtime import open_session
 from puma.runtime.base import Session
+from puma.runtime.roles import OwnerSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +32,10 @@ class SecureModel:
     """A loaded model bound to a backend session and an approximation set."""
 
     def __init__(self, model: LoadedModel, session: Session, approx: str = "exact"):
+        """Bind ``model`` to ``session``; the session must already hold the model's weights."""
         self.model = model
         self.session = session
         self.ops = protocols.get(approx)
-        session.load_params(model.params)
 
     @classmethod
     def from_pretrained(cls, source: str, *, approx: str = "exact", backend: str = "plaintext",
@@ -44,9 +47,14 @@ class SecureModel:
         are applied to the session.
         """
         ops = protocols.get(approx)
-        model = load(source, overrides=overrides)
+        plaintext = backend == "plaintext"
+        model = load(source, overrides=overrides, weights=plaintext)
         session = open_session(backend, spu_settings=ops.spu, **backend_options)
         try:
+            if plaintext:
+                session.load_params(model.params)
+            else:
+                session.load_from_owner(OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals())
             return cls(model, session, approx)
         except BaseException:
             session.close()

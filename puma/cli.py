@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = node_sub.add_parser("start", parents=[common], help="start one party (on its own host)")
     start.add_argument("--config", "-c", required=True, help="topology file")
     start.add_argument("--rank", type=int, required=True, help="which party of the topology this is")
-    start.add_argument("--log-file", help="SPU log file (default: a temporary file)")
+    start.add_argument("--log-dir", default="runs/parties", help="where the party's log goes (default: %(default)s)")
     start.set_defaults(func=cmd_node_start)
     return parser
 
@@ -121,21 +121,22 @@ def cmd_embed(args) -> int:
 
 def cmd_node_up(args) -> int:
     from puma.runtime.config import Topology
-    from puma.runtime.nodes import run_local_parties
+    from puma.runtime.nodes import supervise
 
     topology = Topology.from_yaml(args.config)
     print(f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
           f"logs in {args.log_dir}; Ctrl-C stops them", file=sys.stderr, flush=True)
-    return run_local_parties(topology, args.log_dir, args.verbose)
+    return supervise(topology, list(range(topology.world_size)), args.log_dir, args.verbose)
 
 
 def cmd_node_start(args) -> int:
     from puma.runtime.config import Topology
-    from puma.runtime.nodes import serve_party
+    from puma.runtime.nodes import supervise
 
     topology = Topology.from_yaml(args.config)
-    serve_party(topology, args.rank, args.log_file)
-    return 0
+    if not 0 <= args.rank < topology.world_size:
+        raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
+    return supervise(topology, [args.rank], args.log_dir, args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,7 +52,12 @@ def link_desc(topology: Topology):
     desc.connect_retry_times = max(1, int(topology.connect_timeout_s * 1000 / interval_ms))
     desc.recv_timeout_ms = int(topology.recv_timeout_s * 1000)
     desc.http_timeout_ms = int(min(topology.recv_timeout_s, 30.0) * 1000)
-    desc.retry_opts.max_retry = 3
+    # a send to a dead peer is retried for about recv_s, then yacl exit()s the process; the
+    # supervisor (node up / node start) reports that exit with the failed link
+    desc.retry_opts.retry_interval_ms = 1000
+    desc.retry_opts.retry_interval_incr_ms = 0
+    desc.retry_opts.max_retry_interval_ms = 1000
+    desc.retry_opts.max_retry = max(1, int(topology.recv_timeout_s / 2))
     if topology.tls is not None:
         desc.enable_ssl = True
         for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
@@ -103,8 +109,11 @@ class PartyServer:
         while True:
             try:
                 channel = wire.accept(self.server, self.topology.auth_key, self.topology.tls)
-            except (PermissionError, OSError) as err:
+            except PermissionError as err:
                 log.warning("party %s: rejected a connection: %s", self.spec.id, _first_line(err))
+                continue
+            except OSError as err:  # health checks and dropped connections
+                log.debug("party %s: connection closed before a session: %s", self.spec.id, _first_line(err))
                 continue
             try:
                 self._serve(channel)
@@ -205,7 +214,7 @@ def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> N
     PartyServer(topology, rank, log_path).serve_forever()
 
 
-# -- local supervisor (puma node up) ---------------------------------------------------------
+# -- supervisor (puma node up / puma node start) -------------------------------------------
 
 
 def _party_main(topology: Topology, rank: int, log_path: str, verbose: int) -> None:
@@ -215,47 +224,82 @@ def _party_main(topology: Topology, rank: int, log_path: str, verbose: int) -> N
         serve_party(topology, rank, log_path)
     except PumaError as err:
         print(f"puma: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        sys.exit(_STARTUP_FAILED)
 
 
-def run_local_parties(topology: Topology, log_dir: str, verbose: int = 0, ready=None) -> int:
-    """Start every party of ``topology`` as a child process and supervise them.
+_STARTUP_FAILED = 3
 
-    Returns when a party exits (its status is reported and the others are stopped) or on
-    SIGINT/SIGTERM (all parties are stopped). Non-zero means a party failed.
+
+_LINK_ERROR = re.compile(r"\[error\].*?(Not connected to|Get data timeout|connect to mesh failed)(.*)")
+
+
+def exit_cause(topology: Topology, log_path: str) -> str:
+    """Why a party process ended, from the last SPU error in its log (naming the peer)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            errors = [m for m in map(_LINK_ERROR.search, f.readlines()[-200:]) if m]
+    except OSError:
+        errors = []
+    if not errors:
+        return "see its log " + log_path
+    kind, detail = errors[-1].group(1), errors[-1].group(2)
+    reason = {"Not connected to": "peer unreachable", "Get data timeout": "no message within recv_s",
+              "connect to mesh failed": "could not connect"}[kind]
+    for spec in topology.parties:
+        if spec.link in kind + detail:
+            return f"its link to {spec.id} ({spec.link}) failed ({reason})"
+    return f"a link failed ({reason}): {detail.strip()[:200]}"
+
+
+def _describe_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0) -> int:
+    """Run parties ``ranks`` of ``topology`` as child processes and watch their exit codes.
+
+    yacl may ``exit(-1)`` a party whose link fails, so waiting is not enough: when a party ends,
+    one line says which and why, the other local parties are stopped, and the status is
+    non-zero. SIGINT/SIGTERM stop every party cleanly (status 0).
     """
     os.makedirs(log_dir, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    procs = []
-    for p in topology.parties:
-        proc = ctx.Process(target=_party_main, args=(topology, p.rank, os.path.join(log_dir, f"party{p.rank}.spu.log"), verbose),
-                           name=f"puma-party-{p.rank}")
+    procs = {}
+    for rank in ranks:
+        log_path = os.path.join(log_dir, f"party{rank}.spu.log")
+        proc = ctx.Process(target=_party_main, args=(topology, rank, log_path, verbose), name=f"puma-party-{rank}")
         proc.start()
-        procs.append(proc)
+        procs[rank] = (proc, log_path)
     stop = threading.Event()
 
     def on_signal(signum, frame):
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if ready is not None:
-        ready()
     status = 0
     try:
         while not stop.is_set():
-            dead = [(p, proc) for p, proc in zip(topology.parties, procs) if proc.exitcode is not None]
+            dead = [(rank, proc, path) for rank, (proc, path) in procs.items() if proc.exitcode is not None]
             if dead:
-                spec, proc = dead[0]
-                status = proc.exitcode or 1
-                print(f"puma: error: party {spec.id} (rank {spec.rank}) exited with status {proc.exitcode}; "
-                      f"stopping the other parties", file=sys.stderr, flush=True)
+                rank, proc, path = dead[0]
+                spec = topology.parties[rank]
+                status = proc.exitcode if proc.exitcode > 0 else 1
+                if proc.exitcode != _STARTUP_FAILED:  # a startup failure has printed its own line
+                    others = "; stopping the other parties" if len(procs) > 1 else ""
+                    print(f"puma: error: party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
+                          f"{exit_cause(topology, path)}{others}", file=sys.stderr, flush=True)
                 break
             stop.wait(0.2)
     finally:
-        for proc in procs:
+        for proc, _ in procs.values():
             if proc.exitcode is None:
                 proc.terminate()
-        for proc in procs:
+        for proc, _ in procs.values():
             proc.join(5)
             if proc.exitcode is None:
                 proc.kill()
@@ -276,10 +320,12 @@ class NodesMesh(Mesh):
         self.topology = topology
         self.world_size = topology.world_size
         self.channels: list[wire.Channel] = []
+        self.pids: list[int] = []
         try:
             for spec in topology.parties:
                 self.channels.append(self._connect(spec))
-            self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
+            hello = self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
+            self.pids = [h["pid"] for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
             self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
         except BaseException:
@@ -292,9 +338,12 @@ class NodesMesh(Mesh):
         while True:
             try:
                 return wire.connect(host, port, self.topology.auth_key, self.topology.tls, timeout=5.0)
-            except PermissionError as err:
-                raise PumaError(f"party {spec.id} at {spec.control} refused this driver: {err}") from err
-            except (OSError, wire.ChannelClosed) as err:
+            except wire.HandshakeFailed as err:
+                raise PumaError(
+                    f"party {spec.id} at {spec.control} did not complete the handshake ({_first_line(err)}): "
+                    f"the driver's TLS settings or auth_key differ from the party's"
+                ) from err
+            except OSError as err:
                 if time.monotonic() >= deadline:
                     raise PumaError(
                         f"party {spec.id} (rank {spec.rank}) at {spec.control} is unreachable after "
@@ -335,8 +384,7 @@ class NodesMesh(Mesh):
                     raise PumaError(f"parties {', '.join(slow)} did not answer {messages[0][0]!r} within {timeout:.0f} s")
                 done.wait(None if left is None else min(left, 1.0))
         if errors:
-            rank, message = min(errors, key=lambda e: ("died" not in e[1], e[0]))
-            raise PumaError(message)
+            raise PumaError(errors[0][1])  # the first failure seen; later ones are its fallout
         return results
 
     def deliver(self, bundles: list[PartyShares]) -> None:

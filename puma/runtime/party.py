@@ -108,5 +108,6 @@ class ComputeParty:
             self.runtime.del_var(name)
 
     def close(self) -> None:
-        self.runtime.clear()
+        """End the session: stop the link and let the runtime (and every share it holds) go."""
         self.link.stop_link()
+        self.runtime = None

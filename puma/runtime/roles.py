@@ -49,6 +49,15 @@ def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int
     return per_party
 
 
+@dataclasses.dataclass(frozen=True)
+class OwnerSpec:
+    """Where the model owner reads its weights: a source for :func:`puma.models.load`."""
+
+    source: str
+    overrides: tuple = ()
+    seed: int = 0
+
+
 class ModelOwner:
     """Holds the model's plaintext weights; gives each computing party its shares of them."""
 
@@ -56,6 +65,13 @@ class ModelOwner:
 
     def __init__(self, params: dict):
         self._params = params
+
+    @classmethod
+    def from_spec(cls, spec: OwnerSpec) -> "ModelOwner":
+        """Load the weights named by ``spec`` (in the owner's own process)."""
+        from puma.models import load
+
+        return cls(load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed).params)
 
     def names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""

@@ -29,7 +29,7 @@ from puma.program import Program
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
-from puma.runtime.roles import Client, ModelOwner, PartyShares
+from puma.runtime.roles import Client, ModelOwner, OwnerSpec, PartyShares
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,19 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     def deliver(self, bundles: list[PartyShares]) -> None:
         """Give party r ``bundles[r]`` (and nothing else)."""
+
+    def owner_upload(self, spec: OwnerSpec, runtime_config: bytes) -> int:
+        """Have the model owner load its weights and share them to the parties.
+
+        Here the owner runs in the driver's process and its plaintext weights are dropped once
+        shared; meshes with separate processes (Ray) run it elsewhere. Returns the bytes of
+        shares moved.
+        """
+        config = libspu.RuntimeConfig()
+        config.ParseFromString(runtime_config)
+        bundles = ModelOwner.from_spec(spec).share(spu.Io(self.world_size, config), self.world_size)
+        self.deliver(bundles)
+        return sum(b.nbytes for b in bundles)
 
     @abc.abstractmethod
     def install(self, key: str, name: str, code: bytes) -> None:
@@ -113,7 +126,7 @@ class SecureSession(Session):
     # -- model owner ---------------------------------------------------------------------------
 
     def load_params(self, params: dict) -> None:
-        """Act as the model owner: secret-share the weights to the parties, once."""
+        """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
         bundles = owner.share(self.io, self.world_size)
         self.mesh.deliver(bundles)
@@ -121,6 +134,14 @@ class SecureSession(Session):
         self._param_avals = _avals(params)
         log.info("shared %d weight tensors (%.1f MB of shares) to %d parties", len(owner.names()),
                  self.params_io_bytes / 1e6, self.world_size)
+
+    def load_from_owner(self, spec: OwnerSpec, param_avals: dict) -> None:
+        """Let the model owner share its weights to the parties itself; the driver (client)
+        knows only their shapes (``param_avals``) and never holds them."""
+        self.params_io_bytes = self.mesh.owner_upload(spec, self.protocol_config.runtime_config(profile=False).SerializeToString())
+        self._param_avals = param_avals
+        log.info("model owner shared %s (%.1f MB of shares) to %d parties", spec.source, self.params_io_bytes / 1e6,
+                 self.world_size)
 
     # -- runs ----------------------------------------------------------------------------------
 

@@ -128,6 +128,4 @@ class SimMesh(Mesh):
             p.drop(names)
 
     def close(self) -> None:
-        for p in self.parties:
-            p.runtime.clear()
         self.parties = []

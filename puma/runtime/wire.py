@@ -26,6 +26,10 @@ class ChannelClosed(ConnectionError):
     """The peer closed the connection or died."""
 
 
+class HandshakeFailed(ConnectionError):
+    """TCP connected but TLS or authentication did not complete (settings differ)."""
+
+
 class Channel:
     """One authenticated, framed connection."""
 
@@ -98,28 +102,46 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: Seconds a TLS handshake plus authentication may take before the connection is dropped.
+HANDSHAKE_TIMEOUT = 10.0
+
+
 def accept(server: socket.socket, auth_key: str, tls: TLSConfig | None) -> Channel:
     """Accept one driver and authenticate it (mutually, under TLS)."""
     sock, _ = server.accept()
+    sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is not None:
-        sock = _server_context(tls).wrap_socket(sock, server_side=True)
-    ch = Channel(sock)
-    key = auth_key.encode()
-    _answer(ch._read, sock.sendall, key)
-    _prove(ch._read, sock.sendall, key)
+    try:
+        if tls is not None:
+            sock = _server_context(tls).wrap_socket(sock, server_side=True)
+        ch = Channel(sock)
+        key = auth_key.encode()
+        _answer(ch._read, sock.sendall, key)
+        _prove(ch._read, sock.sendall, key)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
     return ch
 
 
 def connect(host: str, port: int, auth_key: str, tls: TLSConfig | None, timeout: float) -> Channel:
     """Connect to a party and authenticate both ways."""
     sock = socket.create_connection((host, port), timeout=timeout)
-    sock.settimeout(None)
+    sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is not None:
-        sock = _client_context(tls).wrap_socket(sock)
-    ch = Channel(sock)
-    key = auth_key.encode()
-    _prove(ch._read, sock.sendall, key)
-    _answer(ch._read, sock.sendall, key)
+    try:
+        if tls is not None:
+            sock = _client_context(tls).wrap_socket(sock)
+        ch = Channel(sock)
+        key = auth_key.encode()
+        _prove(ch._read, sock.sendall, key)
+        _answer(ch._read, sock.sendall, key)
+    except (socket.timeout, ssl.SSLError, ChannelClosed, PermissionError) as err:
+        sock.close()
+        raise HandshakeFailed(str(err) or type(err).__name__) from err
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
     return ch

@@ -1,0 +1,216 @@
+"""The ``ray`` backend: every computing party is a Ray actor, linked by SPU's brpc links.
+
+By default a local Ray instance is started (``ray.init()``); ``address`` joins an existing
+cluster. Actors take ``num_cpus=0`` (a party spends its time waiting on its peers; reserving
+CPUs would deadlock the mesh on a small machine). Placement follows Ray resources: if the cluster
+defines a custom resource ``puma_party<r>`` (``ray start --resources='{"puma_party0": 1}'``),
+party r is placed on a node that has it.
+
+Shares travel as object references straight to their party: the driver puts each party's bundle
+in the object store and passes only the reference to that party's actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import warnings
+
+from puma.errors import PumaError
+from puma.runtime.config import ProtocolConfig
+from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.roles import PartyShares
+from puma.runtime.secure import Mesh
+
+log = logging.getLogger(__name__)
+
+
+class PartyActor:
+    """Body of the Ray actor hosting one computing party (wrapped by ``ray.remote`` lazily)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.party = None
+        self.process_log = None
+
+    def address(self) -> str:
+        """A free TCP port on this actor's node for the party's MPC link."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def open(self, addresses: list[str], runtime_config_bytes: bytes, recv_timeout_s: float) -> int:
+        import os
+
+        import spu.libspu as libspu
+
+        from puma.runtime.party import ComputeParty, ProcessLog
+
+        self.process_log = ProcessLog.get()
+        desc = libspu.link.Desc()
+        for r, addr in enumerate(addresses):
+            desc.add_party(f"party{r}", addr)
+        desc.connect_retry_interval_ms = 500
+        desc.connect_retry_times = 60
+        desc.recv_timeout_ms = int(recv_timeout_s * 1000)
+        config = libspu.RuntimeConfig()
+        config.ParseFromString(runtime_config_bytes)
+        self.party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
+        return os.getpid()
+
+    def receive(self, bundle: PartyShares) -> None:
+        self.party.receive(bundle)
+
+    def install(self, key: str, name: str, code: bytes) -> None:
+        self.party.install(key, name, code)
+
+    def run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
+        start = self.process_log.mark()
+        seconds = self.party.run(key, inputs, outputs)
+        blocks = parse_profiles(self.process_log.read_from(start))
+        if not blocks:
+            return None
+        block = blocks[-1]
+        block.link.rank = self.rank
+        block.link.seconds = seconds
+        return block
+
+    def send(self, names: list[str]) -> PartyShares:
+        return self.party.send(names)
+
+    def drop(self, names: list[str]) -> None:
+        self.party.drop(names)
+
+
+class OwnerActor:
+    """Body of the Ray actor playing the model owner: it loads the weights in its own process
+    and puts one bundle of shares per party in the object store. It never receives outputs."""
+
+    def share(self, spec, runtime_config_bytes: bytes, world_size: int) -> tuple[list, int, int]:
+        """Load, share and put: (one object ref per party, bytes of shares, this process's pid)."""
+        import os
+
+        import ray
+        import spu
+        import spu.libspu as libspu
+
+        from puma.runtime.roles import ModelOwner
+
+        config = libspu.RuntimeConfig()
+        config.ParseFromString(runtime_config_bytes)
+        bundles = ModelOwner.from_spec(spec).share(spu.Io(world_size, config), world_size)
+        return [ray.put(b) for b in bundles], sum(b.nbytes for b in bundles), os.getpid()
+
+
+class RayMesh(Mesh):
+    """Parties as Ray actors (local Ray by default, or the cluster at ``address``)."""
+
+    backend = "ray"
+
+    def __init__(self, protocol: ProtocolConfig, recv_timeout_s: float = 60.0, address: str | None = None):
+        import ray
+
+        self.world_size = protocol.world_size
+        self.timeout = recv_timeout_s
+        self._started_ray = False
+        if not ray.is_initialized():
+            try:
+                with warnings.catch_warnings():
+                    # Ray starts its daemons with fork+exec, which JAX warns about needlessly
+                    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+                    if address:
+                        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                    else:
+                        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                        self._started_ray = True
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise PumaError(f"cannot start or reach Ray{' at ' + address if address else ''}: {err}") from err
+        resources = ray.cluster_resources()
+        actor_cls = ray.remote(PartyActor)
+        self.actors = []
+        for rank in range(self.world_size):
+            options = {"num_cpus": 0}
+            tag = f"puma_party{rank}"
+            if tag in resources:
+                options["resources"] = {tag: 0.001}
+            self.actors.append(actor_cls.options(**options).remote(rank))
+        try:
+            addresses = self._get([a.address.remote() for a in self.actors], "start")
+            config = protocol.runtime_config().SerializeToString()
+            self._get([a.open.remote(addresses, config, recv_timeout_s) for a in self.actors], "open links",
+                      timeout=recv_timeout_s + 30)
+        except BaseException:
+            self.close()
+            raise
+
+    def _get(self, refs, what: str, timeout: float | None = None) -> list:
+        """Wait for one call per party; the first failure raises, naming the party."""
+        import ray
+
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                slow = sorted(pending.values())
+                raise PumaError(f"ray: parties {slow} did not {what} within {timeout:.0f} s")
+            ref = ready[0]
+            rank = pending.pop(ref)
+            try:
+                results[rank] = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                raise PumaError(f"ray: party {rank} died during {what} ({type(err).__name__})") from err
+            except ray.exceptions.RayTaskError as err:
+                cause = str(err.cause) if getattr(err, "cause", None) else str(err)
+                line = next((ln.strip() for ln in cause.splitlines() if ln.strip() and ln.strip() != "what:"), cause)
+                raise PumaError(f"ray: party {rank} failed during {what}: {line[:300]}") from err
+        return results
+
+    def owner_upload(self, spec, runtime_config: bytes) -> int:
+        """Run the model owner as its own actor; its share bundles go by reference to the parties."""
+        import ray
+
+        owner = ray.remote(OwnerActor).options(num_cpus=0).remote()
+        try:
+            refs, nbytes, self.owner_pid = self._get([owner.share.remote(spec, runtime_config, self.world_size)],
+                                                     "share weights")[0]
+            self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
+        finally:
+            ray.kill(owner)
+        return nbytes
+
+    def deliver(self, bundles: list[PartyShares]) -> None:
+        import ray
+
+        self._get([a.receive.remote(ray.put(b)) for a, b in zip(self.actors, bundles)], "receive shares")
+
+    def install(self, key: str, name: str, code: bytes) -> None:
+        import ray
+
+        ref = ray.put(code)
+        self._get([a.install.remote(key, name, ref) for a in self.actors], "install a program")
+
+    def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
+        return self._get([a.run.remote(key, inputs, outputs) for a in self.actors], "run")
+
+    def collect(self, names: list[str]) -> list[PartyShares]:
+        return self._get([a.send.remote(names) for a in self.actors], "send output shares")
+
+    def drop(self, names: list[str]) -> None:
+        self._get([a.drop.remote(names) for a in self.actors], "drop values")
+
+    def close(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

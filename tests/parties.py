@@ -1,0 +1,82 @@
+"""Test helpers: topology files on free ports and local party processes (``puma node up``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import yaml
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_topology(path, protocol: str = "aby3", world: int = 3, connect_s: float = 5, recv_s: float = 10,
+                   tls: dict | None = None, ports: list[int] | None = None, **extra) -> str:
+    ports = ports or free_ports(2 * world)
+    doc = {
+        "protocol": protocol,
+        "timeouts": {"connect_s": connect_s, "recv_s": recv_s},
+        "parties": [
+            {"id": f"p{r}", "link": f"127.0.0.1:{ports[r]}", "control": f"127.0.0.1:{ports[world + r]}"}
+            for r in range(world)
+        ],
+        **extra,
+    }
+    if tls:
+        doc["tls"] = tls
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return str(path)
+
+
+def control_ports(topology_path: str) -> list[int]:
+    with open(topology_path) as f:
+        doc = yaml.safe_load(f)
+    return [int(p["control"].rsplit(":", 1)[1]) for p in doc["parties"]]
+
+
+def wait_for_ports(ports: list[int], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"party control port {port} did not open")
+                time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def local_parties(topology_path: str, log_dir: str):
+    """``puma node up`` on ``topology_path`` as a subprocess; yields it once every party listens."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    stderr = open(os.path.join(log_dir, "node-up.stderr"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "puma.cli", "node", "up", "-c", topology_path, "--log-dir", log_dir],
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        wait_for_ports(control_ports(topology_path))
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stderr.close()

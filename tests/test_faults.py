@@ -1,0 +1,203 @@
+"""Failures of the nodes backend end in one clear error, in bounded time, with a non-zero exit.
+
+Covered: a party that never starts, a party killed mid-run (driver, supervisor and surviving
+parties), a control port in use, malformed topologies, a job for another protocol, a protocol
+whose party count does not match the topology, and TLS on the links (self-signed certificates
+made here with openssl).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from puma import cli
+from puma.api import SecureModel
+from puma.errors import PumaError
+from tests.parties import control_ports, free_ports, local_parties, wait_for_ports, write_topology
+
+PRESET = "llama-debug"
+
+
+def _one_error_line(err: str, *fragments):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("puma: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def _start_party(topology, rank, log_dir):
+    log = open(os.path.join(log_dir, f"party{rank}.stderr"), "w")
+    return subprocess.Popen([sys.executable, "-m", "puma.cli", "node", "start", "-c", topology, "--rank", str(rank),
+                             "--log-dir", log_dir], stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_party_that_never_starts(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.yaml", connect_s=3)
+    procs = [_start_party(topo, r, str(tmp_path)) for r in (0, 1)]
+    try:
+        wait_for_ports(control_ports(topo)[:2])
+        start = time.monotonic()
+        code = cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes", "-c", topo])
+        assert code != 0
+        assert time.monotonic() - start < 30
+    finally:
+        _stop(*procs)
+    _one_error_line(capsys.readouterr().err, "p2", "unreachable")
+
+
+def _ids():
+    return [[5, 6, 7, 8]]
+
+
+def test_party_killed_mid_run(tmp_path):
+    """Kill party 2 during a run: the driver fails at once naming it; each survivor either
+    reports the failed link and exits non-zero (yacl gives up sending) or drops the job and keeps
+    serving, within recv_s plus its send-retry budget; restarted, the mesh serves jobs again."""
+    recv_s = 6
+    topo = write_topology(tmp_path / "t.yaml", connect_s=10, recv_s=recv_s)
+    procs = {r: _start_party(topo, r, str(tmp_path)) for r in range(3)}
+    try:
+        wait_for_ports(control_ports(topo))
+        m = SecureModel.from_pretrained(PRESET, backend="nodes", config=topo)
+        victim = m.session.mesh.pids[2]
+
+        def kill_after_first_token(_):
+            os.kill(victim, signal.SIGKILL)
+
+        start = time.monotonic()
+        with pytest.raises(PumaError, match=r"p2 \(rank 2\) died"):
+            m.generate_ids(_ids(), 6, use_cache=False, progress=kill_after_first_token)
+        assert time.monotonic() - start < 10
+        m.close()
+        assert procs[2].wait(10) != 0
+        deadline = time.monotonic() + 2 * recv_s + 15
+        while time.monotonic() < deadline and any(procs[r].poll() is None for r in (0, 1)):
+            time.sleep(0.5)
+        for r in (0, 1):
+            err = open(tmp_path / f"party{r}.stderr").read()
+            if procs[r].poll() is not None:
+                assert procs[r].returncode != 0
+                _one_error_line(err, f"party p{r} (rank {r}) exited with status", "its link to p2")
+        for r in range(3):
+            if procs[r].poll() is not None:
+                procs[r] = _start_party(topo, r, str(tmp_path))
+        wait_for_ports(control_ports(topo))
+        with SecureModel.from_pretrained(PRESET, backend="nodes", config=topo) as m2:
+            assert len(m2.generate_ids(_ids(), 2).tokens[0]) == 2
+    finally:
+        _stop(*procs.values())
+
+
+def test_supervisor_reports_a_dead_party(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml", connect_s=10, recv_s=5)
+    with local_parties(topo, str(tmp_path)) as up:
+        m = SecureModel.from_pretrained(PRESET, backend="nodes", config=topo)
+        os.kill(m.session.mesh.pids[1], signal.SIGKILL)
+        time.sleep(1)  # the supervisor stops the other parties too: the driver sees them all gone
+        with pytest.raises(PumaError, match="died or dropped the connection"):
+            m.generate_ids(_ids(), 2)
+        m.close()
+        assert up.wait(30) != 0
+    err = open(tmp_path / "node-up.stderr").read()
+    assert "party p1 (rank 1) was killed by SIGKILL" in err
+
+
+def test_control_port_in_use(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml")
+    port = control_ports(topo)[0]
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen(1)
+    try:
+        result = subprocess.run([sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        blocker.close()
+    assert result.returncode != 0
+    _one_error_line(result.stderr, f"control port {port} is already in use")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("protocol: aby3\nparties: [\n", "not valid YAML"),
+    ("protocol: aby3\n", "'parties' must be a list"),
+    ("protocol: aby3\nparties:\n  - {link: '127.0.0.1:1', control: '127.0.0.1:2'}\n", "needs 3 parties, the topology lists 1"),
+    ("protocol: aby4\nparties: []\n", "'parties' must be a list"),
+    ("protocol: rot13\nparties:\n  - {link: 'a:1', control: 'a:2'}\n", "unknown protocol 'rot13'"),
+    ("parties:\n  - {link: 'nohost', control: '127.0.0.1:2'}\n  - {link: 'a:3', control: 'a:4'}\n"
+     "  - {link: 'a:5', control: 'a:6'}\n", "'nohost' is not host:port"),
+    ("colour: blue\nparties: []\n", "unknown key 'colour'"),
+])
+def test_malformed_topology(tmp_path, capsys, content, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert cli.main(["node", "up", "-c", str(path)]) != 0
+    _one_error_line(capsys.readouterr().err, fragment)
+    assert cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes", "-c", str(path)]) != 0
+    _one_error_line(capsys.readouterr().err, fragment)
+
+
+def test_missing_topology_file(capsys):
+    assert cli.main(["node", "up", "-c", "/no/such.yaml"]) != 0
+    _one_error_line(capsys.readouterr().err, "/no/such.yaml not found")
+
+
+def test_job_for_another_protocol(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml", connect_s=5)
+    with local_parties(topo, str(tmp_path)):
+        ports = control_ports(topo)
+        other = write_topology(tmp_path / "2pc.yaml", protocol="semi2k", world=2, ports=free_ports(2) + ports[:2])
+        with pytest.raises(PumaError, match=r"runs aby3/FM64 with 3 parties; the job asked for semi2k/FM64 with 2"):
+            SecureModel.from_pretrained(PRESET, backend="nodes", config=other)
+
+
+def test_protocol_needs_other_party_count(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.yaml")
+    assert cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes", "-c", topo, "--protocol", "semi2k"]) != 0
+    _one_error_line(capsys.readouterr().err, "protocol semi2k needs 2 parties", "lists 3")
+
+
+def test_nodes_backend_without_topology(capsys):
+    assert cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes"]) != 0
+    _one_error_line(capsys.readouterr().err, "needs a topology")
+
+
+def _make_certs(folder):
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
+        "-subj", "/CN=puma-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "party.key", "-out", "party.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "party.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-out", "party.crt", "-extfile", "ext.cnf")
+    return {"cert": str(folder / "party.crt"), "key": str(folder / "party.key"), "ca": str(folder / "ca.crt")}
+
+
+def test_tls_links_with_self_signed_certificates(tmp_path):
+    tls = _make_certs(tmp_path)
+    topo = write_topology(tmp_path / "tls.yaml", tls=tls)
+    with local_parties(topo, str(tmp_path)):
+        with SecureModel.from_pretrained(PRESET, backend="nodes", config=topo) as m:
+            secure = m.generate_ids(_ids(), 3, reveal="logits")
+        plain = SecureModel.from_pretrained(PRESET).generate_ids(_ids(), 3)
+        assert secure.tokens == plain.tokens
+        assert secure.cost.total_bytes_sent > 0
+        # a driver without the certificates is refused
+        plain_topo = write_topology(tmp_path / "plain.yaml", connect_s=2, ports=free_ports(3) + control_ports(topo))
+        with pytest.raises(PumaError, match="p0 .* did not complete the handshake"):
+            SecureModel.from_pretrained(PRESET, backend="nodes", config=plain_topo)

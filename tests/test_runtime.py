@@ -1,0 +1,142 @@
+"""Secure runtime: the sim, nodes and ray backends agree with plaintext and with each other.
+
+Oracle: the plaintext (``jax.jit``) run of the same program with the exact ops set. Under SPU
+(ABY3, FM64, 18 fraction bits) the exact functions are evaluated with SPU's own fixed-point
+approximations; on the debug presets (O(1) logits) the measured max error is ~3e-3, asserted
+at FXP_ATOL = 2e-2. Greedy tokens must be identical.
+
+One shared base run per backend (module fixtures), one ``_check`` helper.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from puma import models, protocols, tasks
+from puma.api import SecureModel
+from puma.runtime import open_session
+from puma.runtime.base import PlaintextSession
+from tests.parties import local_parties, write_topology
+
+FXP_ATOL = 2e-2
+EXACT = protocols.get("exact")
+IDS = [[5, 6, 7, 8, 9, 10], [3, 4, 11]]
+
+
+def _check(actual, expected, atol=FXP_ATOL, what="output"):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.max(np.abs(actual - expected))
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    path = tmp_path_factory.mktemp("topo") / "3pc.yaml"
+    return write_topology(path)
+
+
+@pytest.fixture(scope="module")
+def parties(topology, tmp_path_factory):
+    with local_parties(topology, str(tmp_path_factory.mktemp("party-logs"))) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module (sessions join it instead of starting their own)."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        ray.init(include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["sim", "nodes", "ray"])
+def backend(request):
+    if request.param == "nodes":
+        request.getfixturevalue("parties")
+        return "nodes", {"config": request.getfixturevalue("topology")}
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    return request.param, {}
+
+
+def _plain(model):
+    session = PlaintextSession()
+    session.load_params(model.params)
+    return session
+
+
+def _secure(model, backend):
+    name, options = backend
+    session = open_session(name, spu_settings=EXACT.spu, **options)
+    session.load_params(model.params)
+    return session
+
+
+@pytest.mark.parametrize("preset", ["gpt2-debug", "llama-debug"])
+def test_causal_logits_match_plaintext(backend, preset):
+    model = models.load(preset)
+    expected = tasks.causal_logits(_plain(model), model, EXACT, IDS).outputs
+    with _secure(model, backend) as session:
+        result = tasks.causal_logits(session, model, EXACT, IDS)
+    _check(result.outputs, expected, what=f"{preset} logits on {backend[0]}")
+    _check_cost(result.cost, runs=1)
+
+
+def test_bert_heads_match_plaintext(backend):
+    model = models.load("bert-debug-cls")
+    ids = np.array([[2, 7, 9, 4, 1], [2, 8, 3, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    types = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]], np.int32)
+    with _secure(model, backend) as session:
+        for head in ("classify", "mean"):
+            got = tasks.encode(session, model, EXACT, ids, types, mask, head)
+            want = tasks.encode(_plain(model), model, EXACT, ids, types, mask, head)
+            _check(got.outputs, want.outputs, what=f"bert {head} on {backend[0]}")
+
+
+def test_stories260k_greedy_tokens_match_plaintext(backend, stories_gguf):
+    name, options = backend
+    expected = SecureModel.from_pretrained(stories_gguf).generate("Once upon a time", 8, use_cache=False)
+    with SecureModel.from_pretrained(stories_gguf, backend=name, **options) as m:
+        result = m.generate("Once upon a time", 8, use_cache=False, reveal="logits")
+    assert result.tokens == expected.tokens
+    _check_cost(result.cost, runs=8)
+
+
+def _check_cost(cost, runs):
+    """Every party sent bytes; totals are the sums over parties; per-op bytes add up too."""
+    report = cost.to_dict()
+    json.dumps(report)
+    assert report["runs"] == runs and len(report["per_party"]) == 3
+    for party in report["per_party"]:
+        assert party["bytes_sent"] > 0 and party["send_actions"] > 0 and party["seconds"] > 0
+        assert party["runs"] == runs
+    assert report["total_bytes_sent"] == sum(p["bytes_sent"] for p in report["per_party"])
+    assert report["total_send_actions"] == sum(p["send_actions"] for p in report["per_party"])
+    assert sum(op["bytes_sent"] for op in report["per_op"].values()) == report["total_bytes_sent"]
+    assert sum(p["bytes_recv"] for p in report["per_party"]) == report["total_bytes_sent"]
+
+
+def test_cli_json_stats(backend, capsys, stories_gguf):
+    from puma import cli
+
+    name, options = backend
+    argv = ["generate", "-m", stories_gguf, "-p", "Once upon a time", "-n", "2", "--backend", name, "--json"]
+    if "config" in options:
+        argv += ["--config", options["config"]]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    stats = out["stats"]
+    assert out["backend"] == name and len(out["tokens"]) == 2
+    assert {"per_party", "total_bytes_sent", "total_send_actions", "wall_s"} <= set(stats)
+    assert stats["total_bytes_sent"] == sum(p["bytes_sent"] for p in stats["per_party"]) > 0
