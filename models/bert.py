@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from puma.models.layers import Embedding, LayerNorm, Linear, attend, padding_mask
@@ -176,11 +177,13 @@ class BertModel(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
         if head == "classify" and not cfg.has_classifier:
             raise ValueError("this BERT has no classifier head (architectures lacks BertForSequenceClassification)")
-        batch, length = input_ids.shape
+        batch, length = input_ids.shape[:2]  # [B, T] ids or [B, T, V] client one-hot rows
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, length), jnp.int32)
+            if self.ops.client_onehot:
+                token_type_ids = jax.nn.one_hot(token_type_ids, cfg.type_vocab_size, dtype=jnp.float32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 

@@ -19,9 +19,9 @@ __all__ = ["MASK_FILL", "Ops", "SpuSettings", "get", "names"]
 
 
 def _registry() -> dict[str, Ops]:
-    from puma.protocols import exact
+    from puma.protocols import exact, fast, mpcformer, puma
 
-    sets = [exact.OPS, exact.SPU_OPS]
+    sets = [exact.OPS, puma.OPS, fast.OPS, mpcformer.OPS, exact.SPU_OPS]
     return {s.name: s for s in sets}
 
 

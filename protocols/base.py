@@ -43,8 +43,11 @@ class Ops:
             probability exactly 0. This is the only place an attention mask is applied.
         layer_norm: ``layer_norm(x, weight, bias, eps)`` over the last axis.
         rms_norm: ``rms_norm(x, weight, eps)`` over the last axis.
-        embed: ``embed(ids, table)``: rows of ``table`` for integer ``ids`` (the ids may be secret).
+        embed: ``embed(ids, table)``: rows of ``table`` for integer ``ids`` (the ids may be secret);
+            with ``client_onehot`` it receives one-hot rows ``[..., V]`` instead of ids.
         argmax: ``argmax(x)`` over the last axis as an int32 index (greedy decoding under MPC).
+        client_onehot: the client one-hot encodes token ids (it knows them) and shares the
+            rows, instead of the parties building the one-hot from shared ids.
         spu: SPU runtime/compiler settings the set is designed for.
         description: one line for listings and reports.
     """
@@ -59,6 +62,7 @@ class Ops:
     rms_norm: Callable[[Array, Array, float], Array]
     embed: Callable[[Array, Array], Array]
     argmax: Callable[[Array], Array]
+    client_onehot: bool = False
     spu: SpuSettings = SpuSettings()
     description: str = ""
 

@@ -105,6 +105,15 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
 # -- inputs ----------------------------------------------------------------------------------
 
 
+def client_ids(ops, ids: np.ndarray, vocab: int) -> np.ndarray:
+    """Token ids as the client shares them: as they are, or one-hot rows [..., V] when the
+    approximation set has the client encode them (``ops.client_onehot``)."""
+    ids = np.asarray(ids, np.int32)
+    if not ops.client_onehot:
+        return ids
+    return (ids[..., None] == np.arange(vocab, dtype=np.int32)).astype(np.float32)
+
+
 def encode_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
     """Tokenize prompts (with the tokenizer's BOS convention); refuses empty ones."""
     if not prompts:
@@ -196,6 +205,7 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
     check_length(model, longest, max_new_tokens)
     check_ids(model, prompt_ids)
     pad_id = int(model.config.eos_token_id)
+    vocab = model.config.vocab_size
     batch = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
@@ -226,7 +236,7 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
             positions = positions_from_mask(mask)
             slot = f"kv-{id(ids)}"
             with session.measure() as step_cost:
-                out = session.run(prefill_program(model, ops, slots, reveal), {"input_ids": ids},
+                out = session.run(prefill_program(model, ops, slots, reveal), {"input_ids": client_ids(ops, ids, vocab)},
                                   {"attention_mask": mask, "position_ids": positions[:, :longest]}, state=slot)
             step_costs.append({"step": "prefill", **_brief(step_cost)})
             tokens = take(out)
@@ -237,7 +247,7 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
                     break
                 index = longest + k - 1
                 with session.measure() as step_cost:
-                    out = session.run(step, {"input_ids": tokens[:, None]},
+                    out = session.run(step, {"input_ids": client_ids(ops, tokens[:, None], vocab)},
                                       {"attention_mask": mask, "position_ids": positions[:, index:index + 1],
                                        "cache_index": np.int32(index)}, state=slot)
                 step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
@@ -250,7 +260,7 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
             program = forward_program(model, ops, reveal)
             for k in range(max_new_tokens):
                 with session.measure() as step_cost:
-                    out = session.run(program, {"input_ids": ids},
+                    out = session.run(program, {"input_ids": client_ids(ops, ids, vocab)},
                                       {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
                 tokens = take(out)
@@ -276,7 +286,7 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     check_ids(model, batch_ids)
     ids, mask = left_pad(batch_ids, longest, int(model.config.eos_token_id))
     with session.measure() as cost:
-        out = session.run(full_logits_program(model, ops), {"input_ids": ids},
+        out = session.run(full_logits_program(model, ops), {"input_ids": client_ids(ops, ids, model.config.vocab_size)},
                           {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
     return EncodingResult(np.asarray(out["logits"]), cost)
 
@@ -312,7 +322,9 @@ def encode(session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np
         raise PumaError(f"{model.source} has no classifier head: use a BertForSequenceClassification checkpoint")
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
     with session.measure() as cost:
-        out = session.run(encoder_program(model, ops, head), {"input_ids": ids, "token_type_ids": types},
+        secret = {"input_ids": client_ids(ops, ids, model.config.vocab_size),
+                  "token_type_ids": client_ids(ops, types, model.config.type_vocab_size)}
+        out = session.run(encoder_program(model, ops, head), secret,
                           {"attention_mask": mask, "position_ids": positions})
     return EncodingResult(np.asarray(out["output"]), cost)
 

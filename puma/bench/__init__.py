@@ -1,0 +1,1 @@
+"""Benchmark library: accuracy and cost measurements behind ``scripts/`` and ``puma bench``."""

@@ -1,0 +1,134 @@
+"""Approximation sets: every function's documented error bound, in plaintext and under SPU.
+
+Oracle: the exact functions (erf GeLU, x*sigmoid(x), float softmax, LayerNorm/RMSNorm in float)
+on each function's domain (``puma.bench.functions.accuracy_cases``: GeLU/SiLU on [-10, 10],
+softmax rows of 128 scores in [-20, 20] half masked, norm rows of 768, embeddings of random ids).
+One shared base run per set and backend computes every function's error; BOUNDS holds the bound
+each docstring states (measured value rounded up). Exact point values of PUMA's piecewise
+definitions are checked against a direct numpy evaluation of the paper's formulas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from puma import protocols
+from puma.bench import functions as F
+from puma.protocols import fast, mpcformer, puma
+from puma.runtime import open_session
+from puma.runtime.base import PlaintextSession
+
+#: set -> function -> (plaintext max |error| bound, SPU ABY3 FM64/18 max |error| bound)
+BOUNDS = {
+    "puma": {"gelu": (2.0e-2, 2.0e-2), "silu": (7.2e-2, 7.2e-2), "softmax": (4.1e-3, 4.5e-3),
+             "layer_norm": (1e-6, 1.1e-2), "rms_norm": (1e-6, 4e-3), "embed": (0.0, 5e-6)},
+    "puma-fast": {"gelu": (7.2e-3, 7.5e-3), "silu": (6.4e-3, 9e-3), "softmax": (3.3e-4, 4e-4),
+                  "layer_norm": (3e-6, 2.5e-4), "rms_norm": (3e-6, 2.5e-4), "embed": (0.0, 5e-6)},
+    "mpcformer": {"gelu": (10.5, 10.5), "silu": (7.2e-2, 7.2e-2), "softmax": (0.69, 0.69),
+                  "layer_norm": (1e-6, 1.1e-2), "rms_norm": (1e-6, 4e-3), "embed": (0.0, 5e-6)},
+    "spu": {"gelu": (0.0, 5e-4), "silu": (0.0, 3e-3), "softmax": (0.0, 4.5e-3),
+            "layer_norm": (0.0, 1.1e-2), "rms_norm": (0.0, 4e-3), "embed": (0.0, 5e-6)},
+}
+SLACK = 1.001  # float32 rounding of the measured bounds
+
+
+def _check(errors: dict, set_name: str, function: str, column: int):
+    bound = BOUNDS[set_name][function][column] * SLACK + 1e-7
+    got = errors[function]["max_abs"]
+    where = ("plaintext", "SPU")[column]
+    assert got <= bound, f"{set_name}.{function} ({where}): max |error| {got:.3g} > documented {bound:.3g}"
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return F.accuracy_cases()
+
+
+@pytest.fixture(scope="module", params=sorted(BOUNDS))
+def base_run(request, cases):
+    """Errors of one set's functions, in plaintext and under SPU (ABY3, sim): computed once."""
+    name = request.param
+    plain = PlaintextSession()
+    plain.load_params({})
+    with open_session("sim", spu_settings=protocols.get(name).spu) as secure:
+        secure.load_params({})
+        return name, F.function_errors(plain, name, cases), F.function_errors(secure, name, cases)
+
+
+@pytest.mark.parametrize("function", ["gelu", "silu", "softmax", "layer_norm", "rms_norm", "embed"])
+def test_error_bound(base_run, function):
+    name, plain, secure = base_run
+    _check(plain, name, function, 0)
+    _check(secure, name, function, 1)
+
+
+def test_fast_set_is_at_least_as_accurate_as_puma(cases):
+    plain = PlaintextSession()
+    plain.load_params({})
+    ours, theirs = F.function_errors(plain, "puma-fast", cases), F.function_errors(plain, "puma", cases)
+    for function in ("gelu", "silu", "softmax"):
+        assert ours[function]["max_abs"] < theirs[function]["max_abs"], function
+        assert ours[function]["mean_abs"] <= theirs[function]["mean_abs"], function
+
+
+def _exact_gelu(x):
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def test_puma_gelu_is_the_papers_piecewise_polynomial():
+    x = np.array([-9.0, -4.5, -3.0, -2.0, -1.0, 0.0, 0.7, 2.5, 3.5, 7.0], np.float32)
+    p3 = np.polynomial.polynomial.polyval(x.astype(np.float64), puma.GELU_P3)
+    p6 = np.polynomial.polynomial.polyval(x.astype(np.float64), puma.GELU_P6)
+    want = np.where(x < -4, 0.0, np.where(x < -1.95, p3, np.where(x <= 3, p6, x)))
+    np.testing.assert_allclose(np.asarray(puma.gelu(x)), want, rtol=1e-5, atol=1e-6)
+    assert puma.GELU_P3[0] == -0.5054031199708174 and puma.GELU_P6[6] == 0.0018067462606141187
+
+
+def test_puma_silu_is_the_papers_piecewise_polynomial():
+    x = np.array([-9.0, -6.0, -4.5, -3.0, 0.0, 1.5, 3.9, 4.5], np.float32)
+    p2 = np.polynomial.polynomial.polyval(x.astype(np.float64), puma.SILU_P2)
+    p6 = np.polynomial.polynomial.polyval(x.astype(np.float64), puma.SILU_P6)
+    want = np.where(x < -8, 0.0, np.where(x < -4, p2, np.where(x <= 4, p6, x)))
+    np.testing.assert_allclose(np.asarray(puma.silu(x)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_mpcformer_functions_are_the_published_quadratics():
+    x = np.linspace(-6, 6, 13, dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(mpcformer.gelu(x)), 0.125 * x**2 + 0.25 * x + 0.5, rtol=1e-6)
+    row = np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)
+    mask = np.array([[True, True, False, True]])
+    q = (row + 5.0) ** 2 * mask
+    np.testing.assert_allclose(np.asarray(mpcformer.softmax(row, mask)), q / q.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["puma", "puma-fast", "exact", "mpcformer"])
+def test_masked_positions_get_exactly_zero(name):
+    ops = protocols.get(name)
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(-20, 20, (8, 16)).astype(np.float32)
+    mask = rng.random((8, 16)) > 0.5
+    mask[:, 0] = True
+    probs = np.asarray(ops.softmax(scores, mask))
+    assert np.all(probs[~mask] == 0.0)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_fast_gelu_and_silu_meet_relu_outside_their_polynomials():
+    x = np.array([-50.0, -8.0, 8.0, 50.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(fast.gelu(x)), np.maximum(x, 0))
+    x = np.array([-50.0, -7.5, 7.5, 50.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(fast.silu(x)), np.maximum(x, 0))
+    inside = np.linspace(-2.7, 2.7, 11)
+    assert np.max(np.abs(np.asarray(fast.gelu(inside.astype(np.float32))) - _exact_gelu(inside))) < 7.2e-3
+
+
+def test_sets_are_registered_and_carry_spu_settings():
+    assert set(protocols.names()) == {"exact", "puma", "puma-fast", "mpcformer", "spu"}
+    for name in ("puma", "puma-fast", "mpcformer"):
+        compiler = dict(protocols.get(name).spu.compiler)
+        assert compiler["enable_optimize_denominator_with_broadcast"] is True
+    assert protocols.get("puma-fast").client_onehot and not protocols.get("puma").client_onehot
+    with pytest.raises(ValueError, match="unknown approximation set"):
+        protocols.get("nope")
