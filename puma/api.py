@@ -28,6 +28,11 @@ from puma.runtime.roles import OwnerSpec
 log = logging.getLogger(__name__)
 
 
+def default_approx(backend: str) -> str:
+    """The approximation set used when none is named: exact in plaintext, PUMA's under MPC."""
+    return "exact" if backend == "plaintext" else "puma"
+
+
 class SecureModel:
     """A loaded model bound to a backend session and an approximation set."""
 
@@ -38,14 +43,16 @@ class SecureModel:
         self.ops = protocols.get(approx)
 
     @classmethod
-    def from_pretrained(cls, source: str, *, approx: str = "exact", backend: str = "plaintext",
+    def from_pretrained(cls, source: str, *, approx: str | None = None, backend: str = "plaintext",
                         overrides: dict | None = None, **backend_options) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
 
-        ``backend_options`` go to :func:`puma.runtime.open_session` (``protocol``, ``fxp_bits``,
-        ``config`` topology file, ``ray_address``, ...). The approximation set's SPU settings
-        are applied to the session.
+        ``approx`` names the approximation set: by default ``"exact"`` in plaintext and ``"puma"``
+        on the secure backends. ``backend_options`` go to :func:`puma.runtime.open_session`
+        (``protocol``, ``fxp_bits``, ``config`` topology file, ``ray_address``, ...). The
+        approximation set's SPU settings are applied to the session.
         """
+        approx = default_approx(backend) if approx is None else approx
         ops = protocols.get(approx)
         plaintext = backend == "plaintext"
         model = load(source, overrides=overrides, weights=plaintext)
@@ -63,17 +70,27 @@ class SecureModel:
     # -- tasks -------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 16, *, use_cache: bool = True,
-                 reveal: str = "token", progress=None) -> tasks.GenerationResult:
-        """Greedy continuation of each prompt; returns tokens, texts and the cost report."""
+                 reveal: str = "token", temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
+                 progress=None) -> tasks.GenerationResult:
+        """Continue each prompt (one batch); returns tokens, texts and the cost report.
+
+        Greedy by default; ``temperature > 0`` samples (with ``top_k``, from client randomness
+        ``seed``). ``reveal="token"`` (default) computes the choice under MPC and reveals only the
+        token id; ``reveal="logits"`` hands the client the logits. ``use_cache`` keeps a secret
+        key/value cache at the parties between steps.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = tasks.encode_prompts(self.model, prompts)
-        return self.generate_ids(ids, max_new_tokens, use_cache=use_cache, reveal=reveal, progress=progress)
+        return self.generate_ids(ids, max_new_tokens, use_cache=use_cache, reveal=reveal, temperature=temperature,
+                                 top_k=top_k, seed=seed, progress=progress)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, *, use_cache: bool = True,
-                     reveal: str = "token", progress=None) -> tasks.GenerationResult:
+                     reveal: str = "token", temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
+                     progress=None) -> tasks.GenerationResult:
         """Like :meth:`generate` for token-id prompts."""
+        sampling = tasks.Sampling(temperature, top_k, seed)
         return tasks.generate(self.session, self.model, self.ops, prompt_ids, max_new_tokens,
-                              use_cache=use_cache, reveal=reveal, progress=progress)
+                              use_cache=use_cache, reveal=reveal, sampling=sampling, progress=progress)
 
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:
         """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""

@@ -1,4 +1,4 @@
-"""The ``puma`` command line: ``generate``, ``embed`` and friends.
+"""The ``puma`` command line: ``demo``, ``generate``, ``embed``, ``classify``, ``bench``, ``node``.
 
 Every failure a user can cause ends in one line ``puma: error: <what to fix>`` on stderr and a
 non-zero exit status (1 for errors found while running, 2 for bad arguments).
@@ -28,11 +28,16 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_approx: str = "exact") -> None:
-    p.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file or preset name")
-    _add_backend_args(p)
-    p.add_argument("--approx", default=default_approx, help="approximation set (default: %(default)s)")
+def _add_approx_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--approx", help="approximation set: exact, puma, puma-fast, mpcformer, spu "
+                                    "(default: exact in plaintext, puma under MPC)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file, preset name or 'minilm'")
+    _add_backend_args(p)
+    _add_approx_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=16)
+    gen.add_argument("--reveal", choices=("token", "logits"), default="token",
+                     help="what the client receives per step: the chosen token id (computed under MPC; "
+                          "default) or the logits")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (no KV cache)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens")
+    gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness")
     gen.set_defaults(func=cmd_generate)
 
     emb = sub.add_parser("embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)")
     _add_model_args(emb)
     emb.add_argument("texts", nargs="+", help="sentences to embed")
     emb.set_defaults(func=cmd_embed)
+
+    cls = sub.add_parser("classify", parents=[common], help="sequence classification (BertForSequenceClassification)")
+    _add_model_args(cls)
+    cls.add_argument("texts", nargs="+", help="texts to classify")
+    cls.set_defaults(func=cmd_classify)
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="private sentence embeddings with the real MiniLM: secure vs plaintext, cost per party")
+    _add_backend_args(demo)
+    _add_approx_args(demo)
+    demo.set_defaults(func=cmd_demo, backend="sim")
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bp = bench_sub.add_parser("protocols", parents=[common],
+                              help="approximation sets: function errors/costs and model fidelity under MPC")
+    bp.add_argument("--sets", nargs="+", default=["puma", "puma-fast", "mpcformer", "spu"])
+    bp.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    bp.add_argument("--out", default="bench-results/protocols.json")
+    bp.add_argument("--data", help="offline data folder (default: ../shared/data)")
+    bp.add_argument("--sentences", type=int, default=32, help="SST-2 sentences for the MiniLM cosines")
+    bp.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story")
+    bp.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    bp.set_defaults(func=cmd_bench_protocols)
 
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
     node_sub = node.add_subparsers(dest="node_command", required=True)
@@ -67,13 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args):
-    from puma.api import SecureModel
+def _backend_options(args) -> dict:
+    return {"config": args.config, "protocol": args.protocol, "fxp_bits": args.fxp_bits, "field": args.field,
+            "ray_address": args.ray_address}
 
-    return SecureModel.from_pretrained(
-        args.model, approx=args.approx, backend=args.backend, config=args.config, protocol=args.protocol,
-        fxp_bits=args.fxp_bits, field=args.field, ray_address=args.ray_address,
-    )
+
+def _open(args):
+    from puma.api import SecureModel, default_approx
+
+    args.approx = args.approx or default_approx(args.backend)
+    return SecureModel.from_pretrained(args.model, approx=args.approx, backend=args.backend, **_backend_options(args))
+
+
+def _progress(total: int, what: str):
+    """A tqdm bar on stderr when it is a terminal, else nothing."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="tok", disable=not sys.stderr.isatty(), leave=False)
 
 
 def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
@@ -88,8 +134,10 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
 
 
 def cmd_generate(args) -> int:
-    with _open(args) as m:
-        result = m.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    with _open(args) as m, _progress(args.max_new_tokens, "generating") as bar:
+        result = m.generate(args.prompt, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                            reveal=args.reveal, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                            progress=bar.update)
     single = len(args.prompt) == 1
     payload = {
         "tokens": result.tokens[0] if single else result.tokens,
@@ -97,6 +145,9 @@ def cmd_generate(args) -> int:
         "backend": args.backend,
         "approx": args.approx,
         "model": args.model,
+        "reveal": args.reveal,
+        "kv_cache": not args.no_cache,
+        "steps": result.step_costs,
     }
     lines = [prompt + text for prompt, text in zip(args.prompt, result.texts)]
     _emit(args, payload, lines, result.cost)
@@ -116,6 +167,46 @@ def cmd_embed(args) -> int:
     lines = [f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
              for text, row in zip(args.texts, result.outputs)]
     _emit(args, payload, lines, result.cost)
+    return 0
+
+
+def cmd_classify(args) -> int:
+    with _open(args) as m:
+        result = m.classify(args.texts)
+    payload = {
+        "labels": result.labels,
+        "logits": result.outputs.round(6).tolist(),
+        "texts": args.texts,
+        "backend": args.backend,
+        "approx": args.approx,
+        "model": args.model,
+    }
+    lines = [f"{label:>12s}  {text}" for label, text in zip(result.labels, args.texts)]
+    _emit(args, payload, lines, result.cost)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from puma import demo
+    from puma.api import default_approx
+
+    args.approx = args.approx or default_approx(args.backend)
+    result = demo.run(args.backend, args.approx, **_backend_options(args))
+    if args.json:
+        result.pop("summary")
+        print(json.dumps(result))
+    else:
+        print(demo.render(result))
+    return 0
+
+
+def cmd_bench_protocols(args) -> int:
+    from puma.bench import protocols_bench
+
+    result = protocols_bench.run(args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens,
+                                 resume=not args.fresh)
+    print(protocols_bench.markdown(result))
+    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 

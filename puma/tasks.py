@@ -12,11 +12,14 @@ import dataclasses
 import logging
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from puma.errors import PumaError
 from puma.models.loading import LoadedModel
 from puma.program import Program
+from puma.protocols import MASK_FILL
 from puma.runtime.base import Session
 from puma.runtime.cost import CostReport
 
@@ -28,13 +31,50 @@ REVEAL_CHOICES = ("token", "logits")
 # -- programs --------------------------------------------------------------------------------
 
 
-def _last_token_outputs(ops, logits, reveal: str) -> dict:
-    """What the client receives for the last position: the greedy token id or the logits."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature == 0``) or sampled.
+
+    Sampling under MPC uses the Gumbel-max trick: token = argmax(logits / T + g) over the top-k
+    logits, with g ~ Gumbel(0, 1) drawn by the client from ``seed`` and secret-shared like any
+    input, so the parties never see the randomness or the logits and the client sees only the
+    sampled token. What it leaks: the token itself (as plaintext sampling would). Because the
+    client chooses the noise, a dishonest client could pick it to compare chosen logits with
+    each other, a little more than greedy decoding reveals; owners worried about extraction
+    should keep greedy decoding for untrusted clients.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def key(self) -> tuple:
+        return (self.temperature, self.top_k)
+
+
+GREEDY = Sampling()
+
+
+def _next_token_outputs(ops, logits, reveal: str, sampling: Sampling, secret: dict) -> dict:
+    """What the client receives for the last position: a token id (greedy or sampled under MPC)
+    or the logits."""
     last = logits[:, -1]  # [B, V]
-    return {"token": ops.argmax(last)} if reveal == "token" else {"logits": last}
+    if reveal == "logits":
+        return {"logits": last}
+    if sampling.greedy:
+        return {"token": ops.argmax(last)}
+    scores = last * (1.0 / sampling.temperature)
+    if sampling.top_k:
+        threshold = jax.lax.top_k(scores, sampling.top_k)[0][..., -1:]  # [B, 1] k-th largest
+        scores = jnp.where(scores >= threshold, scores, -MASK_FILL)
+    return {"token": ops.argmax(scores + secret["gumbel"])}
 
 
-def forward_program(model: LoadedModel, ops, reveal: str = "logits") -> Program:
+def forward_program(model: LoadedModel, ops, reveal: str = "logits", sampling: Sampling = GREEDY) -> Program:
     """Causal LM over a whole window; reveals only the last position (token or logits)."""
     module = model.module(ops)
 
@@ -42,9 +82,9 @@ def forward_program(model: LoadedModel, ops, reveal: str = "logits") -> Program:
         logits, _ = module.apply(
             {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"], last_only=True
         )
-        return _last_token_outputs(module.ops, logits, reveal), {}
+        return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {}
 
-    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.source, sampling.key()))
 
 
 def full_logits_program(model: LoadedModel, ops) -> Program:
@@ -58,7 +98,7 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
     return Program(f"{model.family}_logits", fn, key=(ops.name, model.source))
 
 
-def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token") -> Program:
+def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token", sampling: Sampling = GREEDY) -> Program:
     """Run the prompt once and leave a key/value cache of ``max_len`` slots inside the backend."""
     module = model.module(ops)
 
@@ -69,12 +109,12 @@ def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token"
             {"params": params}, ids, public["attention_mask"], public["position_ids"], cache=cache, cache_index=0,
             last_only=True,
         )
-        return _last_token_outputs(module.ops, logits, reveal), {"cache": cache}
+        return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.source, max_len))
+    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.source, max_len, sampling.key()))
 
 
-def decode_program(model: LoadedModel, ops, reveal: str = "token") -> Program:
+def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sampling = GREEDY) -> Program:
     """One new token against the cache held in the backend; the cache is updated in place."""
     module = model.module(ops)
 
@@ -83,9 +123,9 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token") -> Program:
             {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"],
             cache=state["cache"], cache_index=public["cache_index"], last_only=True,
         )
-        return _last_token_outputs(module.ops, logits, reveal), {"cache": cache}
+        return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.source, sampling.key()))
 
 
 def encoder_program(model: LoadedModel, ops, head: str) -> Program:
@@ -182,16 +222,24 @@ class EncodingResult:
 # -- loops -----------------------------------------------------------------------------------
 
 
+def bucket(n: int, size: int) -> int:
+    """n rounded up to a multiple of ``size`` (static shapes: one compiled program per bucket)."""
+    return -(-n // size) * size
+
+
 def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-             *, use_cache: bool = True, reveal: str = "token", stop_at_eos: bool = True,
+             *, use_cache: bool = True, reveal: str = "token", sampling: Sampling = GREEDY, stop_at_eos: bool = True,
+             prompt_bucket: int = 8, slot_bucket: int = 16,
              progress: Callable[[int], Any] | None = None) -> GenerationResult:
-    """Greedy decoding of a batch of prompts (left-padded together into one secure run per step).
+    """Decoding of a batch of prompts (left-padded together: one secure run per step).
 
     With ``use_cache`` the prompt is processed once (prefill) and every further token costs one
     decode step against the key/value cache held inside the backend; without it, every token
-    recomputes a fixed window (prompt + new tokens) so one compiled program serves every step.
-    ``reveal`` chooses what the client receives per step: the token id (argmax under MPC) or the
-    last-position logits (argmax at the client).
+    recomputes a fixed window (prompt + new tokens). Shapes are static: the prompt is padded to
+    a multiple of ``prompt_bucket`` and the cache to a multiple of ``slot_bucket`` slots, so the
+    prefill and decode programs compile once per bucket and are reused across steps and calls.
+    ``reveal`` chooses what the client receives per step: the token id (argmax or sampling under
+    MPC) or the last-position logits (the client then picks the token itself).
     """
     if reveal not in REVEAL_CHOICES:
         raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
@@ -201,6 +249,8 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
         raise PumaError("max_new_tokens must be at least 1")
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise PumaError("empty prompt: give at least one token")
+    if sampling.top_k and not 0 < sampling.top_k <= model.config.vocab_size:
+        raise PumaError(f"top_k must be in 1..{model.config.vocab_size}")
     longest = max(len(p) for p in prompt_ids)
     check_length(model, longest, max_new_tokens)
     check_ids(model, prompt_ids)
@@ -210,11 +260,21 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
     generated: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
     step_costs: list[dict] = []
+    rng = np.random.default_rng(sampling.seed)
+
+    def secret(ids: np.ndarray) -> dict:
+        inputs = {"input_ids": client_ids(ops, ids, vocab)}
+        if reveal == "token" and not sampling.greedy:
+            inputs["gumbel"] = rng.gumbel(size=(batch, vocab)).astype(np.float32)
+        return inputs
 
     def take(outputs) -> np.ndarray:
         if reveal == "token":
             return np.asarray(outputs["token"]).reshape(batch).astype(np.int32)
-        return np.argmax(np.asarray(outputs["logits"]).reshape(batch, -1), axis=-1).astype(np.int32)
+        logits = np.asarray(outputs["logits"], np.float64).reshape(batch, vocab)
+        if sampling.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int32)
+        return _sample_plain(logits, sampling, rng)
 
     def record(tokens: np.ndarray) -> bool:
         for i, tok in enumerate(tokens):
@@ -226,41 +286,44 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
             progress(1)
         return stop_at_eos and bool(finished.all())
 
+    prompt_len = min(bucket(longest, prompt_bucket), model.config.max_positions - max_new_tokens + 1)
     with session.measure() as total:
         if use_cache:
-            slots = longest + max_new_tokens - 1
-            ids, prompt_mask = left_pad(prompt_ids, longest, pad_id)
+            slots = min(bucket(prompt_len + max_new_tokens - 1, slot_bucket), model.config.max_positions)
+            ids, prompt_mask = left_pad(prompt_ids, prompt_len, pad_id)
             mask = np.zeros((batch, slots), np.int32)
-            mask[:, :longest] = prompt_mask
-            mask[:, longest:] = 1
+            mask[:, :prompt_len] = prompt_mask
+            mask[:, prompt_len:] = 1
             positions = positions_from_mask(mask)
             slot = f"kv-{id(ids)}"
             with session.measure() as step_cost:
-                out = session.run(prefill_program(model, ops, slots, reveal), {"input_ids": client_ids(ops, ids, vocab)},
-                                  {"attention_mask": mask, "position_ids": positions[:, :longest]}, state=slot)
+                out = session.run(prefill_program(model, ops, slots, reveal, sampling), secret(ids),
+                                  {"attention_mask": mask, "position_ids": positions[:, :prompt_len]}, state=slot)
             step_costs.append({"step": "prefill", **_brief(step_cost)})
             tokens = take(out)
             done = record(tokens)
-            step = decode_program(model, ops, reveal)
-            for k in range(1, max_new_tokens):
-                if done:
-                    break
-                index = longest + k - 1
-                with session.measure() as step_cost:
-                    out = session.run(step, {"input_ids": client_ids(ops, tokens[:, None], vocab)},
-                                      {"attention_mask": mask, "position_ids": positions[:, index:index + 1],
-                                       "cache_index": np.int32(index)}, state=slot)
-                step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
-                tokens = take(out)
-                done = record(tokens)
-            session.free(slot)
+            step = decode_program(model, ops, reveal, sampling)
+            try:
+                for k in range(1, max_new_tokens):
+                    if done:
+                        break
+                    index = prompt_len + k - 1
+                    with session.measure() as step_cost:
+                        out = session.run(step, secret(tokens[:, None]),
+                                          {"attention_mask": mask, "position_ids": positions[:, index:index + 1],
+                                           "cache_index": np.int32(index)}, state=slot)
+                    step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
+                    tokens = take(out)
+                    done = record(tokens)
+            finally:
+                session.free(slot)
         else:
-            window = longest + max_new_tokens - 1
+            window = prompt_len + max_new_tokens - 1
             ids, mask = left_pad(prompt_ids, window, pad_id)
-            program = forward_program(model, ops, reveal)
+            program = forward_program(model, ops, reveal, sampling)
             for k in range(max_new_tokens):
                 with session.measure() as step_cost:
-                    out = session.run(program, {"input_ids": client_ids(ops, ids, vocab)},
+                    out = session.run(program, secret(ids),
                                       {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
                 tokens = take(out)
@@ -270,6 +333,15 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
                 mask = np.concatenate([mask[:, 1:], np.ones((batch, 1), np.int32)], axis=1)
     texts = [model.tokenizer.decode(g, skip_special_tokens=True) if model.tokenizer else "" for g in generated]
     return GenerationResult(generated, texts, total, step_costs)
+
+
+def _sample_plain(logits: np.ndarray, sampling: Sampling, rng) -> np.ndarray:
+    """Client-side sampling from revealed logits (same rule as under MPC)."""
+    scores = logits / sampling.temperature
+    if sampling.top_k:
+        threshold = np.sort(scores, axis=-1)[:, -sampling.top_k][:, None]
+        scores = np.where(scores >= threshold, scores, -np.inf)
+    return np.argmax(scores + rng.gumbel(size=scores.shape), axis=-1).astype(np.int32)
 
 
 def _brief(report: CostReport) -> dict:

@@ -107,7 +107,7 @@ def test_bert_heads_match_plaintext(backend):
 def test_stories260k_greedy_tokens_match_plaintext(backend, stories_gguf):
     name, options = backend
     expected = SecureModel.from_pretrained(stories_gguf).generate("Once upon a time", 8, use_cache=False)
-    with SecureModel.from_pretrained(stories_gguf, backend=name, **options) as m:
+    with SecureModel.from_pretrained(stories_gguf, backend=name, approx="exact", **options) as m:
         result = m.generate("Once upon a time", 8, use_cache=False, reveal="logits")
     assert result.tokens == expected.tokens
     _check_cost(result.cost, runs=8)
@@ -131,7 +131,8 @@ def test_cli_json_stats(backend, capsys, stories_gguf):
     from puma import cli
 
     name, options = backend
-    argv = ["generate", "-m", stories_gguf, "-p", "Once upon a time", "-n", "2", "--backend", name, "--json"]
+    argv = ["generate", "-m", stories_gguf, "-p", "Once upon a time", "-n", "2", "--backend", name, "--json",
+            "--approx", "exact"]
     if "config" in options:
         argv += ["--config", options["config"]]
     assert cli.main(argv) == 0

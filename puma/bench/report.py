@@ -1,0 +1,92 @@
+"""Benchmark output: JSON with versions, configuration and machine; resumable cell stores.
+
+Every benchmark writes one JSON file whose ``cells`` map a cell id (for example
+``"bert-base/128/puma-fast"``) to its measurement. :class:`CellStore` saves after every cell,
+so an interrupted run resumes from the cells it already has instead of starting over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import tempfile
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+def environment() -> dict:
+    """Versions and machine facts that a result depends on."""
+    import jax
+    import numpy
+    import spu
+
+    import puma
+
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        mem_kb = 0
+    return {
+        "puma": puma.__version__,
+        "spu": spu.__version__,
+        "jax": jax.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform()},
+    }
+
+
+class CellStore:
+    """A JSON results file of named cells, written atomically after each new cell."""
+
+    def __init__(self, path: str, config: dict, resume: bool = True):
+        self.path = path
+        self.data = {"benchmark": os.path.basename(path), "config": config, "environment": environment(), "cells": {}}
+        if resume and os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("config") == config:
+                self.data["cells"] = old.get("cells", {})
+                log.info("resuming %s: %d cells already measured", path, len(self.data["cells"]))
+            else:
+                log.info("%s was made with another configuration: starting over", path)
+        self.data["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    @property
+    def cells(self) -> dict:
+        return self.data["cells"]
+
+    def measure(self, key: str, fn: Callable[[], Any]) -> Any:
+        """The cell ``key``: from the file if it was measured before, else ``fn()`` (then saved)."""
+        if key in self.cells:
+            return self.cells[key]
+        value = fn()
+        self.cells[key] = value
+        self.save()
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self.cells[key] = value
+        self.save()
+
+    def save(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=1, default=_jsonable)
+        os.replace(tmp, self.path)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
