@@ -103,6 +103,9 @@ PRESETS = {
         id2label=("negative", "positive"),
     ),
     "bert-base": BertConfig(),
+    # RoBERTa-base shapes (vocabulary 50265, 514 positions, one token type) for cost tables
+    "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                               pad_token_id=1),
     "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
 

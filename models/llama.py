@@ -197,7 +197,10 @@ class LlamaForCausalLM(nn.Module):
                  cache_index=0, last_only: bool = False):
         cfg = self.config
         batch, length = input_ids.shape[:2]  # [B, T] ids or [B, T, V] client one-hot rows
-        slots_total = length if cache is None else cache[0]["k"].shape[1]
+        if attention_mask is not None:
+            slots_total = attention_mask.shape[-1]
+        else:
+            slots_total = length if cache is None else cache[0]["k"].shape[1]
         key_valid = jnp.ones((batch, slots_total), jnp.int32) if attention_mask is None else attention_mask
         if position_ids is None:
             position_ids = default_positions(key_valid, cache_index, length)

@@ -86,11 +86,13 @@ class SecureModel:
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, *, use_cache: bool = True,
                      reveal: str = "token", temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
-                     progress=None) -> tasks.GenerationResult:
-        """Like :meth:`generate` for token-id prompts."""
+                     prompt_bucket: int = 8, slot_bucket: int = 16, progress=None) -> tasks.GenerationResult:
+        """Like :meth:`generate` for token-id prompts. ``prompt_bucket``/``slot_bucket`` round
+        the static shapes (1 measures exactly the given lengths)."""
         sampling = tasks.Sampling(temperature, top_k, seed)
         return tasks.generate(self.session, self.model, self.ops, prompt_ids, max_new_tokens,
-                              use_cache=use_cache, reveal=reveal, sampling=sampling, progress=progress)
+                              use_cache=use_cache, reveal=reveal, sampling=sampling, prompt_bucket=prompt_bucket,
+                              slot_bucket=slot_bucket, progress=progress)
 
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:
         """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""

@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story")
     bp.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bp.set_defaults(func=cmd_bench_protocols)
+    bc = bench_sub.add_parser("costs", parents=[common],
+                              help="cost tables beside the PUMA paper (BERT, GPT-2, LLaMA shapes), composed per layer")
+    bc.add_argument("--rows", nargs="+", default=["bert-base", "gpt2"],
+                    help="rows: bert-base roberta-base bert-large gpt2 gpt2-medium gpt2-large llama-7b")
+    bc.add_argument("--sets", nargs="+", default=["puma-fast", "puma"])
+    bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
+    bc.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    bc.add_argument("--out", default="bench-results/costs.json")
+    bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
+    bc.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    bc.set_defaults(func=cmd_bench_costs)
     bg = bench_sub.add_parser("generation", parents=[common],
                               help="bytes per prefill and decode step, with and without the secure KV cache")
     bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
@@ -218,6 +229,19 @@ def cmd_bench_protocols(args) -> int:
     result = protocols_bench.run(args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens,
                                  resume=not args.fresh)
     print(protocols_bench.markdown(result))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_costs(args) -> int:
+    from puma.bench import costs
+
+    unknown = sorted(set(args.rows) - set(costs.ROWS))
+    if unknown:
+        raise PumaError(f"unknown row {unknown[0]!r}; rows: {', '.join(costs.ROWS)}")
+    result = costs.run(args.rows, args.sets, args.backend, args.sizes, args.out, not args.no_validate,
+                       resume=not args.fresh)
+    print(costs.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 

@@ -121,7 +121,7 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
     def fn(params, state, secret, public):
         logits, cache = module.apply(
             {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"],
-            cache=state["cache"], cache_index=public["cache_index"], last_only=True,
+            cache=state.get("cache", ()), cache_index=public["cache_index"], last_only=True,
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 

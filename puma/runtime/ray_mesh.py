@@ -88,13 +88,10 @@ class PartyActor:
 
 class OwnerActor:
     """Body of the Ray actor playing the model owner: it loads the weights in its own process
-    and puts one bundle of shares per party in the object store. It never receives outputs."""
+    and puts bundles of shares, one per party and chunk, in the object store. It never receives
+    inputs or outputs."""
 
-    def share(self, spec, runtime_config_bytes: bytes, world_size: int) -> tuple[list, int, int]:
-        """Load, share and put: (one object ref per party, bytes of shares, this process's pid)."""
-        import os
-
-        import ray
+    def __init__(self, spec, runtime_config_bytes: bytes, world_size: int):
         import spu
         import spu.libspu as libspu
 
@@ -102,8 +99,21 @@ class OwnerActor:
 
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
-        bundles = ModelOwner.from_spec(spec).share(spu.Io(world_size, config), world_size)
-        return [ray.put(b) for b in bundles], sum(b.nbytes for b in bundles), os.getpid()
+        self._chunks = ModelOwner.from_spec(spec).share_chunks(spu.Io(world_size, config), world_size)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def next_chunk(self) -> tuple[list, int] | None:
+        """(one object ref per party, bytes of shares) for the next chunk, or None when done."""
+        import ray
+
+        bundles = next(self._chunks, None)
+        if bundles is None:
+            return None
+        return [ray.put(b) for b in bundles], sum(b.nbytes for b in bundles)
 
 
 class RayMesh(Mesh):
@@ -147,10 +157,12 @@ class RayMesh(Mesh):
             self.close()
             raise
 
-    def _get(self, refs, what: str, timeout: float | None = None) -> list:
-        """Wait for one call per party; the first failure raises, naming the party."""
+    def _get(self, refs, what: str, timeout: float | None = None, who: list[str] | None = None) -> list:
+        """Wait for one call per party (or per actor named in ``who``); the first failure raises,
+        naming the actor."""
         import ray
 
+        who = who or [f"party {rank}" for rank in range(len(refs))]
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -158,32 +170,35 @@ class RayMesh(Mesh):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
-                slow = sorted(pending.values())
-                raise PumaError(f"ray: parties {slow} did not {what} within {timeout:.0f} s")
+                slow = ", ".join(who[r] for r in sorted(pending.values()))
+                raise PumaError(f"ray: {slow} did not {what} within {timeout:.0f} s")
             ref = ready[0]
             rank = pending.pop(ref)
             try:
                 results[rank] = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                raise PumaError(f"ray: party {rank} died during {what} ({type(err).__name__})") from err
+                raise PumaError(f"ray: {who[rank]} died during {what} ({type(err).__name__})") from err
             except ray.exceptions.RayTaskError as err:
                 cause = str(err.cause) if getattr(err, "cause", None) else str(err)
                 line = next((ln.strip() for ln in cause.splitlines() if ln.strip() and ln.strip() != "what:"), cause)
-                raise PumaError(f"ray: party {rank} failed during {what}: {line[:300]}") from err
+                raise PumaError(f"ray: {who[rank]} failed during {what}: {line[:300]}") from err
         return results
 
     def owner_upload(self, spec, runtime_config: bytes) -> int:
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
         import ray
 
-        owner = ray.remote(OwnerActor).options(num_cpus=0).remote()
+        owner = ray.remote(OwnerActor).options(num_cpus=0).remote(spec, runtime_config, self.world_size)
+        total = 0
         try:
-            refs, nbytes, self.owner_pid = self._get([owner.share.remote(spec, runtime_config, self.world_size)],
-                                                     "share weights")[0]
-            self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
+            self.owner_pid = self._get([owner.pid.remote()], "start", who=["the model owner"])[0]
+            while (chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]):
+                refs, nbytes = chunk
+                self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
+                total += nbytes
         finally:
             ray.kill(owner)
-        return nbytes
+        return total
 
     def deliver(self, bundles: list[PartyShares]) -> None:
         import ray

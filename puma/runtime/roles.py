@@ -16,6 +16,7 @@ threads, processes and Ray actors alike.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 import spu
@@ -49,6 +50,10 @@ def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int
     return per_party
 
 
+#: Plaintext bytes of weights shared and delivered at a time.
+CHUNK_BYTES = 64 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class OwnerSpec:
     """Where the model owner reads its weights: a source for :func:`puma.models.load`."""
@@ -77,9 +82,27 @@ class ModelOwner:
         """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""
         return {self.PREFIX + k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in flatten(self._params).items()}
 
+    def share_chunks(self, io: spu.Io, world_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[PartyShares]]:
+        """Secret-share the weights a chunk at a time: per chunk of tensors (about ``chunk_bytes``
+        of plaintext), one :class:`PartyShares` per computing party. Delivering chunk by chunk
+        keeps the shares in flight small (a share is several times its plaintext)."""
+        chunk: dict[str, np.ndarray] = {}
+        size = 0
+        for name, value in flatten(self._params).items():
+            chunk[self.PREFIX + name] = value
+            size += np.asarray(value).nbytes
+            if size >= chunk_bytes:
+                yield self._bundles(io, world_size, chunk)
+                chunk, size = {}, 0
+        if chunk or size == 0:
+            yield self._bundles(io, world_size, chunk)
+
     def share(self, io: spu.Io, world_size: int) -> list[PartyShares]:
-        """Secret-share every weight: one :class:`PartyShares` per computing party."""
-        named = {self.PREFIX + k: v for k, v in flatten(self._params).items()}
+        """Secret-share every weight at once: one :class:`PartyShares` per computing party."""
+        return self._bundles(io, world_size, {self.PREFIX + k: v for k, v in flatten(self._params).items()})
+
+    @staticmethod
+    def _bundles(io, world_size: int, named: dict) -> list[PartyShares]:
         return [PartyShares(r, vals) for r, vals in enumerate(_split(io, named, libspu.Visibility.VIS_SECRET, world_size))]
 
 

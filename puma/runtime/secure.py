@@ -56,9 +56,7 @@ class Mesh(abc.ABC):
         """
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config)
-        bundles = ModelOwner.from_spec(spec).share(spu.Io(self.world_size, config), self.world_size)
-        self.deliver(bundles)
-        return sum(b.nbytes for b in bundles)
+        return deliver_weights(self, ModelOwner.from_spec(spec), spu.Io(self.world_size, config))
 
     @abc.abstractmethod
     def install(self, key: str, name: str, code: bytes) -> None:
@@ -78,6 +76,15 @@ class Mesh(abc.ABC):
 
     def close(self) -> None:
         """Stop the parties of this session."""
+
+
+def deliver_weights(mesh: Mesh, owner: ModelOwner, io: spu.Io) -> int:
+    """Share the owner's weights chunk by chunk and deliver each chunk; returns bytes of shares."""
+    total = 0
+    for bundles in owner.share_chunks(io, mesh.world_size):
+        mesh.deliver(bundles)
+        total += sum(b.nbytes for b in bundles)
+    return total
 
 
 @dataclasses.dataclass
@@ -128,9 +135,7 @@ class SecureSession(Session):
     def load_params(self, params: dict) -> None:
         """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
-        bundles = owner.share(self.io, self.world_size)
-        self.mesh.deliver(bundles)
-        self.params_io_bytes = sum(b.nbytes for b in bundles)
+        self.params_io_bytes = deliver_weights(self.mesh, owner, self.io)
         self._param_avals = _avals(params)
         log.info("shared %d weight tensors (%.1f MB of shares) to %d parties", len(owner.names()),
                  self.params_io_bytes / 1e6, self.world_size)

@@ -1,0 +1,218 @@
+"""Cost tables beside the PUMA paper: communication, send actions and time of whole models.
+
+Each row is a model shape (random weights: cost does not depend on their values) at one input
+size, under ABY3 FM64 with 18 fraction bits, for each approximation set. A model is either
+**measured whole** (one secure run of the full model) or **composed** from exact per-layer
+measurements, when it does not fit this machine (24 GiB, 2 cores):
+
+    cost(L layers) = base + L * layer,  layer = C(2) - C(1),  base = C(1) - layer,
+
+with C(n) a full secure run of the model cut to n layers (``base`` is the embedding, the head
+and the I/O around them). For LLaMA-7B, whose embedding and head alone outgrow memory next to a
+layer, ``layer`` comes from 1- and 0-layer runs with the vocabulary cut to 512 and ``base`` from
+a 0-layer run with the full 32000-word vocabulary and a tied table (same shapes and cost as the
+untied head, half the memory). ``validate`` checks the rule against whole runs (2-, 4- and
+12-layer models) and reports the relative error.
+
+Totals count the bytes *sent* by all three parties during execution (see
+:mod:`puma.runtime.cost`); send actions are the parties' send calls (the max over parties
+approximates the number of communication rounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from puma import tasks
+from puma.api import SecureModel
+from puma.bench.report import CellStore
+from puma.models import presets
+
+log = logging.getLogger(__name__)
+
+#: PUMA paper, arXiv 2307.12533 (Tables 3, 4, 6): (total communication GB, seconds).
+PAPER = {
+    ("bert-base", 128): (10.773, 33.9),
+    ("gpt2", 32): (3.774, 15.5),
+    ("llama-7b", (8, 1)): (1.794, 200.5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A model shape and the input sizes it is measured at."""
+
+    name: str
+    preset: str
+    sizes: tuple  # sequence lengths (encoders) or (prompt, new tokens) pairs (causal)
+    whole: tuple = ()  # sizes measured as one full run (the rest are composed)
+    overrides: tuple = ()
+
+
+ROWS = {
+    "bert-base": Row("bert-base", "bert-base", (64, 128, 256), whole=(128,)),
+    "roberta-base": Row("roberta-base", "roberta-base", (128,)),
+    "bert-large": Row("bert-large", "bert-large", (64, 128, 256)),
+    "gpt2": Row("gpt2", "gpt2", ((16, 1), (32, 1), (64, 1)), whole=((32, 1),)),
+    "gpt2-medium": Row("gpt2-medium", "gpt2-medium", ((16, 1), (32, 1), (64, 1))),
+    "gpt2-large": Row("gpt2-large", "gpt2-large", ((16, 1), (32, 1), (64, 1))),
+    "llama-7b": Row("llama-7b", "llama-7b", ((4, 1), (8, 1), (8, 2))),
+}
+
+
+def _layers_key(preset: str) -> str:
+    config = presets()[preset][1]
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            return key
+    raise ValueError(preset)
+
+
+def full_layers(preset: str) -> int:
+    return getattr(presets()[preset][1], _layers_key(preset))
+
+
+def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> dict:
+    """One secure run of ``preset`` (with ``overrides``) at ``size``; cost and wall time."""
+    start = time.perf_counter()
+    with SecureModel.from_pretrained(preset, approx=approx, backend=backend, overrides=overrides) as m:
+        rng = np.random.default_rng(0)
+        vocab = m.model.config.vocab_size
+        if isinstance(size, tuple):
+            prompt, new = size
+            result = m.generate_ids([rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1,
+                                    slot_bucket=1)
+            cost = result.cost
+            if sum(len(t) for t in result.tokens) < new:
+                raise RuntimeError(f"{preset} stopped early")
+        else:
+            ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
+            result = tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled")
+            cost = result.cost
+    report = cost.to_dict()
+    per_party_actions = [p["send_actions"] for p in report["per_party"]]
+    return {
+        "bytes_sent": report["total_bytes_sent"],
+        "send_actions": report["total_send_actions"],
+        "max_party_send_actions": max(per_party_actions),
+        "run_s": round(report["wall_s"], 2),
+        "total_s": round(time.perf_counter() - start, 2),
+        "per_party": report["per_party"],
+        "per_op": {k: {"bytes_sent": v["bytes_sent"], "seconds": round(v["seconds"], 3)}
+                   for k, v in report["per_op"].items()},
+        "io_bytes": report["io_bytes"],
+    }
+
+
+def _combine(base: dict, layer: dict, layers: int) -> dict:
+    """base + layers * layer for the additive fields."""
+    out = {}
+    for key in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s", "io_bytes"):
+        out[key] = base[key] + layers * layer[key]
+    ops = set(base["per_op"]) | set(layer["per_op"])
+    out["per_op"] = {op: {"bytes_sent": base["per_op"].get(op, {}).get("bytes_sent", 0)
+                          + layers * layer["per_op"].get(op, {}).get("bytes_sent", 0)} for op in ops}
+    return out
+
+
+def _diff(a: dict, b: dict) -> dict:
+    """a - b for the additive fields."""
+    out = {k: a[k] - b[k] for k in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s", "io_bytes")}
+    ops = set(a["per_op"]) | set(b["per_op"])
+    out["per_op"] = {op: {"bytes_sent": a["per_op"].get(op, {}).get("bytes_sent", 0)
+                          - b["per_op"].get(op, {}).get("bytes_sent", 0)} for op in ops}
+    return out
+
+
+def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, validate: bool) -> dict:
+    """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
+    layers_key = _layers_key(row.preset)
+    layers = full_layers(row.preset)
+    tag = f"{row.name}/{_size_tag(size)}/{approx}"
+
+    def part(n: int, extra: tuple = ()) -> dict:
+        overrides = dict(row.overrides) | {layers_key: n} | dict(extra)
+        key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        return store.measure(key, lambda: run_once(row.preset, size, approx, backend, overrides))
+
+    if size in row.whole:
+        whole = store.measure(f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
+                              lambda: run_once(row.preset, size, approx, backend, dict(row.overrides)))
+        result = {"how": "measured whole", **{k: whole[k] for k in whole}}
+    else:
+        result = {"how": "composed"}
+    if row.preset.startswith("llama"):
+        small = (("vocab_size", 512),)
+        layer = _diff(part(1, small), part(0, small))
+        base = part(0, (("tie_word_embeddings", True),))
+    else:
+        one, two = part(1), part(2)
+        layer = _diff(two, one)
+        base = _diff(one, layer)
+    composed = _combine(base, layer, layers)
+    result["composed"] = composed
+    result["layer"] = layer
+    result["base"] = base
+    result["layers"] = layers
+    if result["how"] == "composed":
+        result.update({k: composed[k] for k in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s",
+                                                "per_op", "io_bytes")})
+    else:
+        result["composition_error"] = composed["bytes_sent"] / result["bytes_sent"] - 1.0
+    if validate and not row.preset.startswith("llama"):
+        four = part(4)
+        result["validation_4_layers"] = {"measured": four["bytes_sent"],
+                                         "composed": _combine(base, layer, 4)["bytes_sent"],
+                                         "error": _combine(base, layer, 4)["bytes_sent"] / four["bytes_sent"] - 1.0}
+    paper = PAPER.get((row.name, size[0] if isinstance(size, tuple) and row.name != "llama-7b" else size))
+    if paper:
+        result["paper"] = {"gigabytes": paper[0], "seconds": paper[1]}
+    store.put(tag, result)
+    return result
+
+
+def _size_tag(size) -> str:
+    return f"{size[0]}+{size[1]}" if isinstance(size, tuple) else str(size)
+
+
+def run(rows=("bert-base", "gpt2"), sets=("puma-fast", "puma"), backend: str = "sim", sizes=None,
+        out: str = "bench-results/costs.json", validate: bool = True, resume: bool = True) -> dict:
+    """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable)."""
+    config = {"rows": list(rows), "sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18",
+              "sizes": sizes}
+    store = CellStore(out, config, resume=resume)
+    plan = []
+    for name in rows:
+        row = ROWS[name]
+        for size in row.sizes:
+            if sizes is None or _size_tag(size) in sizes or str(size) in sizes:
+                plan += [(row, size, s) for s in sets]
+    for row, size, approx in tqdm(plan, desc="cost table", unit="cell"):
+        key = f"{row.name}/{_size_tag(size)}/{approx}"
+        if key not in store.cells:
+            measure_row(store, row, size, approx, backend, validate and size in row.whole)
+    return store.data
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Secure inference cost, {result['config']['protocol']} ({result['config']['backend']} backend, "
+             f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.", "",
+             "| model | input | set | GB | send actions (max party) | seconds | PUMA paper GB / s | how |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, cell in result["cells"].items():
+        if key.startswith("parts/"):
+            continue
+        name, size, approx = key.split("/")
+        paper = cell.get("paper")
+        paper_text = f"{paper['gigabytes']:.3f} / {paper['seconds']:.1f}" if paper else "-"
+        how = cell["how"]
+        if "composition_error" in cell:
+            how += f" (composed: {cell['composition_error']:+.2%})"
+        lines.append(f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
+                     f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {paper_text} | {how} |")
+    return "\n".join(lines)
