@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     bc.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bc.set_defaults(func=cmd_bench_costs)
+    ba = bench_sub.add_parser("accuracy", parents=[common],
+                              help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep")
+    ba.add_argument("--suites", nargs="+", default=["stories", "wikitext", "fxp", "sst2"])
+    ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
+    ba.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    ba.add_argument("--sst2-limit", type=int, help="evaluate only this many SST-2 test sentences (default: all 436)")
+    ba.add_argument("--model", help="causal LM for the WikiText-2 suite (default: stories260K)")
+    ba.add_argument("--data", help="offline data folder (default: ../shared/data)")
+    ba.add_argument("--out", default="bench-results/accuracy.json")
+    ba.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    ba.set_defaults(func=cmd_bench_accuracy)
+    br = bench_sub.add_parser("report", parents=[common],
+                              help="regenerate the README's results section and plots from bench-results/*.json")
+    br.add_argument("--readme", default="README.md")
+    br.add_argument("--results", default="bench-results")
+    br.set_defaults(func=cmd_bench_report)
     bg = bench_sub.add_parser("generation", parents=[common],
                               help="bytes per prefill and decode step, with and without the secure KV cache")
     bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
@@ -243,6 +259,26 @@ def cmd_bench_costs(args) -> int:
                        resume=not args.fresh)
     print(costs.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_accuracy(args) -> int:
+    from puma.bench import accuracy
+
+    result = accuracy.run(args.suites, args.sets, args.backend, args.data, args.out, args.sst2_limit, args.model,
+                          resume=not args.fresh)
+    print(accuracy.markdown(result))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_report(args) -> int:
+    from puma.bench import readme
+
+    if not os.path.exists(args.readme):
+        raise PumaError(f"{args.readme} not found")
+    readme.update(args.readme, args.results)
+    print(f"updated the results section of {args.readme} from {args.results}/*.json", file=sys.stderr)
     return 0
 
 

@@ -77,23 +77,31 @@ def full_layers(preset: str) -> int:
     return getattr(presets()[preset][1], _layers_key(preset))
 
 
+def _infer(m: SecureModel, size):
+    """The measured inference: generation for (prompt, new) sizes, a BERT forward otherwise."""
+    rng = np.random.default_rng(0)
+    vocab = m.model.config.vocab_size
+    if isinstance(size, tuple):
+        prompt, new = size
+        result = m.generate_ids([rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1,
+                                slot_bucket=1)
+        if sum(len(t) for t in result.tokens) < new:
+            raise RuntimeError("generation stopped at end-of-text")
+        return result.cost
+    ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
+    return tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled").cost
+
+
 def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> dict:
-    """One secure run of ``preset`` (with ``overrides``) at ``size``; cost and wall time."""
+    """One secure run of ``preset`` (with ``overrides``) at ``size``: cost and wall time, and the
+    wall time of the same computation in plaintext (jit-compiled, second call) on this machine."""
     start = time.perf_counter()
     with SecureModel.from_pretrained(preset, approx=approx, backend=backend, overrides=overrides) as m:
-        rng = np.random.default_rng(0)
-        vocab = m.model.config.vocab_size
-        if isinstance(size, tuple):
-            prompt, new = size
-            result = m.generate_ids([rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1,
-                                    slot_bucket=1)
-            cost = result.cost
-            if sum(len(t) for t in result.tokens) < new:
-                raise RuntimeError(f"{preset} stopped early")
-        else:
-            ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
-            result = tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled")
-            cost = result.cost
+        cost = _infer(m, size)
+    total = time.perf_counter() - start
+    plain = SecureModel.from_pretrained(preset, approx="exact", overrides=overrides)
+    _infer(plain, size)
+    plaintext_s = _infer(plain, size).wall_s
     report = cost.to_dict()
     per_party_actions = [p["send_actions"] for p in report["per_party"]]
     return {
@@ -101,7 +109,8 @@ def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> d
         "send_actions": report["total_send_actions"],
         "max_party_send_actions": max(per_party_actions),
         "run_s": round(report["wall_s"], 2),
-        "total_s": round(time.perf_counter() - start, 2),
+        "total_s": round(total, 2),
+        "plaintext_s": round(plaintext_s, 4),
         "per_party": report["per_party"],
         "per_op": {k: {"bytes_sent": v["bytes_sent"], "seconds": round(v["seconds"], 3)}
                    for k, v in report["per_op"].items()},
@@ -109,10 +118,14 @@ def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> d
     }
 
 
+#: Fields that add up over layers.
+ADDITIVE = ("bytes_sent", "send_actions", "max_party_send_actions", "run_s", "plaintext_s", "io_bytes")
+
+
 def _combine(base: dict, layer: dict, layers: int) -> dict:
     """base + layers * layer for the additive fields."""
     out = {}
-    for key in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s", "io_bytes"):
+    for key in ADDITIVE:
         out[key] = base[key] + layers * layer[key]
     ops = set(base["per_op"]) | set(layer["per_op"])
     out["per_op"] = {op: {"bytes_sent": base["per_op"].get(op, {}).get("bytes_sent", 0)
@@ -122,7 +135,7 @@ def _combine(base: dict, layer: dict, layers: int) -> dict:
 
 def _diff(a: dict, b: dict) -> dict:
     """a - b for the additive fields."""
-    out = {k: a[k] - b[k] for k in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s", "io_bytes")}
+    out = {k: a[k] - b[k] for k in ADDITIVE}
     ops = set(a["per_op"]) | set(b["per_op"])
     out["per_op"] = {op: {"bytes_sent": a["per_op"].get(op, {}).get("bytes_sent", 0)
                           - b["per_op"].get(op, {}).get("bytes_sent", 0)} for op in ops}
@@ -160,8 +173,7 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
     result["base"] = base
     result["layers"] = layers
     if result["how"] == "composed":
-        result.update({k: composed[k] for k in ("bytes_sent", "send_actions", "max_party_send_actions", "run_s",
-                                                "per_op", "io_bytes")})
+        result.update({k: composed[k] for k in (*ADDITIVE, "per_op")})
     else:
         result["composition_error"] = composed["bytes_sent"] / result["bytes_sent"] - 1.0
     if validate and not row.preset.startswith("llama"):
@@ -169,6 +181,7 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
         result["validation_4_layers"] = {"measured": four["bytes_sent"],
                                          "composed": _combine(base, layer, 4)["bytes_sent"],
                                          "error": _combine(base, layer, 4)["bytes_sent"] / four["bytes_sent"] - 1.0}
+    result["secure_over_plaintext"] = result["run_s"] / max(result["plaintext_s"], 1e-9)
     paper = PAPER.get((row.name, size[0] if isinstance(size, tuple) and row.name != "llama-7b" else size))
     if paper:
         result["paper"] = {"gigabytes": paper[0], "seconds": paper[1]}
@@ -202,8 +215,9 @@ def run(rows=("bert-base", "gpt2"), sets=("puma-fast", "puma"), backend: str = "
 def markdown(result: dict) -> str:
     lines = [f"Secure inference cost, {result['config']['protocol']} ({result['config']['backend']} backend, "
              f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.", "",
-             "| model | input | set | GB | send actions (max party) | seconds | PUMA paper GB / s | how |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
+             "PUMA paper GB / s | how |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, cell in result["cells"].items():
         if key.startswith("parts/"):
             continue
@@ -214,5 +228,6 @@ def markdown(result: dict) -> str:
         if "composition_error" in cell:
             how += f" (composed: {cell['composition_error']:+.2%})"
         lines.append(f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
-                     f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {paper_text} | {how} |")
+                     f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
+                     f"{paper_text} | {how} |")
     return "\n".join(lines)

@@ -118,8 +118,9 @@ def _check_block(profile: RunProfile) -> None:
 class CostReport:
     """Cost of the program runs behind one result, per party and per op.
 
-    ``wall_s`` is the driver's wall-clock time for those runs (including sharing and
-    reconstruction); ``per_party[r].seconds`` is party r's own execution time.
+    ``wall_s`` is the driver's wall-clock time for those runs, sharing and reconstruction
+    included, compilation excluded (``compile_s``: programs compile once per shape and are
+    reused); ``per_party[r].seconds`` is party r's own execution time.
     """
 
     backend: str
@@ -130,6 +131,7 @@ class CostReport:
     runs: int = 0
     io_bytes: int = 0
     runs_by_program: dict[str, int] = dataclasses.field(default_factory=dict)
+    compile_s: float = 0.0
 
     @classmethod
     def empty(cls, backend: str, protocol: str, world_size: int) -> "CostReport":
@@ -143,10 +145,12 @@ class CostReport:
     def total_send_actions(self) -> int:
         return sum(p.send_actions for p in self.per_party)
 
-    def add_run(self, program: str, parties: list[RunProfile | None], wall_s: float, io_bytes: int = 0) -> None:
+    def add_run(self, program: str, parties: list[RunProfile | None], wall_s: float, io_bytes: int = 0,
+                compile_s: float = 0.0) -> None:
         """Fold one run (one profile per party, ``None`` where a party was not profiled) in."""
         self.runs += 1
         self.wall_s += wall_s
+        self.compile_s += compile_s
         self.io_bytes += io_bytes
         self.runs_by_program[program] = self.runs_by_program.get(program, 0) + 1
         for rank, profile in enumerate(parties):
@@ -162,6 +166,7 @@ class CostReport:
         for name, op in other.per_op.items():
             self.per_op.setdefault(name, OpCost()).add(op)
         self.wall_s += other.wall_s
+        self.compile_s += other.compile_s
         self.runs += other.runs
         self.io_bytes += other.io_bytes
         for name, n in other.runs_by_program.items():
@@ -176,6 +181,7 @@ class CostReport:
             "total_bytes_sent": self.total_bytes_sent,
             "total_send_actions": self.total_send_actions,
             "wall_s": round(self.wall_s, 6),
+            "compile_s": round(self.compile_s, 3),
             "runs": self.runs,
             "runs_by_program": dict(self.runs_by_program),
             "io_bytes": self.io_bytes,

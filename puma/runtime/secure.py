@@ -17,6 +17,7 @@ import abc
 import dataclasses
 import hashlib
 import logging
+import time
 
 import jax
 import numpy as np
@@ -156,6 +157,7 @@ class SecureSession(Session):
             return self._compiled[cache_key]
         if self._param_avals is None:
             raise PumaError("no model loaded in this session")
+        started = time.perf_counter()
         args = (self._param_avals, state_avals, _avals(secret), _avals(public))
         flat_args, in_tree = jax.tree_util.tree_flatten(args)
         reveal_avals, new_state_avals = jax.eval_shape(program.fn, *args)
@@ -184,6 +186,7 @@ class SecureSession(Session):
         compiled = _Compiled(key, inputs, outputs, reveal_tree, len(reveal_leaves),
                              new_state_avals if jax.tree_util.tree_leaves(new_state_avals) else None)
         self._compiled[cache_key] = compiled
+        self._compile_s += time.perf_counter() - started
         log.info("compiled %s (%d inputs, %d outputs, %d KB of pphlo)", program.name, len(inputs), len(outputs),
                  len(executable.code) // 1024)
         return compiled

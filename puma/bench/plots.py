@@ -1,0 +1,103 @@
+"""PNG plots from the benchmark JSON: bytes by op type, accuracy vs fraction bits, cost vs length."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+#: pphlo ops grouped into the categories the plot shows.
+OP_GROUPS = {
+    "comparisons": ("pphlo.less", "pphlo.greater", "pphlo.less_equal", "pphlo.greater_equal", "pphlo.equal",
+                    "pphlo.not_equal", "pphlo.reduce", "pphlo.maximum", "pphlo.minimum"),
+    "selects": ("pphlo.select",),
+    "multiplications": ("pphlo.multiply",),
+    "matrix products": ("pphlo.dot", "pphlo.dot_general"),
+    "exp / reciprocal / rsqrt": ("pphlo.exponential", "pphlo.reciprocal", "pphlo.rsqrt", "pphlo.divide",
+                                 "pphlo.sqrt", "pphlo.tanh", "pphlo.logistic"),
+}
+
+
+def _group(op: str) -> str:
+    for group, ops in OP_GROUPS.items():
+        if op in ops:
+            return group
+    return "other"
+
+
+def bytes_by_op(costs: dict, cell_prefix: str, path: str) -> str | None:
+    """Grouped bars: MB per op category for each set of ``cell_prefix`` (e.g. ``bert-base/128``)."""
+    cells = {k.split("/")[-1]: v for k, v in costs["cells"].items() if k.startswith(cell_prefix + "/")}
+    if not cells:
+        return None
+    groups = list(OP_GROUPS) + ["other"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(cells)
+    for i, (name, cell) in enumerate(sorted(cells.items())):
+        totals = {g: 0.0 for g in groups}
+        for op, v in cell["per_op"].items():
+            totals[_group(op)] += v["bytes_sent"] / 1e9
+        ax.barh([j + i * width for j in range(len(groups))], [totals[g] for g in groups], height=width, label=name)
+    ax.set_yticks([j + width * (len(cells) - 1) / 2 for j in range(len(groups))], groups)
+    ax.set_xlabel("GB sent by all parties")
+    ax.set_title(f"Where the bytes go: {cell_prefix} (ABY3)")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def accuracy_vs_bits(accuracy: dict, path: str) -> str | None:
+    """MiniLM cosine (min) and stories260K perplexity against fraction bits."""
+    sweep = accuracy.get("results", {}).get("fxp")
+    if not sweep:
+        return None
+    points = sorted(sweep.values(), key=lambda r: r["fxp_bits"])
+    fig, left = plt.subplots(figsize=(7, 4))
+    bits = [p["fxp_bits"] for p in points]
+    labels = [f"{p['fxp_bits']}\n{p['field']}" for p in points]
+    left.plot(bits, [1.0 - p["minilm_cosine_min"] for p in points], "o-", color="tab:blue", label="1 - MiniLM cosine (min)")
+    left.set_yscale("log")
+    left.set_xlabel("fraction bits (ring)")
+    left.set_xticks(bits, labels)
+    left.set_ylabel("1 - cosine with exact", color="tab:blue")
+    right = left.twinx()
+    exact = points[0]["stories_perplexity_exact"]
+    right.plot(bits, [(p["stories_perplexity"] or float("nan")) / exact - 1.0 for p in points], "s--",
+               color="tab:red", label="stories260K perplexity change")
+    right.set_ylabel("relative perplexity change", color="tab:red")
+    left.set_title("Accuracy against fixed-point precision")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def cost_vs_length(costs: dict, row: str, path: str) -> str | None:
+    """GB against input length for each set of ``row``."""
+    series: dict[str, list] = {}
+    for key, cell in costs["cells"].items():
+        parts = key.split("/")
+        if parts[0] != row or len(parts) != 3:
+            continue
+        length = int(parts[1].split("+")[0])
+        series.setdefault(parts[2], []).append((length, cell["bytes_sent"] / 1e9))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("GB sent by all parties")
+    ax.set_title(f"Cost against input length: {row}")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

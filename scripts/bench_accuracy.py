@@ -1,0 +1,14 @@
+"""Accuracy suites: plaintext-exact vs each approximation set under MPC on the shipped data.
+
+    python scripts/bench_accuracy.py [--suites stories wikitext fxp sst2] [--sets puma puma-fast]
+
+Same as ``puma bench accuracy``. Needs ../shared/data (or --data). Writes bench-results/accuracy.json
+(resumable per batch) and prints Markdown tables.
+"""
+
+import sys
+
+from puma.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "accuracy", *sys.argv[1:]]))
