@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from puma.models.layers import Embedding, LayerNorm, Linear, attend, padding_mask
+from puma.models.layers import Embedding, LayerNorm, Linear, attend, hf_fields, padding_mask
 from puma.protocols import Ops
 from puma.protocols.exact import OPS as EXACT
 
@@ -54,7 +53,7 @@ class BertConfig:
         kind = getattr(hf_config, "position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(f"position_embedding_type {kind!r} is not supported (only 'absolute')")
-        kwargs = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)}
+        kwargs = hf_fields(cls, hf_config)
         kwargs["architectures"] = tuple(getattr(hf_config, "architectures", None) or ("BertModel",))
         labels = getattr(hf_config, "id2label", None) or {}
         classifies = "BertForSequenceClassification" in kwargs["architectures"]
@@ -94,18 +93,28 @@ class BertConfig:
 
 PRESETS = {
     "bert-debug": BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
         max_position_embeddings=64,
     ),
     "bert-debug-cls": BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, architectures=("BertForSequenceClassification",),
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        architectures=("BertForSequenceClassification",),
         id2label=("negative", "positive"),
     ),
     "bert-base": BertConfig(),
     # RoBERTa-base shapes (vocabulary 50265, 514 positions, one token type) for cost tables
-    "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                               pad_token_id=1),
+    "roberta-base": BertConfig(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1
+    ),
     "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
 
@@ -134,7 +143,9 @@ class BertSubLayerOutput(nn.Module):
     @nn.compact
     def __call__(self, h, residual):
         cfg = self.config
-        return LayerNorm(cfg.layer_norm_eps, self.ops, name="LayerNorm")(Linear(cfg.hidden_size, name="dense")(h) + residual)
+        return LayerNorm(cfg.layer_norm_eps, self.ops, name="LayerNorm")(
+            Linear(cfg.hidden_size, name="dense")(h) + residual
+        )
 
 
 class BertLayer(nn.Module):

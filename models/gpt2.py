@@ -15,17 +15,15 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-
 from puma.models.layers import (
     Embedding,
     KVCache,
     LayerNorm,
     Linear,
     attend,
-    causal_mask,
-    default_positions,
+    causal_inputs,
+    hf_fields,
     init_cache,
-    query_slots,
     update_cache,
 )
 from puma.protocols import Ops
@@ -54,7 +52,7 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, hf_config) -> "GPT2Config":
         """Build from a ``transformers.GPT2Config`` (or anything with the same attributes)."""
-        return cls(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)})
+        return cls(**hf_fields(cls, hf_config))
 
     def to_hf(self):
         """The equivalent ``transformers.GPT2Config`` (for references and saving)."""
@@ -80,8 +78,9 @@ class GPT2Config:
 
 
 PRESETS = {
-    "gpt2-debug": GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127,
-                             eos_token_id=127),
+    "gpt2-debug": GPT2Config(
+        vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127, eos_token_id=127
+    ),
     "gpt2": GPT2Config(),
     "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
@@ -153,18 +152,18 @@ class GPT2LMHeadModel(nn.Module):
         self.h = [GPT2Block(cfg, self.ops, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.ops)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                 cache_index=0, last_only: bool = False):
-        batch, length = input_ids.shape[:2]  # [B, T] ids or [B, T, V] client one-hot rows
-        if attention_mask is not None:
-            slots_total = attention_mask.shape[-1]
-        else:
-            slots_total = length if cache is None else cache[0]["k"].shape[1]
-        key_valid = jnp.ones((batch, slots_total), jnp.int32) if attention_mask is None else attention_mask
-        if position_ids is None:
-            position_ids = default_positions(key_valid, cache_index, length)
-        mask = causal_mask(query_slots(batch, length, cache_index), key_valid)  # [B, 1, T, S]
-
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        cache_index=0,
+        last_only: bool = False,
+    ):
+        position_ids, mask = causal_inputs(
+            input_ids, attention_mask, position_ids, cache, cache_index
+        )  # mask [B,1,T,S]
         x = self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)  # [B, T, D]
         new_cache = []
         for i, block in enumerate(self.h):

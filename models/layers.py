@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from puma.protocols import Ops
 
 Array = Any
@@ -96,6 +95,36 @@ def init_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, hea
     """An empty key/value cache with room for ``max_len`` positions."""
     shape = (batch, max_len, num_kv_heads, head_dim)
     return tuple({"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)} for _ in range(num_layers))
+
+
+def causal_inputs(
+    input_ids: Array,
+    attention_mask: Array | None,
+    position_ids: Array | None,
+    cache: KVCache | None,
+    cache_index: Array,
+) -> tuple[Array, Array]:
+    """Position ids [B, T] and the causal attention mask [B, 1, T, S] of a causal LM call.
+
+    ``input_ids`` is [B, T] (ids) or [B, T, V] (client one-hot rows). Without a cache the mask
+    covers the T new tokens; with one it covers all S cache slots (``attention_mask`` [B, S]).
+    """
+    batch, length = input_ids.shape[:2]
+    if attention_mask is not None:
+        key_valid = attention_mask
+    else:
+        slots = length if cache is None else cache[0]["k"].shape[1]
+        key_valid = jnp.ones((batch, slots), jnp.int32)
+    if position_ids is None:
+        position_ids = default_positions(key_valid, cache_index, length)
+    return position_ids, causal_mask(query_slots(batch, length, cache_index), key_valid)
+
+
+def hf_fields(config_cls, hf_config) -> dict:
+    """The fields of a frozen puma config that a Hugging Face config has, by name."""
+    import dataclasses
+
+    return {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(config_cls) if hasattr(hf_config, f.name)}
 
 
 def query_slots(batch: int, length: int, cache_index: Array) -> Array:

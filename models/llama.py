@@ -16,17 +16,15 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-
 from puma.models.layers import (
     Embedding,
     KVCache,
     Linear,
     RMSNorm,
     attend,
-    causal_mask,
-    default_positions,
+    causal_inputs,
+    hf_fields,
     init_cache,
-    query_slots,
     update_cache,
 )
 from puma.protocols import Ops
@@ -70,7 +68,7 @@ class LlamaConfig:
         scaling = getattr(hf_config, "rope_scaling", None)
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
             raise ValueError(f"rope_scaling {scaling!r} is not supported (only unscaled rotary embeddings)")
-        kwargs = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)}
+        kwargs = hf_fields(cls, hf_config)
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         eos = kwargs.get("eos_token_id")
@@ -103,8 +101,16 @@ class LlamaConfig:
 
 PRESETS = {
     "llama-debug": LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "llama-7b": LlamaConfig(),
 }
@@ -175,7 +181,9 @@ class LlamaDecoderLayer(nn.Module):
             RMSNorm(cfg.rms_norm_eps, self.ops, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
         )
         x = x + h
-        x = x + LlamaMLP(cfg, self.ops, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.ops, name="post_attention_layernorm")(x))
+        x = x + LlamaMLP(cfg, self.ops, name="mlp")(
+            RMSNorm(cfg.rms_norm_eps, self.ops, name="post_attention_layernorm")(x)
+        )
         return x, layer_cache
 
 
@@ -193,18 +201,19 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                 cache_index=0, last_only: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        cache_index=0,
+        last_only: bool = False,
+    ):
         cfg = self.config
-        batch, length = input_ids.shape[:2]  # [B, T] ids or [B, T, V] client one-hot rows
-        if attention_mask is not None:
-            slots_total = attention_mask.shape[-1]
-        else:
-            slots_total = length if cache is None else cache[0]["k"].shape[1]
-        key_valid = jnp.ones((batch, slots_total), jnp.int32) if attention_mask is None else attention_mask
-        if position_ids is None:
-            position_ids = default_positions(key_valid, cache_index, length)
-        mask = causal_mask(query_slots(batch, length, cache_index), key_valid)  # [B, 1, T, S]
+        position_ids, mask = causal_inputs(
+            input_ids, attention_mask, position_ids, cache, cache_index
+        )  # mask [B,1,T,S]
         cos_table, sin_table = rotary_tables(cfg)
         cos = jnp.take(jnp.asarray(cos_table), position_ids, axis=0)  # [B, T, Dh]
         sin = jnp.take(jnp.asarray(sin_table), position_ids, axis=0)

@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from puma.models import bert, gpt2, llama
 
 from puma.errors import PumaError
-from puma.models import bert, gpt2, llama
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class Family:
 FAMILIES = {
     "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, gpt2.PRESETS, True, "transformer."),
     "bert": Family("bert", bert.BertConfig, bert.BertModel, bert.HF_MAPPING, bert.PRESETS, False, "bert."),
-    "llama": Family("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, True, "model."),
+    "llama": Family(
+        "llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, True, "model."
+    ),
 }
 
 
@@ -89,7 +91,9 @@ class LoadedModel:
 
     def param_avals(self) -> dict:
         """Shapes and dtypes of the weights (public), without the weights."""
-        flat = {k: jax.ShapeDtypeStruct(shape, np.float32) for k, shape in param_shapes(self.family, self.config).items()}
+        flat = {
+            k: jax.ShapeDtypeStruct(shape, np.float32) for k, shape in param_shapes(self.family, self.config).items()
+        }
         return unflatten(flat)
 
 
@@ -134,7 +138,10 @@ def param_shapes(family: str, config) -> dict:
     ids = np.zeros((1, 2), np.int32)
     kwargs = {"head": "classify" if getattr(config, "has_classifier", False) else "pooled"} if family == "bert" else {}
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, **kwargs))["params"]
-    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return {
+        "/".join(k.key for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    }
 
 
 def unflatten(flat: dict) -> dict:
@@ -197,7 +204,9 @@ def convert_hf_state(family: str, config, tensors: dict[str, np.ndarray], source
     prefix = FAMILIES[family].prefix
     names = {}
     for name in tensors:
-        canonical = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+        canonical = re.sub(
+            r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        )
         names[canonical] = name
         if not canonical.startswith(prefix):
             names.setdefault(prefix + canonical, name)
@@ -244,7 +253,9 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError as err:
-            raise PumaError(f"{bin_path}: reading .bin weights needs torch; convert to model.safetensors or install torch") from err
+            raise PumaError(
+                f"{bin_path}: reading .bin weights needs torch; convert to model.safetensors or install torch"
+            ) from err
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}
     raise PumaError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
@@ -303,7 +314,9 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, np.ndarray]:
     from gguf import GGMLQuantizationType, dequantize
 
-    patterns = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()]
+    patterns = [
+        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
+    ]
     tensors = {}
     for tensor in reader.tensors:
         for pattern, hf_name in patterns:
@@ -350,8 +363,12 @@ def _gguf_tokenizer(reader):
         backend, extra = convert_gguf_tokenizer("llama", info)
     tokens = info["tokens"]
     special = {}
-    for key, arg in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("unk_token_id", "unk_token"),
-                     ("pad_token_id", "pad_token")):
+    for key, arg in (
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("unk_token_id", "unk_token"),
+        ("pad_token_id", "pad_token"),
+    ):
         idx = info.get(key)
         if idx is not None and 0 <= idx < len(tokens):
             special[arg] = tokens[idx]

@@ -16,7 +16,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
 from puma.protocols.base import MASK_FILL, Ops
 
 

@@ -26,13 +26,13 @@ in float64; the errors quoted are measured on [-12, 12] and asserted in tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-
-from puma.protocols.base import MASK_FILL, Ops, SpuSettings
-from puma.protocols.exact import argmax, tanh
+from puma.protocols import puma as puma_set
+from puma.protocols.base import MASK_FILL
 
 #: |x| below which the polynomial is used for GeLU.
 GELU_T = 2.8
@@ -42,8 +42,15 @@ GELU_Q = (6.5622309673221326e-03, 3.6638120793403106e-01, -4.0213480940609260e-0
 #: |x| below which the polynomial is used for SiLU.
 SILU_T = 7.0
 #: silu(x) - x/2 ~ sum_k SILU_Q[k] * s^k with s = x^2, on |x| < SILU_T (constant first).
-SILU_Q = (4.5038240647630942e-03, 2.3689803077411165e-01, -1.4314265525816442e-02, 6.7428197264319937e-04,
-          -1.8731104775559052e-05, 2.7230368232757923e-07, -1.5909927682741346e-09)
+SILU_Q = (
+    4.5038240647630942e-03,
+    2.3689803077411165e-01,
+    -1.4314265525816442e-02,
+    6.7428197264319937e-04,
+    -1.8731104775559052e-05,
+    2.7230368232757923e-07,
+    -1.5909927682741346e-09,
+)
 
 #: Squarings in the softmax exponential.
 EXP_ITERS = 6
@@ -163,18 +170,16 @@ def embed(onehot, table):
     return jnp.einsum("...v,vd->...d", onehot, table)
 
 
-OPS = Ops(
+OPS = dataclasses.replace(
+    puma_set.OPS,
     name="puma-fast",
     gelu=gelu,
     gelu_tanh=gelu,
     silu=silu,
-    tanh=tanh,
     softmax=softmax,
     layer_norm=layer_norm,
     rms_norm=rms_norm,
     embed=embed,
-    argmax=argmax,
     client_onehot=True,
-    spu=SpuSettings(compiler=(("enable_optimize_denominator_with_broadcast", True),)),
     description="ours: even-polynomial GeLU/SiLU, comparison-free softmax, refined rsqrt, client one-hot embedding",
 )

@@ -8,11 +8,10 @@ SiLU, the embedding) are taken from the PUMA set.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
 
-from puma.protocols.base import Ops, SpuSettings
-from puma.protocols.exact import argmax, tanh
-from puma.protocols.puma import embed, layer_norm, rms_norm, silu
+import jax.numpy as jnp
+from puma.protocols import puma as puma_set
 
 #: Quad GeLU: 0.125 x^2 + 0.25 x + 0.5 (constant first).
 QUAD_GELU = (0.5, 0.25, 0.125)
@@ -42,17 +41,12 @@ def softmax(x, where=None):
     return q * jnp.reciprocal(jnp.sum(q, axis=-1, keepdims=True))
 
 
-OPS = Ops(
+#: GeLU and softmax replaced; everything else (norms, SiLU, embedding, SPU settings) from PUMA.
+OPS = dataclasses.replace(
+    puma_set.OPS,
     name="mpcformer",
     gelu=gelu,
     gelu_tanh=gelu,
-    silu=silu,
-    tanh=tanh,
     softmax=softmax,
-    layer_norm=layer_norm,
-    rms_norm=rms_norm,
-    embed=embed,
-    argmax=argmax,
-    spu=SpuSettings(compiler=(("enable_optimize_denominator_with_broadcast", True),)),
     description="MPCFormer 2Quad (ICLR 2023): quadratic GeLU and softmax; needs distillation to keep accuracy",
 )

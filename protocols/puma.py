@@ -11,11 +11,12 @@ once and shares its comparisons between segments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-
-from puma.protocols.base import MASK_FILL, Ops, SpuSettings
-from puma.protocols.exact import argmax, tanh
+from puma.protocols import exact
+from puma.protocols.base import MASK_FILL, SpuSettings
 
 # -- GeLU (PUMA §4.1, eq. 5) ------------------------------------------------------------------
 
@@ -165,17 +166,17 @@ def embed(ids, table):
 #: SPU settings PUMA relies on: one reciprocal per softmax row broadcast to the row.
 PUMA_SPU = SpuSettings(compiler=(("enable_optimize_denominator_with_broadcast", True),))
 
-OPS = Ops(
+#: tanh (BERT's pooler, one row per sentence) and argmax stay SPU's own.
+OPS = dataclasses.replace(
+    exact.OPS,
     name="puma",
     gelu=gelu,
     gelu_tanh=gelu,
     silu=silu,
-    tanh=tanh,
     softmax=softmax,
     layer_norm=layer_norm,
     rms_norm=rms_norm,
     embed=embed,
-    argmax=argmax,
     spu=PUMA_SPU,
     description="PUMA (arXiv 2307.12533): piecewise GeLU/SiLU, clipped Taylor softmax, rsqrt norms, one-hot embedding",
 )

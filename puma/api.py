@@ -43,8 +43,15 @@ class SecureModel:
         self.ops = protocols.get(approx)
 
     @classmethod
-    def from_pretrained(cls, source: str, *, approx: str | None = None, backend: str = "plaintext",
-                        overrides: dict | None = None, **backend_options) -> "SecureModel":
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        approx: str | None = None,
+        backend: str = "plaintext",
+        overrides: dict | None = None,
+        **backend_options,
+    ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
 
         ``approx`` names the approximation set: by default ``"exact"`` in plaintext and ``"puma"``
@@ -61,7 +68,9 @@ class SecureModel:
             if plaintext:
                 session.load_params(model.params)
             else:
-                session.load_from_owner(OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals())
+                session.load_from_owner(
+                    OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals()
+                )
             return cls(model, session, approx)
         except BaseException:
             session.close()
@@ -69,9 +78,18 @@ class SecureModel:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 16, *, use_cache: bool = True,
-                 reveal: str = "token", temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
-                 progress=None) -> tasks.GenerationResult:
+    def generate(
+        self,
+        prompts: Sequence[str] | str,
+        max_new_tokens: int = 16,
+        *,
+        use_cache: bool = True,
+        reveal: str = "token",
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        progress=None,
+    ) -> tasks.GenerationResult:
         """Continue each prompt (one batch); returns tokens, texts and the cost report.
 
         Greedy by default; ``temperature > 0`` samples (with ``top_k``, from client randomness
@@ -81,18 +99,47 @@ class SecureModel:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = tasks.encode_prompts(self.model, prompts)
-        return self.generate_ids(ids, max_new_tokens, use_cache=use_cache, reveal=reveal, temperature=temperature,
-                                 top_k=top_k, seed=seed, progress=progress)
+        return self.generate_ids(
+            ids,
+            max_new_tokens,
+            use_cache=use_cache,
+            reveal=reveal,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            progress=progress,
+        )
 
-    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, *, use_cache: bool = True,
-                     reveal: str = "token", temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
-                     prompt_bucket: int = 8, slot_bucket: int = 16, progress=None) -> tasks.GenerationResult:
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 16,
+        *,
+        use_cache: bool = True,
+        reveal: str = "token",
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        prompt_bucket: int = 8,
+        slot_bucket: int = 16,
+        progress=None,
+    ) -> tasks.GenerationResult:
         """Like :meth:`generate` for token-id prompts. ``prompt_bucket``/``slot_bucket`` round
         the static shapes (1 measures exactly the given lengths)."""
         sampling = tasks.Sampling(temperature, top_k, seed)
-        return tasks.generate(self.session, self.model, self.ops, prompt_ids, max_new_tokens,
-                              use_cache=use_cache, reveal=reveal, sampling=sampling, prompt_bucket=prompt_bucket,
-                              slot_bucket=slot_bucket, progress=progress)
+        return tasks.generate(
+            self.session,
+            self.model,
+            self.ops,
+            prompt_ids,
+            max_new_tokens,
+            use_cache=use_cache,
+            reveal=reveal,
+            sampling=sampling,
+            prompt_bucket=prompt_bucket,
+            slot_bucket=slot_bucket,
+            progress=progress,
+        )
 
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:
         """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""
@@ -116,4 +163,3 @@ class SecureModel:
 
     def __exit__(self, *exc):
         self.close()
-

@@ -18,9 +18,13 @@ log = logging.getLogger("puma")
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="plaintext", choices=("plaintext", "sim", "nodes", "ray"),
-                   help="where to run: plaintext (no MPC), sim (parties as threads), nodes (party processes "
-                        "from --config), ray (parties as Ray actors); default %(default)s")
+    p.add_argument(
+        "--backend",
+        default="plaintext",
+        choices=("plaintext", "sim", "nodes", "ray"),
+        help="where to run: plaintext (no MPC), sim (parties as threads), nodes (party processes "
+        "from --config), ray (parties as Ray actors); default %(default)s",
+    )
     p.add_argument("--config", "-c", help="party topology file (configs/3pc.yaml); required by --backend nodes")
     p.add_argument("--protocol", choices=("aby3", "semi2k", "cheetah"), help="MPC protocol (default: aby3)")
     p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits (default: 18)")
@@ -29,8 +33,10 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_approx_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--approx", help="approximation set: exact, puma, puma-fast, mpcformer, spu "
-                                    "(default: exact in plaintext, puma under MPC)")
+    p.add_argument(
+        "--approx",
+        help="approximation set: exact, puma, puma-fast, mpcformer, spu (default: exact in plaintext, puma under MPC)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -50,16 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=16)
-    gen.add_argument("--reveal", choices=("token", "logits"), default="token",
-                     help="what the client receives per step: the chosen token id (computed under MPC; "
-                          "default) or the logits")
+    gen.add_argument(
+        "--reveal",
+        choices=("token", "logits"),
+        default="token",
+        help="what the client receives per step: the chosen token id (computed under MPC; default) or the logits",
+    )
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (no KV cache)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens")
     gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness")
     gen.set_defaults(func=cmd_generate)
 
-    emb = sub.add_parser("embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)")
+    emb = sub.add_parser(
+        "embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)"
+    )
     _add_model_args(emb)
     emb.add_argument("texts", nargs="+", help="sentences to embed")
     emb.set_defaults(func=cmd_embed)
@@ -69,16 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("texts", nargs="+", help="texts to classify")
     cls.set_defaults(func=cmd_classify)
 
-    demo = sub.add_parser("demo", parents=[common],
-                          help="private sentence embeddings with the real MiniLM: secure vs plaintext, cost per party")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="private sentence embeddings with the real MiniLM: secure vs plaintext, cost per party",
+    )
     _add_backend_args(demo)
     _add_approx_args(demo)
     demo.set_defaults(func=cmd_demo, backend="sim")
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bp = bench_sub.add_parser("protocols", parents=[common],
-                              help="approximation sets: function errors/costs and model fidelity under MPC")
+    bp = bench_sub.add_parser(
+        "protocols", parents=[common], help="approximation sets: function errors/costs and model fidelity under MPC"
+    )
     bp.add_argument("--sets", nargs="+", default=["puma", "puma-fast", "mpcformer", "spu"])
     bp.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
     bp.add_argument("--out", default="bench-results/protocols.json")
@@ -87,10 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story")
     bp.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bp.set_defaults(func=cmd_bench_protocols)
-    bc = bench_sub.add_parser("costs", parents=[common],
-                              help="cost tables beside the PUMA paper (BERT, GPT-2, LLaMA shapes), composed per layer")
-    bc.add_argument("--rows", nargs="+", default=["bert-base", "gpt2"],
-                    help="rows: bert-base roberta-base bert-large gpt2 gpt2-medium gpt2-large llama-7b")
+    bc = bench_sub.add_parser(
+        "costs",
+        parents=[common],
+        help="cost tables beside the PUMA paper (BERT, GPT-2, LLaMA shapes), composed per layer",
+    )
+    bc.add_argument(
+        "--rows",
+        nargs="+",
+        default=["bert-base", "gpt2"],
+        help="rows: bert-base roberta-base bert-large gpt2 gpt2-medium gpt2-large llama-7b",
+    )
     bc.add_argument("--sets", nargs="+", default=["puma-fast", "puma"])
     bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
     bc.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
@@ -98,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     bc.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bc.set_defaults(func=cmd_bench_costs)
-    ba = bench_sub.add_parser("accuracy", parents=[common],
-                              help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep")
+    ba = bench_sub.add_parser(
+        "accuracy",
+        parents=[common],
+        help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep",
+    )
     ba.add_argument("--suites", nargs="+", default=["stories", "wikitext", "fxp", "sst2"])
     ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
     ba.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
@@ -109,13 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--out", default="bench-results/accuracy.json")
     ba.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     ba.set_defaults(func=cmd_bench_accuracy)
-    br = bench_sub.add_parser("report", parents=[common],
-                              help="regenerate the README's results section and plots from bench-results/*.json")
+    br = bench_sub.add_parser(
+        "report", parents=[common], help="regenerate the README's results section and plots from bench-results/*.json"
+    )
     br.add_argument("--readme", default="README.md")
     br.add_argument("--results", default="bench-results")
     br.set_defaults(func=cmd_bench_report)
-    bg = bench_sub.add_parser("generation", parents=[common],
-                              help="bytes per prefill and decode step, with and without the secure KV cache")
+    bg = bench_sub.add_parser(
+        "generation", parents=[common], help="bytes per prefill and decode step, with and without the secure KV cache"
+    )
     bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
     bg.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
     bg.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
@@ -129,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
     node_sub = node.add_subparsers(dest="node_command", required=True)
-    up = node_sub.add_parser("up", parents=[common],
-                             help="start every party of the topology on this machine and supervise them")
+    up = node_sub.add_parser(
+        "up", parents=[common], help="start every party of the topology on this machine and supervise them"
+    )
     up.add_argument("--config", "-c", required=True, help="topology file")
     up.add_argument("--log-dir", default="runs/parties", help="where party logs go (default: %(default)s)")
     up.set_defaults(func=cmd_node_up)
@@ -143,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend_options(args) -> dict:
-    return {"config": args.config, "protocol": args.protocol, "fxp_bits": args.fxp_bits, "field": args.field,
-            "ray_address": args.ray_address}
+    return {
+        "config": args.config,
+        "protocol": args.protocol,
+        "fxp_bits": args.fxp_bits,
+        "field": args.field,
+        "ray_address": args.ray_address,
+    }
 
 
 def _open(args):
@@ -174,9 +207,16 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
 
 def cmd_generate(args) -> int:
     with _open(args) as m, _progress(args.max_new_tokens, "generating") as bar:
-        result = m.generate(args.prompt, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                            reveal=args.reveal, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                            progress=bar.update)
+        result = m.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            use_cache=not args.no_cache,
+            reveal=args.reveal,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            progress=bar.update,
+        )
     single = len(args.prompt) == 1
     payload = {
         "tokens": result.tokens[0] if single else result.tokens,
@@ -203,8 +243,10 @@ def cmd_embed(args) -> int:
         "approx": args.approx,
         "model": args.model,
     }
-    lines = [f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
-             for text, row in zip(args.texts, result.outputs)]
+    lines = [
+        f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
+        for text, row in zip(args.texts, result.outputs)
+    ]
     _emit(args, payload, lines, result.cost)
     return 0
 
@@ -242,8 +284,9 @@ def cmd_demo(args) -> int:
 def cmd_bench_protocols(args) -> int:
     from puma.bench import protocols_bench
 
-    result = protocols_bench.run(args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens,
-                                 resume=not args.fresh)
+    result = protocols_bench.run(
+        args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens, resume=not args.fresh
+    )
     print(protocols_bench.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
@@ -255,8 +298,9 @@ def cmd_bench_costs(args) -> int:
     unknown = sorted(set(args.rows) - set(costs.ROWS))
     if unknown:
         raise PumaError(f"unknown row {unknown[0]!r}; rows: {', '.join(costs.ROWS)}")
-    result = costs.run(args.rows, args.sets, args.backend, args.sizes, args.out, not args.no_validate,
-                       resume=not args.fresh)
+    result = costs.run(
+        args.rows, args.sets, args.backend, args.sizes, args.out, not args.no_validate, resume=not args.fresh
+    )
     print(costs.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
@@ -265,8 +309,9 @@ def cmd_bench_costs(args) -> int:
 def cmd_bench_accuracy(args) -> int:
     from puma.bench import accuracy
 
-    result = accuracy.run(args.suites, args.sets, args.backend, args.data, args.out, args.sst2_limit, args.model,
-                          resume=not args.fresh)
+    result = accuracy.run(
+        args.suites, args.sets, args.backend, args.data, args.out, args.sst2_limit, args.model, resume=not args.fresh
+    )
     print(accuracy.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
@@ -285,8 +330,17 @@ def cmd_bench_report(args) -> int:
 def cmd_bench_generation(args) -> int:
     from puma.bench import generation
 
-    result = generation.run(args.models, args.sets, args.backend, args.prompt_len, args.new_tokens,
-                            args.nocache_steps, args.out, args.data, resume=not args.fresh)
+    result = generation.run(
+        args.models,
+        args.sets,
+        args.backend,
+        args.prompt_len,
+        args.new_tokens,
+        args.nocache_steps,
+        args.out,
+        args.data,
+        resume=not args.fresh,
+    )
     print(generation.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
@@ -297,8 +351,12 @@ def cmd_node_up(args) -> int:
     from puma.runtime.nodes import supervise
 
     topology = Topology.from_yaml(args.config)
-    print(f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
-          f"logs in {args.log_dir}; Ctrl-C stops them", file=sys.stderr, flush=True)
+    print(
+        f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
+        f"logs in {args.log_dir}; Ctrl-C stops them",
+        file=sys.stderr,
+        flush=True,
+    )
     return supervise(topology, list(range(topology.world_size)), args.log_dir, args.verbose)
 
 
@@ -315,8 +373,10 @@ def cmd_node_start(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -39,8 +39,12 @@ def run(backend: str = "sim", approx: str = "puma", **backend_options) -> dict:
         "approx": approx,
         "query": QUERY,
         "sentences": [
-            {"text": t, "cosine_secure_vs_plaintext": float(c), "similarity_plaintext": float(p),
-             "similarity_secure": float(s)}
+            {
+                "text": t,
+                "cosine_secure_vs_plaintext": float(c),
+                "similarity_plaintext": float(p),
+                "similarity_secure": float(s),
+            }
             for t, c, p, s in zip(texts[1:], cosines[1:], sim_plain, sim_secure)
         ],
         "query_cosine_secure_vs_plaintext": float(cosines[0]),
@@ -61,8 +65,10 @@ def render(result: dict) -> str:
         f"{'sentence':42s} {'cos(secure, plain)':>18s} {'sim plain':>10s} {'sim secure':>10s}",
     ]
     for row in result["sentences"]:
-        lines.append(f"{row['text'][:42]:42s} {row['cosine_secure_vs_plaintext']:18.6f} "
-                     f"{row['similarity_plaintext']:10.4f} {row['similarity_secure']:10.4f}")
+        lines.append(
+            f"{row['text'][:42]:42s} {row['cosine_secure_vs_plaintext']:18.6f} "
+            f"{row['similarity_plaintext']:10.4f} {row['similarity_secure']:10.4f}"
+        )
     same = result["ranking_plaintext"] == result["ranking_secure"]
     lines += ["", "ranking by similarity to the query " + ("(identical both ways):" if same else "(differs):")]
     for i, (p, s) in enumerate(zip(result["ranking_plaintext"], result["ranking_secure"]), 1):

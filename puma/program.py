@@ -42,4 +42,6 @@ class Program:
 
 def _signature(tree) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (str(treedef),) + tuple((tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)) for x in leaves)
+    return (str(treedef),) + tuple(
+        (tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)) for x in leaves
+    )

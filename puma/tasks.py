@@ -92,13 +92,17 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
     module = model.module(ops)
 
     def fn(params, state, secret, public):
-        logits, _ = module.apply({"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"])
+        logits, _ = module.apply(
+            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"]
+        )
         return {"logits": logits}, {}
 
     return Program(f"{model.family}_logits", fn, key=(ops.name, model.source))
 
 
-def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token", sampling: Sampling = GREEDY) -> Program:
+def prefill_program(
+    model: LoadedModel, ops, max_len: int, reveal: str = "token", sampling: Sampling = GREEDY
+) -> Program:
     """Run the prompt once and leave a key/value cache of ``max_len`` slots inside the backend."""
     module = model.module(ops)
 
@@ -106,7 +110,12 @@ def prefill_program(model: LoadedModel, ops, max_len: int, reveal: str = "token"
         ids = secret["input_ids"]
         cache = module.init_cache(ids.shape[0], max_len)
         logits, cache = module.apply(
-            {"params": params}, ids, public["attention_mask"], public["position_ids"], cache=cache, cache_index=0,
+            {"params": params},
+            ids,
+            public["attention_mask"],
+            public["position_ids"],
+            cache=cache,
+            cache_index=0,
             last_only=True,
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
@@ -120,8 +129,13 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
 
     def fn(params, state, secret, public):
         logits, cache = module.apply(
-            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"],
-            cache=state.get("cache", ()), cache_index=public["cache_index"], last_only=True,
+            {"params": params},
+            secret["input_ids"],
+            public["attention_mask"],
+            public["position_ids"],
+            cache=state.get("cache", ()),
+            cache_index=public["cache_index"],
+            last_only=True,
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
@@ -134,8 +148,12 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
 
     def fn(params, state, secret, public):
         out = module.apply(
-            {"params": params}, secret["input_ids"], public["attention_mask"], secret["token_type_ids"],
-            public["position_ids"], head=head,
+            {"params": params},
+            secret["input_ids"],
+            public["attention_mask"],
+            secret["token_type_ids"],
+            public["position_ids"],
+            head=head,
         )
         return {"output": out}, {}
 
@@ -171,8 +189,8 @@ def left_pad(batch: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
     mask = np.zeros((len(batch), length), np.int32)
     for i, seq in enumerate(batch):
         if seq:
-            ids[i, length - len(seq):] = seq
-            mask[i, length - len(seq):] = 1
+            ids[i, length - len(seq) :] = seq
+            mask[i, length - len(seq) :] = 1
     return ids, mask
 
 
@@ -227,10 +245,21 @@ def bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
-def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-             *, use_cache: bool = True, reveal: str = "token", sampling: Sampling = GREEDY, stop_at_eos: bool = True,
-             prompt_bucket: int = 8, slot_bucket: int = 16,
-             progress: Callable[[int], Any] | None = None) -> GenerationResult:
+def generate(
+    session: Session,
+    model: LoadedModel,
+    ops,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    use_cache: bool = True,
+    reveal: str = "token",
+    sampling: Sampling = GREEDY,
+    stop_at_eos: bool = True,
+    prompt_bucket: int = 8,
+    slot_bucket: int = 16,
+    progress: Callable[[int], Any] | None = None,
+) -> GenerationResult:
     """Decoding of a batch of prompts (left-padded together: one secure run per step).
 
     With ``use_cache`` the prompt is processed once (prefill) and every further token costs one
@@ -297,8 +326,12 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
             positions = positions_from_mask(mask)
             slot = f"kv-{id(ids)}"
             with session.measure() as step_cost:
-                out = session.run(prefill_program(model, ops, slots, reveal, sampling), secret(ids),
-                                  {"attention_mask": mask, "position_ids": positions[:, :prompt_len]}, state=slot)
+                out = session.run(
+                    prefill_program(model, ops, slots, reveal, sampling),
+                    secret(ids),
+                    {"attention_mask": mask, "position_ids": positions[:, :prompt_len]},
+                    state=slot,
+                )
             step_costs.append({"step": "prefill", **_brief(step_cost)})
             tokens = take(out)
             done = record(tokens)
@@ -309,9 +342,16 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
                         break
                     index = prompt_len + k - 1
                     with session.measure() as step_cost:
-                        out = session.run(step, secret(tokens[:, None]),
-                                          {"attention_mask": mask, "position_ids": positions[:, index:index + 1],
-                                           "cache_index": np.int32(index)}, state=slot)
+                        out = session.run(
+                            step,
+                            secret(tokens[:, None]),
+                            {
+                                "attention_mask": mask,
+                                "position_ids": positions[:, index : index + 1],
+                                "cache_index": np.int32(index),
+                            },
+                            state=slot,
+                        )
                     step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
                     tokens = take(out)
                     done = record(tokens)
@@ -323,8 +363,9 @@ def generate(session: Session, model: LoadedModel, ops, prompt_ids: Sequence[Seq
             program = forward_program(model, ops, reveal, sampling)
             for k in range(max_new_tokens):
                 with session.measure() as step_cost:
-                    out = session.run(program, secret(ids),
-                                      {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
+                    out = session.run(
+                        program, secret(ids), {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
+                    )
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
                 tokens = take(out)
                 if record(tokens):
@@ -345,8 +386,11 @@ def _sample_plain(logits: np.ndarray, sampling: Sampling, rng) -> np.ndarray:
 
 
 def _brief(report: CostReport) -> dict:
-    return {"bytes_sent": report.total_bytes_sent, "send_actions": report.total_send_actions,
-            "wall_s": round(report.wall_s, 4)}
+    return {
+        "bytes_sent": report.total_bytes_sent,
+        "send_actions": report.total_send_actions,
+        "wall_s": round(report.wall_s, 4),
+    }
 
 
 def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence[Sequence[int]]) -> EncodingResult:
@@ -358,8 +402,11 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     check_ids(model, batch_ids)
     ids, mask = left_pad(batch_ids, longest, int(model.config.eos_token_id))
     with session.measure() as cost:
-        out = session.run(full_logits_program(model, ops), {"input_ids": client_ids(ops, ids, model.config.vocab_size)},
-                          {"attention_mask": mask, "position_ids": positions_from_mask(mask)})
+        out = session.run(
+            full_logits_program(model, ops),
+            {"input_ids": client_ids(ops, ids, model.config.vocab_size)},
+            {"attention_mask": mask, "position_ids": positions_from_mask(mask)},
+        )
     return EncodingResult(np.asarray(out["logits"]), cost)
 
 
@@ -385,8 +432,9 @@ def encode_texts(model: LoadedModel, texts: Sequence[str]) -> tuple[np.ndarray, 
     return ids, types, mask
 
 
-def encode(session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray,
-           head: str) -> EncodingResult:
+def encode(
+    session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
+) -> EncodingResult:
     """Run BERT with ``head`` on a padded batch; the client receives one output per row."""
     if model.family != "bert":
         raise PumaError(f"{model.source} is a {model.family} model: embeddings and classification need a BERT")
@@ -394,10 +442,13 @@ def encode(session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np
         raise PumaError(f"{model.source} has no classifier head: use a BertForSequenceClassification checkpoint")
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
     with session.measure() as cost:
-        secret = {"input_ids": client_ids(ops, ids, model.config.vocab_size),
-                  "token_type_ids": client_ids(ops, types, model.config.type_vocab_size)}
-        out = session.run(encoder_program(model, ops, head), secret,
-                          {"attention_mask": mask, "position_ids": positions})
+        secret = {
+            "input_ids": client_ids(ops, ids, model.config.vocab_size),
+            "token_type_ids": client_ids(ops, types, model.config.type_vocab_size),
+        }
+        out = session.run(
+            encoder_program(model, ops, head), secret, {"attention_mask": mask, "position_ids": positions}
+        )
     return EncodingResult(np.asarray(out["output"]), cost)
 
 

@@ -15,7 +15,8 @@ def hf_model(family: str, config, path, seed: int = 0, scale: float = 0.1):
     classes = {
         "gpt2": transformers.GPT2LMHeadModel,
         "llama": transformers.LlamaForCausalLM,
-        "bert": transformers.BertForSequenceClassification if getattr(config, "has_classifier", False)
+        "bert": transformers.BertForSequenceClassification
+        if getattr(config, "has_classifier", False)
         else transformers.BertModel,
     }
     torch.manual_seed(seed)
@@ -41,7 +42,8 @@ def tiny_tokenizer(path, vocab_size: int, eos_id: int):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token=f"w{eos_id}",
-                                  pad_token=f"w{eos_id}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="w0", eos_token=f"w{eos_id}", pad_token=f"w{eos_id}"
+    )
     tok.save_pretrained(path)
     return tok

@@ -24,8 +24,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def write_topology(path, protocol: str = "aby3", world: int = 3, connect_s: float = 5, recv_s: float = 10,
-                   tls: dict | None = None, ports: list[int] | None = None, **extra) -> str:
+def write_topology(
+    path,
+    protocol: str = "aby3",
+    world: int = 3,
+    connect_s: float = 5,
+    recv_s: float = 10,
+    tls: dict | None = None,
+    ports: list[int] | None = None,
+    **extra,
+) -> str:
     ports = ports or free_ports(2 * world)
     doc = {
         "protocol": protocol,
@@ -67,8 +75,12 @@ def local_parties(topology_path: str, log_dir: str):
     """``puma node up`` on ``topology_path`` as a subprocess; yields it once every party listens."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     stderr = open(os.path.join(log_dir, "node-up.stderr"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "puma.cli", "node", "up", "-c", topology_path, "--log-dir", log_dir],
-                            stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "puma.cli", "node", "up", "-c", topology_path, "--log-dir", log_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env=env,
+    )
     try:
         wait_for_ports(control_ports(topology_path))
         yield proc

@@ -15,10 +15,13 @@ from puma.bench import accuracy, costs, plots, readme
 from puma.bench.report import CellStore
 
 
-@pytest.mark.parametrize("row", [
-    costs.Row("bert-debug", "bert-debug", (16,), whole=(16,)),
-    costs.Row("gpt2-debug", "gpt2-debug", ((8, 2),), whole=((8, 2),)),
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        costs.Row("bert-debug", "bert-debug", (16,), whole=(16,)),
+        costs.Row("gpt2-debug", "gpt2-debug", ((8, 2),), whole=((8, 2),)),
+    ],
+)
 def test_per_layer_composition_reproduces_whole_runs(tmp_path, row):
     store = CellStore(str(tmp_path / "c.json"), {"test": row.name})
     cell = costs.measure_row(store, row, row.sizes[0], "puma-fast", "sim", validate=True)
@@ -54,14 +57,23 @@ def test_logistic_head_separates_separable_data():
 def test_readme_section_is_generated_from_json(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    cell = {"how": "composed", "bytes_sent": 4.9e9, "max_party_send_actions": 10, "run_s": 1.0,
-            "secure_over_plaintext": 100.0, "per_op": {"pphlo.multiply": {"bytes_sent": 4e9},
-                                                      "pphlo.less": {"bytes_sent": 0.9e9}}}
-    (folder / "costs.json").write_text(json.dumps({
-        "config": {"protocol": "aby3/FM64/18", "backend": "sim"},
-        "environment": {"machine": {"cpus": 2}},
-        "cells": {"bert-base/128/puma-fast": cell, "bert-base/64/puma-fast": {**cell, "bytes_sent": 2e9}},
-    }))
+    cell = {
+        "how": "composed",
+        "bytes_sent": 4.9e9,
+        "max_party_send_actions": 10,
+        "run_s": 1.0,
+        "secure_over_plaintext": 100.0,
+        "per_op": {"pphlo.multiply": {"bytes_sent": 4e9}, "pphlo.less": {"bytes_sent": 0.9e9}},
+    }
+    (folder / "costs.json").write_text(
+        json.dumps(
+            {
+                "config": {"protocol": "aby3/FM64/18", "backend": "sim"},
+                "environment": {"machine": {"cpus": 2}},
+                "cells": {"bert-base/128/puma-fast": cell, "bert-base/64/puma-fast": {**cell, "bytes_sent": 2e9}},
+            }
+        )
+    )
     doc = tmp_path / "README.md"
     doc.write_text("# x\n")
     readme.update(str(doc), str(folder))

@@ -51,8 +51,19 @@ def test_generate_plaintext_matches_transformers_on_local_folder(capsys, gpt2_fo
 
 
 def test_generate_stories260k_matches_transformers(capsys, stories_gguf):
-    code, out, _ = _run(capsys, "generate", "--model", stories_gguf, "--prompt", "Once upon a time",
-                        "--max-new-tokens", "32", "--backend", "plaintext", "--json")
+    code, out, _ = _run(
+        capsys,
+        "generate",
+        "--model",
+        stories_gguf,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "32",
+        "--backend",
+        "plaintext",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     folder, name = os.path.split(stories_gguf)
@@ -63,8 +74,8 @@ def test_generate_stories260k_matches_transformers(capsys, stories_gguf):
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
-    assert result["tokens"] == ref[0, ids.shape[1]:].tolist()
-    assert result["text"] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert result["tokens"] == ref[0, ids.shape[1] :].tolist()
+    assert result["text"] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     assert result["text"].startswith(", there was a little girl named Lily.")
 
 
@@ -89,30 +100,30 @@ def test_unsupported_model_type(capsys, tmp_path):
     _check_error(capsys, ["generate", "-m", str(tmp_path), "-p", "hi"], "model_type 't5' is not supported")
 
 
-def test_tensor_of_wrong_shape(capsys, tmp_path, gpt2_folder):
+def _edited_copy(src, dst, edit):
+    """A copy of the HF folder ``src`` in ``dst`` with its tensors passed through ``edit``."""
     from safetensors.numpy import load_file, save_file
 
-    src, _ = gpt2_folder
     for f in os.listdir(src):
         if f != "model.safetensors":
-            (tmp_path / f).write_bytes((src / f).read_bytes())
+            (dst / f).write_bytes((src / f).read_bytes())
     tensors = load_file(str(src / "model.safetensors"))
-    tensors["transformer.h.1.mlp.c_fc.weight"] = np.zeros((32, 100), np.float32)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    _check_error(capsys, ["generate", "-m", str(tmp_path), "-p", "w1"], "transformer.h.1.mlp.c_fc.weight", "(32, 100)")
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return str(dst)
+
+
+def test_tensor_of_wrong_shape(capsys, tmp_path, gpt2_folder):
+    def edit(tensors):
+        tensors["transformer.h.1.mlp.c_fc.weight"] = np.zeros((32, 100), np.float32)
+
+    path = _edited_copy(gpt2_folder[0], tmp_path, edit)
+    _check_error(capsys, ["generate", "-m", path, "-p", "w1"], "transformer.h.1.mlp.c_fc.weight", "(32, 100)")
 
 
 def test_missing_tensor(capsys, tmp_path, gpt2_folder):
-    from safetensors.numpy import load_file, save_file
-
-    src, _ = gpt2_folder
-    for f in os.listdir(src):
-        if f != "model.safetensors":
-            (tmp_path / f).write_bytes((src / f).read_bytes())
-    tensors = load_file(str(src / "model.safetensors"))
-    del tensors["transformer.ln_f.bias"]
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    _check_error(capsys, ["generate", "-m", str(tmp_path), "-p", "w1"], "transformer.ln_f.bias", "missing")
+    path = _edited_copy(gpt2_folder[0], tmp_path, lambda tensors: tensors.pop("transformer.ln_f.bias"))
+    _check_error(capsys, ["generate", "-m", path, "-p", "w1"], "transformer.ln_f.bias", "missing")
 
 
 def test_prompt_longer_than_positions(capsys, gpt2_folder):

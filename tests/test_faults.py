@@ -34,8 +34,11 @@ def _one_error_line(err: str, *fragments):
 
 def _start_party(topology, rank, log_dir):
     log = open(os.path.join(log_dir, f"party{rank}.stderr"), "w")
-    return subprocess.Popen([sys.executable, "-m", "puma.cli", "node", "start", "-c", topology, "--rank", str(rank),
-                             "--log-dir", log_dir], stdout=subprocess.DEVNULL, stderr=log)
+    return subprocess.Popen(
+        [sys.executable, "-m", "puma.cli", "node", "start", "-c", topology, "--rank", str(rank), "--log-dir", log_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
 
 
 def _stop(*procs):
@@ -123,24 +126,37 @@ def test_control_port_in_use(tmp_path):
     blocker.bind(("127.0.0.1", port))
     blocker.listen(1)
     try:
-        result = subprocess.run([sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         blocker.close()
     assert result.returncode != 0
     _one_error_line(result.stderr, f"control port {port} is already in use")
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("protocol: aby3\nparties: [\n", "not valid YAML"),
-    ("protocol: aby3\n", "'parties' must be a list"),
-    ("protocol: aby3\nparties:\n  - {link: '127.0.0.1:1', control: '127.0.0.1:2'}\n", "needs 3 parties, the topology lists 1"),
-    ("protocol: aby4\nparties: []\n", "'parties' must be a list"),
-    ("protocol: rot13\nparties:\n  - {link: 'a:1', control: 'a:2'}\n", "unknown protocol 'rot13'"),
-    ("parties:\n  - {link: 'nohost', control: '127.0.0.1:2'}\n  - {link: 'a:3', control: 'a:4'}\n"
-     "  - {link: 'a:5', control: 'a:6'}\n", "'nohost' is not host:port"),
-    ("colour: blue\nparties: []\n", "unknown key 'colour'"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("protocol: aby3\nparties: [\n", "not valid YAML"),
+        ("protocol: aby3\n", "'parties' must be a list"),
+        (
+            "protocol: aby3\nparties:\n  - {link: '127.0.0.1:1', control: '127.0.0.1:2'}\n",
+            "needs 3 parties, the topology lists 1",
+        ),
+        ("protocol: aby4\nparties: []\n", "'parties' must be a list"),
+        ("protocol: rot13\nparties:\n  - {link: 'a:1', control: 'a:2'}\n", "unknown protocol 'rot13'"),
+        (
+            "parties:\n  - {link: 'nohost', control: '127.0.0.1:2'}\n  - {link: 'a:3', control: 'a:4'}\n"
+            "  - {link: 'a:5', control: 'a:6'}\n",
+            "'nohost' is not host:port",
+        ),
+        ("colour: blue\nparties: []\n", "unknown key 'colour'"),
+    ],
+)
 def test_malformed_topology(tmp_path, capsys, content, fragment):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
@@ -166,7 +182,9 @@ def test_job_for_another_protocol(tmp_path):
 
 def test_protocol_needs_other_party_count(tmp_path, capsys):
     topo = write_topology(tmp_path / "t.yaml")
-    assert cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes", "-c", topo, "--protocol", "semi2k"]) != 0
+    assert (
+        cli.main(["generate", "-m", PRESET, "-p", "x", "--backend", "nodes", "-c", topo, "--protocol", "semi2k"]) != 0
+    )
     _one_error_line(capsys.readouterr().err, "protocol semi2k needs 2 parties", "lists 3")
 
 
@@ -179,12 +197,40 @@ def _make_certs(folder):
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
-        "-subj", "/CN=puma-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=puma-test-ca",
+    )
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "party.key", "-out", "party.csr", "-subj", "/CN=127.0.0.1")
     (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "party.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-out", "party.crt", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "party.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "party.crt",
+        "-extfile",
+        "ext.cnf",
+    )
     return {"cert": str(folder / "party.crt"), "key": str(folder / "party.key"), "ca": str(folder / "ca.crt")}
 
 

@@ -117,8 +117,7 @@ def _run(capsys, *argv):
 
 
 def test_cli_classify(capsys, tiny_bert_cls):
-    code, out, _ = _run(capsys, "classify", "-m", str(tiny_bert_cls[0]), "w5 w6 w7", "w9", "--backend", "sim",
-                        "--json")
+    code, out, _ = _run(capsys, "classify", "-m", str(tiny_bert_cls[0]), "w5 w6 w7", "w9", "--backend", "sim", "--json")
     assert code == 0
     result = json.loads(out)
     assert len(result["labels"]) == 2 and result["approx"] == "puma"
@@ -128,24 +127,42 @@ def test_cli_classify(capsys, tiny_bert_cls):
 def test_cli_classify_needs_a_classifier_head(capsys, tiny_bert):
     code, _, err = _run(capsys, "classify", "-m", str(tiny_bert[0]), "w5 w6")
     assert code != 0
-    assert err.strip().splitlines() == [f"puma: error: {tiny_bert[0]} has no classifier head: use a "
-                                        "BertForSequenceClassification checkpoint"]
+    assert err.strip().splitlines() == [
+        f"puma: error: {tiny_bert[0]} has no classifier head: use a BertForSequenceClassification checkpoint"
+    ]
 
 
 def test_cli_generate_options(capsys, tiny_gpt2):
-    code, out, _ = _run(capsys, "generate", "-m", str(tiny_gpt2[0]), "-p", "w5 w6 w7", "-n", "3", "--backend", "sim",
-                        "--reveal", "logits", "--no-cache", "--json")
+    code, out, _ = _run(
+        capsys,
+        "generate",
+        "-m",
+        str(tiny_gpt2[0]),
+        "-p",
+        "w5 w6 w7",
+        "-n",
+        "3",
+        "--backend",
+        "sim",
+        "--reveal",
+        "logits",
+        "--no-cache",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert len(result["tokens"]) == 3 and result["kv_cache"] is False and result["reveal"] == "logits"
     assert [s["step"] for s in result["steps"]] == ["forward 0", "forward 1", "forward 2"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["embed", "-m", "minilm", "   "], "empty text"),
-    (["generate", "-m", "gpt2-debug", "-p", ""], "empty prompt"),
-    (["generate", "-m", "minilm", "-p", "hello"], "cannot generate text"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["embed", "-m", "minilm", "   "], "empty text"),
+        (["generate", "-m", "gpt2-debug", "-p", ""], "empty prompt"),
+        (["generate", "-m", "minilm", "-p", "hello"], "cannot generate text"),
+    ],
+)
 def test_cli_input_errors(capsys, argv, message, minilm_dir):
     code, _, err = _run(capsys, *argv)
     assert code != 0 and len(err.strip().splitlines()) == 1 and message in err

@@ -42,8 +42,11 @@ def test_causal_lm_matches_transformers(preset, tmp_path):
     assert loaded.family == family and loaded.config == config
     _, ids, mask, pos = _left_padded_batch(config.vocab_size, [7, 4])
     with torch.no_grad():
-        ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+        ref = hf(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
     logits, _ = loaded.module().apply(loaded.variables(), ids, mask, pos)
     valid = mask.astype(bool)
     _check(np.asarray(logits)[valid], ref[valid], what=f"{preset} logits")
@@ -69,8 +72,10 @@ def test_bert_matches_transformers(preset, tmp_path):
     types[:, 5:] = 1
     mask = np.ones_like(ids)
     mask[1, 6:] = 0
-    t = {k: torch.tensor(v, dtype=torch.long) for k, v in
-         {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}.items()}
+    t = {
+        k: torch.tensor(v, dtype=torch.long)
+        for k, v in {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}.items()
+    }
     module = loaded.module()
     with torch.no_grad():
         if config.has_classifier:
@@ -95,8 +100,11 @@ def test_minilm_sentence_embeddings_match_transformers(minilm_dir):
     ids, types, mask = tasks.encode_texts(loaded, texts)
     hf = transformers.BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), token_type_ids=torch.tensor(types, dtype=torch.long),
-                 attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+        ref = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+        ).last_hidden_state.numpy()
     hidden = loaded.module().apply(loaded.variables(), ids, mask, types, head="hidden")
     valid = mask.astype(bool)
     _check(np.asarray(hidden)[valid], ref[valid], what="MiniLM hidden states")
@@ -125,8 +133,11 @@ def test_stories260k_gguf_matches_transformers(stories_gguf):
     hf = _hf_stories(stories_gguf)
     _, ids, mask, pos = _left_padded_batch(cfg.vocab_size, [12, 5], seed=3)
     with torch.no_grad():
-        ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+        ref = hf(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
     logits, _ = loaded.module().apply(loaded.variables(), ids, mask, pos)
     valid = mask.astype(bool)
     _check(np.asarray(logits)[valid], ref[valid], what="stories260K logits")
@@ -146,12 +157,15 @@ def test_kv_cache_decoding_equals_full_recomputation(preset):
     slots = full_ids.shape[1]
     cache = module.init_cache(2, slots)
     prompt_len = ids.shape[1]
-    logits, cache = module.apply(loaded.variables(), ids, full_mask, full_pos[:, :prompt_len], cache=cache, cache_index=0)
+    logits, cache = module.apply(
+        loaded.variables(), ids, full_mask, full_pos[:, :prompt_len], cache=cache, cache_index=0
+    )
     steps = [logits]
     for k in range(extra.shape[1]):
         i = prompt_len + k
-        logits, cache = module.apply(loaded.variables(), full_ids[:, i:i + 1], full_mask, full_pos[:, i:i + 1],
-                                     cache=cache, cache_index=i)
+        logits, cache = module.apply(
+            loaded.variables(), full_ids[:, i : i + 1], full_mask, full_pos[:, i : i + 1], cache=cache, cache_index=i
+        )
         steps.append(logits)
     cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
     # the last step's logits predict beyond the window; compare every position both computed

@@ -12,24 +12,48 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from puma.protocols import fast, mpcformer, puma
 from scipy.special import erf
 
 from puma import protocols
 from puma.bench import functions as F
-from puma.protocols import fast, mpcformer, puma
 from puma.runtime import open_session
 from puma.runtime.base import PlaintextSession
 
 #: set -> function -> (plaintext max |error| bound, SPU ABY3 FM64/18 max |error| bound)
 BOUNDS = {
-    "puma": {"gelu": (2.0e-2, 2.0e-2), "silu": (7.2e-2, 7.2e-2), "softmax": (4.1e-3, 4.5e-3),
-             "layer_norm": (1e-6, 1.1e-2), "rms_norm": (1e-6, 4e-3), "embed": (0.0, 5e-6)},
-    "puma-fast": {"gelu": (7.2e-3, 7.5e-3), "silu": (6.4e-3, 9e-3), "softmax": (3.3e-4, 4e-4),
-                  "layer_norm": (3e-6, 2.5e-4), "rms_norm": (3e-6, 2.5e-4), "embed": (0.0, 5e-6)},
-    "mpcformer": {"gelu": (10.5, 10.5), "silu": (7.2e-2, 7.2e-2), "softmax": (0.69, 0.69),
-                  "layer_norm": (1e-6, 1.1e-2), "rms_norm": (1e-6, 4e-3), "embed": (0.0, 5e-6)},
-    "spu": {"gelu": (0.0, 5e-4), "silu": (0.0, 3e-3), "softmax": (0.0, 4.5e-3),
-            "layer_norm": (0.0, 1.1e-2), "rms_norm": (0.0, 4e-3), "embed": (0.0, 5e-6)},
+    "puma": {
+        "gelu": (2.0e-2, 2.0e-2),
+        "silu": (7.2e-2, 7.2e-2),
+        "softmax": (4.1e-3, 4.5e-3),
+        "layer_norm": (1e-6, 1.1e-2),
+        "rms_norm": (1e-6, 4e-3),
+        "embed": (0.0, 5e-6),
+    },
+    "puma-fast": {
+        "gelu": (7.2e-3, 7.5e-3),
+        "silu": (6.4e-3, 9e-3),
+        "softmax": (3.3e-4, 4e-4),
+        "layer_norm": (3e-6, 2.5e-4),
+        "rms_norm": (3e-6, 2.5e-4),
+        "embed": (0.0, 5e-6),
+    },
+    "mpcformer": {
+        "gelu": (10.5, 10.5),
+        "silu": (7.2e-2, 7.2e-2),
+        "softmax": (0.69, 0.69),
+        "layer_norm": (1e-6, 1.1e-2),
+        "rms_norm": (1e-6, 4e-3),
+        "embed": (0.0, 5e-6),
+    },
+    "spu": {
+        "gelu": (0.0, 5e-4),
+        "silu": (0.0, 3e-3),
+        "softmax": (0.0, 4.5e-3),
+        "layer_norm": (0.0, 1.1e-2),
+        "rms_norm": (0.0, 4e-3),
+        "embed": (0.0, 5e-6),
+    },
 }
 SLACK = 1.001  # float32 rounding of the measured bounds
 

@@ -131,8 +131,20 @@ def test_cli_json_stats(backend, capsys, stories_gguf):
     from puma import cli
 
     name, options = backend
-    argv = ["generate", "-m", stories_gguf, "-p", "Once upon a time", "-n", "2", "--backend", name, "--json",
-            "--approx", "exact"]
+    argv = [
+        "generate",
+        "-m",
+        stories_gguf,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "2",
+        "--backend",
+        name,
+        "--json",
+        "--approx",
+        "exact",
+    ]
     if "config" in options:
         argv += ["--config", options["config"]]
     assert cli.main(argv) == 0

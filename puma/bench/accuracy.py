@@ -47,7 +47,7 @@ def train_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> tuple[np.n
 
 
 def _batches(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dict:
@@ -56,12 +56,16 @@ def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dic
     labels = np.asarray(labels)
     half = len(sentences) // 2
     plain = SecureModel.from_pretrained("minilm")
-    exact = np.concatenate([plain.embed(sentences[i:i + 64]).outputs for i in range(0, len(sentences), 64)])
+    exact = np.concatenate([plain.embed(sentences[i : i + 64]).outputs for i in range(0, len(sentences), 64)])
     w, b = train_logistic(exact[:half], labels[:half])
     test = list(range(half, len(sentences)))[:limit]
     # sort by length so each secure batch pads little; results are put back in order
     order = sorted(test, key=lambda i: len(plain.model.tokenizer(sentences[i])["input_ids"]))
-    out = {"train": half, "test": len(test), "plaintext_accuracy": float(np.mean(((exact[test] @ w + b) > 0) == labels[test]))}
+    out = {
+        "train": half,
+        "test": len(test),
+        "plaintext_accuracy": float(np.mean(((exact[test] @ w + b) > 0) == labels[test])),
+    }
     for name in sets:
         rows, nbytes = {}, 0
         with SecureModel.from_pretrained("minilm", approx=name, backend=backend) as m:
@@ -73,7 +77,8 @@ def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dic
         cosines = np.sum(secure * exact[test], axis=-1)
         out[name] = {
             "secure_accuracy": float(np.mean(((secure @ w + b) > 0) == labels[test])),
-            "cosine_min": float(cosines.min()), "cosine_mean": float(cosines.mean()),
+            "cosine_min": float(cosines.min()),
+            "cosine_mean": float(cosines.mean()),
             "bytes_sent": nbytes,
         }
         out[name]["accuracy_change_points"] = 100 * (out[name]["secure_accuracy"] - out["plaintext_accuracy"])
@@ -83,8 +88,12 @@ def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dic
 
 def _embed_batch(m: SecureModel, sentences, batch: list[int]) -> dict:
     result = m.embed([sentences[i] for i in batch])
-    return {"indices": batch, "embeddings": result.outputs.round(6).tolist(),
-            "bytes_sent": result.cost.total_bytes_sent, "wall_s": round(result.cost.wall_s, 2)}
+    return {
+        "indices": batch,
+        "embeddings": result.outputs.round(6).tolist(),
+        "bytes_sent": result.cost.total_bytes_sent,
+        "wall_s": round(result.cost.wall_s, 2),
+    }
 
 
 def stories_lm(store: CellStore, sets, backend: str, folder, tokens: int) -> dict:
@@ -96,8 +105,9 @@ def stories_lm(store: CellStore, sets, backend: str, folder, tokens: int) -> dic
     for name in sets:
         with SecureModel.from_pretrained(source, approx=name, backend=backend) as m:
             lm = store.measure(f"stories/{name}/{tokens}", lambda: fidelity.lm_agreement(m, reference, texts))
-            greedy = store.measure(f"stories-greedy/{name}/32",
-                                   lambda: fidelity.greedy_match(m, reference, "Once upon a time", 32))
+            greedy = store.measure(
+                f"stories-greedy/{name}/32", lambda: fidelity.greedy_match(m, reference, "Once upon a time", 32)
+            )
         out[name] = {**lm, "greedy_match": greedy["match"], "greedy_matching_prefix": greedy["matching_prefix"]}
     return out
 
@@ -112,13 +122,23 @@ def wikitext_lm(store: CellStore, sets, backend: str, folder, model: str, lines:
     out = {}
     for name in sets:
         with SecureModel.from_pretrained(model, approx=name, backend=backend) as m:
-            out[name] = store.measure(f"wikitext/{model}/{name}/{lines}x{tokens}",
-                                      lambda: fidelity.lm_agreement(m, reference, texts))
+            out[name] = store.measure(
+                f"wikitext/{model}/{name}/{lines}x{tokens}", lambda: fidelity.lm_agreement(m, reference, texts)
+            )
     return out
 
 
-FXP_POINTS = (("FM64", 12), ("FM64", 14), ("FM64", 16), ("FM64", 18), ("FM64", 20), ("FM64", 22), ("FM64", 24),
-              ("FM128", 32), ("FM128", 40))
+FXP_POINTS = (
+    ("FM64", 12),
+    ("FM64", 14),
+    ("FM64", 16),
+    ("FM64", 18),
+    ("FM64", 20),
+    ("FM64", 22),
+    ("FM64", 24),
+    ("FM128", 32),
+    ("FM128", 40),
+)
 
 
 def fxp_sweep(store: CellStore, name: str, backend: str, folder, sentences: int, tokens: int) -> dict:
@@ -130,27 +150,48 @@ def fxp_sweep(store: CellStore, name: str, backend: str, folder, sentences: int,
     texts = [lm_ref.model.tokenizer(s)["input_ids"][:tokens] for s in data.tinystories(folder)[:2]]
     out = {}
     for field, bits in tqdm(FXP_POINTS, desc=f"fxp sweep {name}", unit="point", leave=False):
+
         def measure():
             with SecureModel.from_pretrained("minilm", approx=name, backend=backend, field=field, fxp_bits=bits) as m:
                 cos = fidelity.embedding_cosines(m, bert_ref, sents)
             with SecureModel.from_pretrained(source, approx=name, backend=backend, field=field, fxp_bits=bits) as m:
                 lm = fidelity.lm_agreement(m, lm_ref, texts)
             ppl = lm["perplexity"]
-            return {"field": field, "fxp_bits": bits, "minilm_cosine_min": cos["min"], "minilm_cosine_mean": cos["mean"],
-                    "minilm_bytes_sent": cos["bytes_sent"], "stories_perplexity": ppl if math.isfinite(ppl) else None,
-                    "stories_perplexity_exact": lm["perplexity_exact"], "stories_top1": lm["top1_agreement"],
-                    "stories_bytes_sent": lm["bytes_sent"]}
+            return {
+                "field": field,
+                "fxp_bits": bits,
+                "minilm_cosine_min": cos["min"],
+                "minilm_cosine_mean": cos["mean"],
+                "minilm_bytes_sent": cos["bytes_sent"],
+                "stories_perplexity": ppl if math.isfinite(ppl) else None,
+                "stories_perplexity_exact": lm["perplexity_exact"],
+                "stories_top1": lm["top1_agreement"],
+                "stories_bytes_sent": lm["bytes_sent"],
+            }
+
         out[f"{field}/{bits}"] = store.measure(f"fxp/{name}/{field}/{bits}", measure)
     return out
 
 
-def run(suites=("sst2", "stories", "wikitext", "fxp"), sets=("puma", "puma-fast"), backend: str = "sim",
-        data_path: str | None = None, out: str = "bench-results/accuracy.json", sst2_limit: int | None = None,
-        wikitext_model: str | None = None, resume: bool = True) -> dict:
+def run(
+    suites=("sst2", "stories", "wikitext", "fxp"),
+    sets=("puma", "puma-fast"),
+    backend: str = "sim",
+    data_path: str | None = None,
+    out: str = "bench-results/accuracy.json",
+    sst2_limit: int | None = None,
+    wikitext_model: str | None = None,
+    resume: bool = True,
+) -> dict:
     folder = data.data_dir(data_path)
     wikitext_model = wikitext_model or str(folder / "stories260K.gguf")
-    config = {"sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18", "sst2_limit": sst2_limit,
-              "wikitext_model": wikitext_model}
+    config = {
+        "sets": list(sets),
+        "backend": backend,
+        "protocol": "aby3/FM64/18",
+        "sst2_limit": sst2_limit,
+        "wikitext_model": wikitext_model,
+    }
     store = CellStore(out, config, resume=resume)
     results = {}
     if "stories" in suites:
@@ -171,35 +212,59 @@ def markdown(result: dict) -> str:
     lines = []
     if "sst2" in res:
         s = res["sst2"]
-        lines += [f"SST-2 dev with all-MiniLM-L6-v2 embeddings and a logistic-regression head trained in plaintext on "
-                  f"{s['train']} sentences; {s['test']} test sentences:", "",
-                  "| embeddings | accuracy | change (points) | cosine to exact min / mean |", "|---|---|---|---|",
-                  f"| plaintext exact | {100 * s['plaintext_accuracy']:.2f} | - | - |"]
+        lines += [
+            f"SST-2 dev with all-MiniLM-L6-v2 embeddings and a logistic-regression head trained in plaintext on "
+            f"{s['train']} sentences; {s['test']} test sentences:",
+            "",
+            "| embeddings | accuracy | change (points) | cosine to exact min / mean |",
+            "|---|---|---|---|",
+            f"| plaintext exact | {100 * s['plaintext_accuracy']:.2f} | - | - |",
+        ]
         for name, r in s.items():
             if isinstance(r, dict):
-                lines.append(f"| {name} under MPC | {100 * r['secure_accuracy']:.2f} | {r['accuracy_change_points']:+.2f} | "
-                             f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f} |")
+                lines.append(
+                    f"| {name} under MPC | {100 * r['secure_accuracy']:.2f} | {r['accuracy_change_points']:+.2f} | "
+                    f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f} |"
+                )
         lines.append("")
     if "stories" in res:
-        lines += ["stories260K on the TinyStories sample (5 stories, up to 256 tokens each):", "",
-                  "| set | perplexity (exact) | change | top-1 agreement | greedy 32 tokens |", "|---|---|---|---|---|"]
+        lines += [
+            "stories260K on the TinyStories sample (5 stories, up to 256 tokens each):",
+            "",
+            "| set | perplexity (exact) | change | top-1 agreement | greedy 32 tokens |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in res["stories"].items():
-            lines.append(f"| {name} | {r['perplexity']:.4f} ({r['perplexity_exact']:.4f}) | {100 * r['perplexity_change']:+.2f}% | "
-                         f"{r['top1_agreement']:.4f} | {'identical' if r['greedy_match'] else 'differs at ' + str(r['greedy_matching_prefix'])} |")
+            greedy = "identical" if r["greedy_match"] else f"differs at {r['greedy_matching_prefix']}"
+            lines.append(
+                f"| {name} | {r['perplexity']:.4f} ({r['perplexity_exact']:.4f}) | "
+                f"{100 * r['perplexity_change']:+.2f}% | {r['top1_agreement']:.4f} | {greedy} |"
+            )
         lines.append("")
     if res.get("wikitext"):
-        lines += [f"WikiText-2 test (20 lines, up to 128 tokens) with {result['config']['wikitext_model']}:", "",
-                  "| set | perplexity (exact) | change | top-1 agreement |", "|---|---|---|---|"]
+        lines += [
+            f"WikiText-2 test (20 lines, up to 128 tokens) with {result['config']['wikitext_model']}:",
+            "",
+            "| set | perplexity (exact) | change | top-1 agreement |",
+            "|---|---|---|---|",
+        ]
         for name, r in res["wikitext"].items():
-            lines.append(f"| {name} | {r['perplexity']:.3f} ({r['perplexity_exact']:.3f}) | "
-                         f"{100 * r['perplexity_change']:+.2f}% | {r['top1_agreement']:.4f} |")
+            lines.append(
+                f"| {name} | {r['perplexity']:.3f} ({r['perplexity_exact']:.3f}) | "
+                f"{100 * r['perplexity_change']:+.2f}% | {r['top1_agreement']:.4f} |"
+            )
         lines.append("")
     if "fxp" in res:
-        lines += ["Fraction-bits sweep: accuracy against cost:", "",
-                  "| ring / bits | MiniLM cosine min | stories260K perplexity (exact) | top-1 | MB sent (MiniLM) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "Fraction-bits sweep: accuracy against cost:",
+            "",
+            "| ring / bits | MiniLM cosine min | stories260K perplexity (exact) | top-1 | MB sent (MiniLM) |",
+            "|---|---|---|---|---|",
+        ]
         for key, r in res["fxp"].items():
             ppl = f"{r['stories_perplexity']:.3f}" if r["stories_perplexity"] else "diverged"
-            lines.append(f"| {key} | {r['minilm_cosine_min']:.5f} | {ppl} ({r['stories_perplexity_exact']:.3f}) | "
-                         f"{r['stories_top1']:.3f} | {r['minilm_bytes_sent'] / 1e6:.0f} |")
+            lines.append(
+                f"| {key} | {r['minilm_cosine_min']:.5f} | {ppl} ({r['stories_perplexity_exact']:.3f}) | "
+                f"{r['stories_top1']:.3f} | {r['minilm_bytes_sent'] / 1e6:.0f} |"
+            )
     return "\n".join(lines)

@@ -83,8 +83,9 @@ def _infer(m: SecureModel, size):
     vocab = m.model.config.vocab_size
     if isinstance(size, tuple):
         prompt, new = size
-        result = m.generate_ids([rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1,
-                                slot_bucket=1)
+        result = m.generate_ids(
+            [rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1, slot_bucket=1
+        )
         if sum(len(t) for t in result.tokens) < new:
             raise RuntimeError("generation stopped at end-of-text")
         return result.cost
@@ -112,8 +113,9 @@ def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> d
         "total_s": round(total, 2),
         "plaintext_s": round(plaintext_s, 4),
         "per_party": report["per_party"],
-        "per_op": {k: {"bytes_sent": v["bytes_sent"], "seconds": round(v["seconds"], 3)}
-                   for k, v in report["per_op"].items()},
+        "per_op": {
+            k: {"bytes_sent": v["bytes_sent"], "seconds": round(v["seconds"], 3)} for k, v in report["per_op"].items()
+        },
         "io_bytes": report["io_bytes"],
     }
 
@@ -128,8 +130,13 @@ def _combine(base: dict, layer: dict, layers: int) -> dict:
     for key in ADDITIVE:
         out[key] = base[key] + layers * layer[key]
     ops = set(base["per_op"]) | set(layer["per_op"])
-    out["per_op"] = {op: {"bytes_sent": base["per_op"].get(op, {}).get("bytes_sent", 0)
-                          + layers * layer["per_op"].get(op, {}).get("bytes_sent", 0)} for op in ops}
+    out["per_op"] = {
+        op: {
+            "bytes_sent": base["per_op"].get(op, {}).get("bytes_sent", 0)
+            + layers * layer["per_op"].get(op, {}).get("bytes_sent", 0)
+        }
+        for op in ops
+    }
     return out
 
 
@@ -137,8 +144,10 @@ def _diff(a: dict, b: dict) -> dict:
     """a - b for the additive fields."""
     out = {k: a[k] - b[k] for k in ADDITIVE}
     ops = set(a["per_op"]) | set(b["per_op"])
-    out["per_op"] = {op: {"bytes_sent": a["per_op"].get(op, {}).get("bytes_sent", 0)
-                          - b["per_op"].get(op, {}).get("bytes_sent", 0)} for op in ops}
+    out["per_op"] = {
+        op: {"bytes_sent": a["per_op"].get(op, {}).get("bytes_sent", 0) - b["per_op"].get(op, {}).get("bytes_sent", 0)}
+        for op in ops
+    }
     return out
 
 
@@ -150,12 +159,16 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
 
     def part(n: int, extra: tuple = ()) -> dict:
         overrides = dict(row.overrides) | {layers_key: n} | dict(extra)
-        key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(
+            f"{k}={v}" for k, v in sorted(overrides.items())
+        )
         return store.measure(key, lambda: run_once(row.preset, size, approx, backend, overrides))
 
     if size in row.whole:
-        whole = store.measure(f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
-                              lambda: run_once(row.preset, size, approx, backend, dict(row.overrides)))
+        whole = store.measure(
+            f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
+            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides)),
+        )
         result = {"how": "measured whole", **{k: whole[k] for k in whole}}
     else:
         result = {"how": "composed"}
@@ -178,9 +191,11 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
         result["composition_error"] = composed["bytes_sent"] / result["bytes_sent"] - 1.0
     if validate and not row.preset.startswith("llama"):
         four = part(4)
-        result["validation_4_layers"] = {"measured": four["bytes_sent"],
-                                         "composed": _combine(base, layer, 4)["bytes_sent"],
-                                         "error": _combine(base, layer, 4)["bytes_sent"] / four["bytes_sent"] - 1.0}
+        result["validation_4_layers"] = {
+            "measured": four["bytes_sent"],
+            "composed": _combine(base, layer, 4)["bytes_sent"],
+            "error": _combine(base, layer, 4)["bytes_sent"] / four["bytes_sent"] - 1.0,
+        }
     result["secure_over_plaintext"] = result["run_s"] / max(result["plaintext_s"], 1e-9)
     paper = PAPER.get((row.name, size[0] if isinstance(size, tuple) and row.name != "llama-7b" else size))
     if paper:
@@ -193,11 +208,17 @@ def _size_tag(size) -> str:
     return f"{size[0]}+{size[1]}" if isinstance(size, tuple) else str(size)
 
 
-def run(rows=("bert-base", "gpt2"), sets=("puma-fast", "puma"), backend: str = "sim", sizes=None,
-        out: str = "bench-results/costs.json", validate: bool = True, resume: bool = True) -> dict:
+def run(
+    rows=("bert-base", "gpt2"),
+    sets=("puma-fast", "puma"),
+    backend: str = "sim",
+    sizes=None,
+    out: str = "bench-results/costs.json",
+    validate: bool = True,
+    resume: bool = True,
+) -> dict:
     """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable)."""
-    config = {"rows": list(rows), "sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18",
-              "sizes": sizes}
+    config = {"rows": list(rows), "sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18", "sizes": sizes}
     store = CellStore(out, config, resume=resume)
     plan = []
     for name in rows:
@@ -213,11 +234,14 @@ def run(rows=("bert-base", "gpt2"), sets=("puma-fast", "puma"), backend: str = "
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Secure inference cost, {result['config']['protocol']} ({result['config']['backend']} backend, "
-             f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.", "",
-             "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
-             "PUMA paper GB / s | how |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Secure inference cost, {result['config']['protocol']} ({result['config']['backend']} backend, "
+        f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.",
+        "",
+        "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
+        "PUMA paper GB / s | how |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, cell in result["cells"].items():
         if key.startswith("parts/"):
             continue
@@ -227,7 +251,9 @@ def markdown(result: dict) -> str:
         how = cell["how"]
         if "composition_error" in cell:
             how += f" (composed: {cell['composition_error']:+.2%})"
-        lines.append(f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
-                     f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
-                     f"{paper_text} | {how} |")
+        lines.append(
+            f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
+            f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
+            f"{paper_text} | {how} |"
+        )
     return "\n".join(lines)

@@ -6,10 +6,13 @@ The files live outside the project, in ``../shared/data`` next to the checkout (
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
 from puma.errors import PumaError
+
+log = logging.getLogger(__name__)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -20,6 +23,15 @@ def data_dir(path: str | None = None) -> pathlib.Path:
     if not folder.is_dir():
         raise PumaError(f"data folder {folder} not found: pass --data DIR or set PUMA_DATA")
     return folder
+
+
+def optional_data_dir(path: str | None, skipping: str):
+    """:func:`data_dir`, or None (with a warning naming what is skipped) when there is none."""
+    try:
+        return data_dir(path)
+    except PumaError as err:
+        log.warning("%s: skipping %s", err, skipping)
+        return None
 
 
 def _file(folder: pathlib.Path, *parts: str) -> pathlib.Path:

@@ -40,14 +40,20 @@ def embedding_cosines(secure: SecureModel, reference: SecureModel, sentences: Se
     """Cosine of secure vs exact sentence embeddings, per sentence; plus cost."""
     cosines, nbytes, wall = [], 0, 0.0
     for start in range(0, len(sentences), batch):
-        chunk = list(sentences[start:start + batch])
+        chunk = list(sentences[start : start + batch])
         got = secure.embed(chunk)
         want = reference.embed(chunk).outputs
         cosines += [float(c) for c in np.sum(got.outputs * want, axis=-1)]
         nbytes += got.cost.total_bytes_sent
         wall += got.cost.wall_s
-    return {"cosines": cosines, "min": min(cosines), "mean": float(np.mean(cosines)), "bytes_sent": nbytes,
-            "wall_s": round(wall, 2), "sentences": len(sentences)}
+    return {
+        "cosines": cosines,
+        "min": min(cosines),
+        "mean": float(np.mean(cosines)),
+        "bytes_sent": nbytes,
+        "wall_s": round(wall, 2),
+        "sentences": len(sentences),
+    }
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -77,15 +83,29 @@ def lm_agreement(secure: SecureModel, reference: SecureModel, token_lists: Seque
         nll_exact.append(_nll(want[:-1], targets))
     ppl = math.exp(float(np.mean(np.concatenate(nll_secure))))
     ppl_exact = math.exp(float(np.mean(np.concatenate(nll_exact))))
-    return {"top1_agreement": agree / total, "positions": total, "perplexity": ppl, "perplexity_exact": ppl_exact,
-            "perplexity_change": ppl / ppl_exact - 1.0, "bytes_sent": nbytes}
+    return {
+        "top1_agreement": agree / total,
+        "positions": total,
+        "perplexity": ppl,
+        "perplexity_exact": ppl_exact,
+        "perplexity_change": ppl / ppl_exact - 1.0,
+        "bytes_sent": nbytes,
+    }
 
 
 def greedy_match(secure: SecureModel, reference: SecureModel, prompt: str, new_tokens: int) -> dict:
     """Greedy continuation under MPC vs exact plaintext: tokens, equality, cost."""
     got = secure.generate(prompt, new_tokens)
     want = reference.generate(prompt, new_tokens)
-    return {"tokens": got.tokens[0], "exact_tokens": want.tokens[0], "match": got.tokens == want.tokens,
-            "matching_prefix": next((i for i, (a, b) in enumerate(zip(got.tokens[0], want.tokens[0])) if a != b),
-                                    min(len(got.tokens[0]), len(want.tokens[0]))),
-            "text": got.texts[0], "bytes_sent": got.cost.total_bytes_sent, "wall_s": round(got.cost.wall_s, 2)}
+    return {
+        "tokens": got.tokens[0],
+        "exact_tokens": want.tokens[0],
+        "match": got.tokens == want.tokens,
+        "matching_prefix": next(
+            (i for i, (a, b) in enumerate(zip(got.tokens[0], want.tokens[0])) if a != b),
+            min(len(got.tokens[0]), len(want.tokens[0])),
+        ),
+        "text": got.texts[0],
+        "bytes_sent": got.cost.total_bytes_sent,
+        "wall_s": round(got.cost.wall_s, 2),
+    }

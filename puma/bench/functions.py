@@ -54,7 +54,9 @@ def accuracy_cases(points: int = 20001, rows: int = 64, seed: int = 0) -> list[C
     rng = np.random.default_rng(seed)
     grid = np.linspace(-10.0, 10.0, points, dtype=np.float32)
     scores, mask = _softmax_inputs(rows, 128, seed)
-    x768 = (rng.standard_normal((rows, 768)) * rng.uniform(0.2, 5.0, (rows, 1)) + rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
+    x768 = (rng.standard_normal((rows, 768)) * rng.uniform(0.2, 5.0, (rows, 1)) + rng.uniform(-2, 2, (rows, 1))).astype(
+        np.float32
+    )
     weight = rng.uniform(0.5, 1.5, 768).astype(np.float32)
     bias = rng.uniform(-0.5, 0.5, 768).astype(np.float32)
     table = rng.standard_normal((1000, 16)).astype(np.float32)
@@ -63,7 +65,12 @@ def accuracy_cases(points: int = 20001, rows: int = 64, seed: int = 0) -> list[C
         Case("gelu", lambda o, s, p: o.gelu(s["x"]), {"x": grid}, {}),
         Case("silu", lambda o, s, p: o.silu(s["x"]), {"x": grid}, {}),
         Case("softmax", lambda o, s, p: o.softmax(s["x"], p["mask"].astype(bool)), {"x": scores}, {"mask": mask}),
-        Case("layer_norm", lambda o, s, p: o.layer_norm(s["x"], s["w"], s["b"], 1e-12), {"x": x768, "w": weight, "b": bias}, {}),
+        Case(
+            "layer_norm",
+            lambda o, s, p: o.layer_norm(s["x"], s["w"], s["b"], 1e-12),
+            {"x": x768, "w": weight, "b": bias},
+            {},
+        ),
         Case("rms_norm", lambda o, s, p: o.rms_norm(s["x"], s["w"], 1e-6), {"x": x768, "w": weight}, {}),
         Case("embed", lambda o, s, p: o.embed(s["ids"], s["table"]), {"ids": ids, "table": table}, {}, _onehot_ids),
     ]
@@ -75,14 +82,32 @@ def cost_cases(seed: int = 0) -> list[Case]:
     scores = rng.uniform(-8.0, 8.0, (12, 128, 128)).astype(np.float32)
     return [
         Case("gelu", lambda o, s, p: o.gelu(s["x"]), {"x": rng.uniform(-6, 6, (128, 3072)).astype(np.float32)}, {}),
-        Case("softmax", lambda o, s, p: o.softmax(s["x"], p["mask"].astype(bool)), {"x": scores},
-             {"mask": np.ones((12, 128, 128), np.int32)}),
-        Case("layer_norm", lambda o, s, p: o.layer_norm(s["x"], s["w"], s["b"], 1e-12),
-             {"x": rng.standard_normal((128, 768)).astype(np.float32), "w": np.ones(768, np.float32),
-              "b": np.zeros(768, np.float32)}, {}),
-        Case("embed", lambda o, s, p: o.embed(s["ids"], s["table"]),
-             {"ids": rng.integers(0, 30522, (128,)).astype(np.int32),
-              "table": (rng.standard_normal((30522, 768)) * 0.02).astype(np.float32)}, {}, _onehot_ids),
+        Case(
+            "softmax",
+            lambda o, s, p: o.softmax(s["x"], p["mask"].astype(bool)),
+            {"x": scores},
+            {"mask": np.ones((12, 128, 128), np.int32)},
+        ),
+        Case(
+            "layer_norm",
+            lambda o, s, p: o.layer_norm(s["x"], s["w"], s["b"], 1e-12),
+            {
+                "x": rng.standard_normal((128, 768)).astype(np.float32),
+                "w": np.ones(768, np.float32),
+                "b": np.zeros(768, np.float32),
+            },
+            {},
+        ),
+        Case(
+            "embed",
+            lambda o, s, p: o.embed(s["ids"], s["table"]),
+            {
+                "ids": rng.integers(0, 30522, (128,)).astype(np.int32),
+                "table": (rng.standard_normal((30522, 768)) * 0.02).astype(np.float32),
+            },
+            {},
+            _onehot_ids,
+        ),
     ]
 
 
@@ -116,6 +141,9 @@ def function_costs(session: Session, set_name: str, cases: list[Case]) -> dict:
         run_case(session, ops, case)  # compile first: the measured run is the second one
         with session.measure() as cost:
             run_case(session, ops, case)
-        out[case.name] = {"bytes_sent": cost.total_bytes_sent, "send_actions": cost.total_send_actions,
-                          "seconds": round(cost.wall_s, 4)}
+        out[case.name] = {
+            "bytes_sent": cost.total_bytes_sent,
+            "send_actions": cost.total_send_actions,
+            "seconds": round(cost.wall_s, 4),
+        }
     return out

@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 MODELS = {
     "gpt2": ("gpt2", None, "GPT-2 base shapes (124M, random weights)"),
     "stories260K": ("stories260K.gguf", None, "stories260K (trained LLaMA, GQA)"),
-    "llama-7b-layer": ("llama-7b", {"num_hidden_layers": 1, "vocab_size": 512},
-                       "one LLaMA-7B decoder layer (hidden 4096, FFN 11008, 32 heads); vocabulary cut to 512"),
+    "llama-7b-layer": (
+        "llama-7b",
+        {"num_hidden_layers": 1, "vocab_size": 512},
+        "one LLaMA-7B decoder layer (hidden 4096, FFN 11008, 32 heads); vocabulary cut to 512",
+    ),
 }
 
 
@@ -36,8 +39,7 @@ def _prompt(name: str, source: str, length: int, folder) -> list[int]:
     return np.random.default_rng(0).integers(10, 500, length).tolist()
 
 
-def measure(name: str, approx: str, backend: str, prompt_len: int, new_tokens: int, nocache_steps: int,
-            folder) -> dict:
+def measure(name: str, approx: str, backend: str, prompt_len: int, new_tokens: int, nocache_steps: int, folder) -> dict:
     source, overrides, what = MODELS[name]
     if name == "stories260K":
         if folder is None:
@@ -53,46 +55,73 @@ def measure(name: str, approx: str, backend: str, prompt_len: int, new_tokens: i
     nocache = cacheless.step_costs
     total = sum(s["bytes_sent"] for s in cached.step_costs)
     return {
-        "model": what, "approx": approx, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-        "cache": {"prefill": prefill, "steps": steps, "total_bytes_sent": total,
-                  "total_send_actions": sum(s["send_actions"] for s in cached.step_costs)},
-        "nocache": {"steps": nocache, "identical_steps": len({s["bytes_sent"] for s in nocache}) == 1,
-                    "total_bytes_sent_extrapolated": nocache[0]["bytes_sent"] * new_tokens},
+        "model": what,
+        "approx": approx,
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "cache": {
+            "prefill": prefill,
+            "steps": steps,
+            "total_bytes_sent": total,
+            "total_send_actions": sum(s["send_actions"] for s in cached.step_costs),
+        },
+        "nocache": {
+            "steps": nocache,
+            "identical_steps": len({s["bytes_sent"] for s in nocache}) == 1,
+            "total_bytes_sent_extrapolated": nocache[0]["bytes_sent"] * new_tokens,
+        },
         "decode_over_prefill": max(s["bytes_sent"] for s in steps) / prefill["bytes_sent"],
         "all_over_prefill": total / prefill["bytes_sent"],
         "tokens": cached.tokens[0],
     }
 
 
-def run(models=tuple(MODELS), sets=("puma", "puma-fast"), backend: str = "sim", prompt_len: int = 32,
-        new_tokens: int = 16, nocache_steps: int = 3, out: str = "bench-results/generation.json",
-        data_path: str | None = None, resume: bool = True) -> dict:
-    config = {"models": list(models), "sets": list(sets), "backend": backend, "prompt_len": prompt_len,
-              "new_tokens": new_tokens, "nocache_steps": nocache_steps}
+def run(
+    models=tuple(MODELS),
+    sets=("puma", "puma-fast"),
+    backend: str = "sim",
+    prompt_len: int = 32,
+    new_tokens: int = 16,
+    nocache_steps: int = 3,
+    out: str = "bench-results/generation.json",
+    data_path: str | None = None,
+    resume: bool = True,
+) -> dict:
+    config = {
+        "models": list(models),
+        "sets": list(sets),
+        "backend": backend,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "nocache_steps": nocache_steps,
+    }
     store = CellStore(out, config, resume=resume)
-    try:
-        folder = data.data_dir(data_path)
-    except PumaError as err:
-        log.warning("%s: skipping stories260K", err)
-        folder = None
+    folder = data.optional_data_dir(data_path, "stories260K")
     cells = [(m, s) for m in models for s in sets if not (m == "stories260K" and folder is None)]
     for name, approx in tqdm(cells, desc="generation benchmark", unit="cell"):
-        store.measure(f"{name}/{approx}", lambda: measure(name, approx, backend, prompt_len, new_tokens,
-                                                          nocache_steps, folder))
+        store.measure(
+            f"{name}/{approx}", lambda: measure(name, approx, backend, prompt_len, new_tokens, nocache_steps, folder)
+        )
     return store.data
 
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"Private generation, {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, "
-             f"ABY3 ({cfg['backend']}); MB sent by all parties:", "",
-             "| model | set | prefill | decode step (max) | step / prefill | all tokens / prefill | "
-             "no-cache step | no-cache all tokens |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Private generation, {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, "
+        f"ABY3 ({cfg['backend']}); MB sent by all parties:",
+        "",
+        "| model | set | prefill | decode step (max) | step / prefill | all tokens / prefill | "
+        "no-cache step | no-cache all tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, cell in result["cells"].items():
         name = key.split("/")[0]
         c, n = cell["cache"], cell["nocache"]
         step = max(s["bytes_sent"] for s in c["steps"])
-        lines.append(f"| {name} | {cell['approx']} | {c['prefill']['bytes_sent'] / 1e6:.1f} | {step / 1e6:.2f} | "
-                     f"{cell['decode_over_prefill']:.3f} | {cell['all_over_prefill']:.2f} | "
-                     f"{n['steps'][0]['bytes_sent'] / 1e6:.1f} | {n['total_bytes_sent_extrapolated'] / 1e6:.1f} |")
+        lines.append(
+            f"| {name} | {cell['approx']} | {c['prefill']['bytes_sent'] / 1e6:.1f} | {step / 1e6:.2f} | "
+            f"{cell['decode_over_prefill']:.3f} | {cell['all_over_prefill']:.2f} | "
+            f"{n['steps'][0]['bytes_sent'] / 1e6:.1f} | {n['total_bytes_sent_extrapolated'] / 1e6:.1f} |"
+        )
     return "\n".join(lines)

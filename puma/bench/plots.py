@@ -11,13 +11,29 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 #: pphlo ops grouped into the categories the plot shows.
 OP_GROUPS = {
-    "comparisons": ("pphlo.less", "pphlo.greater", "pphlo.less_equal", "pphlo.greater_equal", "pphlo.equal",
-                    "pphlo.not_equal", "pphlo.reduce", "pphlo.maximum", "pphlo.minimum"),
+    "comparisons": (
+        "pphlo.less",
+        "pphlo.greater",
+        "pphlo.less_equal",
+        "pphlo.greater_equal",
+        "pphlo.equal",
+        "pphlo.not_equal",
+        "pphlo.reduce",
+        "pphlo.maximum",
+        "pphlo.minimum",
+    ),
     "selects": ("pphlo.select",),
     "multiplications": ("pphlo.multiply",),
     "matrix products": ("pphlo.dot", "pphlo.dot_general"),
-    "exp / reciprocal / rsqrt": ("pphlo.exponential", "pphlo.reciprocal", "pphlo.rsqrt", "pphlo.divide",
-                                 "pphlo.sqrt", "pphlo.tanh", "pphlo.logistic"),
+    "exp / reciprocal / rsqrt": (
+        "pphlo.exponential",
+        "pphlo.reciprocal",
+        "pphlo.rsqrt",
+        "pphlo.divide",
+        "pphlo.sqrt",
+        "pphlo.tanh",
+        "pphlo.logistic",
+    ),
 }
 
 
@@ -58,15 +74,22 @@ def accuracy_vs_bits(accuracy: dict, path: str) -> str | None:
     fig, left = plt.subplots(figsize=(7, 4))
     bits = [p["fxp_bits"] for p in points]
     labels = [f"{p['fxp_bits']}\n{p['field']}" for p in points]
-    left.plot(bits, [1.0 - p["minilm_cosine_min"] for p in points], "o-", color="tab:blue", label="1 - MiniLM cosine (min)")
+    left.plot(
+        bits, [1.0 - p["minilm_cosine_min"] for p in points], "o-", color="tab:blue", label="1 - MiniLM cosine (min)"
+    )
     left.set_yscale("log")
     left.set_xlabel("fraction bits (ring)")
     left.set_xticks(bits, labels)
     left.set_ylabel("1 - cosine with exact", color="tab:blue")
     right = left.twinx()
     exact = points[0]["stories_perplexity_exact"]
-    right.plot(bits, [(p["stories_perplexity"] or float("nan")) / exact - 1.0 for p in points], "s--",
-               color="tab:red", label="stories260K perplexity change")
+    right.plot(
+        bits,
+        [(p["stories_perplexity"] or float("nan")) / exact - 1.0 for p in points],
+        "s--",
+        color="tab:red",
+        label="stories260K perplexity change",
+    )
     right.set_ylabel("relative perplexity change", color="tab:red")
     left.set_title("Accuracy against fixed-point precision")
     fig.tight_layout()

@@ -24,7 +24,6 @@ from puma.api import SecureModel
 from puma.bench import data, fidelity
 from puma.bench import functions as F
 from puma.bench.report import CellStore
-from puma.errors import PumaError
 from puma.runtime import open_session
 from puma.runtime.base import PlaintextSession
 
@@ -34,18 +33,28 @@ DEFAULT_SETS = ("puma", "puma-fast", "mpcformer", "spu")
 PRESETS = ("gpt2-debug", "bert-debug", "llama-debug")
 
 
-def run(sets=DEFAULT_SETS, backend: str = "sim", out: str = "bench-results/protocols.json", data_path: str | None = None,
-        sentences: int = 32, story_tokens: int = 64, new_tokens: int = 16, resume: bool = True) -> dict:
+def run(
+    sets=DEFAULT_SETS,
+    backend: str = "sim",
+    out: str = "bench-results/protocols.json",
+    data_path: str | None = None,
+    sentences: int = 32,
+    story_tokens: int = 64,
+    new_tokens: int = 16,
+    resume: bool = True,
+) -> dict:
     for name in sets:
         protocols.get(name)
-    config = {"sets": list(sets), "backend": backend, "sentences": sentences, "story_tokens": story_tokens,
-              "new_tokens": new_tokens, "protocol": "aby3/FM64/18"}
+    config = {
+        "sets": list(sets),
+        "backend": backend,
+        "sentences": sentences,
+        "story_tokens": story_tokens,
+        "new_tokens": new_tokens,
+        "protocol": "aby3/FM64/18",
+    }
     store = CellStore(out, config, resume=resume)
-    try:
-        folder = data.data_dir(data_path)
-    except PumaError as err:
-        log.warning("%s: skipping the MiniLM and stories260K measurements", err)
-        folder = None
+    folder = data.optional_data_dir(data_path, "the MiniLM and stories260K measurements")
     jobs = [("errors", s) for s in sets] + [("costs", s) for s in sets] + [("presets", s) for s in sets]
     if folder is not None:
         jobs += [("minilm", s) for s in sets] + [("stories", s) for s in sets]
@@ -60,18 +69,32 @@ def run(sets=DEFAULT_SETS, backend: str = "sim", out: str = "bench-results/proto
             store.measure(f"costs/{name}", lambda: _costs(name, backend))
         elif kind == "presets":
             for preset in PRESETS:
-                store.measure(f"presets/{preset}/{name}", lambda: _with_models(
-                    preset, name, backend, fidelity.preset_logit_error))
+                store.measure(
+                    f"presets/{preset}/{name}", lambda: _with_models(preset, name, backend, fidelity.preset_logit_error)
+                )
         elif kind == "minilm":
             sents = data.sst2_dev(folder)[0][:sentences]
-            store.measure(f"minilm/{name}", lambda: _with_models(
-                "minilm", name, backend, lambda s, r: fidelity.embedding_cosines(s, r, sents)))
+            store.measure(
+                f"minilm/{name}",
+                lambda: _with_models("minilm", name, backend, lambda s, r: fidelity.embedding_cosines(s, r, sents)),
+            )
         else:
             source = str(folder / "stories260K.gguf")
-            store.measure(f"stories-greedy/{name}", lambda: _with_models(
-                source, name, backend, lambda s, r: fidelity.greedy_match(s, r, "Once upon a time", new_tokens)))
-            store.measure(f"stories-lm/{name}", lambda: _with_models(
-                source, name, backend, lambda s, r: fidelity.lm_agreement(s, r, _story_tokens(r, folder, story_tokens))))
+            store.measure(
+                f"stories-greedy/{name}",
+                lambda: _with_models(
+                    source, name, backend, lambda s, r: fidelity.greedy_match(s, r, "Once upon a time", new_tokens)
+                ),
+            )
+            store.measure(
+                f"stories-lm/{name}",
+                lambda: _with_models(
+                    source,
+                    name,
+                    backend,
+                    lambda s, r: fidelity.lm_agreement(s, r, _story_tokens(r, folder, story_tokens)),
+                ),
+            )
     return store.data
 
 
@@ -102,32 +125,63 @@ def markdown(result: dict) -> str:
     """Tables of the benchmark JSON: function errors and costs, and model fidelity per set."""
     cells, sets, backend = result["cells"], result["config"]["sets"], result["config"]["backend"]
     functions = ("gelu", "silu", "softmax", "layer_norm", "rms_norm")
-    lines = [f"Function max abs error, plaintext / under SPU {result['config']['protocol']} ({backend}):", "",
-             "| set | " + " | ".join(functions) + " |", "|---" * (len(functions) + 1) + "|"]
+    lines = [
+        f"Function max abs error, plaintext / under SPU {result['config']['protocol']} ({backend}):",
+        "",
+        "| set | " + " | ".join(functions) + " |",
+        "|---" * (len(functions) + 1) + "|",
+    ]
     for s in sets:
         plain, secure = cells.get(f"errors/{s}/plaintext"), cells.get(f"errors/{s}/{backend}")
         if plain and secure:
-            lines.append(f"| {s} | " + " | ".join(
-                f"{plain[f]['max_abs']:.2g} / {secure[f]['max_abs']:.2g}" for f in functions) + " |")
-    lines += ["", "Cost at BERT-base shapes, MB sent by all parties (send actions):", "",
-              "| set | GeLU 128x3072 | softmax 12x128x128 | LayerNorm 128x768 | embedding 128 x 30522 |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| {s} | "
+                + " | ".join(f"{plain[f]['max_abs']:.2g} / {secure[f]['max_abs']:.2g}" for f in functions)
+                + " |"
+            )
+    lines += [
+        "",
+        "Cost at BERT-base shapes, MB sent by all parties (send actions):",
+        "",
+        "| set | GeLU 128x3072 | softmax 12x128x128 | LayerNorm 128x768 | embedding 128 x 30522 |",
+        "|---|---|---|---|---|",
+    ]
     for s in sets:
         cost = cells.get(f"costs/{s}")
         if cost:
-            lines.append(f"| {s} | " + " | ".join(
-                f"{cost[f]['bytes_sent'] / 1e6:.1f} ({cost[f]['send_actions']})"
-                for f in ("gelu", "softmax", "layer_norm", "embed")) + " |")
-    lines += ["", "Model fidelity under MPC:", "",
-              "| set | debug presets max logit err (gpt2/bert/llama) | MiniLM cosine min / mean | "
-              "stories260K greedy 16 | top-1 agreement | perplexity (exact) |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {s} | "
+                + " | ".join(
+                    f"{cost[f]['bytes_sent'] / 1e6:.1f} ({cost[f]['send_actions']})"
+                    for f in ("gelu", "softmax", "layer_norm", "embed")
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "Model fidelity under MPC:",
+        "",
+        "| set | debug presets max logit err (gpt2/bert/llama) | MiniLM cosine min / mean | "
+        "stories260K greedy 16 | top-1 agreement | perplexity (exact) |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in sets:
         presets = [cells.get(f"presets/{p}/{s}") for p in PRESETS]
         minilm, greedy, lm = cells.get(f"minilm/{s}"), cells.get(f"stories-greedy/{s}"), cells.get(f"stories-lm/{s}")
         lines.append(
-            f"| {s} | " + " / ".join(f"{p['max_abs']:.2g}" if p else "-" for p in presets)
+            f"| {s} | "
+            + " / ".join(f"{p['max_abs']:.2g}" if p else "-" for p in presets)
             + (f" | {minilm['min']:.5f} / {minilm['mean']:.5f}" if minilm else " | -")
-            + (f" | {'same' if greedy['match'] else 'differs at ' + str(greedy['matching_prefix'])}" if greedy else " | -")
-            + (f" | {lm['top1_agreement']:.4f} | {lm['perplexity']:.3f} ({lm['perplexity_exact']:.3f})" if lm else " | - | -")
-            + " |")
+            + (
+                f" | {'same' if greedy['match'] else 'differs at ' + str(greedy['matching_prefix'])}"
+                if greedy
+                else " | -"
+            )
+            + (
+                f" | {lm['top1_agreement']:.4f} | {lm['perplexity']:.3f} ({lm['perplexity_exact']:.3f})"
+                if lm
+                else " | - | -"
+            )
+            + " |"
+        )
     return "\n".join(lines)

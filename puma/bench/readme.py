@@ -38,18 +38,24 @@ def _targets(cost: dict | None, acc: dict | None) -> list[str]:
             for name, cell in sorted(cells.items()):
                 got = cell["bytes_sent"]
                 verdict = "met" if got <= limit else f"missed by {(got - limit) / 1e9:.3f} GB"
-                lines.append(f"- {prefix} with `{name}`: {got / 1e9:.3f} GB against a target of {limit / 1e9:.3f} GB "
-                             f"(half of PUMA's): {verdict}")
+                lines.append(
+                    f"- {prefix} with `{name}`: {got / 1e9:.3f} GB against a target of {limit / 1e9:.3f} GB "
+                    f"(half of PUMA's): {verdict}"
+                )
     res = (acc or {}).get("results", {})
     for name, r in res.get("sst2", {}).items():
         if isinstance(r, dict):
             change = r["accuracy_change_points"]
-            lines.append(f"- SST-2 accuracy with `{name}`: {change:+.2f} points against plaintext (target within 0.5): "
-                         f"{'met' if abs(change) <= 0.5 else 'missed'}")
+            lines.append(
+                f"- SST-2 accuracy with `{name}`: {change:+.2f} points against plaintext (target within 0.5): "
+                f"{'met' if abs(change) <= 0.5 else 'missed'}"
+            )
     for name, r in res.get("stories", {}).items():
         change = r["perplexity_change"]
-        lines.append(f"- stories260K perplexity with `{name}`: {100 * change:+.2f}% (target within 1%): "
-                     f"{'met' if abs(change) <= 0.01 else 'missed'}")
+        lines.append(
+            f"- stories260K perplexity with `{name}`: {100 * change:+.2f}% (target within 1%): "
+            f"{'met' if abs(change) <= 0.01 else 'missed'}"
+        )
     return lines
 
 
@@ -63,22 +69,50 @@ def render(folder: str = "bench-results") -> str:
     if targets:
         out += ["### Targets", "", *targets, ""]
     if cost:
-        out += ["### Cost tables beside the PUMA paper", "", "Made by `puma bench costs` "
-                "(`python scripts/bench_costs.py`); JSON in `bench-results/costs.json`.", "", costs.markdown(cost), ""]
-        made = [plots.bytes_by_op(cost, "bert-base/128", os.path.join(folder, "plots", "bytes_by_op_bert_base.png")),
-                plots.cost_vs_length(cost, "bert-base", os.path.join(folder, "plots", "cost_vs_length_bert_base.png")),
-                plots.cost_vs_length(cost, "gpt2", os.path.join(folder, "plots", "cost_vs_length_gpt2.png"))]
+        out += [
+            "### Cost tables beside the PUMA paper",
+            "",
+            "Made by `puma bench costs` (`python scripts/bench_costs.py`); JSON in `bench-results/costs.json`.",
+            "",
+            costs.markdown(cost),
+            "",
+        ]
+        made = [
+            plots.bytes_by_op(cost, "bert-base/128", os.path.join(folder, "plots", "bytes_by_op_bert_base.png")),
+            plots.cost_vs_length(cost, "bert-base", os.path.join(folder, "plots", "cost_vs_length_bert_base.png")),
+            plots.cost_vs_length(cost, "gpt2", os.path.join(folder, "plots", "cost_vs_length_gpt2.png")),
+        ]
         out += [f"![{os.path.basename(p)}]({p})" for p in made if p] + [""]
     if prot:
-        out += ["### Approximation sets", "", "Made by `puma bench protocols` (`python scripts/bench_protocols.py`); "
-                "JSON in `bench-results/protocols.json`.", "", protocols_bench.markdown(prot), ""]
+        out += [
+            "### Approximation sets",
+            "",
+            "Made by `puma bench protocols` (`python scripts/bench_protocols.py`); "
+            "JSON in `bench-results/protocols.json`.",
+            "",
+            protocols_bench.markdown(prot),
+            "",
+        ]
     if gen:
-        out += ["### Private generation with the secure KV cache", "", "Made by `puma bench generation` "
-                "(`python scripts/bench_generation.py`); JSON in `bench-results/generation.json`.", "",
-                generation.markdown(gen), ""]
+        out += [
+            "### Private generation with the secure KV cache",
+            "",
+            "Made by `puma bench generation` "
+            "(`python scripts/bench_generation.py`); JSON in `bench-results/generation.json`.",
+            "",
+            generation.markdown(gen),
+            "",
+        ]
     if acc:
-        out += ["### Accuracy suites", "", "Made by `puma bench accuracy` (`python scripts/bench_accuracy.py`); "
-                "JSON in `bench-results/accuracy.json`.", "", accuracy.markdown(acc), ""]
+        out += [
+            "### Accuracy suites",
+            "",
+            "Made by `puma bench accuracy` (`python scripts/bench_accuracy.py`); "
+            "JSON in `bench-results/accuracy.json`.",
+            "",
+            accuracy.markdown(acc),
+            "",
+        ]
         made = plots.accuracy_vs_bits(acc, os.path.join(folder, "plots", "accuracy_vs_bits.png"))
         if made:
             out += [f"![accuracy vs fraction bits]({made})", ""]

@@ -16,8 +16,9 @@ from puma.runtime.config import ProtocolConfig, Topology
 BACKENDS = ("plaintext", "sim", "nodes", "ray")
 
 
-def resolve_topology(config: str | None = None, protocol: str | None = None, fxp_bits: int | None = None,
-                     field: str | None = None) -> tuple[Topology | None, ProtocolConfig]:
+def resolve_topology(
+    config: str | None = None, protocol: str | None = None, fxp_bits: int | None = None, field: str | None = None
+) -> tuple[Topology | None, ProtocolConfig]:
     """The topology (if a file is given) and the protocol settings after overrides."""
     topology = Topology.from_yaml(config) if config else None
     base = topology.protocol if topology else ProtocolConfig()
@@ -31,9 +32,17 @@ def resolve_topology(config: str | None = None, protocol: str | None = None, fxp
     return topology, proto
 
 
-def open_session(backend: str = "plaintext", *, config: str | None = None, protocol: str | None = None,
-                 fxp_bits: int | None = None, field: str | None = None, spu_settings=None,
-                 recv_timeout_s: float | None = None, ray_address: str | None = None) -> Session:
+def open_session(
+    backend: str = "plaintext",
+    *,
+    config: str | None = None,
+    protocol: str | None = None,
+    fxp_bits: int | None = None,
+    field: str | None = None,
+    spu_settings=None,
+    recv_timeout_s: float | None = None,
+    ray_address: str | None = None,
+) -> Session:
     """Open a session on ``backend``.
 
     ``config`` is a topology file (required for ``nodes``; optional elsewhere, where it supplies

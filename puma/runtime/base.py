@@ -46,8 +46,9 @@ class Session(abc.ABC):
     def close(self) -> None:
         """Release the backend's resources."""
 
-    def run(self, program: Program, secret: dict | None = None, public: dict | None = None,
-            state: str | None = None) -> dict:
+    def run(
+        self, program: Program, secret: dict | None = None, public: dict | None = None, state: str | None = None
+    ) -> dict:
         """Run ``program``; the client gets the revealed outputs as numpy arrays.
 
         ``state`` names a slot: its current contents are passed as the program's ``state`` and

@@ -57,7 +57,9 @@ class ProtocolConfig:
         runtime.update(dict(self.runtime))
         compiler = dict(settings.compiler)
         compiler.update(dict(self.compiler))
-        return dataclasses.replace(self, runtime=tuple(sorted(runtime.items())), compiler=tuple(sorted(compiler.items())))
+        return dataclasses.replace(
+            self, runtime=tuple(sorted(runtime.items())), compiler=tuple(sorted(compiler.items()))
+        )
 
     def runtime_config(self, profile: bool = True):
         """The ``spu.RuntimeConfig`` for this protocol (with the pphlo profile on by default)."""
@@ -91,8 +93,13 @@ class ProtocolConfig:
         return f"{self.protocol}/{self.field}/{self.fxp_bits}"
 
     def to_dict(self) -> dict:
-        return {"protocol": self.protocol, "field": self.field, "fxp_bits": self.fxp_bits,
-                "runtime": dict(self.runtime), "compiler": dict(self.compiler)}
+        return {
+            "protocol": self.protocol,
+            "field": self.field,
+            "fxp_bits": self.fxp_bits,
+            "runtime": dict(self.runtime),
+            "compiler": dict(self.compiler),
+        }
 
 
 def _spu_enum(owner, field: str, value: str):
@@ -202,8 +209,11 @@ class Topology:
         compiler.update(doc.get("compiler") or {})
         try:
             protocol = ProtocolConfig(
-                str(doc.get("protocol", "aby3")).lower(), str(doc.get("field", "FM64")), int(doc.get("fxp_bits", 18)),
-                tuple(sorted(runtime.items())), tuple(sorted(compiler.items())),
+                str(doc.get("protocol", "aby3")).lower(),
+                str(doc.get("field", "FM64")),
+                int(doc.get("fxp_bits", 18)),
+                tuple(sorted(runtime.items())),
+                tuple(sorted(compiler.items())),
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise PumaError(f"{source}: bad protocol settings ({err})") from err
@@ -220,10 +230,13 @@ class Topology:
                     raise PumaError(f"{source}: TLS file {path} not found")
         try:
             return cls(
-                tuple(parties), protocol,
+                tuple(parties),
+                protocol,
                 connect_timeout_s=float(timeouts.get("connect_s", 30.0)),
                 recv_timeout_s=float(timeouts.get("recv_s", 60.0)),
-                tls=tls, auth_key=str(doc.get("auth_key", "puma-local")), source=source,
+                tls=tls,
+                auth_key=str(doc.get("auth_key", "puma-local")),
+                source=source,
             )
         except (TypeError, ValueError) as err:
             raise PumaError(f"{source}: bad timeouts ({err})") from err

@@ -22,7 +22,10 @@ _OP = re.compile(
     r"- (?P<name>.+?), executed (?P<count>\d+) times, duration (?P<dur>[\d.e+-]+)s, send bytes (?P<sb>\d+) "
     r"recv bytes (?P<rb>\d+), send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
 )
-_LINK = re.compile(r"Link details: total send bytes (?P<sb>\d+), recv bytes (?P<rb>\d+), send actions (?P<sa>\d+), recv actions (?P<ra>\d+)")
+_LINK = re.compile(
+    r"Link details: total send bytes (?P<sb>\d+), recv bytes (?P<rb>\d+), "
+    r"send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
+)
 _TOTAL = re.compile(r"(HLO|HAL|MPC) profiling: total time")
 
 
@@ -94,7 +97,9 @@ def parse_profiles(text: str) -> list[RunProfile]:
                 int(m["count"]), float(m["dur"]), int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"])
             )
         elif m := _LINK.search(line):
-            current.link = PartyCost(-1, int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"]), current.exec_seconds, 1)
+            current.link = PartyCost(
+                -1, int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"]), current.exec_seconds, 1
+            )
             _check_block(current)
             profiles.append(current)
             current = None
@@ -109,7 +114,10 @@ def _check_block(profile: RunProfile) -> None:
         sums.add(op)
     link = profile.link
     if (sums.bytes_sent, sums.bytes_recv, sums.send_actions, sums.recv_actions) != (
-        link.bytes_sent, link.bytes_recv, link.send_actions, link.recv_actions
+        link.bytes_sent,
+        link.bytes_recv,
+        link.send_actions,
+        link.recv_actions,
     ):
         raise ValueError(f"profile block {profile.name}: op lines do not add up to the link totals")
 
@@ -145,8 +153,9 @@ class CostReport:
     def total_send_actions(self) -> int:
         return sum(p.send_actions for p in self.per_party)
 
-    def add_run(self, program: str, parties: list[RunProfile | None], wall_s: float, io_bytes: int = 0,
-                compile_s: float = 0.0) -> None:
+    def add_run(
+        self, program: str, parties: list[RunProfile | None], wall_s: float, io_bytes: int = 0, compile_s: float = 0.0
+    ) -> None:
         """Fold one run (one profile per party, ``None`` where a party was not profiled) in."""
         self.runs += 1
         self.wall_s += wall_s

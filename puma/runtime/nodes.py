@@ -31,11 +31,11 @@ import threading
 import time
 
 from puma.errors import PumaError
+from puma.runtime import wire
 from puma.runtime.config import PartySpec, ProtocolConfig, Topology
-from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.cost import RunProfile
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
-from puma.runtime import wire
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ class PartyServer:
         from puma.runtime.party import ProcessLog
 
         self.process_log = ProcessLog.get(self.log_path)
-        log.info("party %s (rank %d) ready: control %s, link %s", self.spec.id, self.rank, self.spec.control, self.spec.link)
+        log.info(
+            "party %s (rank %d) ready: control %s, link %s", self.spec.id, self.rank, self.spec.control, self.spec.link
+        )
         while True:
             try:
                 channel = wire.accept(self.server, self.topology.auth_key, self.topology.tls)
@@ -188,16 +190,7 @@ class PartyServer:
         self._require().install(key, name, code)
 
     def _cmd_run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
-        party = self._require()
-        start = self.process_log.mark()
-        seconds = party.run(key, inputs, outputs)
-        blocks = parse_profiles(self.process_log.read_from(start))
-        if not blocks:
-            return None
-        block = blocks[-1]
-        block.link.rank = self.rank
-        block.link.seconds = seconds
-        return block
+        return self._require().run_profiled(key, inputs, outputs, self.process_log)
 
     def _cmd_collect(self, names: list[str]) -> PartyShares:
         return self._require().send(names)
@@ -218,8 +211,9 @@ def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> N
 
 
 def _party_main(topology: Topology, rank: int, log_path: str, verbose: int) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"%(asctime)s party{rank} %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
+    )
     try:
         serve_party(topology, rank, log_path)
     except PumaError as err:
@@ -243,8 +237,11 @@ def exit_cause(topology: Topology, log_path: str) -> str:
     if not errors:
         return "see its log " + log_path
     kind, detail = errors[-1].group(1), errors[-1].group(2)
-    reason = {"Not connected to": "peer unreachable", "Get data timeout": "no message within recv_s",
-              "connect to mesh failed": "could not connect"}[kind]
+    reason = {
+        "Not connected to": "peer unreachable",
+        "Get data timeout": "no message within recv_s",
+        "connect to mesh failed": "could not connect",
+    }[kind]
     for spec in topology.parties:
         if spec.link in kind + detail:
             return f"its link to {spec.id} ({spec.link}) failed ({reason})"
@@ -291,8 +288,12 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
                 status = proc.exitcode if proc.exitcode > 0 else 1
                 if proc.exitcode != _STARTUP_FAILED:  # a startup failure has printed its own line
                     others = "; stopping the other parties" if len(procs) > 1 else ""
-                    print(f"puma: error: party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
-                          f"{exit_cause(topology, path)}{others}", file=sys.stderr, flush=True)
+                    print(
+                        f"puma: error: party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
+                        f"{exit_cause(topology, path)}{others}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 break
             stop.wait(0.2)
     finally:
@@ -347,7 +348,8 @@ class NodesMesh(Mesh):
                 if time.monotonic() >= deadline:
                     raise PumaError(
                         f"party {spec.id} (rank {spec.rank}) at {spec.control} is unreachable after "
-                        f"{self.topology.connect_timeout_s:.0f} s: {_first_line(err)}; is it started (puma node up/start)?"
+                        f"{self.topology.connect_timeout_s:.0f} s: {_first_line(err)}; "
+                        "is it started (puma node up/start)?"
                     ) from err
                 time.sleep(0.3)
 
@@ -368,7 +370,9 @@ class NodesMesh(Mesh):
                 else:
                     errors.append((rank, f"party {spec.id} (rank {rank}): {value}"))
             except (wire.ChannelClosed, OSError) as err:
-                errors.append((rank, f"party {spec.id} (rank {rank}) died or dropped the connection ({_first_line(err)})"))
+                errors.append(
+                    (rank, f"party {spec.id} (rank {rank}) died or dropped the connection ({_first_line(err)})")
+                )
             with done:
                 finished[rank] = True
                 done.notify_all()
@@ -381,7 +385,9 @@ class NodesMesh(Mesh):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     slow = [self.topology.parties[r].id for r in range(self.world_size) if not finished[r]]
-                    raise PumaError(f"parties {', '.join(slow)} did not answer {messages[0][0]!r} within {timeout:.0f} s")
+                    raise PumaError(
+                        f"parties {', '.join(slow)} did not answer {messages[0][0]!r} within {timeout:.0f} s"
+                    )
                 done.wait(None if left is None else min(left, 1.0))
         if errors:
             raise PumaError(errors[0][1])  # the first failure seen; later ones are its fallout

@@ -19,6 +19,7 @@ import time
 import spu
 import spu.libspu as libspu
 
+from puma.runtime.cost import RunProfile, parse_profiles
 from puma.runtime.roles import PartyShares
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,21 @@ class ComputeParty:
         start = time.perf_counter()
         self.runtime.run(executable)
         return time.perf_counter() - start
+
+    def run_profiled(
+        self, key: str, inputs: list[str], outputs: list[str], process_log: ProcessLog
+    ) -> RunProfile | None:
+        """Run ``key`` in a process whose SPU log belongs to this party alone; its profile block
+        (link totals and per-op costs, seconds measured here)."""
+        start = process_log.mark()
+        seconds = self.run(key, inputs, outputs)
+        blocks = parse_profiles(process_log.read_from(start))
+        if not blocks:
+            return None
+        block = blocks[-1]
+        block.link.rank = self.rank
+        block.link.seconds = seconds
+        return block
 
     def send(self, names: list[str]) -> PartyShares:
         """This party's shares of ``names`` (outputs, for the client)."""

@@ -19,7 +19,7 @@ import warnings
 
 from puma.errors import PumaError
 from puma.runtime.config import ProtocolConfig
-from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.cost import RunProfile
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
 
@@ -69,15 +69,7 @@ class PartyActor:
         self.party.install(key, name, code)
 
     def run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
-        start = self.process_log.mark()
-        seconds = self.party.run(key, inputs, outputs)
-        blocks = parse_profiles(self.process_log.read_from(start))
-        if not blocks:
-            return None
-        block = blocks[-1]
-        block.link.rank = self.rank
-        block.link.seconds = seconds
-        return block
+        return self.party.run_profiled(key, inputs, outputs, self.process_log)
 
     def send(self, names: list[str]) -> PartyShares:
         return self.party.send(names)
@@ -151,8 +143,11 @@ class RayMesh(Mesh):
         try:
             addresses = self._get([a.address.remote() for a in self.actors], "start")
             config = protocol.runtime_config().SerializeToString()
-            self._get([a.open.remote(addresses, config, recv_timeout_s) for a in self.actors], "open links",
-                      timeout=recv_timeout_s + 30)
+            self._get(
+                [a.open.remote(addresses, config, recv_timeout_s) for a in self.actors],
+                "open links",
+                timeout=recv_timeout_s + 30,
+            )
         except BaseException:
             self.close()
             raise
@@ -192,7 +187,7 @@ class RayMesh(Mesh):
         total = 0
         try:
             self.owner_pid = self._get([owner.pid.remote()], "start", who=["the model owner"])[0]
-            while (chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]):
+            while chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]:
                 refs, nbytes = chunk
                 self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
                 total += nbytes

@@ -80,7 +80,9 @@ class ModelOwner:
 
     def names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""
-        return {self.PREFIX + k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in flatten(self._params).items()}
+        return {
+            self.PREFIX + k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in flatten(self._params).items()
+        }
 
     def share_chunks(self, io: spu.Io, world_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[PartyShares]]:
         """Secret-share the weights a chunk at a time: per chunk of tensors (about ``chunk_bytes``
@@ -103,7 +105,9 @@ class ModelOwner:
 
     @staticmethod
     def _bundles(io, world_size: int, named: dict) -> list[PartyShares]:
-        return [PartyShares(r, vals) for r, vals in enumerate(_split(io, named, libspu.Visibility.VIS_SECRET, world_size))]
+        return [
+            PartyShares(r, vals) for r, vals in enumerate(_split(io, named, libspu.Visibility.VIS_SECRET, world_size))
+        ]
 
 
 class Client:

@@ -99,7 +99,9 @@ class _Compiled:
 
 
 def _avals(tree):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype), tree)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype), tree
+    )
 
 
 def _leaf_names(prefix: str, tree) -> list[str]:
@@ -138,16 +140,26 @@ class SecureSession(Session):
         owner = ModelOwner(params)
         self.params_io_bytes = deliver_weights(self.mesh, owner, self.io)
         self._param_avals = _avals(params)
-        log.info("shared %d weight tensors (%.1f MB of shares) to %d parties", len(owner.names()),
-                 self.params_io_bytes / 1e6, self.world_size)
+        log.info(
+            "shared %d weight tensors (%.1f MB of shares) to %d parties",
+            len(owner.names()),
+            self.params_io_bytes / 1e6,
+            self.world_size,
+        )
 
     def load_from_owner(self, spec: OwnerSpec, param_avals: dict) -> None:
         """Let the model owner share its weights to the parties itself; the driver (client)
         knows only their shapes (``param_avals``) and never holds them."""
-        self.params_io_bytes = self.mesh.owner_upload(spec, self.protocol_config.runtime_config(profile=False).SerializeToString())
+        self.params_io_bytes = self.mesh.owner_upload(
+            spec, self.protocol_config.runtime_config(profile=False).SerializeToString()
+        )
         self._param_avals = param_avals
-        log.info("model owner shared %s (%.1f MB of shares) to %d parties", spec.source, self.params_io_bytes / 1e6,
-                 self.world_size)
+        log.info(
+            "model owner shared %s (%.1f MB of shares) to %d parties",
+            spec.source,
+            self.params_io_bytes / 1e6,
+            self.world_size,
+        )
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -169,26 +181,47 @@ class SecureSession(Session):
             return jax.tree_util.tree_leaves(reveal) + jax.tree_util.tree_leaves(new_state)
 
         inputs = (
-            _leaf_names(ModelOwner.PREFIX, self._param_avals) + _leaf_names("s:{slot}:", state_avals)
-            + _leaf_names("i:", secret) + _leaf_names("u:", public)
+            _leaf_names(ModelOwner.PREFIX, self._param_avals)
+            + _leaf_names("s:{slot}:", state_avals)
+            + _leaf_names("i:", secret)
+            + _leaf_names("u:", public)
         )
         outputs = [f"o:{i}" for i in range(len(reveal_leaves))] + _leaf_names("s:{slot}:", new_state_avals)
         n_secret = len(jax.tree_util.tree_leaves((self._param_avals, state_avals, secret)))
-        visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (len(flat_args) - n_secret)
+        visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
+            len(flat_args) - n_secret
+        )
         executable, _ = spu_fe.compile(
-            spu_fe.Kind.JAX, flat_fn, flat_args, {}, [f"in{i}" for i in range(len(flat_args))], visibility,
-            lambda outs: [f"out{i}" for i in range(len(outs))], copts=self.protocol_config.compiler_options(),
+            spu_fe.Kind.JAX,
+            flat_fn,
+            flat_args,
+            {},
+            [f"in{i}" for i in range(len(flat_args))],
+            visibility,
+            lambda outs: [f"out{i}" for i in range(len(outs))],
+            copts=self.protocol_config.compiler_options(),
         )
         key = f"{program.name}-{hashlib.sha1(executable.code).hexdigest()[:12]}"
         if key not in self._installed:
             self.mesh.install(key, program.name, executable.code)
             self._installed.add(key)
-        compiled = _Compiled(key, inputs, outputs, reveal_tree, len(reveal_leaves),
-                             new_state_avals if jax.tree_util.tree_leaves(new_state_avals) else None)
+        compiled = _Compiled(
+            key,
+            inputs,
+            outputs,
+            reveal_tree,
+            len(reveal_leaves),
+            new_state_avals if jax.tree_util.tree_leaves(new_state_avals) else None,
+        )
         self._compiled[cache_key] = compiled
         self._compile_s += time.perf_counter() - started
-        log.info("compiled %s (%d inputs, %d outputs, %d KB of pphlo)", program.name, len(inputs), len(outputs),
-                 len(executable.code) // 1024)
+        log.info(
+            "compiled %s (%d inputs, %d outputs, %d KB of pphlo)",
+            program.name,
+            len(inputs),
+            len(outputs),
+            len(executable.code) // 1024,
+        )
         return compiled
 
     def _run(self, program, secret, public, state):
@@ -200,11 +233,12 @@ class SecureSession(Session):
         if compiled.state_avals is not None and not state:
             raise PumaError(f"program {program.name} keeps state: run it with a state slot")
 
-        bundles = self.client.share({f"i:{k}": v for k, v in _flat_named(secret).items()},
-                                    {f"u:{k}": v for k, v in _flat_named(public).items()})
+        bundles = self.client.share(
+            {f"i:{k}": v for k, v in _flat_named(secret).items()}, {f"u:{k}": v for k, v in _flat_named(public).items()}
+        )
         self.mesh.deliver(bundles)
         profiles = self.mesh.run(compiled.key, inputs, outputs)
-        reveal_names = outputs[:compiled.reveal_count]
+        reveal_names = outputs[: compiled.reveal_count]
         shares = self.mesh.collect(reveal_names)
         self.mesh.drop([n for n in inputs if n[:2] in ("i:", "u:")] + reveal_names)
         plain = self.client.reconstruct(shares)

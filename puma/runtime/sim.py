@@ -73,7 +73,9 @@ def _all(fns_args) -> list:
         w.join()
     for rank, w in enumerate(workers):
         if w.error is not None:
-            raise PumaError(f"sim: party {rank} failed: {str(w.error).splitlines()[0] if str(w.error) else w.error!r}") from w.error
+            raise PumaError(
+                f"sim: party {rank} failed: {str(w.error).splitlines()[0] if str(w.error) else w.error!r}"
+            ) from w.error
     return [w.result for w in workers]
 
 
