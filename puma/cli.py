@@ -357,7 +357,7 @@ def cmd_node_up(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return supervise(topology, list(range(topology.world_size)), args.log_dir, args.verbose)
+    return _report_parties(supervise(topology, list(range(topology.world_size)), args.log_dir, args.verbose))
 
 
 def cmd_node_start(args) -> int:
@@ -367,7 +367,14 @@ def cmd_node_start(args) -> int:
     topology = Topology.from_yaml(args.config)
     if not 0 <= args.rank < topology.world_size:
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
-    return supervise(topology, [args.rank], args.log_dir, args.verbose)
+    return _report_parties(supervise(topology, [args.rank], args.log_dir, args.verbose))
+
+
+def _report_parties(outcome: tuple[int, str | None]) -> int:
+    status, message = outcome
+    if message:
+        print(f"puma: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

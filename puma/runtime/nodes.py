@@ -257,12 +257,13 @@ def _describe_status(code: int) -> str:
     return f"exited with status {code}"
 
 
-def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0) -> int:
+def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0) -> tuple[int, str | None]:
     """Run parties ``ranks`` of ``topology`` as child processes and watch their exit codes.
 
     yacl may ``exit(-1)`` a party whose link fails, so waiting is not enough: when a party ends,
-    one line says which and why, the other local parties are stopped, and the status is
-    non-zero. SIGINT/SIGTERM stop every party cleanly (status 0).
+    the other local parties are stopped and (status, one line saying which party and why) is
+    returned; the line is None when the party printed its own (it failed to start).
+    SIGINT/SIGTERM stop every party cleanly: (0, None).
     """
     os.makedirs(log_dir, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
@@ -278,7 +279,7 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    status = 0
+    status, message = 0, None
     try:
         while not stop.is_set():
             dead = [(rank, proc, path) for rank, (proc, path) in procs.items() if proc.exitcode is not None]
@@ -288,11 +289,9 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
                 status = proc.exitcode if proc.exitcode > 0 else 1
                 if proc.exitcode != _STARTUP_FAILED:  # a startup failure has printed its own line
                     others = "; stopping the other parties" if len(procs) > 1 else ""
-                    print(
-                        f"puma: error: party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
-                        f"{exit_cause(topology, path)}{others}",
-                        file=sys.stderr,
-                        flush=True,
+                    message = (
+                        f"party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
+                        f"{exit_cause(topology, path)}{others}"
                     )
                 break
             stop.wait(0.2)
@@ -306,7 +305,7 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
                 proc.kill()
         for s, handler in old.items():
             signal.signal(s, handler)
-    return status
+    return status, message
 
 
 # -- driver side -----------------------------------------------------------------------------
