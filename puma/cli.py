@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--suites", nargs="+", default=["stories", "wikitext", "fxp", "sst2"])
     ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
     ba.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
-    ba.add_argument("--sst2-limit", type=int, help="evaluate only this many SST-2 test sentences (default: all 436)")
+    ba.add_argument(
+        "--sst2-limit",
+        type=int,
+        help="evaluate the first N SST-2 test sentences, rounded up to chunks of 64 (default: all 436)",
+    )
     ba.add_argument("--model", help="causal LM for the WikiText-2 suite (default: stories260K)")
     ba.add_argument("--data", help="offline data folder (default: ../shared/data)")
     ba.add_argument("--out", default="bench-results/accuracy.json")
