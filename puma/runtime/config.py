@@ -92,15 +92,6 @@ class ProtocolConfig:
     def describe(self) -> str:
         return f"{self.protocol}/{self.field}/{self.fxp_bits}"
 
-    def to_dict(self) -> dict:
-        return {
-            "protocol": self.protocol,
-            "field": self.field,
-            "fxp_bits": self.fxp_bits,
-            "runtime": dict(self.runtime),
-            "compiler": dict(self.compiler),
-        }
-
 
 def _spu_enum(owner, field: str, value: str):
     """Resolve an enum value given by name, e.g. ``fxp_exp_mode="EXP_TAYLOR"``."""

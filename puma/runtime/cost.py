@@ -169,18 +169,6 @@ class CostReport:
             for name, op in profile.ops.items():
                 self.per_op.setdefault(name, OpCost()).add(op)
 
-    def merge(self, other: "CostReport") -> None:
-        for mine, theirs in zip(self.per_party, other.per_party):
-            mine.add(theirs)
-        for name, op in other.per_op.items():
-            self.per_op.setdefault(name, OpCost()).add(op)
-        self.wall_s += other.wall_s
-        self.compile_s += other.compile_s
-        self.runs += other.runs
-        self.io_bytes += other.io_bytes
-        for name, n in other.runs_by_program.items():
-            self.runs_by_program[name] = self.runs_by_program.get(name, 0) + n
-
     def to_dict(self) -> dict:
         """JSON-ready form: ``per_party``, ``total_bytes_sent``, ``total_send_actions``, ``wall_s``, ..."""
         return {
