@@ -191,7 +191,7 @@ def run(
 ) -> dict:
     folder = data.data_dir(data_path)
     wikitext_model = wikitext_model or str(folder / "stories260K.gguf")
-    config = {"sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18", "wikitext_model": wikitext_model}
+    config = {"backend": backend, "protocol": "aby3/FM64/18", "wikitext_model": wikitext_model}  # sets choose cells
     store = CellStore(out, config, resume=resume)
     results = {}
     if "stories" in suites:
@@ -202,7 +202,7 @@ def run(
         results["fxp"] = fxp_sweep(store, sets[-1], backend, folder, sentences=8, tokens=128)
     if "sst2" in suites:
         results["sst2"] = sst2(store, sets, backend, folder, sst2_limit)
-    store.data["results"] = results
+    store.data.setdefault("results", {}).update(results)  # suites run separately add up
     store.save()
     return store.data
 

@@ -237,7 +237,7 @@ def run(
     resume: bool = True,
 ) -> dict:
     """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable)."""
-    config = {"rows": list(rows), "sets": list(sets), "backend": backend, "protocol": "aby3/FM64/18", "sizes": sizes}
+    config = {"backend": backend, "protocol": "aby3/FM64/18"}  # rows, sizes and sets only choose cells
     store = CellStore(out, config, resume=resume)
     plan = []
     for name in rows:

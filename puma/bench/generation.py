@@ -87,9 +87,7 @@ def run(
     data_path: str | None = None,
     resume: bool = True,
 ) -> dict:
-    config = {
-        "models": list(models),
-        "sets": list(sets),
+    config = {  # models and sets only choose cells
         "backend": backend,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
