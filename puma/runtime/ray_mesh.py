@@ -13,6 +13,7 @@ in the object store and passes only the reference to that party's actor.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 import warnings
@@ -26,6 +27,18 @@ from puma.runtime.secure import Mesh
 log = logging.getLogger(__name__)
 
 
+def _normal_priority() -> None:
+    """Undo the low CPU priority (nice 15) Ray gives worker processes, where allowed.
+
+    The parties advance in lock step: one starved party stalls the other two, so a party
+    actor runs at the priority of an ordinary process.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError) as err:
+        log.info("party actor keeps Ray's worker priority: %s", err)
+
+
 class PartyActor:
     """Body of the Ray actor hosting one computing party (wrapped by ``ray.remote`` lazily)."""
 
@@ -33,6 +46,7 @@ class PartyActor:
         self.rank = rank
         self.party = None
         self.process_log = None
+        _normal_priority()
 
     def address(self) -> str:
         """A free TCP port on this actor's node for the party's MPC link."""
@@ -87,6 +101,7 @@ class OwnerActor:
         import spu
         import spu.libspu as libspu
 
+        _normal_priority()
         from puma.runtime.roles import ModelOwner
 
         config = libspu.RuntimeConfig()
@@ -94,8 +109,6 @@ class OwnerActor:
         self._chunks = ModelOwner.from_spec(spec).share_chunks(spu.Io(world_size, config), world_size)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def next_chunk(self) -> tuple[list, int] | None:
