@@ -163,10 +163,39 @@ def embed(ids, table):
     return jnp.einsum("...v,vd->...d", onehot, table)
 
 
+# -- Greedy token: tournament argmax -------------------------------------------------------------
+
+
+def argmax(x):
+    """Index of the largest entry over the last axis (first one on ties), by a pairwise tournament.
+
+    Round r compares neighbours (2j, 2j+1) of the surviving values and keeps the larger with its
+    index: ``take = x[2j+1] > x[2j]; x' = where(take, x[2j+1], x[2j]); i' = where(take, ...)``; an
+    odd last entry passes to the next round unchanged. Neighbouring pairs keep surviving blocks
+    in index order, so a strict ``>`` keeps the first maximum, exactly like ``jnp.argmax``.
+    ceil(log2 n) rounds, n - 1 comparisons and selects in all.
+    Source: the standard log-depth max tree (as in CrypTen's log-reduction argmax); SPU
+    lowers ``jnp.argmax`` through a generic variadic reduce that selects on more operands.
+    Domain: any values. Error: none (same index as ``jnp.argmax``, ties included; asserted in
+    plaintext and under SPU). Measured at a GPT-2 vocabulary row (50257): 8.8 MB over the three
+    parties and 542 send actions, against 41.3 MB and 2309 for SPU's ``jnp.argmax``.
+    """
+    index = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    while x.shape[-1] > 1:
+        pairs = x.shape[-1] // 2 * 2
+        first, second = x[..., 0:pairs:2], x[..., 1:pairs:2]  # [..., n // 2] each
+        take = second > first
+        winners = jnp.where(take, second, first)
+        winner_index = jnp.where(take, index[..., 1:pairs:2], index[..., 0:pairs:2])
+        x = jnp.concatenate([winners, x[..., pairs:]], axis=-1)  # [..., ceil(n / 2)]
+        index = jnp.concatenate([winner_index, index[..., pairs:]], axis=-1)
+    return index[..., 0]
+
+
 #: SPU settings PUMA relies on: one reciprocal per softmax row broadcast to the row.
 PUMA_SPU = SpuSettings(compiler=(("enable_optimize_denominator_with_broadcast", True),))
 
-#: tanh (BERT's pooler, one row per sentence) and argmax stay SPU's own.
+#: tanh (BERT's pooler, one row per sentence) stays SPU's own.
 OPS = dataclasses.replace(
     exact.OPS,
     name="puma",
@@ -177,6 +206,7 @@ OPS = dataclasses.replace(
     layer_norm=layer_norm,
     rms_norm=rms_norm,
     embed=embed,
+    argmax=argmax,
     spu=PUMA_SPU,
     description="PUMA (arXiv 2307.12533): piecewise GeLU/SiLU, clipped Taylor softmax, rsqrt norms, one-hot embedding",
 )

@@ -2,7 +2,8 @@
 
 Oracle: the exact functions (erf GeLU, x*sigmoid(x), float softmax, LayerNorm/RMSNorm in float)
 on each function's domain (``puma.bench.functions.accuracy_cases``: GeLU/SiLU on [-10, 10],
-softmax rows of 128 scores in [-20, 20] half masked, norm rows of 768, embeddings of random ids).
+softmax rows of 128 scores in [-20, 20] half masked, norm rows of 768, embeddings of random ids,
+argmax over rows of 1001 logits with many exact ties, where the index must equal ``np.argmax``'s).
 One shared base run per set and backend computes every function's error; BOUNDS holds the bound
 each docstring states (measured value rounded up). Exact point values of PUMA's piecewise
 definitions are checked against a direct numpy evaluation of the paper's formulas.
@@ -29,6 +30,7 @@ BOUNDS = {
         "layer_norm": (1e-6, 1.1e-2),
         "rms_norm": (1e-6, 4e-3),
         "embed": (0.0, 5e-6),
+        "argmax": (0.0, 0.0),
     },
     "puma-fast": {
         "gelu": (7.2e-3, 7.5e-3),
@@ -37,6 +39,7 @@ BOUNDS = {
         "layer_norm": (3e-6, 2.5e-4),
         "rms_norm": (3e-6, 2.5e-4),
         "embed": (0.0, 5e-6),
+        "argmax": (0.0, 0.0),
     },
     "mpcformer": {
         "gelu": (10.5, 10.5),
@@ -45,6 +48,7 @@ BOUNDS = {
         "layer_norm": (1e-6, 1.1e-2),
         "rms_norm": (1e-6, 4e-3),
         "embed": (0.0, 5e-6),
+        "argmax": (0.0, 0.0),
     },
     "spu": {
         "gelu": (0.0, 5e-4),
@@ -53,6 +57,7 @@ BOUNDS = {
         "layer_norm": (0.0, 1.1e-2),
         "rms_norm": (0.0, 4e-3),
         "embed": (0.0, 5e-6),
+        "argmax": (0.0, 0.0),
     },
 }
 SLACK = 1.001  # float32 rounding of the measured bounds
@@ -81,7 +86,7 @@ def base_run(request, cases):
         return name, F.function_errors(plain, name, cases), F.function_errors(secure, name, cases)
 
 
-@pytest.mark.parametrize("function", ["gelu", "silu", "softmax", "layer_norm", "rms_norm", "embed"])
+@pytest.mark.parametrize("function", ["gelu", "silu", "softmax", "layer_norm", "rms_norm", "embed", "argmax"])
 def test_error_bound(base_run, function):
     name, plain, secure = base_run
     _check(plain, name, function, 0)

@@ -2,9 +2,9 @@
 
 ``function_errors`` compares a set's functions with the exact ones on the input domains a
 Transformer sees (GeLU/SiLU on [-10, 10], softmax rows of 128 scores in [-20, 20] with masks,
-LayerNorm/RMSNorm rows of 768, the embedding of random ids), in plaintext or under a secure
+LayerNorm/RMSNorm rows of 768, the embedding of random ids, argmax of rows with many ties), in plaintext or under a secure
 backend. ``function_costs`` measures bytes and send actions of each function at BERT-base
-shapes under SPU. Both feed ``scripts/bench_protocols.py`` and the protocol tests.
+shapes (argmax: one decode step's GPT-2 logits) under SPU. Both feed ``scripts/bench_protocols.py`` and the protocol tests.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def accuracy_cases(points: int = 20001, rows: int = 64, seed: int = 0) -> list[C
     bias = rng.uniform(-0.5, 0.5, 768).astype(np.float32)
     table = rng.standard_normal((1000, 16)).astype(np.float32)
     ids = rng.integers(0, 1000, (rows,)).astype(np.int32)
+    logits = rng.integers(-40, 40, (rows, 1001)).astype(np.float32) / 4  # many exact ties; odd width
     return [
         Case("gelu", lambda o, s, p: o.gelu(s["x"]), {"x": grid}, {}),
         Case("silu", lambda o, s, p: o.silu(s["x"]), {"x": grid}, {}),
@@ -73,11 +74,12 @@ def accuracy_cases(points: int = 20001, rows: int = 64, seed: int = 0) -> list[C
         ),
         Case("rms_norm", lambda o, s, p: o.rms_norm(s["x"], s["w"], 1e-6), {"x": x768, "w": weight}, {}),
         Case("embed", lambda o, s, p: o.embed(s["ids"], s["table"]), {"ids": ids, "table": table}, {}, _onehot_ids),
+        Case("argmax", lambda o, s, p: o.argmax(s["x"]), {"x": logits}, {}),
     ]
 
 
 def cost_cases(seed: int = 0) -> list[Case]:
-    """Functions at BERT-base shapes (one layer, 128 tokens)."""
+    """Functions at BERT-base shapes (one layer, 128 tokens); argmax over one GPT-2 vocabulary row."""
     rng = np.random.default_rng(seed)
     scores = rng.uniform(-8.0, 8.0, (12, 128, 128)).astype(np.float32)
     return [
@@ -108,6 +110,7 @@ def cost_cases(seed: int = 0) -> list[Case]:
             {},
             _onehot_ids,
         ),
+        Case("argmax", lambda o, s, p: o.argmax(s["x"]), {"x": rng.normal(0, 3, (1, 50257)).astype(np.float32)}, {}),
     ]
 
 

@@ -142,10 +142,10 @@ def markdown(result: dict) -> str:
             )
     lines += [
         "",
-        "Cost at BERT-base shapes, MB sent by all parties (send actions):",
+        "Cost at BERT-base shapes (argmax: one GPT-2 decode step), MB sent by all parties (send actions):",
         "",
-        "| set | GeLU 128x3072 | softmax 12x128x128 | LayerNorm 128x768 | embedding 128 x 30522 |",
-        "|---|---|---|---|---|",
+        "| set | GeLU 128x3072 | softmax 12x128x128 | LayerNorm 128x768 | embedding 128 x 30522 | argmax 50257 |",
+        "|---|---|---|---|---|---|",
     ]
     for s in sets:
         cost = cells.get(f"costs/{s}")
@@ -153,8 +153,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {s} | "
                 + " | ".join(
-                    f"{cost[f]['bytes_sent'] / 1e6:.1f} ({cost[f]['send_actions']})"
-                    for f in ("gelu", "softmax", "layer_norm", "embed")
+                    f"{cost[f]['bytes_sent'] / 1e6:.1f} ({cost[f]['send_actions']})" if f in cost else "-"
+                    for f in ("gelu", "softmax", "layer_norm", "embed", "argmax")
                 )
                 + " |"
             )
