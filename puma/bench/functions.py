@@ -2,9 +2,10 @@
 
 ``function_errors`` compares a set's functions with the exact ones on the input domains a
 Transformer sees (GeLU/SiLU on [-10, 10], softmax rows of 128 scores in [-20, 20] with masks,
-LayerNorm/RMSNorm rows of 768, the embedding of random ids, argmax of rows with many ties), in plaintext or under a secure
-backend. ``function_costs`` measures bytes and send actions of each function at BERT-base
-shapes (argmax: one decode step's GPT-2 logits) under SPU. Both feed ``scripts/bench_protocols.py`` and the protocol tests.
+LayerNorm/RMSNorm rows of 768, the embedding of random ids, argmax of rows with many ties), in
+plaintext or under a secure backend. ``function_costs`` measures bytes and send actions of each
+function at BERT-base shapes (argmax: one decode step's GPT-2 logits) under SPU. Both feed
+``scripts/bench_protocols.py`` and the protocol tests.
 """
 
 from __future__ import annotations
