@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 from scipy.optimize import minimize
@@ -129,7 +130,8 @@ def wikitext_lm(store: CellStore, sets, backend: str, folder, model: str, lines:
     for name in sets:
         with SecureModel.from_pretrained(model, approx=name, backend=backend) as m:
             out[name] = store.measure(
-                f"wikitext/{model}/{name}/{lines}x{tokens}", lambda: fidelity.lm_agreement(m, reference, texts)
+                f"wikitext/{os.path.basename(model)}/{name}/{lines}x{tokens}",
+                lambda: fidelity.lm_agreement(m, reference, texts),
             )
     return out
 
