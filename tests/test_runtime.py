@@ -153,3 +153,75 @@ def test_cli_json_stats(backend, capsys, stories_gguf):
     assert out["backend"] == name and len(out["tokens"]) == 2
     assert {"per_party", "total_bytes_sent", "total_send_actions", "wall_s"} <= set(stats)
     assert stats["total_bytes_sent"] == sum(p["bytes_sent"] for p in stats["per_party"]) > 0
+
+
+def _profile_block(rng, rank: int, run: str) -> list[str]:
+    """Party ``rank``'s profile block in SPU's log format as the sim backend makes it: random op
+    costs by decreasing duration, and ``rank`` executions of the stagger marker."""
+    from puma.runtime.sim import MARKER_OP
+
+    prefix = "2026-11-22 04:25:35.940 [info] [api.cc:printProfilingData:223] "
+    ops = list(rng.choice(["pphlo.dot", "pphlo.less", "pphlo.multiply", "pphlo.select", "pphlo.reduce"], 4, False))
+    counts = [3] * len(ops)
+    costs = rng.integers(1, 10**6, (len(ops), 4))
+    if rank:
+        ops, counts, costs = ops + [MARKER_OP], counts + [rank], np.vstack([costs, np.zeros((1, 4), int)])
+    durations = rng.uniform(0.01, 5.0, len(ops))
+    order = np.argsort(-durations)
+    lines = [
+        f"{prefix}[Profiling] SPU execution {run}@r{rank} completed, input processing took 0.0003s, "
+        f"execution took {durations.sum():.6f}s, output processing took 3e-05s, total time 1.0s.",
+        f"{prefix}HLO profiling: total time {durations.sum():.6f}",
+    ]
+    for i in order:
+        sb, rb, sa, ra = costs[i]
+        lines.append(
+            f"{prefix}- {ops[i]}, executed {counts[i]} times, duration {durations[i]:.9f}s, send bytes {sb} "
+            f"recv bytes {rb}, send actions {sa}, recv actions {ra}"
+        )
+    sb, rb, sa, ra = costs.sum(0)
+    lines.append(f"{prefix}Link details: total send bytes {sb}, recv bytes {rb}, send actions {sa}, recv actions {ra}")
+    return lines
+
+
+def _interleave(rng, blocks, start_after: int | None) -> list[str]:
+    """The blocks' lines merged in a random order that keeps each block's own order; with
+    ``start_after``, block r begins only after block r-1 has written that many lines (the sim
+    backend's stagger), else anywhere."""
+    cursors, mixed = [0] * len(blocks), []
+    while any(c < len(b) for c, b in zip(cursors, blocks)):
+        ready = [
+            r
+            for r in range(len(blocks))
+            if cursors[r] < len(blocks[r]) and (start_after is None or r == 0 or cursors[r - 1] >= start_after)
+        ]
+        r = rng.choice(ready)
+        mixed.append(blocks[r][cursors[r]])
+        cursors[r] += 1
+    return mixed
+
+
+@pytest.mark.parametrize("start_after", [None, 4, 6])
+def test_interleaved_profile_blocks_are_untangled_or_refused(start_after):
+    """Parties sharing one log (sim) may write their blocks at once. From any interleaving of
+    their lines the parser recovers every party's block exactly or refuses (never a wrong split);
+    once each block starts a few lines after the previous one, it always recovers them.
+    Oracle: the blocks as written."""
+    from puma.runtime.cost import parse_profiles
+    from puma.runtime.sim import names_its_party
+
+    rng = np.random.default_rng(0)
+    recovered = 0
+    for trial in range(300):
+        blocks = [_profile_block(rng, r, f"run{trial}") for r in range(3)]
+        expected = {b.name: b for b in parse_profiles("\n".join(line for block in blocks for line in block))}
+        try:
+            got = parse_profiles("\n".join(_interleave(rng, blocks, start_after)), accept=names_its_party)
+        except ValueError:
+            assert start_after is None, "a staggered interleaving was refused"
+            continue
+        recovered += 1
+        assert {b.name for b in got} == set(expected)
+        for block in got:
+            assert block.ops == expected[block.name].ops and block.link == expected[block.name].link
+    assert recovered >= (150 if start_after is None else 300)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from puma.api import SecureModel
 from puma.bench import data, fidelity
-from puma.bench.report import CellStore
+from puma.bench.report import CellStore, profiled
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _embed_batch(m: SecureModel, sentences, batch: list[int]) -> dict:
     return {
         "indices": batch,
         "embeddings": result.outputs.round(6).tolist(),
-        "bytes_sent": result.cost.total_bytes_sent,
+        "bytes_sent": profiled(result.cost).total_bytes_sent,
         "wall_s": round(result.cost.wall_s, 2),
     }
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from puma import tasks
 from puma.api import SecureModel
+from puma.bench.report import profiled
 
 
 def preset_logit_error(secure: SecureModel, reference: SecureModel, seed: int = 0) -> dict:
@@ -33,7 +34,11 @@ def preset_logit_error(secure: SecureModel, reference: SecureModel, seed: int = 
         got = tasks.encode(secure.session, model, secure.ops, ids, types, mask, "mean")
         want = tasks.encode(reference.session, model, reference.ops, ids, types, mask, "mean")
     diff = np.abs(np.asarray(got.outputs, np.float64) - np.asarray(want.outputs, np.float64))
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "bytes_sent": got.cost.total_bytes_sent}
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "bytes_sent": profiled(got.cost).total_bytes_sent,
+    }
 
 
 def embedding_cosines(secure: SecureModel, reference: SecureModel, sentences: Sequence[str], batch: int = 8) -> dict:
@@ -44,7 +49,7 @@ def embedding_cosines(secure: SecureModel, reference: SecureModel, sentences: Se
         got = secure.embed(chunk)
         want = reference.embed(chunk).outputs
         cosines += [float(c) for c in np.sum(got.outputs * want, axis=-1)]
-        nbytes += got.cost.total_bytes_sent
+        nbytes += profiled(got.cost).total_bytes_sent
         wall += got.cost.wall_s
     return {
         "cosines": cosines,
@@ -75,7 +80,7 @@ def lm_agreement(secure: SecureModel, reference: SecureModel, token_lists: Seque
         got = secure.logits([ids])
         want = reference.logits([ids]).outputs[0]
         logits = got.outputs[0]
-        nbytes += got.cost.total_bytes_sent
+        nbytes += profiled(got.cost).total_bytes_sent
         agree += int(np.sum(np.argmax(logits, -1) == np.argmax(want, -1)))
         total += len(ids)
         targets = np.asarray(ids[1:])
@@ -106,6 +111,6 @@ def greedy_match(secure: SecureModel, reference: SecureModel, prompt: str, new_t
             min(len(got.tokens[0]), len(want.tokens[0])),
         ),
         "text": got.texts[0],
-        "bytes_sent": got.cost.total_bytes_sent,
+        "bytes_sent": profiled(got.cost).total_bytes_sent,
         "wall_s": round(got.cost.wall_s, 2),
     }

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from puma import protocols
+from puma.bench.report import profiled
 from puma.program import Program
 from puma.protocols import exact
 from puma.runtime.base import PlaintextSession, Session
@@ -145,6 +146,7 @@ def function_costs(session: Session, set_name: str, cases: list[Case]) -> dict:
         run_case(session, ops, case)  # compile first: the measured run is the second one
         with session.measure() as cost:
             run_case(session, ops, case)
+        profiled(cost)
         out[case.name] = {
             "bytes_sent": cost.total_bytes_sent,
             "send_actions": cost.total_send_actions,

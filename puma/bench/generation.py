@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from puma.api import SecureModel
 from puma.bench import data
-from puma.bench.report import CellStore
+from puma.bench.report import CellStore, profiled
 from puma.errors import PumaError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ def measure(name: str, approx: str, backend: str, prompt_len: int, new_tokens: i
         if len(cached.tokens[0]) < new_tokens:
             raise PumaError(f"{name} stopped at end-of-text after {len(cached.tokens[0])} tokens")
         cacheless = m.generate_ids([prompt], nocache_steps, use_cache=False)
+    profiled(cached.cost)
+    profiled(cacheless.cost)
     prefill, *steps = cached.step_costs
     nocache = cacheless.step_costs
     total = sum(s["bytes_sent"] for s in cached.step_costs)

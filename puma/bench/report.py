@@ -15,6 +15,8 @@ import platform
 import tempfile
 from typing import Any, Callable
 
+from puma.errors import PumaError
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +41,17 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": {"cpus": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform()},
     }
+
+
+def profiled(cost):
+    """``cost`` if every run in it was profiled per party, else ``PumaError`` (a cell must not
+    store undercounted bytes; the benchmark resumes, so running it again measures the cell anew)."""
+    if cost.unprofiled_runs:
+        raise PumaError(
+            f"{cost.unprofiled_runs} run(s) could not be profiled per party (interleaved logs); "
+            "run the benchmark again: completed cells are kept"
+        )
+    return cost
 
 
 class CellStore:

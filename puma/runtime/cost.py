@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 _HEADER = re.compile(r"\[Profiling\] SPU execution (?P<name>\S+) completed, .*execution took (?P<exec>[\d.e+-]+)s")
 _OP = re.compile(
@@ -73,53 +74,119 @@ class RunProfile:
     ops: dict[str, OpCost]
 
 
-def parse_profiles(text: str) -> list[RunProfile]:
-    """Parse every complete profile block in SPU log ``text``, in order.
-
-    A block is ``[Profiling] SPU execution NAME completed ...``, section totals, ``- op`` lines
-    and ``Link details: ...``. The blocks must not interleave (one party per log, or staggered
-    parties, see :mod:`puma.runtime.sim`); each block is checked: its op lines must add up to its
-    link totals, else ``ValueError``.
-    """
-    profiles = []
-    current = None
+def _events(text: str) -> list[tuple]:
+    """The profile lines of ``text`` as ("header", RunProfile) / ("op", name, OpCost) / ("link", PartyCost)."""
+    events = []
     for line in text.splitlines():
         if m := _HEADER.search(line):
-            if current is not None:
-                raise ValueError(f"profile block {current.name} interrupted by {m['name']}")
-            current = RunProfile(m["name"], float(m["exec"]), PartyCost(rank=-1), {})
-        elif current is None:
-            continue
+            events.append(("header", RunProfile(m["name"], float(m["exec"]), PartyCost(rank=-1), {})))
         elif m := _OP.search(line):
-            if m["name"] in current.ops:
-                raise ValueError(f"profile block {current.name} lists {m['name']} twice")
-            current.ops[m["name"]] = OpCost(
-                int(m["count"]), float(m["dur"]), int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"])
-            )
+            cost = OpCost(int(m["count"]), float(m["dur"]), int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"]))
+            events.append(("op", m["name"], cost))
         elif m := _LINK.search(line):
-            current.link = PartyCost(
-                -1, int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"]), current.exec_seconds, 1
-            )
-            _check_block(current)
-            profiles.append(current)
-            current = None
-        elif not _TOTAL.search(line) and "printProfilingData" in line:
-            raise ValueError(f"unexpected profile line in block {current.name}: {line.strip()}")
-    return profiles
+            events.append(("link", PartyCost(-1, int(m["sb"]), int(m["rb"]), int(m["sa"]), int(m["ra"]))))
+        elif "printProfilingData" in line and not _TOTAL.search(line):
+            raise ValueError(f"unexpected profile line: {line.strip()}")
+    return events
 
 
-def _check_block(profile: RunProfile) -> None:
-    sums = OpCost()
-    for op in profile.ops.values():
-        sums.add(op)
-    link = profile.link
-    if (sums.bytes_sent, sums.bytes_recv, sums.send_actions, sums.recv_actions) != (
-        link.bytes_sent,
-        link.bytes_recv,
-        link.send_actions,
-        link.recv_actions,
-    ):
-        raise ValueError(f"profile block {profile.name}: op lines do not add up to the link totals")
+def _sums(ops: dict[str, OpCost]) -> tuple[int, int, int, int]:
+    total = OpCost()
+    for op in ops.values():
+        total.add(op)
+    return total.bytes_sent, total.bytes_recv, total.send_actions, total.recv_actions
+
+
+def parse_profiles(text: str, accept: Callable[[RunProfile], bool] | None = None) -> list[RunProfile]:
+    """Parse every profile block in SPU log ``text``, in the order the blocks complete.
+
+    A block is ``[Profiling] SPU execution NAME completed ...``, section totals, ``- op`` lines
+    (one per op name, by decreasing duration) and ``Link details: ...``. Parties that share a
+    log (the ``sim`` backend's threads) may write their blocks at the same moment, so lines of
+    different blocks can interleave. Each op line is then assigned to one of the blocks open at
+    that point, by search: a block lists an op once, in decreasing duration, and closes on a
+    ``Link details`` line whose four totals (bytes and actions sent and received) its op lines
+    must add up to exactly, and that ``accept`` (if given) approves. Exactly one assignment must
+    satisfy all of that, else ``ValueError`` (two would mean the split between parties is a guess).
+    """
+    blocks: list[RunProfile] = []
+    for segment in _segments(_events(text)):
+        blocks += _assign(segment, accept or (lambda block: True))
+    return blocks
+
+
+#: Steps the search for an assignment may take before giving up on a segment.
+SEARCH_BUDGET = 200_000
+
+
+def _segments(events: list[tuple]) -> list[list[tuple]]:
+    """Split at the points where every block opened so far has closed (nothing to untangle)."""
+    segments, current, open_count = [], [], 0
+    for event in events:
+        if event[0] == "op" and open_count == 0:
+            raise ValueError(f"profile line for {event[1]} outside any block")
+        current.append(event)
+        open_count += {"header": 1, "link": -1}.get(event[0], 0)
+        if open_count < 0:
+            raise ValueError("a Link details line without its block")
+        if open_count == 0:
+            segments.append(current)
+            current = []
+    return segments  # an unfinished block at the end (still being written) is left out
+
+
+def _assign(events: list[tuple], accept: Callable[[RunProfile], bool]) -> list[RunProfile]:
+    """The one assignment of a segment's op lines to its blocks (see :func:`parse_profiles`)."""
+    solutions: dict[tuple, list[RunProfile]] = {}  # equal-valued assignments count once
+    budget = [SEARCH_BUDGET]
+
+    def search(i: int, open_blocks: list[RunProfile], done: list[RunProfile]) -> None:
+        budget[0] -= 1
+        if len(solutions) > 1 or budget[0] < 0:
+            return
+        if i == len(events):
+            solution = [_copy(b) for b in done]
+            solutions.setdefault(_value(solution), solution)
+            return
+        kind = events[i][0]
+        if kind == "header":
+            search(i + 1, open_blocks + [events[i][1]], done)
+        elif kind == "op":
+            _, name, cost = events[i]
+            for block in open_blocks:
+                last = min((o.seconds for o in block.ops.values()), default=float("inf"))
+                if name not in block.ops and cost.seconds <= last:
+                    block.ops[name] = cost
+                    search(i + 1, open_blocks, done)
+                    del block.ops[name]
+        else:
+            link = events[i][1]
+            for block in open_blocks:
+                totals = (link.bytes_sent, link.bytes_recv, link.send_actions, link.recv_actions)
+                if _sums(block.ops) == totals and accept(block):
+                    block.link = dataclasses.replace(link, seconds=block.exec_seconds, runs=1)
+                    search(i + 1, [b for b in open_blocks if b is not block], done + [block])
+
+    search(0, [], [])
+    names = ", ".join(e[1].name for e in events if e[0] == "header")
+    if budget[0] < 0:
+        raise ValueError(f"profile blocks {names} interleave too finely to untangle")
+    if not solutions:
+        raise ValueError(f"profile blocks {names}: op lines do not add up to the link totals")
+    if len(solutions) > 1:
+        raise ValueError(f"profile blocks {names} interleave ambiguously: the split between parties is unknown")
+    return next(iter(solutions.values()))
+
+
+def _value(blocks: list[RunProfile]) -> tuple:
+    return tuple(
+        (b.name, dataclasses.astuple(b.link), tuple(sorted((k, dataclasses.astuple(v)) for k, v in b.ops.items())))
+        for b in blocks
+    )
+
+
+def _copy(block: RunProfile) -> RunProfile:
+    return RunProfile(block.name, block.exec_seconds, dataclasses.replace(block.link), dict(block.ops))
 
 
 @dataclasses.dataclass
@@ -140,6 +207,7 @@ class CostReport:
     io_bytes: int = 0
     runs_by_program: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
+    unprofiled_runs: int = 0  # runs whose costs could not be attributed per party (left out above)
 
     @classmethod
     def empty(cls, backend: str, protocol: str, world_size: int) -> "CostReport":
@@ -162,6 +230,8 @@ class CostReport:
         self.compile_s += compile_s
         self.io_bytes += io_bytes
         self.runs_by_program[program] = self.runs_by_program.get(program, 0) + 1
+        if any(profile is None for profile in parties):
+            self.unprofiled_runs += 1
         for rank, profile in enumerate(parties):
             if profile is None:
                 continue
@@ -182,6 +252,7 @@ class CostReport:
             "runs": self.runs,
             "runs_by_program": dict(self.runs_by_program),
             "io_bytes": self.io_bytes,
+            "unprofiled_runs": self.unprofiled_runs,
             "per_op": {
                 name: dataclasses.asdict(op)
                 for name, op in sorted(self.per_op.items(), key=lambda kv: (-kv[1].bytes_sent, kv[0]))
@@ -198,6 +269,8 @@ class CostReport:
                 f"received {_fmt_bytes(p.bytes_recv)}, {p.seconds:.2f} s"
             )
         lines.append(f"  total sent: {_fmt_bytes(self.total_bytes_sent)} in {self.total_send_actions} sends")
+        if self.unprofiled_runs:
+            lines.append(f"  ({self.unprofiled_runs} run(s) could not be profiled per party and are not counted)")
         return "\n".join(lines)
 
 

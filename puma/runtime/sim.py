@@ -2,12 +2,14 @@
 in-memory channels, and every party is profiled (SPU's own ``Simulator`` profiles rank 0 only).
 
 All threads share the process's SPU log, and SPU prints a party's profile block when that
-party's run ends, which is the same instant for every party. So that blocks do not interleave,
-party r's copy of each program ends with a public-only marker op (``pphlo.atan2`` on
-``r * STAGGER_ELEMENTS`` constants: no communication, a few milliseconds per rank) that delays
-its block until party r-1's is written. The marker is removed from the reported op costs and
-from the party's seconds; the parser checks every block (its op lines must add up to its link
-totals), and a run whose blocks still mixed is reported as unprofiled rather than guessed.
+party's run ends, which is the same instant for every party. Party r's copy of each program
+therefore ends with r public-only marker ops (``pphlo.atan2`` on ``STAGGER_ELEMENTS``
+constants: no communication, a few milliseconds each). They usually delay its block until party
+r-1's is written, and whatever the timing they name the party inside its block: the parser
+untangles interleaved blocks by their link totals and accepts only the assignment in which the
+block named ``@r<r>`` ran r markers (:func:`puma.runtime.cost.parse_profiles`). The markers are
+removed from the reported op costs and from the party's seconds; a run whose blocks still cannot
+be told apart is reported as unprofiled rather than guessed.
 """
 
 from __future__ import annotations
@@ -25,24 +27,30 @@ from puma.runtime.secure import Mesh
 
 log = logging.getLogger(__name__)
 
-STAGGER_ELEMENTS = 16384
+STAGGER_ELEMENTS = 32768
 MARKER_OP = "pphlo.atan2"
 
 
 def staggered(code: bytes, rank: int) -> bytes:
-    """``code`` with a public ``atan2`` over ``rank * STAGGER_ELEMENTS`` values before its return."""
-    if rank == 0:
-        return code
+    """``code`` with ``rank`` public ``atan2`` ops over ``STAGGER_ELEMENTS`` values each before its
+    return: they delay party r's profile block, and their count names the party in it."""
     text = code.decode()
-    ty = f"tensor<{rank}x{STAGGER_ELEMENTS}xf32>"
-    marker = (
-        f"    %puma_stagger_in = pphlo.constant dense<5.000000e-01> : {ty}\n"
-        f"    %puma_stagger_out = {MARKER_OP} %puma_stagger_in, %puma_stagger_in : {ty}\n"
-        f"    pphlo.free %puma_stagger_in : {ty}\n"
-        f"    pphlo.free %puma_stagger_out : {ty}\n"
+    ty = f"tensor<{STAGGER_ELEMENTS}xf32>"
+    marker = "".join(
+        f"    %puma_stagger_in{i} = pphlo.constant dense<5.000000e-01> : {ty}\n"
+        f"    %puma_stagger_out{i} = {MARKER_OP} %puma_stagger_in{i}, %puma_stagger_in{i} : {ty}\n"
+        f"    pphlo.free %puma_stagger_in{i} : {ty}\n"
+        f"    pphlo.free %puma_stagger_out{i} : {ty}\n"
+        for i in range(rank)
     )
     at = text.rindex("\n    return ") + 1
     return (text[:at] + marker + text[at:]).encode()
+
+
+def names_its_party(block: RunProfile) -> bool:
+    """Whether ``block`` ran as many markers as the rank its name carries (see :func:`staggered`)."""
+    marker = block.ops.get(MARKER_OP)
+    return (marker.count if marker else 0) == rank_of(block.name)
 
 
 class _Worker(threading.Thread):
@@ -109,7 +117,7 @@ class SimMesh(Mesh):
         start = self.log.mark()
         seconds = _all([(p.run, (key, inputs, outputs)) for p in self.parties])
         try:
-            blocks = parse_profiles(self.log.read_from(start))
+            blocks = parse_profiles(self.log.read_from(start), accept=names_its_party)
         except ValueError as err:
             log.warning("sim: run %s not profiled per party (%s)", key, err)
             return [None] * self.world_size
