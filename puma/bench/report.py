@@ -65,6 +65,8 @@ class CellStore:
                 old = json.load(f)
             if old.get("config") == config:
                 self.data["cells"] = old.get("cells", {})
+                if "results" in old:  # summaries of suites run separately add up
+                    self.data["results"] = old["results"]
                 log.info("resuming %s: %d cells already measured", path, len(self.data["cells"]))
             else:
                 log.info("%s was made with another configuration: starting over", path)
