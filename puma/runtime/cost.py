@@ -116,7 +116,7 @@ def parse_profiles(text: str, accept: Callable[[RunProfile], bool] | None = None
 
 
 #: Steps the search for an assignment may take before giving up on a segment.
-SEARCH_BUDGET = 200_000
+SEARCH_BUDGET = 2_000_000
 
 
 def _segments(events: list[tuple]) -> list[list[tuple]]:
