@@ -245,7 +245,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     if res.get("wikitext"):
         lines += [
-            f"WikiText-2 test (20 lines, up to 128 tokens) with {result['config']['wikitext_model']}:",
+            f"WikiText-2 test (20 lines, up to 128 tokens) with {os.path.basename(result['config']['wikitext_model'])}"
+            ":",
             "",
             "| set | perplexity (exact) | change | top-1 agreement |",
             "|---|---|---|---|",
