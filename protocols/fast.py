@@ -125,8 +125,9 @@ def softmax(x, where=None):
     c_i = [z_i > -14] and m_i (the mask). Masked entries are set to -MASK_FILL before the max so
     they cannot win it; the public mask costs nothing, the clip one comparison and one select
     per entry (it is what keeps scores far below the max at exactly 0, however far).
-    Domain: any scores the fixed-point format holds. Measured max |error| per probability on rows of 128 scores
-    in [-20, 20], half of them masked: 2.3e-4 in plaintext, 2.1e-4 under SPU (PUMA's: 4.0e-3).
+    Domain: any scores the fixed-point format holds. Measured max |error| per probability on
+    rows of 128 scores in [-20, 20], half of them masked: 2.3e-4 in plaintext, 2.1e-4 under SPU
+    (PUMA's: 4.0e-3).
     Cost: a row max, 1 comparison, 1 select, 1 truncation and 6 multiplications per entry,
     1 reciprocal per row.
     """

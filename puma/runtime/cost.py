@@ -90,11 +90,16 @@ def _events(text: str) -> list[tuple]:
     return events
 
 
+def _totals(cost: OpCost | PartyCost) -> tuple[int, int, int, int]:
+    """Bytes and actions sent and received: what a block's op lines must add up to."""
+    return cost.bytes_sent, cost.bytes_recv, cost.send_actions, cost.recv_actions
+
+
 def _sums(ops: dict[str, OpCost]) -> tuple[int, int, int, int]:
     total = OpCost()
     for op in ops.values():
         total.add(op)
-    return total.bytes_sent, total.bytes_recv, total.send_actions, total.recv_actions
+    return _totals(total)
 
 
 def parse_profiles(text: str, accept: Callable[[RunProfile], bool] | None = None) -> list[RunProfile]:
@@ -161,8 +166,8 @@ def _assign(events: list[tuple], accept: Callable[[RunProfile], bool]) -> list[R
                     del block.ops[name]
         else:
             link = events[i][1]
+            totals = _totals(link)
             for block in open_blocks:
-                totals = (link.bytes_sent, link.bytes_recv, link.send_actions, link.recv_actions)
                 if _sums(block.ops) == totals and accept(block):
                     block.link = dataclasses.replace(link, seconds=block.exec_seconds, runs=1)
                     search(i + 1, [b for b in open_blocks if b is not block], done + [block])
