@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from puma.models.layers import Embedding, LayerNorm, Linear, attend, hf_fields, padding_mask
+from puma.models.layers import Embedding, LayerNorm, Linear, Stages, attend, hf_fields, padding_mask
 from puma.protocols import Ops
 from puma.protocols.exact import OPS as EXACT
 
@@ -201,15 +201,29 @@ class BertModel(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
+        x = self.embed(input_ids, token_type_ids, position_ids)  # [B, T, D]
+        mask = padding_mask(attention_mask, length)  # [B, 1, T, T]
+        for layer in self.layer:
+            x = layer(x, mask)
+        return self.head(x, attention_mask, head)
+
+    # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
+
+    def embed(self, input_ids, token_type_ids, position_ids):
+        """Word + token-type + position embeddings and their LayerNorm: [B, T, D]."""
         x = (
             self.word_embeddings(input_ids, self.ops)
             + self.token_type_embeddings(token_type_ids, self.ops)
             + self.position_embeddings.take_public(position_ids)
-        )  # [B, T, D]
-        x = self.embeddings_LayerNorm(x)
-        mask = padding_mask(attention_mask, length)  # [B, 1, T, T]
-        for layer in self.layer:
-            x = layer(x, mask)
+        )
+        return self.embeddings_LayerNorm(x)
+
+    def block(self, x, attention_mask):
+        """One encoder layer on x [B, T, D], its weights bound as ``layer_0``."""
+        return self.layer[0](x, padding_mask(attention_mask, x.shape[1]))
+
+    def head(self, x, attention_mask, head: str = "hidden"):
+        """The output of ``head`` (see the class doc) from the last hidden state x [B, T, D]."""
         if head == "hidden":
             return x
         if head == "mean":
@@ -217,6 +231,11 @@ class BertModel(nn.Module):
             return jnp.einsum("bt,btd->bd", weights, x) / jnp.sum(weights, axis=-1, keepdims=True)
         pooled = self.ops.tanh(self.pooler(x[:, 0]))  # [B, D]
         return pooled if head == "pooled" else self.classifier(pooled)
+
+    def stages(self, head: str = "hidden") -> Stages:
+        embed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "embeddings_LayerNorm")
+        head_keys = {"hidden": (), "mean": (), "pooled": ("pooler",), "classify": ("pooler", "classifier")}[head]
+        return Stages(embed, "layer_{}", self.config.num_hidden_layers, head_keys)
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

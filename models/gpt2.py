@@ -20,6 +20,7 @@ from puma.models.layers import (
     KVCache,
     LayerNorm,
     Linear,
+    Stages,
     attend,
     causal_inputs,
     hf_fields,
@@ -164,15 +165,34 @@ class GPT2LMHeadModel(nn.Module):
         position_ids, mask = causal_inputs(
             input_ids, attention_mask, position_ids, cache, cache_index
         )  # mask [B,1,T,S]
-        x = self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)  # [B, T, D]
+        x = self.embed(input_ids, position_ids)  # [B, T, D]
         new_cache = []
         for i, block in enumerate(self.h):
             x, layer_cache = block(x, mask, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
-        logits = self.wte.attend(self.ln_f(x))  # [B, T, V]
-        return logits, (None if cache is None else tuple(new_cache))
+        return self.head(x), (None if cache is None else tuple(new_cache))
+
+    # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
+
+    def embed(self, input_ids, position_ids):
+        """Token plus position embeddings [B, T, D]."""
+        return self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)
+
+    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
+        """One block on x [B, T, D], its weights bound as ``h_0``; the mask is rebuilt from the
+        public inputs. Returns (x, layer_cache)."""
+        cache = None if layer_cache is None else (layer_cache,)
+        _, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # [B,1,T,S]
+        return self.h[0](x, mask, layer_cache, cache_index)
+
+    def head(self, x):
+        """Final LayerNorm and the tied LM head: [B, T, D] -> logits [B, T, V]."""
+        return self.wte.attend(self.ln_f(x))
+
+    def stages(self) -> Stages:
+        return Stages(("wte", "wpe"), "h_{}", self.config.n_layer, ("ln_f", "wte"))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config

@@ -10,6 +10,7 @@ built with; nothing here calls ``jax.nn`` for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,6 +22,27 @@ from puma.protocols import Ops
 Array = Any
 #: A key/value cache: one ``{"k": [B, S, Hkv, Dh], "v": [B, S, Hkv, Dh]}`` dict per layer.
 KVCache = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """How a model runs as stages (see :mod:`puma.staged`): the top-level weight subtrees of
+    the embedding stage, the name pattern of block i's subtree (``"layers_{}"``) and the number
+    of blocks, and the subtrees of the head stage. A model's ``block`` method reads its block's
+    weights under the name of block 0, so one compiled block serves every layer."""
+
+    embed: tuple[str, ...]
+    layer: str
+    layers: int
+    head: tuple[str, ...]
+
+    def layer_key(self, i: int) -> str:
+        return self.layer.format(i)
+
+    def keys(self) -> list[str]:
+        """Every weight subtree the stages use, in stage order (each once)."""
+        ordered = [*self.embed, *(self.layer_key(i) for i in range(self.layers)), *self.head]
+        return list(dict.fromkeys(ordered))
 
 
 def normal_init(std: float = 0.02):

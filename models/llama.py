@@ -21,6 +21,7 @@ from puma.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
+    Stages,
     attend,
     causal_inputs,
     hf_fields,
@@ -210,24 +211,48 @@ class LlamaForCausalLM(nn.Module):
         cache_index=0,
         last_only: bool = False,
     ):
-        cfg = self.config
         position_ids, mask = causal_inputs(
             input_ids, attention_mask, position_ids, cache, cache_index
         )  # mask [B,1,T,S]
-        cos_table, sin_table = rotary_tables(cfg)
-        cos = jnp.take(jnp.asarray(cos_table), position_ids, axis=0)  # [B, T, Dh]
-        sin = jnp.take(jnp.asarray(sin_table), position_ids, axis=0)
-
-        x = self.embed_tokens(input_ids, self.ops)  # [B, T, D]
+        cos, sin = self._rotary(position_ids)
+        x = self.embed(input_ids, position_ids)  # [B, T, D]
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
+        return self.head(x), (None if cache is None else tuple(new_cache))
+
+    def _rotary(self, position_ids):
+        cos_table, sin_table = rotary_tables(self.config)
+        cos = jnp.take(jnp.asarray(cos_table), position_ids, axis=0)  # [B, T, Dh]
+        sin = jnp.take(jnp.asarray(sin_table), position_ids, axis=0)
+        return cos, sin
+
+    # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
+
+    def embed(self, input_ids, position_ids=None):
+        """Token embeddings [B, T, D]."""
+        return self.embed_tokens(input_ids, self.ops)
+
+    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
+        """One decoder layer on x [B, T, D], its weights bound as ``layers_0``; masks and rotary
+        tables are rebuilt from the public inputs. Returns (x, layer_cache)."""
+        cache = None if layer_cache is None else (layer_cache,)
+        position_ids, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # mask [B,1,T,S]
+        cos, sin = self._rotary(position_ids)
+        return self.layers[0](x, cos, sin, mask, layer_cache, cache_index)
+
+    def head(self, x):
+        """Final RMSNorm and the LM head: [B, T, D] -> logits [B, T, V]."""
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)  # [B, T, V]
-        return logits, (None if cache is None else tuple(new_cache))
+        return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+
+    def stages(self) -> Stages:
+        cfg = self.config
+        head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
+        return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import re
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -72,9 +73,10 @@ class LoadedModel:
 
     family: str
     config: Any
-    params: dict | None  # None when loaded without weights (the client's view)
+    params: dict | None  # None when loaded without weights (the client's view) or lazily
     tokenizer: Any
     source: str
+    lazy: "LazyParams | None" = None  # the weights, read tensor by tensor (``load(lazy=True)``)
 
     @property
     def causal(self) -> bool:
@@ -97,12 +99,17 @@ class LoadedModel:
         return unflatten(flat)
 
 
-def load(source: str, *, overrides: dict | None = None, seed: int = 0, weights: bool = True) -> LoadedModel:
+def load(
+    source: str, *, overrides: dict | None = None, seed: int = 0, weights: bool = True, lazy: bool = False
+) -> LoadedModel:
     """Load a model from a preset name, a Hugging Face folder or a ``.gguf`` file.
 
     ``overrides`` replaces config fields (for example ``{"num_hidden_layers": 1}`` to measure one
     layer of ``llama-7b``); it is accepted for presets only, where weights are random.
     ``weights=False`` reads only the public part (config, tokenizer): what a client needs.
+    ``lazy=True`` reads no tensor now: ``LoadedModel.lazy`` hands them out one at a time
+    (memory-mapped files, or a preset's random tensors generated from the seed on demand), so a
+    model larger than memory can be shared tensor by tensor.
     """
     source = str(source)
     if source in ALIASES:
@@ -112,7 +119,7 @@ def load(source: str, *, overrides: dict | None = None, seed: int = 0, weights: 
         family, config = table[source]
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        return LoadedModel(family, config, random_params(family, config, seed) if weights else None, None, source)
+        return _finish(LoadedModel(family, config, None, None, source), random_lazy(family, config, seed), weights, lazy)
     if overrides:
         raise PumaError("config overrides apply to presets only, not to checkpoints")
     path = os.path.expanduser(source)
@@ -122,10 +129,21 @@ def load(source: str, *, overrides: dict | None = None, seed: int = 0, weights: 
             f"({', '.join(sorted(table))})"
         )
     if os.path.isdir(path):
-        return _load_hf_folder(path, weights)
-    if path.endswith(".gguf"):
-        return _load_gguf(path, weights)
-    raise PumaError(f"{source}: not a folder or a .gguf file")
+        model, tensors = _load_hf_folder(path, weights)
+    elif path.endswith(".gguf"):
+        model, tensors = _load_gguf(path, weights)
+    else:
+        raise PumaError(f"{source}: not a folder or a .gguf file")
+    return _finish(model, tensors, weights, lazy)
+
+
+def _finish(model: LoadedModel, tensors: "LazyParams | None", weights: bool, lazy: bool) -> LoadedModel:
+    if weights and tensors is not None:
+        if lazy:
+            model.lazy = tensors
+        else:
+            model.params = tensors.materialize()
+    return model
 
 
 # -- parameter trees -------------------------------------------------------------------------
@@ -168,19 +186,60 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def random_params(family: str, config, seed: int = 0) -> dict:
-    """Random weights for a preset: N(0, 0.02) matrices and tables, unit norm weights, zero biases."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in param_shapes(family, config).items():
+class LazyParams:
+    """A model's weights as flat Flax paths, each read or made only when asked for.
+
+    ``shapes`` are known up front (from file headers or the config); :meth:`get` produces one
+    float32 tensor and checks its shape, so a caller that goes tensor by tensor never holds more
+    than one in memory.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], loaders: dict[str, Callable[[], np.ndarray]], source: str):
+        self.shapes = dict(shapes)
+        self._loaders = loaders
+        self.source = source
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def numel(self, names=None) -> int:
+        return sum(int(np.prod(self.shapes[n], dtype=np.int64)) for n in (self.shapes if names is None else names))
+
+    def get(self, path: str) -> np.ndarray:
+        value = np.ascontiguousarray(self._loaders[path](), dtype=np.float32)
+        if value.shape != self.shapes[path]:
+            raise PumaError(f"{self.source}: tensor for {path} has shape {value.shape}, expected {self.shapes[path]}")
+        return value
+
+    def materialize(self) -> dict:
+        """Every tensor, as the nested Flax tree."""
+        return unflatten({path: self.get(path) for path in self.shapes})
+
+
+def _tensor_seed(seed: int, path: str) -> list[int]:
+    return [seed, zlib.crc32(path.encode())]
+
+
+def random_lazy(family: str, config, seed: int = 0) -> LazyParams:
+    """Random weights for a preset, each tensor made on demand from (seed, its path): N(0, 0.02)
+    matrices and tables, unit norm weights, zero biases."""
+    shapes = param_shapes(family, config)
+
+    def maker(path: str, shape: tuple) -> Callable[[], np.ndarray]:
         leaf = path.rsplit("/", 1)[-1]
         if leaf == "bias":
-            flat[path] = np.zeros(shape, np.float32)
-        elif leaf == "weight":  # norm scales
-            flat[path] = np.ones(shape, np.float32)
-        else:
-            flat[path] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    return unflatten(flat)
+            return lambda: np.zeros(shape, np.float32)
+        if leaf == "weight":  # norm scales
+            return lambda: np.ones(shape, np.float32)
+        rng = lambda: np.random.default_rng(_tensor_seed(seed, path))  # noqa: E731
+        return lambda: rng().standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+    return LazyParams(shapes, {p: maker(p, s) for p, s in shapes.items()}, f"preset {family}")
+
+
+def random_params(family: str, config, seed: int = 0) -> dict:
+    """The random weights of :func:`random_lazy` as one tree."""
+    return random_lazy(family, config, seed).materialize()
 
 
 def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
@@ -194,12 +253,26 @@ def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def convert_hf_state(family: str, config, tensors: dict[str, np.ndarray], source: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a checkpoint: its shape (from the file's header) and how to read it."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def in_memory(tensors: dict[str, np.ndarray]) -> dict[str, TensorRef]:
+    """Already-loaded arrays as :class:`TensorRef` values."""
+    return {name: TensorRef(tuple(np.shape(v)), lambda v=v: np.asarray(v)) for name, v in tensors.items()}
+
+
+def convert_hf_state(family: str, config, tensors: dict[str, TensorRef], source: str) -> LazyParams:
     """Map a Hugging Face state dict onto the Flax tree: one declared mapping, a shape check each.
 
     Tensors may carry the task prefix (``bert.``, ``transformer.``, ``model.``) or not; old
     ``LayerNorm.gamma``/``beta`` names are accepted. Extra tensors (buffers, a tied ``lm_head``)
-    are ignored.
+    are ignored. Shapes are checked here from the headers; the data is read (and transposed)
+    only when :meth:`LazyParams.get` asks for it.
     """
     prefix = FAMILIES[family].prefix
     names = {}
@@ -211,43 +284,73 @@ def convert_hf_state(family: str, config, tensors: dict[str, np.ndarray], source
         if not canonical.startswith(prefix):
             names.setdefault(prefix + canonical, name)
     expected = param_shapes(family, config)
-    flat = {}
+    loaders = {}
     for hf_name, flax_path, transpose in _expand_mapping(family, config):
         if flax_path not in expected:
             continue  # optional part this config does not have (biases, untied head, classifier)
         if hf_name not in names:
             raise PumaError(f"{source}: tensor {hf_name} is missing (needed for {flax_path})")
-        value = np.asarray(tensors[names[hf_name]], dtype=np.float32)
-        if transpose:
-            value = value.T
-        if value.shape != expected[flax_path]:
-            got = value.T.shape if transpose else value.shape
-            want = expected[flax_path][::-1] if transpose else expected[flax_path]
+        ref = tensors[names[hf_name]]
+        got = tuple(ref.shape)
+        want = expected[flax_path][::-1] if transpose else expected[flax_path]
+        if got != want:
             raise PumaError(f"{source}: tensor {hf_name} has shape {got}, expected {want}")
-        flat[flax_path] = np.ascontiguousarray(value)
-    missing = sorted(set(expected) - set(flat))
+        loaders[flax_path] = _converter(ref, transpose)
+    missing = sorted(set(expected) - set(loaders))
     if missing:
         raise PumaError(f"{source}: no tensor maps to {missing[0]}")
-    return unflatten(flat)
+    return LazyParams({p: expected[p] for p in loaders}, loaders, source)
+
+
+def _converter(ref: TensorRef, transpose: bool) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        value = np.asarray(ref.read(), dtype=np.float32)
+        return np.ascontiguousarray(value.T if transpose else value)
+
+    return read
 
 
 # -- Hugging Face folders --------------------------------------------------------------------
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _safetensors_refs(files: list[str]) -> dict[str, TensorRef]:
+    """Every tensor of these safetensors files, by name, read (memory-mapped) one at a time."""
+    from safetensors import safe_open
 
+    refs = {}
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                refs[name] = TensorRef(shape, lambda file=file, name=name: _read_one(file, name))
+    return refs
+
+
+def _read_one(file: str, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="np") as f:
+        return f.get_tensor(name)
+
+
+def _read_state_dict(path: str) -> dict[str, TensorRef]:
+    """The checkpoint's tensors: ``model.safetensors``, a sharded safetensors folder
+    (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``), or
+    ``pytorch_model.bin`` (memory-mapped by torch)."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _safetensors_refs([single])
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(os.path.join(path, shard)))
-        return tensors
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise PumaError(f"{index}: not a safetensors index (needs a 'weight_map')") from err
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise PumaError(f"{path}: shard {missing[0]} named in model.safetensors.index.json is missing")
+        return _safetensors_refs([os.path.join(path, s) for s in shards])
     bin_path = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(bin_path):
         try:
@@ -256,8 +359,8 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
             raise PumaError(
                 f"{bin_path}: reading .bin weights needs torch; convert to model.safetensors or install torch"
             ) from err
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
+        state = torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: TensorRef(tuple(v.shape), lambda v=v: v.float().numpy()) for k, v in state.items()}
     raise PumaError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -270,7 +373,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_hf_folder(path: str, weights: bool = True) -> LoadedModel:
+def _load_hf_folder(path: str, weights: bool = True) -> tuple[LoadedModel, LazyParams | None]:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise PumaError(f"{path}: no config.json (not a Hugging Face model folder)")
@@ -288,8 +391,8 @@ def _load_hf_folder(path: str, weights: bool = True) -> LoadedModel:
         config = FAMILIES[model_type].config_cls.from_hf(hf_config)
     except ValueError as err:
         raise PumaError(f"{path}: {err}") from err
-    params = convert_hf_state(model_type, config, _read_state_dict(path), path) if weights else None
-    return LoadedModel(model_type, config, params, _load_tokenizer(path), path)
+    tensors = convert_hf_state(model_type, config, _read_state_dict(path), path) if weights else None
+    return LoadedModel(model_type, config, None, _load_tokenizer(path), path), tensors
 
 
 # -- GGUF files ------------------------------------------------------------------------------
@@ -311,9 +414,9 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
 
 
-def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, np.ndarray]:
-    from gguf import GGMLQuantizationType, dequantize
-
+def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
+    """The GGUF file's tensors under HF names; each is dequantized (and its q/k rows unpermuted)
+    when read, from the reader's memory map."""
     patterns = [
         (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
     ]
@@ -327,17 +430,25 @@ def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, np.ndarray]:
             log.debug("ignoring GGUF tensor %s", tensor.name)
             continue
         name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
-        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-            data = np.asarray(tensor.data, dtype=np.float32)
-        else:
-            data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        data = data.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # GGUF dims are [in, out]
+        heads = None
         if name.endswith("q_proj.weight"):
-            data = unpermute_rotary_rows(data, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif name.endswith("k_proj.weight"):
-            data = unpermute_rotary_rows(data, config.num_key_value_heads)
-        tensors[name] = data
+            heads = config.num_key_value_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
+        tensors[name] = TensorRef(shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads))
     return tensors
+
+
+def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
+    from gguf import GGMLQuantizationType, dequantize
+
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        data = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    data = data.reshape(shape)
+    return unpermute_rotary_rows(data, heads) if heads else data
 
 
 def _gguf_tokenizer(reader):
@@ -394,7 +505,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _load_gguf(path: str, weights: bool = True) -> LoadedModel:
+def _load_gguf(path: str, weights: bool = True) -> tuple[LoadedModel, LazyParams | None]:
     from gguf import GGUFReader
 
     try:
@@ -421,5 +532,5 @@ def _load_gguf(path: str, weights: bool = True) -> LoadedModel:
         bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
     )
-    params = convert_hf_state("llama", config, _gguf_tensors(reader, config), path) if weights else None
-    return LoadedModel("llama", config, params, _gguf_tokenizer(reader), path)
+    tensors = convert_hf_state("llama", config, _gguf_tensors(reader, config), path) if weights else None
+    return LoadedModel("llama", config, None, _gguf_tokenizer(reader), path), tensors

@@ -20,12 +20,27 @@ from typing import Sequence
 import numpy as np
 
 from puma import protocols, tasks
-from puma.models import LoadedModel, load
-from puma.runtime import open_session
+from puma.models import LoadedModel, load, loading
+from puma.runtime import budget, memory, open_session
 from puma.runtime.base import Session
 from puma.runtime.roles import OwnerSpec
 
 log = logging.getLogger(__name__)
+
+
+def _plan(model: LoadedModel, session: Session, mode: str, memory_budget: int | None) -> budget.WeightPlan:
+    """Resident or streamed weights for ``model`` on ``session`` (see :mod:`puma.runtime.budget`)."""
+    proto = getattr(session, "protocol_config", None)
+    per_weight = budget.bytes_per_weight(
+        session.backend, proto and proto.protocol, proto and proto.field, session.world_size
+    )
+    if memory_budget is None:
+        one_process = session.backend in ("plaintext", "sim")  # every party (or none) in this process
+        memory_budget = budget.default_budget([memory.host()] if one_process else session.mesh.party_hosts())
+    shapes = loading.param_shapes(model.family, model.config)
+    module = model.module()
+    stages = module.stages() if model.causal else module.stages("classify" if model.config.has_classifier else "pooled")
+    return budget.plan(shapes, stages, per_weight, memory_budget, mode)
 
 
 def default_approx(backend: str) -> str:
@@ -41,6 +56,7 @@ class SecureModel:
         self.model = model
         self.session = session
         self.ops = protocols.get(approx)
+        self.weight_plan: budget.WeightPlan | None = None
 
     @classmethod
     def from_pretrained(
@@ -50,6 +66,9 @@ class SecureModel:
         approx: str | None = None,
         backend: str = "plaintext",
         overrides: dict | None = None,
+        weights: str = "auto",
+        memory_budget: int | None = None,
+        staged: bool | None = None,
         **backend_options,
     ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
@@ -58,20 +77,35 @@ class SecureModel:
         on the secure backends. ``backend_options`` go to :func:`puma.runtime.open_session`
         (``protocol``, ``fxp_bits``, ``config`` topology file, ``ray_address``, ...). The
         approximation set's SPU settings are applied to the session.
+
+        ``weights`` is ``"resident"`` (shared once, kept for every query), ``"streamed"`` (each
+        stage's weights shared just before it runs and dropped after) or ``"auto"`` (resident
+        when the shares fit ``memory_budget`` bytes per process, else streamed; see
+        :mod:`puma.runtime.budget`). ``staged`` runs the model stage by stage (default: when
+        streamed); :attr:`weight_plan` says which mode ran and why.
         """
         approx = default_approx(backend) if approx is None else approx
         ops = protocols.get(approx)
-        plaintext = backend == "plaintext"
-        model = load(source, overrides=overrides, weights=plaintext)
+        model = load(source, overrides=overrides, weights=False)
         session = open_session(backend, spu_settings=ops.spu, **backend_options)
         try:
-            if plaintext:
-                session.load_params(model.params)
+            plan = _plan(model, session, weights, memory_budget)
+            streamed = plan.mode == "streamed"
+            session.staged = streamed if staged is None else staged
+            log.info("%s (%s)", plan.describe(), "staged" if session.staged else "one program")
+            if backend == "plaintext":
+                lazy = load(source, overrides=overrides, lazy=True).lazy
+                if streamed:
+                    session.load_lazy(lazy)
+                else:
+                    session.load_params(lazy.materialize())
             else:
                 session.load_from_owner(
-                    OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals()
+                    OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals(), streamed=streamed
                 )
-            return cls(model, session, approx)
+            secure = cls(model, session, approx)
+            secure.weight_plan = plan
+            return secure
         except BaseException:
             session.close()
             raise

@@ -11,6 +11,12 @@ A :class:`Program` wraps ``fn(params, state, secret, public) -> (reveal, new_sta
 
 All four are flat ``{name: array}`` dicts (params is the nested Flax tree). The same program runs
 in plaintext (``jax.jit``) and under SPU, so task code is written once.
+
+Stage programs (one decoder block, the embedding, the head) take only part of the weights and
+of the state: ``param_keys`` names the top-level parameter subtrees the function receives and
+``state_reads`` the state entries it reads (its new state is merged into the slot). A run binds
+these local names to the session's names (``bind={"layer": "layers_3"}``), so one compiled
+block serves every layer of the same shape.
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ class Program:
     name: str
     fn: Callable[[dict, dict, dict, dict], tuple[dict, dict]]
     key: tuple = ()
+    param_keys: tuple[str, ...] | None = None  # top-level weight subtrees it takes (None: all)
+    state_reads: tuple[str, ...] | None = None  # state entries it reads (None: the whole slot)
+
+    def select_params(self, params: dict, bind: dict) -> dict:
+        """The weights this program takes, under its local names."""
+        if self.param_keys is None:
+            return params
+        return {k: params[bind.get(k, k)] for k in self.param_keys}
+
+    def select_state(self, state: dict, bind: dict) -> dict:
+        """The state entries this program reads, under its local names."""
+        if self.state_reads is None:
+            return state
+        return {k: state[bind.get(k, k)] for k in self.state_reads}
 
     def cache_key(self, params: dict, state: dict, secret: dict, public: dict) -> tuple:
         return (self.name, self.key, _signature(params), _signature(state), _signature(secret), _signature(public))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puma import staged
 from puma.errors import PumaError
 from puma.models.loading import LoadedModel
 from puma.program import Program
@@ -158,6 +159,34 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
         return {"output": out}, {}
 
     return Program(f"bert_{head}", fn, key=(ops.name, model.source))
+
+
+def causal_step(
+    session: Session,
+    model: LoadedModel,
+    ops,
+    phase: str,
+    secret: dict,
+    public: dict,
+    reveal: str = "token",
+    sampling: Sampling = GREEDY,
+    slot: str | None = None,
+    max_len: int = 0,
+) -> dict:
+    """One causal-LM pass (``forward``, ``prefill`` or ``decode``) revealing the next token or
+    logits: one program, or stage by stage when the session is staged (:mod:`puma.staged`)."""
+    if session.staged:
+        head = staged.causal_head(
+            lambda o, logits, sec: _next_token_outputs(o, logits, reveal, sampling, sec), True, (reveal, sampling.key())
+        )
+        return staged.run(session, model, ops, phase, secret, public, head, slot, max_len)
+    if phase == "prefill":
+        program = prefill_program(model, ops, max_len, reveal, sampling)
+    elif phase == "decode":
+        program = decode_program(model, ops, reveal, sampling)
+    else:
+        program = forward_program(model, ops, reveal, sampling)
+    return session.run(program, secret, public, state=slot)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -326,31 +355,41 @@ def generate(
             positions = positions_from_mask(mask)
             slot = f"kv-{id(ids)}"
             with session.measure() as step_cost:
-                out = session.run(
-                    prefill_program(model, ops, slots, reveal, sampling),
+                out = causal_step(
+                    session,
+                    model,
+                    ops,
+                    "prefill",
                     secret(ids),
                     {"attention_mask": mask, "position_ids": positions[:, :prompt_len]},
-                    state=slot,
+                    reveal,
+                    sampling,
+                    slot,
+                    slots,
                 )
             step_costs.append({"step": "prefill", **_brief(step_cost)})
             tokens = take(out)
             done = record(tokens)
-            step = decode_program(model, ops, reveal, sampling)
             try:
                 for k in range(1, max_new_tokens):
                     if done:
                         break
                     index = prompt_len + k - 1
                     with session.measure() as step_cost:
-                        out = session.run(
-                            step,
+                        out = causal_step(
+                            session,
+                            model,
+                            ops,
+                            "decode",
                             secret(tokens[:, None]),
                             {
                                 "attention_mask": mask,
                                 "position_ids": positions[:, index : index + 1],
                                 "cache_index": np.int32(index),
                             },
-                            state=slot,
+                            reveal,
+                            sampling,
+                            slot,
                         )
                     step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
                     tokens = take(out)
@@ -360,11 +399,17 @@ def generate(
         else:
             window = prompt_len + max_new_tokens - 1
             ids, mask = left_pad(prompt_ids, window, pad_id)
-            program = forward_program(model, ops, reveal, sampling)
             for k in range(max_new_tokens):
                 with session.measure() as step_cost:
-                    out = session.run(
-                        program, secret(ids), {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
+                    out = causal_step(
+                        session,
+                        model,
+                        ops,
+                        "forward",
+                        secret(ids),
+                        {"attention_mask": mask, "position_ids": positions_from_mask(mask)},
+                        reveal,
+                        sampling,
                     )
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
                 tokens = take(out)
@@ -401,12 +446,14 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     check_length(model, longest)
     check_ids(model, batch_ids)
     ids, mask = left_pad(batch_ids, longest, int(model.config.eos_token_id))
+    secret = {"input_ids": client_ids(ops, ids, model.config.vocab_size)}
+    public = {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
     with session.measure() as cost:
-        out = session.run(
-            full_logits_program(model, ops),
-            {"input_ids": client_ids(ops, ids, model.config.vocab_size)},
-            {"attention_mask": mask, "position_ids": positions_from_mask(mask)},
-        )
+        if session.staged:
+            head = staged.causal_head(lambda o, logits, sec: {"logits": logits}, False, ("logits",))
+            out = staged.run(session, model, ops, "logits", secret, public, head)
+        else:
+            out = session.run(full_logits_program(model, ops), secret, public)
     return EncodingResult(np.asarray(out["logits"]), cost)
 
 
@@ -446,9 +493,11 @@ def encode(
             "input_ids": client_ids(ops, ids, model.config.vocab_size),
             "token_type_ids": client_ids(ops, types, model.config.type_vocab_size),
         }
-        out = session.run(
-            encoder_program(model, ops, head), secret, {"attention_mask": mask, "position_ids": positions}
-        )
+        public = {"attention_mask": mask, "position_ids": positions}
+        if session.staged:
+            out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head), head_name=head)
+        else:
+            out = session.run(encoder_program(model, ops, head), secret, public)
     return EncodingResult(np.asarray(out["output"]), cost)
 
 

@@ -16,7 +16,9 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from puma.models.loading import LazyParams, unflatten
 from puma.program import Program
+from puma.runtime import memory
 from puma.runtime.cost import CostReport
 
 
@@ -36,8 +38,27 @@ class Session(abc.ABC):
         """Give the session the model owner's parameters (secure backends: as shares)."""
 
     @abc.abstractmethod
-    def _run(self, program: Program, secret: dict, public: dict, state: str | None) -> tuple[dict, list, int]:
+    def _run(
+        self, program: Program, secret: dict, public: dict, state: str | None, bind: dict
+    ) -> tuple[dict, list, int]:
         """Run once; return (revealed outputs, per-party profiles, io bytes)."""
+
+    #: Run models stage by stage (:mod:`puma.staged`) instead of as one program.
+    staged: bool = False
+
+    #: "resident" (every weight held for the session) or "streamed" (a stage's weights are held
+    #: only while it runs: :meth:`hold_params` / :meth:`release_params`).
+    weights_mode: str = "resident"
+
+    def hold_params(self, keys: list[str]) -> None:
+        """Make the top-level weight subtrees ``keys`` available (streamed mode: fetch them)."""
+
+    def release_params(self, keys: list[str]) -> None:
+        """Let go of weight subtrees held by :meth:`hold_params` (streamed mode)."""
+
+    def _add_weights(self, nbytes: int, seconds: float) -> None:
+        for report in self._reports:
+            report.add_weights(nbytes, seconds)
 
     @abc.abstractmethod
     def free(self, state: str) -> None:
@@ -47,16 +68,22 @@ class Session(abc.ABC):
         """Release the backend's resources."""
 
     def run(
-        self, program: Program, secret: dict | None = None, public: dict | None = None, state: str | None = None
+        self,
+        program: Program,
+        secret: dict | None = None,
+        public: dict | None = None,
+        state: str | None = None,
+        bind: dict | None = None,
     ) -> dict:
         """Run ``program``; the client gets the revealed outputs as numpy arrays.
 
-        ``state`` names a slot: its current contents are passed as the program's ``state`` and
-        the program's new state replaces them.
+        ``state`` names a slot: the entries the program reads are passed as its ``state`` and
+        its new state entries are written into the slot. ``bind`` maps the program's local
+        weight and state names to the session's (see :class:`puma.program.Program`).
         """
         start = time.perf_counter()
         self._compile_s = 0.0
-        reveal, profiles, io_bytes = self._run(program, dict(secret or {}), dict(public or {}), state)
+        reveal, profiles, io_bytes = self._run(program, dict(secret or {}), dict(public or {}), state, dict(bind or {}))
         elapsed = time.perf_counter() - start - self._compile_s
         for report in self._reports:
             report.add_run(program.name, profiles, elapsed, io_bytes, self._compile_s)
@@ -66,10 +93,12 @@ class Session(abc.ABC):
     def measure(self) -> Iterator[CostReport]:
         """Collect the cost of every run made inside the ``with`` block."""
         report = CostReport.empty(self.backend, self.protocol, self.world_size)
+        report.weights_mode = self.weights_mode
         self._reports.append(report)
         try:
             yield report
         finally:
+            report.process_peak_rss = memory.peak_rss()
             self._reports = [r for r in self._reports if r is not report]
 
     def __enter__(self):
@@ -80,29 +109,58 @@ class Session(abc.ABC):
 
 
 class PlaintextSession(Session):
-    """Runs programs with ``jax.jit`` in this process: the reference every backend is checked against."""
+    """Runs programs with ``jax.jit`` in this process: the reference every backend is checked against.
+
+    With lazy weights (:meth:`load_lazy`, streamed mode) a stage's weights are read when the
+    stage is held and dropped when it is released, as the secure backends stream shares.
+    """
 
     backend = "plaintext"
 
     def __init__(self):
         super().__init__()
         self._params: dict | None = None
+        self._lazy: LazyParams | None = None
         self._states: dict[str, dict] = {}
         self._compiled: dict[tuple, object] = {}
 
     def load_params(self, params: dict) -> None:
         self._params = params
 
-    def _run(self, program, secret, public, state):
-        current = self._states.get(state, {}) if state else {}
-        key = program.cache_key(self._params, current, secret, public)
+    def load_lazy(self, lazy: LazyParams) -> None:
+        """Stream weights from ``lazy``: nothing is read until a stage holds it."""
+        self._lazy = lazy
+        self._params = {}
+        self.weights_mode = "streamed"
+
+    def hold_params(self, keys: list[str]) -> None:
+        if self._lazy is None:
+            return
+        start = time.perf_counter()
+        for key in keys:
+            names = [n for n in self._lazy.names() if n.split("/", 1)[0] == key]
+            self._params[key] = unflatten({n.split("/", 1)[1]: self._lazy.get(n) for n in names})
+        self._add_weights(0, time.perf_counter() - start)
+
+    def release_params(self, keys: list[str]) -> None:
+        if self._lazy is not None:
+            for key in keys:
+                self._params.pop(key, None)
+
+    def _run(self, program, secret, public, state, bind):
+        slot = self._states.get(state, {}) if state else {}
+        params = program.select_params(self._params, bind)
+        current = program.select_state(slot, bind)
+        key = program.cache_key(params, current, secret, public)
         if key not in self._compiled:
             start = time.perf_counter()
-            self._compiled[key] = jax.jit(program.fn).lower(self._params, current, secret, public).compile()
+            self._compiled[key] = jax.jit(program.fn).lower(params, current, secret, public).compile()
             self._compile_s += time.perf_counter() - start
-        reveal, new_state = self._compiled[key](self._params, current, secret, public)
+        reveal, new_state = self._compiled[key](params, current, secret, public)
         if state and new_state:
-            self._states[state] = new_state
+            slot = self._states.setdefault(state, {})
+            for k, v in new_state.items():
+                slot[bind.get(k, k)] = v
         return jax.tree_util.tree_map(np.asarray, reveal), [], 0
 
     def free(self, state: str) -> None:

@@ -8,6 +8,12 @@ received bytes would count it twice). ``total_send_actions`` sums the parties' s
 Sharing weights and inputs and reconstructing outputs happen outside program execution and are
 reported separately as ``io_bytes`` (the size of the shares moved between roles).
 
+Streamed weights (shared stage by stage, see :mod:`puma.staged`) are reported apart as
+``weight_bytes`` and ``weight_s`` (the owner's sharing time, also part of ``wall_s``). Memory:
+``party_peak_rss`` per party process (nodes, ray; reset when a job opens), ``process_peak_rss``
+of the driver's process (in ``sim`` it holds all parties and the owner) and ``owner_peak_rss``
+when the owner runs in a process of its own (ray).
+
 Per-op figures come from SPU's pphlo profile (``enable_pphlo_profile``): for each op name,
 bytes and actions summed over the parties, and seconds summed over the parties.
 """
@@ -72,6 +78,7 @@ class RunProfile:
     exec_seconds: float
     link: PartyCost
     ops: dict[str, OpCost]
+    peak_rss: int = 0  # the party process's peak resident bytes in this job so far (0: not measured)
 
 
 def _events(text: str) -> list[tuple]:
@@ -213,10 +220,22 @@ class CostReport:
     runs_by_program: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
     unprofiled_runs: int = 0  # runs whose costs could not be attributed per party (left out above)
+    weights_mode: str = "resident"
+    weight_bytes: int = 0  # weight shares moved to the parties during these runs (streamed mode)
+    weight_s: float = 0.0  # seconds the model owner spent sharing and delivering them
+    party_peak_rss: list[int] = dataclasses.field(default_factory=list)  # per party process (nodes, ray)
+    process_peak_rss: int = 0  # this (driver) process: in sim it holds every party and the owner
+    owner_peak_rss: int = 0  # the model owner's process when it is not this one (ray)
 
     @classmethod
     def empty(cls, backend: str, protocol: str, world_size: int) -> "CostReport":
-        return cls(backend, protocol, [PartyCost(rank=r) for r in range(world_size)])
+        return cls(backend, protocol, [PartyCost(rank=r) for r in range(world_size)], party_peak_rss=[0] * world_size)
+
+    def add_weights(self, nbytes: int, seconds: float) -> None:
+        """Weight shares streamed to the parties for these runs (their time counts in ``wall_s``)."""
+        self.weight_bytes += nbytes
+        self.weight_s += seconds
+        self.wall_s += seconds
 
     @property
     def total_bytes_sent(self) -> int:
@@ -240,6 +259,7 @@ class CostReport:
         for rank, profile in enumerate(parties):
             if profile is None:
                 continue
+            self.party_peak_rss[rank] = max(self.party_peak_rss[rank], profile.peak_rss)
             self.per_party[rank].add(profile.link)
             for name, op in profile.ops.items():
                 self.per_op.setdefault(name, OpCost()).add(op)
@@ -258,6 +278,14 @@ class CostReport:
             "runs_by_program": dict(self.runs_by_program),
             "io_bytes": self.io_bytes,
             "unprofiled_runs": self.unprofiled_runs,
+            "weights": self.weights_mode,
+            "weight_bytes": self.weight_bytes,
+            "weight_s": round(self.weight_s, 3),
+            "peak_rss": {
+                "parties": list(self.party_peak_rss),
+                "process": self.process_peak_rss,
+                "owner": self.owner_peak_rss,
+            },
             "per_op": {
                 name: dataclasses.asdict(op)
                 for name, op in sorted(self.per_op.items(), key=lambda kv: (-kv[1].bytes_sent, kv[0]))
@@ -274,6 +302,14 @@ class CostReport:
                 f"received {_fmt_bytes(p.bytes_recv)}, {p.seconds:.2f} s"
             )
         lines.append(f"  total sent: {_fmt_bytes(self.total_bytes_sent)} in {self.total_send_actions} sends")
+        peaks = ", ".join(f"party {r} {p / 2**30:.2f}" for r, p in enumerate(self.party_peak_rss) if p)
+        lines.append(
+            f"  weights {self.weights_mode}"
+            + (f" ({_fmt_bytes(self.weight_bytes)} of shares streamed in {self.weight_s:.1f} s)" if self.weight_bytes else "")
+            + f"; peak RSS GiB: this process {self.process_peak_rss / 2**30:.2f}"
+            + (f", {peaks}" if peaks else "")
+            + (f", owner {self.owner_peak_rss / 2**30:.2f}" if self.owner_peak_rss else "")
+        )
         if self.unprofiled_runs:
             lines.append(f"  ({self.unprofiled_runs} run(s) could not be profiled per party and are not counted)")
         return "\n".join(lines)

@@ -31,13 +31,17 @@ import threading
 import time
 
 from puma.errors import PumaError
-from puma.runtime import wire
+from puma.runtime import memory, wire
 from puma.runtime.config import PartySpec, ProtocolConfig, Topology
 from puma.runtime.cost import RunProfile
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
 
 log = logging.getLogger(__name__)
+
+#: Bytes of shares above which a delivery goes to one party at a time (bounds the driver's
+#: pickled copies in flight).
+BIG_DELIVERY = 256 << 20
 
 
 def link_desc(topology: Topology):
@@ -164,7 +168,8 @@ class PartyServer:
             )
         if rank != self.rank:
             raise PumaError(f"party {self.spec.id} is rank {self.rank}, the driver expected rank {rank}")
-        return {"id": self.spec.id, "pid": os.getpid()}
+        host, free = memory.host()
+        return {"id": self.spec.id, "pid": os.getpid(), "host": host, "available": free}
 
     def _cmd_open(self, runtime_config_bytes: bytes):
         import spu.libspu as libspu
@@ -172,6 +177,7 @@ class PartyServer:
         from puma.runtime.party import ComputeParty
 
         self._end_session()
+        memory.reset_peak()  # this job's reports carry this job's peak
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
         link = libspu.link.create_brpc(link_desc(self.topology), self.rank)
@@ -200,6 +206,9 @@ class PartyServer:
 
     def _cmd_close(self):
         self._end_session()
+
+    def _cmd_ping(self):
+        return None
 
 
 def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> None:
@@ -326,6 +335,7 @@ class NodesMesh(Mesh):
                 self.channels.append(self._connect(spec))
             hello = self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
             self.pids = [h["pid"] for h in hello]
+            self.hosts = [(h["host"], h["available"]) for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
             self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
         except BaseException:
@@ -393,7 +403,17 @@ class NodesMesh(Mesh):
         return results
 
     def deliver(self, bundles: list[PartyShares]) -> None:
-        self._all([("deliver", b) for b in bundles])
+        if sum(b.nbytes for b in bundles) <= BIG_DELIVERY:
+            self._all([("deliver", b) for b in bundles])
+            bundles.clear()
+            return
+        while bundles:  # large weight shares: one party at a time, so one pickled copy is in flight
+            bundle = bundles.pop(0)
+            messages = [("ping",)] * self.world_size
+            messages[bundle.rank] = ("deliver", bundle)
+            del bundle
+            self._all(messages)
+            messages = None
 
     def install(self, key: str, name: str, code: bytes) -> None:
         self._all([("install", key, name, code)] * self.world_size)

@@ -19,6 +19,7 @@ import time
 import spu
 import spu.libspu as libspu
 
+from puma.runtime import memory
 from puma.runtime.cost import RunProfile, parse_profiles
 from puma.runtime.roles import PartyShares
 
@@ -113,6 +114,7 @@ class ComputeParty:
         block = blocks[-1]
         block.link.rank = self.rank
         block.link.seconds = seconds
+        block.peak_rss = memory.peak_rss()
         return block
 
     def send(self, names: list[str]) -> PartyShares:

@@ -21,7 +21,7 @@ import warnings
 from puma.errors import PumaError
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
-from puma.runtime.roles import PartyShares
+from puma.runtime.roles import CHUNK_BYTES, PartyShares
 from puma.runtime.secure import Mesh
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ class PartyActor:
         self.process_log = None
         _normal_priority()
 
+    def host(self) -> tuple[str, int]:
+        from puma.runtime import memory
+
+        return memory.host()
+
     def address(self) -> str:
         """A free TCP port on this actor's node for the party's MPC link."""
         import ray
@@ -73,6 +78,9 @@ class PartyActor:
         desc.recv_timeout_ms = int(recv_timeout_s * 1000)
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
+        from puma.runtime import memory
+
+        memory.reset_peak()
         self.party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
         return os.getpid()
 
@@ -93,23 +101,34 @@ class PartyActor:
 
 
 class OwnerActor:
-    """Body of the Ray actor playing the model owner: it loads the weights in its own process
-    and puts bundles of shares, one per party and chunk, in the object store. It never receives
-    inputs or outputs."""
+    """Body of the Ray actor playing the model owner: it opens the weights lazily in its own
+    process and, on request, puts bundles of shares (one per party and chunk) in the object
+    store. It never receives inputs or outputs."""
 
     def __init__(self, spec, runtime_config_bytes: bytes, world_size: int):
-        import spu
         import spu.libspu as libspu
 
         _normal_priority()
-        from puma.runtime.roles import ModelOwner
+        from puma.runtime.roles import ModelOwner, share_function
 
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
-        self._chunks = ModelOwner.from_spec(spec).share_chunks(spu.Io(world_size, config), world_size)
+        self._owner = ModelOwner.from_spec(spec)
+        self._share = share_function(config, world_size)
+        self._world_size = world_size
+        self._chunks = None
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peak_rss(self) -> int:
+        from puma.runtime import memory
+
+        return memory.peak_rss()
+
+    def start(self, names: list[str] | None, chunk_bytes: int) -> None:
+        """Begin sharing ``names`` (default all); :meth:`next_chunk` hands them out."""
+        self._chunks = self._owner.share_chunks(self._share, self._world_size, names, chunk_bytes)
 
     def next_chunk(self) -> tuple[list, int] | None:
         """(one object ref per party, bytes of shares) for the next chunk, or None when done."""
@@ -118,7 +137,11 @@ class OwnerActor:
         bundles = next(self._chunks, None)
         if bundles is None:
             return None
-        return [ray.put(b) for b in bundles], sum(b.nbytes for b in bundles)
+        nbytes = sum(b.nbytes for b in bundles)
+        refs = []
+        while bundles:
+            refs.append(ray.put(bundles.pop(0)))
+        return refs, nbytes
 
 
 class RayMesh(Mesh):
@@ -155,6 +178,7 @@ class RayMesh(Mesh):
             self.actors.append(actor_cls.options(**options).remote(rank))
         try:
             addresses = self._get([a.address.remote() for a in self.actors], "start")
+            self.hosts = self._get([a.host.remote() for a in self.actors], "start")
             config = protocol.runtime_config().SerializeToString()
             self._get(
                 [a.open.remote(addresses, config, recv_timeout_s) for a in self.actors],
@@ -192,21 +216,39 @@ class RayMesh(Mesh):
                 raise PumaError(f"ray: {who[rank]} failed during {what}: {line[:300]}") from err
         return results
 
-    def owner_upload(self, spec, runtime_config: bytes) -> int:
+    def open_owner(self, spec, runtime_config: bytes) -> None:
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
         import ray
 
-        owner = ray.remote(OwnerActor).options(num_cpus=0).remote(spec, runtime_config, self.world_size)
-        total = 0
+        self._owner = ray.remote(OwnerActor).options(num_cpus=0).remote(spec, runtime_config, self.world_size)
         try:
-            self.owner_pid = self._get([owner.pid.remote()], "start", who=["the model owner"])[0]
-            while chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]:
-                refs, nbytes = chunk
-                self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
-                total += nbytes
-        finally:
-            ray.kill(owner)
+            self.owner_pid = self._get([self._owner.pid.remote()], "start", who=["the model owner"])[0]
+        except BaseException:
+            self.close_owner()
+            raise
+
+    def owner_share(self, names: list[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+        owner = self._owner
+        total = 0
+        self._get([owner.start.remote(names, chunk_bytes)], "share weights", who=["the model owner"])
+        while chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]:
+            refs, nbytes = chunk
+            self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
+            total += nbytes
         return total
+
+    def close_owner(self) -> int:
+        import ray
+
+        owner, self._owner = getattr(self, "_owner", None), None
+        if owner is None:
+            return 0
+        try:
+            peak = self._get([owner.peak_rss.remote()], "report its memory", timeout=30, who=["the model owner"])[0]
+        except PumaError:
+            peak = 0
+        ray.kill(owner)
+        return peak
 
     def deliver(self, bundles: list[PartyShares]) -> None:
         import ray
@@ -231,6 +273,7 @@ class RayMesh(Mesh):
     def close(self) -> None:
         import ray
 
+        self.close_owner()
         for actor in getattr(self, "actors", []):
             ray.kill(actor)
         self.actors = []

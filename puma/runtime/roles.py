@@ -16,13 +16,14 @@ threads, processes and Ray actors alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import spu
 import spu.libspu as libspu
 
-from puma.models.loading import flatten
+from puma.models.loading import LazyParams, flatten
+from puma.runtime import sharing
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int
     return per_party
 
 
-#: Plaintext bytes of weights shared and delivered at a time.
+#: Plaintext bytes of weights shared and delivered at a time (resident loading).
 CHUNK_BYTES = 64 << 20
 
 
@@ -63,51 +64,79 @@ class OwnerSpec:
     seed: int = 0
 
 
+def share_function(config: libspu.RuntimeConfig, world_size: int) -> Callable[[np.ndarray], list[libspu.Share]]:
+    """How the owner secret-shares one float32 tensor under ``config``: the numpy ABY3 sharer
+    (:mod:`puma.runtime.sharing`) where it applies, ``spu.Io`` otherwise."""
+    protocol, field = config.protocol.name.lower(), config.field.name
+    if sharing.supported(protocol, field, world_size):
+        bits = int(config.fxp_fraction_bits)
+        return lambda value: sharing.make_shares(value, field, bits)
+    io = spu.Io(world_size, config)
+    return lambda value: io.make_shares(np.asarray(value), libspu.Visibility.VIS_SECRET)
+
+
 class ModelOwner:
-    """Holds the model's plaintext weights; gives each computing party its shares of them."""
+    """Holds the model's plaintext weights; gives each computing party its shares of them.
+
+    The weights are a :class:`~puma.models.loading.LazyParams`: each tensor is read (or made,
+    for presets) when it is shared and dropped right after, so the owner holds one plaintext
+    tensor and the shares of one chunk at a time, whatever the model's size.
+    """
 
     PREFIX = "p:"
 
-    def __init__(self, params: dict):
-        self._params = params
+    def __init__(self, params: "dict | LazyParams"):
+        self._weights = params if isinstance(params, LazyParams) else _lazy_tree(params)
 
     @classmethod
     def from_spec(cls, spec: OwnerSpec) -> "ModelOwner":
-        """Load the weights named by ``spec`` (in the owner's own process)."""
+        """Open the weights named by ``spec`` lazily (in the owner's own process)."""
         from puma.models import load
 
-        return cls(load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed).params)
+        return cls(load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed, lazy=True).lazy)
 
     def names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""
-        return {
-            self.PREFIX + k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in flatten(self._params).items()
-        }
+        return {self.PREFIX + k: (shape, "float32") for k, shape in self._weights.shapes.items()}
 
-    def share_chunks(self, io: spu.Io, world_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[PartyShares]]:
-        """Secret-share the weights a chunk at a time: per chunk of tensors (about ``chunk_bytes``
-        of plaintext), one :class:`PartyShares` per computing party. Delivering chunk by chunk
-        keeps the shares in flight small (a share is several times its plaintext)."""
-        chunk: dict[str, np.ndarray] = {}
+    def share_chunks(
+        self,
+        share: Callable[[np.ndarray], list[libspu.Share]],
+        world_size: int,
+        names: list[str] | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> Iterator[list[PartyShares]]:
+        """Secret-share weights ``names`` (flat paths; default all) a chunk at a time: per chunk
+        of tensors (about ``chunk_bytes`` of plaintext; 0: one tensor per chunk), one
+        :class:`PartyShares` per computing party."""
+        chunk: dict[str, list[libspu.Share]] = {}
         size = 0
-        for name, value in flatten(self._params).items():
-            chunk[self.PREFIX + name] = value
-            size += np.asarray(value).nbytes
+        for name in self._weights.names() if names is None else names:
+            value = self._weights.get(name)
+            chunk[self.PREFIX + name] = share(value)
+            size += value.nbytes
+            del value
             if size >= chunk_bytes:
-                yield self._bundles(io, world_size, chunk)
+                yield self._bundles(chunk, world_size)
                 chunk, size = {}, 0
-        if chunk or size == 0:
-            yield self._bundles(io, world_size, chunk)
+        if chunk:
+            yield self._bundles(chunk, world_size)
 
     def share(self, io: spu.Io, world_size: int) -> list[PartyShares]:
-        """Secret-share every weight at once: one :class:`PartyShares` per computing party."""
-        return self._bundles(io, world_size, {self.PREFIX + k: v for k, v in flatten(self._params).items()})
+        """Secret-share every weight at once with ``io``: one :class:`PartyShares` per party."""
+        share = lambda value: io.make_shares(np.asarray(value), libspu.Visibility.VIS_SECRET)  # noqa: E731
+        return self._bundles({self.PREFIX + n: share(self._weights.get(n)) for n in self._weights.names()}, world_size)
 
     @staticmethod
-    def _bundles(io, world_size: int, named: dict) -> list[PartyShares]:
-        return [
-            PartyShares(r, vals) for r, vals in enumerate(_split(io, named, libspu.Visibility.VIS_SECRET, world_size))
-        ]
+    def _bundles(named: dict[str, list[libspu.Share]], world_size: int) -> list[PartyShares]:
+        return [PartyShares(r, {name: shares[r] for name, shares in named.items()}) for r in range(world_size)]
+
+
+def _lazy_tree(params: dict) -> LazyParams:
+    flat = flatten(params)
+    return LazyParams(
+        {k: tuple(np.shape(v)) for k, v in flat.items()}, {k: (lambda v=v: v) for k, v in flat.items()}, "weights"
+    )
 
 
 class Client:

@@ -8,7 +8,7 @@ threads (``sim``), OS processes (``nodes``) or Ray actors (``ray``).
 Names at the parties: weights ``p:<flax path>``, client inputs ``i:<name>`` (secret) and
 ``u:<name>`` (public), outputs ``o:<n>``, state ``s:<slot>:<n>``. A program is compiled once per
 input signature; its code does not depend on names, so one compiled program serves every state
-slot.
+slot, and a stage program serves every layer it is bound to (``bind``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from spu.utils import frontend as spu_fe
 
 from puma.errors import PumaError
 from puma.program import Program
+from puma.runtime import memory
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
-from puma.runtime.roles import Client, ModelOwner, OwnerSpec, PartyShares
+from puma.runtime.roles import CHUNK_BYTES, Client, ModelOwner, OwnerSpec, PartyShares, share_function
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,34 @@ class Mesh(abc.ABC):
 
     @abc.abstractmethod
     def deliver(self, bundles: list[PartyShares]) -> None:
-        """Give party r ``bundles[r]`` (and nothing else)."""
+        """Give party r ``bundles[r]`` (and nothing else). The list is emptied as the bundles
+        are handed over, so a party's shares are freed here once it holds them."""
 
-    def owner_upload(self, spec: OwnerSpec, runtime_config: bytes) -> int:
-        """Have the model owner load its weights and share them to the parties.
+    def open_owner(self, spec: OwnerSpec, runtime_config: bytes) -> None:
+        """Start the model owner: it opens its weights lazily and shares nothing yet.
 
-        Here the owner runs in the driver's process and its plaintext weights are dropped once
-        shared; meshes with separate processes (Ray) run it elsewhere. Returns the bytes of
-        shares moved.
+        Here the owner runs in the driver's process, reading one tensor at a time; meshes with
+        separate processes (Ray) run it elsewhere.
         """
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config)
-        return deliver_weights(self, ModelOwner.from_spec(spec), spu.Io(self.world_size, config))
+        self._owner = ModelOwner.from_spec(spec)
+        self._share = share_function(config, self.world_size)
+
+    def owner_share(self, names: list[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+        """Have the owner share weights ``names`` (flat paths; default all) to the parties, chunk
+        by chunk (``chunk_bytes=0``: tensor by tensor). Returns the bytes of shares moved."""
+        total = 0
+        for bundles in self._owner.share_chunks(self._share, self.world_size, names, chunk_bytes):
+            total += sum(b.nbytes for b in bundles)
+            self.deliver(bundles)
+        return total
+
+    def close_owner(self) -> int:
+        """Stop the model owner; returns its process's peak RSS when it ran in a process of its
+        own (0 here: it is this process)."""
+        self._owner = None
+        return 0
 
     @abc.abstractmethod
     def install(self, key: str, name: str, code: bytes) -> None:
@@ -78,24 +95,37 @@ class Mesh(abc.ABC):
     def close(self) -> None:
         """Stop the parties of this session."""
 
+    def party_hosts(self) -> list[tuple[str, int]]:
+        """(host name, available bytes) per party, for the default memory budget."""
+        return getattr(self, "hosts", None) or [memory.host()] * self.world_size
 
-def deliver_weights(mesh: Mesh, owner: ModelOwner, io: spu.Io) -> int:
+
+def deliver_weights(mesh: Mesh, owner: ModelOwner, config: libspu.RuntimeConfig) -> int:
     """Share the owner's weights chunk by chunk and deliver each chunk; returns bytes of shares."""
     total = 0
-    for bundles in owner.share_chunks(io, mesh.world_size):
-        mesh.deliver(bundles)
+    for bundles in owner.share_chunks(share_function(config, mesh.world_size), mesh.world_size):
         total += sum(b.nbytes for b in bundles)
+        mesh.deliver(bundles)
     return total
 
 
 @dataclasses.dataclass
 class _Compiled:
     key: str
-    inputs: list[str]  # names with "{slot}" placeholders for state
-    outputs: list[str]
+    inputs: list[tuple[str, str]]  # (kind, local name): kinds "p" weights, "s" state, "i" secret, "u" public
+    outputs: list[tuple[str, str]]  # ("o", index) revealed, ("s", local name) new state
     reveal_tree: object
     reveal_count: int
-    state_avals: object  # pytree of ShapeDtypeStruct for the new state, or None
+    state_avals: object  # dict of ShapeDtypeStruct trees for the new state entries, or None
+
+
+def _bound(kind: str, local: str, slot: str, bind: dict) -> str:
+    """The party-side name of a program input/output: local top-level names bound per run."""
+    if kind in ("i", "u", "o"):
+        return f"{kind}:{local}"
+    top, sep, rest = local.partition("/")
+    name = bind.get(top, top) + sep + rest
+    return f"p:{name}" if kind == "p" else f"s:{slot}:{name}"
 
 
 def _avals(tree):
@@ -132,13 +162,14 @@ class SecureSession(Session):
         self._states: dict[str, object] = {}
         self._compiled: dict[tuple, _Compiled] = {}
         self._installed: set[str] = set()
+        self.owner_peak_rss = 0
 
     # -- model owner ---------------------------------------------------------------------------
 
     def load_params(self, params: dict) -> None:
         """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
-        self.params_io_bytes = deliver_weights(self.mesh, owner, self.io)
+        self.params_io_bytes = deliver_weights(self.mesh, owner, self.protocol_config.runtime_config(profile=False))
         self._param_avals = _avals(params)
         log.info(
             "shared %d weight tensors (%.1f MB of shares) to %d parties",
@@ -147,13 +178,25 @@ class SecureSession(Session):
             self.world_size,
         )
 
-    def load_from_owner(self, spec: OwnerSpec, param_avals: dict) -> None:
+    def load_from_owner(self, spec: OwnerSpec, param_avals: dict, streamed: bool = False) -> None:
         """Let the model owner share its weights to the parties itself; the driver (client)
-        knows only their shapes (``param_avals``) and never holds them."""
-        self.params_io_bytes = self.mesh.owner_upload(
-            spec, self.protocol_config.runtime_config(profile=False).SerializeToString()
-        )
+        knows only their shapes (``param_avals``) and never holds them.
+
+        Resident (default): every weight is shared now, once. ``streamed``: the owner stays
+        ready and shares a stage's weights when :meth:`hold_params` asks, tensor by tensor;
+        :meth:`release_params` drops them at the parties.
+        """
         self._param_avals = param_avals
+        self.mesh.open_owner(spec, self.protocol_config.runtime_config(profile=False).SerializeToString())
+        if streamed:
+            self.weights_mode = "streamed"
+            self.params_io_bytes = 0
+            log.info("model owner ready to stream %s to %d parties", spec.source, self.world_size)
+            return
+        try:
+            self.params_io_bytes = self.mesh.owner_share()
+        finally:
+            self.owner_peak_rss = self.mesh.close_owner()
         log.info(
             "model owner shared %s (%.1f MB of shares) to %d parties",
             spec.source,
@@ -161,16 +204,28 @@ class SecureSession(Session):
             self.world_size,
         )
 
+    def _flat_names(self, keys: list[str]) -> list[str]:
+        return [n[len(ModelOwner.PREFIX) :] for n in _leaf_names(ModelOwner.PREFIX, {k: self._param_avals[k] for k in keys})]
+
+    def hold_params(self, keys: list[str]) -> None:
+        if self.weights_mode != "streamed":
+            return
+        start = time.perf_counter()
+        nbytes = self.mesh.owner_share(self._flat_names(keys), chunk_bytes=0)
+        self._add_weights(nbytes, time.perf_counter() - start)
+
+    def release_params(self, keys: list[str]) -> None:
+        if self.weights_mode == "streamed":
+            self.mesh.drop([ModelOwner.PREFIX + n for n in self._flat_names(keys)])
+
     # -- runs ----------------------------------------------------------------------------------
 
-    def _compile(self, program: Program, state_avals, secret: dict, public: dict) -> _Compiled:
-        cache_key = program.cache_key(self._param_avals, state_avals, _avals(secret), _avals(public))
+    def _compile(self, program: Program, param_avals, state_avals, secret: dict, public: dict) -> _Compiled:
+        cache_key = program.cache_key(param_avals, state_avals, _avals(secret), _avals(public))
         if cache_key in self._compiled:
             return self._compiled[cache_key]
-        if self._param_avals is None:
-            raise PumaError("no model loaded in this session")
         started = time.perf_counter()
-        args = (self._param_avals, state_avals, _avals(secret), _avals(public))
+        args = (param_avals, state_avals, _avals(secret), _avals(public))
         flat_args, in_tree = jax.tree_util.tree_flatten(args)
         reveal_avals, new_state_avals = jax.eval_shape(program.fn, *args)
         reveal_leaves, reveal_tree = jax.tree_util.tree_flatten(reveal_avals)
@@ -181,13 +236,13 @@ class SecureSession(Session):
             return jax.tree_util.tree_leaves(reveal) + jax.tree_util.tree_leaves(new_state)
 
         inputs = (
-            _leaf_names(ModelOwner.PREFIX, self._param_avals)
-            + _leaf_names("s:{slot}:", state_avals)
-            + _leaf_names("i:", secret)
-            + _leaf_names("u:", public)
+            [("p", n) for n in _leaf_names("", param_avals)]
+            + [("s", n) for n in _leaf_names("", state_avals)]
+            + [("i", n) for n in _leaf_names("", secret)]
+            + [("u", n) for n in _leaf_names("", public)]
         )
-        outputs = [f"o:{i}" for i in range(len(reveal_leaves))] + _leaf_names("s:{slot}:", new_state_avals)
-        n_secret = len(jax.tree_util.tree_leaves((self._param_avals, state_avals, secret)))
+        outputs = [("o", str(i)) for i in range(len(reveal_leaves))] + [("s", n) for n in _leaf_names("", new_state_avals)]
+        n_secret = len(jax.tree_util.tree_leaves((param_avals, state_avals, secret)))
         visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
             len(flat_args) - n_secret
         )
@@ -211,7 +266,7 @@ class SecureSession(Session):
             outputs,
             reveal_tree,
             len(reveal_leaves),
-            new_state_avals if jax.tree_util.tree_leaves(new_state_avals) else None,
+            dict(new_state_avals) if jax.tree_util.tree_leaves(new_state_avals) else None,
         )
         self._compiled[cache_key] = compiled
         self._compile_s += time.perf_counter() - started
@@ -224,18 +279,23 @@ class SecureSession(Session):
         )
         return compiled
 
-    def _run(self, program, secret, public, state):
-        state_avals = self._states.get(state, {}) if state else {}
-        compiled = self._compile(program, state_avals, secret, public)
+    def _run(self, program, secret, public, state, bind):
+        if self._param_avals is None:
+            raise PumaError("no model loaded in this session")
+        slot_avals = self._states.get(state, {}) if state else {}
+        param_avals = program.select_params(self._param_avals, bind)
+        state_avals = program.select_state(slot_avals, bind)
+        compiled = self._compile(program, param_avals, state_avals, secret, public)
         slot = state or "-"
-        inputs = [n.replace("{slot}", slot) for n in compiled.inputs]
-        outputs = [n.replace("{slot}", slot) for n in compiled.outputs]
         if compiled.state_avals is not None and not state:
             raise PumaError(f"program {program.name} keeps state: run it with a state slot")
+        inputs = [_bound(kind, n, slot, bind) for kind, n in compiled.inputs]
+        outputs = [_bound(kind, n, slot, bind) for kind, n in compiled.outputs]
 
         bundles = self.client.share(
             {f"i:{k}": v for k, v in _flat_named(secret).items()}, {f"u:{k}": v for k, v in _flat_named(public).items()}
         )
+        io_bytes = sum(b.nbytes for b in bundles)
         self.mesh.deliver(bundles)
         profiles = self.mesh.run(compiled.key, inputs, outputs)
         reveal_names = outputs[: compiled.reveal_count]
@@ -244,8 +304,10 @@ class SecureSession(Session):
         plain = self.client.reconstruct(shares)
         reveal = jax.tree_util.tree_unflatten(compiled.reveal_tree, [plain[n] for n in reveal_names])
         if compiled.state_avals is not None:
-            self._states[state] = compiled.state_avals
-        io_bytes = sum(b.nbytes for b in bundles) + sum(b.nbytes for b in shares)
+            current = self._states.setdefault(state, {})
+            for k, v in compiled.state_avals.items():
+                current[bind.get(k, k)] = v
+        io_bytes += sum(b.nbytes for b in shares)
         return reveal, profiles, io_bytes
 
     def free(self, state: str) -> None:
@@ -254,6 +316,8 @@ class SecureSession(Session):
             self.mesh.drop(_leaf_names(f"s:{state}:", avals))
 
     def close(self) -> None:
+        if self.weights_mode == "streamed":
+            self.mesh.close_owner()
         self.mesh.close()
 
 

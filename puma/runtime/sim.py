@@ -106,8 +106,10 @@ class SimMesh(Mesh):
         self.parties: list[ComputeParty] = _all([(make, (r,)) for r in range(world_size)])
 
     def deliver(self, bundles: list[PartyShares]) -> None:
-        for party, bundle in zip(self.parties, bundles):
-            party.receive(bundle)
+        while bundles:
+            bundle = bundles.pop(0)
+            self.parties[bundle.rank].receive(bundle)
+            del bundle
 
     def install(self, key: str, name: str, code: bytes) -> None:
         for party in self.parties:

@@ -38,24 +38,27 @@ class Channel:
 
     def send(self, obj) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self.sock.sendall(_HEADER.pack(len(data)) + data)
+        self.sock.sendall(_HEADER.pack(len(data)))
+        self.sock.sendall(data)
 
     def recv(self):
         (size,) = _HEADER.unpack(self._read(_HEADER.size))
         return pickle.loads(self._read(size))
 
-    def _read(self, n: int) -> bytes:
-        chunks, left = [], n
-        while left:
+    def _read(self, n: int) -> bytearray:
+        """Exactly ``n`` bytes, read into one buffer (no second copy of large messages)."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
             try:
-                chunk = self.sock.recv(min(left, 1 << 22))
+                count = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
             except (ConnectionResetError, ssl.SSLError, OSError) as err:
                 raise ChannelClosed(str(err)) from err
-            if not chunk:
+            if not count:
                 raise ChannelClosed("connection closed")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+            got += count
+        return buf
 
     def close(self) -> None:
         try:

@@ -1,0 +1,196 @@
+"""Staged execution: a model runs as an embedding stage, one program per block, and a head.
+
+Why: a whole-model program needs every weight at the parties at once (48 bytes per weight
+across three ABY3 parties: ~325 GB for LLaMA-7B). Run stage by stage, the parties need only
+the current stage's weights, which the model owner shares just before the stage and the
+parties drop right after (streamed mode, :meth:`puma.runtime.base.Session.hold_params`), so
+memory stays bounded by the largest stage whatever the depth of the model.
+
+What passes between stages: the hidden state ``h`` [B, T, D], a secret state entry of the
+run's slot at the parties (never revealed, never sent to the driver); each block's key/value
+cache stays in the slot as ``cache_<i>``. Every block of a model has the same shapes, so one
+compiled block program serves all of them: a run binds it to layer i's weights
+(``bind={"layer": "layers_<i>"}``) and to layer i's cache.
+
+Each stage calls the model's own ``embed`` / ``block`` / ``head`` methods, which its
+``__call__`` is built from, so staged and whole-program runs compute the same functions (tested:
+same greedy tokens, logits within fixed-point noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+
+from puma.models.layers import init_cache
+from puma.models.loading import LoadedModel
+from puma.program import Program
+from puma.runtime.base import Session
+
+log = logging.getLogger(__name__)
+
+PHASES = ("forward", "logits", "prefill", "decode")
+_slots = itertools.count()
+
+
+def _embed_program(model: LoadedModel, ops, module, stages) -> Program:
+    if model.causal:
+
+        def fn(params, state, secret, public):
+            x = module.apply({"params": params}, secret["input_ids"], public["position_ids"], method="embed")
+            return {}, {"h": x}
+
+    else:
+
+        def fn(params, state, secret, public):
+            x = module.apply(
+                {"params": params},
+                secret["input_ids"],
+                secret["token_type_ids"],
+                public["position_ids"],
+                method="embed",
+            )
+            return {}, {"h": x}
+
+    return Program(f"{model.family}_stage_embed", fn, key=(ops.name, model.source), param_keys=stages.embed)
+
+
+def _block_program(model: LoadedModel, ops, module, stages, phase: str, max_len: int = 0) -> Program:
+    block0 = stages.layer_key(0)
+    if not model.causal:
+
+        def fn(params, state, secret, public):
+            x = module.apply({"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], method="block")
+            return {}, {"h": x}
+
+        return Program(f"{model.family}_stage_block", fn, key=(ops.name, model.source), param_keys=("layer",), state_reads=("h",))
+
+    def fn(params, state, secret, public):
+        variables = {"params": {block0: params["layer"]}}
+        h = state["h"]
+        if phase == "prefill":
+            cfg = model.config
+            layer_cache = init_cache(1, h.shape[0], max_len, cfg.num_kv_heads, cfg.head_dim)[0]
+            x, layer_cache = module.apply(
+                variables, h, public["attention_mask"], public["position_ids"], layer_cache, 0, method="block"
+            )
+            return {}, {"h": x, "cache": layer_cache}
+        if phase == "decode":
+            x, layer_cache = module.apply(
+                variables,
+                h,
+                public["attention_mask"],
+                public["position_ids"],
+                state["cache"],
+                public["cache_index"],
+                method="block",
+            )
+            return {}, {"h": x, "cache": layer_cache}
+        x, _ = module.apply(variables, h, public["attention_mask"], public["position_ids"], method="block")
+        return {}, {"h": x}
+
+    reads = ("h", "cache") if phase == "decode" else ("h",)
+    return Program(
+        f"{model.family}_stage_block_{phase}",
+        fn,
+        key=(ops.name, model.source, max_len),
+        param_keys=("layer",),
+        state_reads=reads,
+    )
+
+
+def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
+    """``head`` is a function (module, params, h, secret, public) -> reveal dict."""
+
+    def fn(params, state, secret, public):
+        return head(module, params, state["h"], secret, public), {}
+
+    return Program(f"{model.family}_stage_head", fn, key=(ops.name, model.source, head.key), param_keys=stages.head, state_reads=("h",))
+
+
+class _Head:
+    """A head stage's reveal function with a cache key (what it computes)."""
+
+    def __init__(self, fn, key: tuple):
+        self.fn, self.key = fn, key
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def causal_head(reveal_fn, last_only: bool, key: tuple) -> _Head:
+    """The head of a causal LM: logits (of the last position with ``last_only``) passed to
+    ``reveal_fn(ops, logits, secret) -> reveal dict``."""
+
+    def fn(module, params, h, secret, public):
+        x = h[:, -1:] if last_only else h  # [B, 1, D] or [B, T, D]
+        logits = module.apply({"params": params}, x, method="head")
+        return reveal_fn(module.ops, logits, secret)
+
+    return _Head(fn, ("causal", last_only, *key))
+
+
+def encoder_head(head: str) -> _Head:
+    def fn(module, params, h, secret, public):
+        return {"output": module.apply({"params": params}, h, public["attention_mask"], head, method="head")}
+
+    return _Head(fn, ("encoder", head))
+
+
+def run(
+    session: Session,
+    model: LoadedModel,
+    ops,
+    phase: str,
+    secret: dict,
+    public: dict,
+    head: _Head,
+    slot: str | None = None,
+    max_len: int = 0,
+    head_name: str = "hidden",
+) -> dict:
+    """One forward pass stage by stage; returns what the head reveals.
+
+    ``phase``: ``forward``/``logits`` (no cache), ``prefill`` (creates each block's cache of
+    ``max_len`` slots in ``slot``), ``decode`` (one step against it); encoders use ``forward``.
+    ``secret``/``public`` are the whole-program inputs; each stage takes what it needs. Without
+    a ``slot`` the hidden state lives in a temporary slot freed at the end.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}")
+    module = model.module(ops)
+    stages = module.stages(head_name) if not model.causal else module.stages()
+    own_slot = slot is None
+    slot = slot or f"staged-{next(_slots)}"
+    embed_secret = {k: secret[k] for k in ("input_ids", "token_type_ids") if k in secret}
+    head_secret = {k: v for k, v in secret.items() if k not in embed_secret}
+    n = np.shape(public["position_ids"])[1]
+    try:
+        session.hold_params(list(stages.embed))
+        session.run(
+            _embed_program(model, ops, module, stages),
+            embed_secret,
+            {"position_ids": public["position_ids"]},
+            state=slot,
+        )
+        session.release_params(list(stages.embed))
+        block = _block_program(model, ops, module, stages, phase if model.causal else "forward", max_len)
+        block_public = dict(public)
+        if model.causal and phase != "decode":
+            block_public.pop("cache_index", None)
+        for i in range(stages.layers):
+            key = stages.layer_key(i)
+            session.hold_params([key])
+            session.run(block, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
+            session.release_params([key])
+        session.hold_params(list(stages.head))
+        head_public = {"attention_mask": public["attention_mask"]} if not model.causal else {}
+        out = session.run(_head_program(model, ops, module, stages, head), head_secret, head_public, state=slot)
+        session.release_params(list(stages.head))
+    finally:
+        if own_slot:
+            session.free(slot)
+    log.debug("staged %s run of %d blocks (%d positions)", phase, stages.layers, n)
+    return out
