@@ -30,6 +30,33 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits (default: 18)")
     p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
+    _add_memory_args(p)
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=("auto", "resident", "streamed"),
+        default="auto",
+        help="resident: share the weights once and keep them; streamed: share each stage's weights just "
+        "before it runs and drop them after (any model size); auto (default): resident if the shares fit "
+        "--memory-budget",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_size,
+        help="memory the weights may take per process (a party process; in sim and plaintext this process), "
+        "e.g. 16G; default 80%% of the available memory, split between the parties on one host",
+    )
+
+
+def _size(text: str) -> int:
+    from puma.runtime.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _add_approx_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
     bc.add_argument("--out", default="bench-results/costs.json")
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
+    _add_memory_args(bc)
     bc.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bc.set_defaults(func=cmd_bench_costs)
     ba = bench_sub.add_parser(
@@ -176,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _backend_options(args) -> dict:
     return {
+        "weights": args.weights,
+        "memory_budget": args.memory_budget,
         "config": args.config,
         "protocol": args.protocol,
         "fxp_bits": args.fxp_bits,
@@ -188,7 +218,10 @@ def _open(args):
     from puma.api import SecureModel, default_approx
 
     args.approx = args.approx or default_approx(args.backend)
-    return SecureModel.from_pretrained(args.model, approx=args.approx, backend=args.backend, **_backend_options(args))
+    model = SecureModel.from_pretrained(args.model, approx=args.approx, backend=args.backend, **_backend_options(args))
+    if not args.json:
+        print(f"puma: {model.weight_plan.describe()}", file=sys.stderr)
+    return model
 
 
 def _progress(total: int, what: str):
@@ -199,6 +232,8 @@ def _progress(total: int, what: str):
 
 
 def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
+    if cost is not None:
+        payload["weights"] = cost.weights_mode
     if cost is not None and args.backend != "plaintext":
         payload["stats"] = cost.to_dict()
     if args.json:
@@ -303,7 +338,15 @@ def cmd_bench_costs(args) -> int:
     if unknown:
         raise PumaError(f"unknown row {unknown[0]!r}; rows: {', '.join(costs.ROWS)}")
     result = costs.run(
-        args.rows, args.sets, args.backend, args.sizes, args.out, not args.no_validate, resume=not args.fresh
+        args.rows,
+        args.sets,
+        args.backend,
+        args.sizes,
+        args.out,
+        not args.no_validate,
+        resume=not args.fresh,
+        weights=args.weights,
+        memory_budget=args.memory_budget,
     )
     print(costs.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)

@@ -435,6 +435,7 @@ def _brief(report: CostReport) -> dict:
         "bytes_sent": report.total_bytes_sent,
         "send_actions": report.total_send_actions,
         "wall_s": round(report.wall_s, 4),
+        "weight_s": round(report.weight_s, 4),
     }
 
 

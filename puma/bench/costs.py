@@ -57,11 +57,11 @@ class Row:
 ROWS = {
     "bert-base": Row("bert-base", "bert-base", (64, 128, 256), whole=(128,)),
     "roberta-base": Row("roberta-base", "roberta-base", (128,)),
-    "bert-large": Row("bert-large", "bert-large", (64, 128, 256)),
+    "bert-large": Row("bert-large", "bert-large", (64, 128, 256), whole=(128,)),
     "gpt2": Row("gpt2", "gpt2", ((16, 1), (32, 1), (64, 1)), whole=((32, 1),)),
     "gpt2-medium": Row("gpt2-medium", "gpt2-medium", ((16, 1), (32, 1), (64, 1))),
-    "gpt2-large": Row("gpt2-large", "gpt2-large", ((16, 1), (32, 1), (64, 1))),
-    "llama-7b": Row("llama-7b", "llama-7b", ((4, 1), (8, 1), (8, 2))),
+    "gpt2-large": Row("gpt2-large", "gpt2-large", ((16, 1), (32, 1), (64, 1)), whole=((32, 1),)),
+    "llama-7b": Row("llama-7b", "llama-7b", ((4, 1), (8, 1), (8, 2)), whole=((4, 1), (8, 1), (8, 2))),
 }
 
 
@@ -78,7 +78,8 @@ def full_layers(preset: str) -> int:
 
 
 def _infer(m: SecureModel, size):
-    """The measured inference: generation for (prompt, new) sizes, a BERT forward otherwise."""
+    """The measured inference: generation for (prompt, new) sizes, a BERT forward otherwise.
+    Returns (cost, per-step costs)."""
     rng = np.random.default_rng(0)
     vocab = m.model.config.vocab_size
     if isinstance(size, tuple):
@@ -88,26 +89,38 @@ def _infer(m: SecureModel, size):
         )
         if sum(len(t) for t in result.tokens) < new:
             raise RuntimeError("generation stopped at end-of-text")
-        return result.cost
+        return result.cost, result.step_costs
     ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
-    return tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled").cost
+    return tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled").cost, []
 
 
-def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> dict:
-    """One secure run of ``preset`` (with ``overrides``) at ``size``: cost and wall time, and the
-    wall time of the same computation in plaintext (jit-compiled, second call) on this machine."""
+def _compute_s(cost) -> float:
+    """Seconds of the runs themselves: wall time less the owner's weight streaming."""
+    return cost.wall_s - cost.weight_s
+
+
+def run_once(preset: str, size, approx: str, backend: str, overrides: dict, memory: dict | None = None) -> dict:
+    """One secure run of ``preset`` (with ``overrides``) at ``size``: cost, wall time and peak
+    memory, and the time of the same computation in plaintext (jit-compiled, second call) on
+    this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto)."""
+    from puma.runtime import memory as mem
+
+    memory = memory or {}
     for attempt in range(3):
+        mem.reset_peak()
         start = time.perf_counter()
-        with SecureModel.from_pretrained(preset, approx=approx, backend=backend, overrides=overrides) as m:
-            cost = _infer(m, size)
+        with SecureModel.from_pretrained(preset, approx=approx, backend=backend, overrides=overrides, **memory) as m:
+            plan = m.weight_plan
+            cost, steps = _infer(m, size)
         total = time.perf_counter() - start
         if not cost.unprofiled_runs or attempt == 2:
             break
         log.warning("%s %s: a run was not profiled per party; measuring again", preset, size)
     profiled(cost)
-    plain = SecureModel.from_pretrained(preset, approx="exact", overrides=overrides)
+    peak = mem.peak_rss()
+    plain = SecureModel.from_pretrained(preset, approx="exact", overrides=overrides, **memory)
     _infer(plain, size)
-    plaintext_s = _infer(plain, size).wall_s
+    plaintext_s = _compute_s(_infer(plain, size)[0])
     report = cost.to_dict()
     per_party_actions = [p["send_actions"] for p in report["per_party"]]
     return {
@@ -115,8 +128,14 @@ def run_once(preset: str, size, approx: str, backend: str, overrides: dict) -> d
         "send_actions": report["total_send_actions"],
         "max_party_send_actions": max(per_party_actions),
         "run_s": round(report["wall_s"], 2),
+        "compute_s": round(_compute_s(cost), 2),
         "total_s": round(total, 2),
         "plaintext_s": round(plaintext_s, 4),
+        "weights": plan.mode,
+        "weight_bytes": report["weight_bytes"],
+        "weight_s": report["weight_s"],
+        "peak_rss": {**report["peak_rss"], "process": peak},
+        "steps": steps,
         "per_party": report["per_party"],
         "per_op": {
             k: {"bytes_sent": v["bytes_sent"], "seconds": round(v["seconds"], 3)} for k, v in report["per_op"].items()
@@ -173,7 +192,9 @@ def _fit_times(base: dict, layer: dict, runs: dict[int, dict]) -> None:
         layer[key], base[key] = float(slope), float(intercept)
 
 
-def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, validate: bool) -> dict:
+def measure_row(
+    store: CellStore, row: Row, size, approx: str, backend: str, validate: bool, memory: dict | None = None
+) -> dict:
     """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
     layers_key = _layers_key(row.preset)
     layers = full_layers(row.preset)
@@ -189,7 +210,7 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
     if size in row.whole:
         whole = store.measure(
             f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
-            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides)),
+            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides), memory),
         )
         result = {"how": "measured whole", **{k: whole[k] for k in whole}}
     else:
@@ -220,7 +241,8 @@ def measure_row(store: CellStore, row: Row, size, approx: str, backend: str, val
             "composed": _combine(base, layer, 4)["bytes_sent"],
             "error": _combine(base, layer, 4)["bytes_sent"] / four["bytes_sent"] - 1.0,
         }
-    result["secure_over_plaintext"] = result["run_s"] / max(result["plaintext_s"], 1e-9)
+    seconds = result.get("compute_s", result["run_s"])
+    result["secure_over_plaintext"] = seconds / max(result["plaintext_s"], 1e-9)
     paper = PAPER.get((row.name, size[0] if isinstance(size, tuple) and row.name != "llama-7b" else size))
     if paper:
         result["paper"] = {"gigabytes": paper[0], "seconds": paper[1]}
@@ -240,8 +262,11 @@ def run(
     out: str = "bench-results/costs.json",
     validate: bool = True,
     resume: bool = True,
+    weights: str = "auto",
+    memory_budget: int | None = None,
 ) -> dict:
-    """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable)."""
+    """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable). Whole runs choose
+    resident or streamed weights by ``weights``/``memory_budget`` (see :mod:`puma.runtime.budget`)."""
     config = {"backend": backend, "protocol": "aby3/FM64/18"}  # rows, sizes and sets only choose cells
     store = CellStore(out, config, resume=resume)
     plan = []
@@ -253,7 +278,7 @@ def run(
     for row, size, approx in tqdm(plan, desc="cost table", unit="cell"):
         key = f"{row.name}/{_size_tag(size)}/{approx}"
         if key not in store.cells or (validate and "validation_4_layers" not in store.cells[key]):
-            measure_row(store, row, size, approx, backend, validate)
+            measure_row(store, row, size, approx, backend, validate, {"weights": weights, "memory_budget": memory_budget})
     return store.data
 
 
