@@ -114,6 +114,15 @@ PRESETS = {
         eos_token_id=2,
     ),
     "llama-7b": LlamaConfig(),
+    "llama2-13b": LlamaConfig(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 

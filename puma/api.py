@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from puma import protocols, tasks
+from puma.errors import PumaError
 from puma.models import LoadedModel, load, loading
 from puma.runtime import budget, memory, open_session
 from puma.runtime.base import Session
@@ -69,6 +70,7 @@ class SecureModel:
         weights: str = "auto",
         memory_budget: int | None = None,
         staged: bool | None = None,
+        share_store: str | None = None,
         **backend_options,
     ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
@@ -82,7 +84,9 @@ class SecureModel:
         stage's weights shared just before it runs and dropped after) or ``"auto"`` (resident
         when the shares fit ``memory_budget`` bytes per process, else streamed; see
         :mod:`puma.runtime.budget`). ``staged`` runs the model stage by stage (default: when
-        streamed); :attr:`weight_plan` says which mode ran and why.
+        streamed); :attr:`weight_plan` says which mode ran and why. ``share_store`` (a folder on
+        each party's own disk) keeps streamed shares at the parties between queries and
+        sessions, so the owner shares each weight once (see ``SecureSession.use_share_store``).
         """
         approx = default_approx(backend) if approx is None else approx
         ops = protocols.get(approx)
@@ -100,9 +104,12 @@ class SecureModel:
                 else:
                     session.load_params(lazy.materialize())
             else:
-                session.load_from_owner(
-                    OwnerSpec(source, tuple(sorted((overrides or {}).items()))), model.param_avals(), streamed=streamed
-                )
+                spec = OwnerSpec(source, tuple(sorted((overrides or {}).items())))
+                if share_store:
+                    if not streamed:
+                        raise PumaError("a share store keeps streamed weights: use it with --weights streamed or auto")
+                    session.use_share_store(share_store, spec)
+                session.load_from_owner(spec, model.param_avals(), streamed=streamed)
             secure = cls(model, session, approx)
             secure.weight_plan = plan
             return secure

@@ -31,6 +31,7 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
     _add_memory_args(p)
+    _add_store_arg(p)
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,14 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
         type=_size,
         help="memory the weights may take per process (a party process; in sim and plaintext this process), "
         "e.g. 16G; default 80%% of the available memory, split between the parties on one host",
+    )
+
+
+def _add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--share-store",
+        help="folder (on each party's own disk) where parties keep their streamed weight shares between "
+        "queries, so the owner shares each weight once",
     )
 
 
@@ -206,6 +215,7 @@ def _backend_options(args) -> dict:
     return {
         "weights": args.weights,
         "memory_budget": args.memory_budget,
+        "share_store": args.share_store,
         "config": args.config,
         "protocol": args.protocol,
         "fxp_bits": args.fxp_bits,

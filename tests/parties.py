@@ -57,6 +57,42 @@ def control_ports(topology_path: str) -> list[int]:
     return [int(p["control"].rsplit(":", 1)[1]) for p in doc["parties"]]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        found += children
+        todo += children
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids of ``pids`` that still run (zombies count as gone)."""
+    living = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    living.append(pid)
+        except OSError:
+            pass
+    return living
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait until ``pids`` have ended; the ones still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive(pids)
+
+
 def wait_for_ports(ports: list[int], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     for port in ports:

@@ -84,3 +84,15 @@ def test_readme_section_is_generated_from_json(tmp_path):
     readme.update(str(doc), str(folder))  # idempotent: the section is replaced, not appended
     assert doc.read_text().count(readme.START) == 1
     assert plots.cost_vs_length({"cells": {}}, "gpt2", str(tmp_path / "none.png")) is None
+
+
+def test_whole_run_with_streamed_weights_records_steps_and_memory():
+    cell = costs.run_once("llama-debug", (4, 2), "puma-fast", "sim", {}, {"weights": "streamed"})
+    assert cell["weights"] == "streamed" and cell["weight_bytes"] > 0 and cell["weight_s"] > 0
+    assert [s["step"] for s in cell["steps"]] == ["prefill", "decode 1"]
+    assert sum(s["bytes_sent"] for s in cell["steps"]) == cell["bytes_sent"]
+    assert cell["peak_rss"]["process"] > 0 and cell["compute_s"] <= cell["run_s"]
+    resident = costs.run_once("llama-debug", (4, 2), "puma-fast", "sim", {}, {"weights": "resident"})
+    assert resident["weights"] == "resident" and resident["weight_bytes"] == 0
+    # staging changes no communication: the same ops run, split into stages
+    assert abs(cell["bytes_sent"] / resident["bytes_sent"] - 1) < 0.01

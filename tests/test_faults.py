@@ -20,7 +20,15 @@ import pytest
 from puma import cli
 from puma.api import SecureModel
 from puma.errors import PumaError
-from tests.parties import control_ports, free_ports, local_parties, wait_for_ports, write_topology
+from tests.parties import (
+    control_ports,
+    descendants,
+    free_ports,
+    local_parties,
+    wait_for_ports,
+    wait_gone,
+    write_topology,
+)
 
 PRESET = "llama-debug"
 
@@ -42,10 +50,13 @@ def _start_party(topology, rank, log_dir):
 
 
 def _stop(*procs):
+    """SIGKILL each supervisor, as a crash would: its parties must go with it."""
+    started = [pid for p in procs for pid in descendants(p.pid)]
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait(10)
+    assert wait_gone(started) == [], "party processes outlived their supervisor"
 
 
 def test_party_that_never_starts(tmp_path, capsys):
@@ -117,6 +128,68 @@ def test_supervisor_reports_a_dead_party(tmp_path):
         assert up.wait(30) != 0
     err = open(tmp_path / "node-up.stderr").read()
     assert "party p1 (rank 1) was killed by SIGKILL" in err
+
+
+def test_supervisor_killed_takes_its_parties_along(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml")
+    with local_parties(topo, str(tmp_path)) as up:
+        parties = descendants(up.pid)
+        assert len(parties) >= 3
+        up.kill()
+        up.wait(10)
+        assert wait_gone(parties) == [], "parties outlived a SIGKILLed node up"
+    for port in control_ports(topo):  # the ports are free again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _set(key, value):
+    return lambda doc: doc.update({key: value})
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (_set("timeouts", {"recv_S": 5}), "unknown key 'timeouts.recv_S'; did you mean 'recv_s'?"),
+        (_set("timeouts", {"connect_s": -1}), "timeouts.connect_s must be a positive number"),
+        (_set("timeouts", {"recv_s": 0}), "timeouts.recv_s must be a positive number"),
+        (_set("auth_key", ""), "auth_key is empty"),
+        (_set("tls", {"cert": "a", "key": "b", "ca": "c", "kee": "d"}), "unknown key 'tls.kee'"),
+        (lambda doc: doc["parties"][1].update({"ctrl": "x"}), "unknown key 'parties[1].ctrl'; did you mean 'control'?"),
+        (lambda doc: doc["parties"][2].update({"id": "p0"}), "parties 0 and 2 have the same id 'p0'"),
+    ],
+)
+def test_strict_topology(tmp_path, capsys, change, fragment):
+    import yaml
+
+    path = write_topology(tmp_path / "t.yaml")
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    change(doc)
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    assert cli.main(["node", "up", "-c", path]) != 0
+    _one_error_line(capsys.readouterr().err, fragment)
+
+
+def test_link_port_in_use(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml")
+    with open(topo) as f:
+        port = int(__import__("yaml").safe_load(f)["parties"][0]["link"].rsplit(":", 1)[1])
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen(1)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        blocker.close()
+    assert result.returncode != 0
+    _one_error_line(result.stderr, f"link port {port}", "is already in use")
 
 
 def test_control_port_in_use(tmp_path):

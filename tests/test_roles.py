@@ -35,7 +35,7 @@ def test_parties_receive_only_their_own_share_bundles(monkeypatch):
     original = SimMesh.deliver
 
     def spy(self, bundles):
-        received.append(bundles)
+        received.append(list(bundles))  # deliver() empties the list it is handed
         return original(self, bundles)
 
     monkeypatch.setattr(SimMesh, "deliver", spy)

@@ -35,11 +35,12 @@ from puma.models import presets
 
 log = logging.getLogger(__name__)
 
-#: PUMA paper, arXiv 2307.12533 (Tables 3, 4, 6): (total communication GB, seconds).
+#: PUMA paper, arXiv 2307.12533 (Tables 3, 4, 6): (total communication GB, seconds or None).
 PAPER = {
     ("bert-base", 128): (10.773, 33.9),
     ("gpt2", 32): (3.774, 15.5),
     ("llama-7b", (8, 1)): (1.794, 200.5),
+    ("llama-7b", (8, 2)): (3.857, None),
 }
 
 
@@ -288,21 +289,46 @@ def markdown(result: dict) -> str:
         f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.",
         "",
         "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
-        "PUMA paper GB / s | how |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "PUMA paper GB / s | how | weights (streaming s) | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, cell in result["cells"].items():
         if key.startswith("parts/"):
             continue
         name, size, approx = key.split("/")
         paper = cell.get("paper")
-        paper_text = f"{paper['gigabytes']:.3f} / {paper['seconds']:.1f}" if paper else "-"
+        paper_text = "-"
+        if paper:
+            seconds = "-" if paper["seconds"] is None else f"{paper['seconds']:.1f}"
+            paper_text = f"{paper['gigabytes']:.3f} / {seconds}"
         how = cell["how"]
         if "composition_error" in cell:
             how += f" (composed: {cell['composition_error']:+.2%})"
+        weights = cell.get("weights", "resident" if cell["how"] == "measured whole" else "-")
+        if cell.get("weight_bytes"):
+            weights += f" ({cell['weight_s']:.0f})"
+        peak = cell.get("peak_rss", {}).get("process")
+        peak_text = f"{peak / 2**30:.2f}" if peak else "-"
         lines.append(
             f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
             f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
-            f"{paper_text} | {how} |"
+            f"{paper_text} | {how} | {weights} | {peak_text} |"
         )
+    stepped = {k: c for k, c in result["cells"].items() if not k.startswith("parts/") and len(c.get("steps", [])) > 1}
+    if stepped:
+        lines += [
+            "",
+            "Per step of the whole runs (the decode steps use the secret KV cache; streamed weights are "
+            "shared again for every step):",
+            "",
+            "| model | input | set | step | GB | send actions | seconds | of which streaming |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, cell in stepped.items():
+            name, size, approx = key.split("/")
+            for step in cell["steps"]:
+                lines.append(
+                    f"| {name} | {size} | {approx} | {step['step']} | {step['bytes_sent'] / 1e9:.3f} | "
+                    f"{step['send_actions']} | {step['wall_s']:.1f} | {step.get('weight_s', 0):.1f} |"
+                )
     return "\n".join(lines)

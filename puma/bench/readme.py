@@ -42,6 +42,14 @@ def _targets(cost: dict | None, acc: dict | None) -> list[str]:
                     f"- {prefix} with `{name}`: {got / 1e9:.3f} GB against a target of {limit / 1e9:.3f} GB "
                     f"(half of PUMA's): {verdict}"
                 )
+    for key, cell in sorted((cost or {}).get("cells", {}).items()):
+        peak = cell.get("peak_rss", {}).get("process")
+        if key.startswith("llama-7b/") and cell.get("how") == "measured whole" and peak:
+            lines.append(
+                f"- {key.rsplit('/', 1)[0]} with `{key.rsplit('/', 1)[1]}` measured whole ({cell.get('weights')} weights): "
+                f"peak RSS {peak / 2**30:.2f} GiB (target at most 20 GiB on this 24 GiB machine): "
+                f"{'met' if peak <= 20 * 2**30 else 'missed'}"
+            )
     res = (acc or {}).get("results", {})
     for name, r in res.get("sst2", {}).items():
         if isinstance(r, dict):

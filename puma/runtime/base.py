@@ -56,6 +56,10 @@ class Session(abc.ABC):
     def release_params(self, keys: list[str]) -> None:
         """Let go of weight subtrees held by :meth:`hold_params` (streamed mode)."""
 
+    def _owner_peak_rss(self) -> int:
+        """Peak RSS of the model owner's process when it is not this one (else 0)."""
+        return 0
+
     def _add_weights(self, nbytes: int, seconds: float) -> None:
         for report in self._reports:
             report.add_weights(nbytes, seconds)
@@ -99,6 +103,7 @@ class Session(abc.ABC):
             yield report
         finally:
             report.process_peak_rss = memory.peak_rss()
+            report.owner_peak_rss = self._owner_peak_rss()
             self._reports = [r for r in self._reports if r is not report]
 
     def __enter__(self):

@@ -184,17 +184,21 @@ class Topology:
         if not isinstance(doc, dict):
             raise PumaError(f"{source}: expected a mapping with 'parties', 'protocol', ...")
         known = {"protocol", "field", "fxp_bits", "runtime", "compiler", "parties", "timeouts", "tls", "auth_key"}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise PumaError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        _check_keys(doc, known, source, "")
         parties_doc = doc.get("parties")
         if not isinstance(parties_doc, list) or not parties_doc:
             raise PumaError(f"{source}: 'parties' must be a list of {{id, link, control}}")
         parties = []
+        ids: dict[str, int] = {}
         for rank, p in enumerate(parties_doc):
             if not isinstance(p, dict) or not {"link", "control"} <= set(p):
                 raise PumaError(f"{source}: party {rank} needs 'link' and 'control' addresses (host:port)")
-            parties.append(PartySpec(rank, str(p.get("id", f"party{rank}")), str(p["link"]), str(p["control"])))
+            _check_keys(p, {"id", "link", "control"}, source, f"parties[{rank}].")
+            party_id = str(p.get("id", f"party{rank}"))
+            if party_id in ids:
+                raise PumaError(f"{source}: parties {ids[party_id]} and {rank} have the same id {party_id!r}")
+            ids[party_id] = rank
+            parties.append(PartySpec(rank, party_id, str(p["link"]), str(p["control"])))
         runtime = doc.get("runtime") or {}
         compiler = dict(DEFAULT_COMPILER)
         compiler.update(doc.get("compiler") or {})
@@ -209,11 +213,24 @@ class Topology:
         except (TypeError, ValueError, AttributeError) as err:
             raise PumaError(f"{source}: bad protocol settings ({err})") from err
         timeouts = doc.get("timeouts") or {}
+        if not isinstance(timeouts, dict):
+            raise PumaError(f"{source}: 'timeouts' must be a mapping with connect_s and recv_s")
+        _check_keys(timeouts, {"connect_s", "recv_s"}, source, "timeouts.")
+        for key, value in timeouts.items():
+            try:
+                ok = float(value) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise PumaError(f"{source}: timeouts.{key} must be a positive number of seconds, not {value!r}")
+        if "auth_key" in doc and not str(doc["auth_key"] or "").strip():
+            raise PumaError(f"{source}: auth_key is empty: give the parties a shared secret (or leave the key out)")
         tls = None
         if doc.get("tls"):
             t = doc["tls"]
             if not isinstance(t, dict) or not {"cert", "key", "ca"} <= set(t):
                 raise PumaError(f"{source}: 'tls' needs 'cert', 'key' and 'ca' (PEM file paths)")
+            _check_keys(t, {"cert", "key", "ca"}, source, "tls.")
             base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
             tls = TLSConfig(*(os.path.join(base, os.path.expanduser(str(t[k]))) for k in ("cert", "key", "ca")))
             for path in (tls.cert, tls.key, tls.ca):
@@ -231,6 +248,19 @@ class Topology:
             )
         except (TypeError, ValueError) as err:
             raise PumaError(f"{source}: bad timeouts ({err})") from err
+
+
+def _check_keys(doc: dict, known: set[str], source: str, where: str) -> None:
+    """Refuse a key the topology format does not have, with the closest known one."""
+    import difflib
+
+    for key in doc:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6) or difflib.get_close_matches(
+                str(key).lower(), sorted(known), n=1, cutoff=0.6
+            )
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
+            raise PumaError(f"{source}: unknown key '{where}{key}'{hint}")
 
 
 def _split_address(address: str, what: str) -> tuple[str, int]:

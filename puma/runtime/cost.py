@@ -223,6 +223,8 @@ class CostReport:
     weights_mode: str = "resident"
     weight_bytes: int = 0  # weight shares moved to the parties during these runs (streamed mode)
     weight_s: float = 0.0  # seconds the model owner spent sharing and delivering them
+    store_bytes: int = 0  # weight shares the parties read back from their share stores instead
+    store_s: float = 0.0
     party_peak_rss: list[int] = dataclasses.field(default_factory=list)  # per party process (nodes, ray)
     process_peak_rss: int = 0  # this (driver) process: in sim it holds every party and the owner
     owner_peak_rss: int = 0  # the model owner's process when it is not this one (ray)
@@ -235,6 +237,12 @@ class CostReport:
         """Weight shares streamed to the parties for these runs (their time counts in ``wall_s``)."""
         self.weight_bytes += nbytes
         self.weight_s += seconds
+        self.wall_s += seconds
+
+    def add_store(self, nbytes: int, seconds: float) -> None:
+        """Weight shares read back from the parties' share stores (no owner involved)."""
+        self.store_bytes += nbytes
+        self.store_s += seconds
         self.wall_s += seconds
 
     @property
@@ -281,6 +289,8 @@ class CostReport:
             "weights": self.weights_mode,
             "weight_bytes": self.weight_bytes,
             "weight_s": round(self.weight_s, 3),
+            "store_bytes": self.store_bytes,
+            "store_s": round(self.store_s, 3),
             "peak_rss": {
                 "parties": list(self.party_peak_rss),
                 "process": self.process_peak_rss,
@@ -306,6 +316,7 @@ class CostReport:
         lines.append(
             f"  weights {self.weights_mode}"
             + (f" ({_fmt_bytes(self.weight_bytes)} of shares streamed in {self.weight_s:.1f} s)" if self.weight_bytes else "")
+            + (f" ({_fmt_bytes(self.store_bytes)} read from share stores in {self.store_s:.1f} s)" if self.store_bytes else "")
             + f"; peak RSS GiB: this process {self.process_peak_rss / 2**30:.2f}"
             + (f", {peaks}" if peaks else "")
             + (f", owner {self.owner_peak_rss / 2**30:.2f}" if self.owner_peak_rss else "")

@@ -97,6 +97,7 @@ class PartyServer:
         self.spec: PartySpec = topology.parties[rank]
         self.log_path = log_path
         self.party = None
+        self._check_link_port()
         host, port = self.spec.control_host_port
         try:
             self.server = wire.listen(host, port)
@@ -104,6 +105,16 @@ class PartyServer:
             if err.errno == errno.EADDRINUSE:
                 raise PumaError(f"party {self.spec.id}: control port {port} is already in use") from err
             raise PumaError(f"party {self.spec.id}: cannot listen on {self.spec.control}: {err}") from err
+
+    def _check_link_port(self) -> None:
+        """Refuse to start when the MPC link port is taken (SPU would only fail at job time)."""
+        host, _, port = self.spec.link.rpartition(":")
+        try:
+            wire.listen(host, int(port)).close()
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise PumaError(f"party {self.spec.id}: link port {port} ({self.spec.link}) is already in use") from err
+            log.debug("party %s: link address %s not checked here: %s", self.spec.id, self.spec.link, err)
 
     def serve_forever(self) -> None:
         from puma.runtime.party import ProcessLog
@@ -204,6 +215,12 @@ class PartyServer:
     def _cmd_drop(self, names: list[str]):
         self._require().drop(names)
 
+    def _cmd_store(self, names: list[str], directory: str) -> int:
+        return self._require().store(names, directory)
+
+    def _cmd_restore(self, names: list[str], directory: str) -> int:
+        return self._require().restore(names, directory)
+
     def _cmd_close(self):
         self._end_session()
 
@@ -219,7 +236,29 @@ def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> N
 # -- supervisor (puma node up / puma node start) -------------------------------------------
 
 
-def _party_main(topology: Topology, rank: int, log_path: str, verbose: int) -> None:
+def _die_with(parent: int) -> None:
+    """End this party process when its supervisor ``parent`` dies, however it dies (SIGKILL
+    included), so no party outlives it holding its ports: Linux's parent-death signal, and a
+    watchdog on the parent pid where that is not available."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("no parent-death signal here; watching the parent pid")
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, parent: int) -> None:
+    _die_with(parent)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
     )
@@ -279,7 +318,9 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
     procs = {}
     for rank in ranks:
         log_path = os.path.join(log_dir, f"party{rank}.spu.log")
-        proc = ctx.Process(target=_party_main, args=(topology, rank, log_path, verbose), name=f"puma-party-{rank}")
+        proc = ctx.Process(
+            target=_party_main, args=(topology, rank, log_path, verbose, os.getpid()), name=f"puma-party-{rank}"
+        )
         proc.start()
         procs[rank] = (proc, log_path)
     stop = threading.Event()
@@ -426,6 +467,12 @@ class NodesMesh(Mesh):
 
     def drop(self, names: list[str]) -> None:
         self._all([("drop", names)] * self.world_size)
+
+    def store(self, names: list[str], directory: str) -> list[int]:
+        return self._all([("store", names, directory)] * self.world_size)
+
+    def restore(self, names: list[str], directory: str) -> list[int]:
+        return self._all([("restore", names, directory)] * self.world_size)
 
     def close(self) -> None:
         for ch in self.channels:

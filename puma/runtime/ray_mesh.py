@@ -99,6 +99,12 @@ class PartyActor:
     def drop(self, names: list[str]) -> None:
         self.party.drop(names)
 
+    def store(self, names: list[str], directory: str) -> int:
+        return self.party.store(names, directory)
+
+    def restore(self, names: list[str], directory: str) -> int:
+        return self.party.restore(names, directory)
+
 
 class OwnerActor:
     """Body of the Ray actor playing the model owner: it opens the weights lazily in its own
@@ -237,17 +243,22 @@ class RayMesh(Mesh):
             total += nbytes
         return total
 
-    def close_owner(self) -> int:
-        import ray
-
-        owner, self._owner = getattr(self, "_owner", None), None
+    def owner_peak_rss(self) -> int:
+        owner = getattr(self, "_owner", None)
         if owner is None:
             return 0
         try:
-            peak = self._get([owner.peak_rss.remote()], "report its memory", timeout=30, who=["the model owner"])[0]
+            return self._get([owner.peak_rss.remote()], "report its memory", timeout=30, who=["the model owner"])[0]
         except PumaError:
-            peak = 0
-        ray.kill(owner)
+            return 0
+
+    def close_owner(self) -> int:
+        import ray
+
+        peak = self.owner_peak_rss()
+        owner, self._owner = getattr(self, "_owner", None), None
+        if owner is not None:
+            ray.kill(owner)
         return peak
 
     def deliver(self, bundles: list[PartyShares]) -> None:
@@ -269,6 +280,12 @@ class RayMesh(Mesh):
 
     def drop(self, names: list[str]) -> None:
         self._get([a.drop.remote(names) for a in self.actors], "drop values")
+
+    def store(self, names: list[str], directory: str) -> list[int]:
+        return self._get([a.store.remote(names, directory) for a in self.actors], "store shares")
+
+    def restore(self, names: list[str], directory: str) -> list[int]:
+        return self._get([a.restore.remote(names, directory) for a in self.actors], "read stored shares")
 
     def close(self) -> None:
         import ray

@@ -17,6 +17,7 @@ import abc
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 
 import jax
@@ -76,6 +77,10 @@ class Mesh(abc.ABC):
         self._owner = None
         return 0
 
+    def owner_peak_rss(self) -> int:
+        """Peak RSS of a running owner in a process of its own (0 here: it is this process)."""
+        return 0
+
     @abc.abstractmethod
     def install(self, key: str, name: str, code: bytes) -> None:
         """Make compiled program ``code`` available at every party under ``key``."""
@@ -91,6 +96,15 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     def drop(self, names: list[str]) -> None:
         """Delete ``names`` at every party."""
+
+    @abc.abstractmethod
+    def store(self, names: list[str], directory: str) -> list[int]:
+        """Every party writes its own shares of ``names`` to ``directory`` on its own disk
+        (bytes written per party)."""
+
+    @abc.abstractmethod
+    def restore(self, names: list[str], directory: str) -> list[int]:
+        """Every party loads ``names`` from its store (bytes read per party; -1 where missing)."""
 
     def close(self) -> None:
         """Stop the parties of this session."""
@@ -204,14 +218,36 @@ class SecureSession(Session):
             self.world_size,
         )
 
+    def _owner_peak_rss(self) -> int:
+        return max(self.owner_peak_rss, self.mesh.owner_peak_rss())
+
     def _flat_names(self, keys: list[str]) -> list[str]:
         return [n[len(ModelOwner.PREFIX) :] for n in _leaf_names(ModelOwner.PREFIX, {k: self._param_avals[k] for k in keys})]
+
+    def use_share_store(self, directory: str, spec: OwnerSpec) -> None:
+        """Keep streamed weight shares in per-party stores under ``directory`` (each party on
+        its own disk, its own shares only): a stage's weights are shared by the owner the first
+        time and read back from the stores afterwards, so repeated queries need no re-sharing."""
+        ident = repr((spec.source, spec.overrides, spec.seed, self.protocol_config.protocol, self.protocol_config.field,
+                      self.protocol_config.fxp_bits))
+        self.share_store = os.path.join(directory, hashlib.sha1(ident.encode()).hexdigest()[:16])
 
     def hold_params(self, keys: list[str]) -> None:
         if self.weights_mode != "streamed":
             return
         start = time.perf_counter()
-        nbytes = self.mesh.owner_share(self._flat_names(keys), chunk_bytes=0)
+        names = self._flat_names(keys)
+        store = getattr(self, "share_store", None)
+        if store is not None:
+            shared = [ModelOwner.PREFIX + n for n in names]
+            read = self.mesh.restore(shared, store)
+            if min(read) >= 0:
+                for report in self._reports:
+                    report.add_store(sum(read), time.perf_counter() - start)
+                return
+        nbytes = self.mesh.owner_share(names, chunk_bytes=0)
+        if store is not None:
+            self.mesh.store([ModelOwner.PREFIX + n for n in names], store)
         self._add_weights(nbytes, time.perf_counter() - start)
 
     def release_params(self, keys: list[str]) -> None:

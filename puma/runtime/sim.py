@@ -139,5 +139,11 @@ class SimMesh(Mesh):
         for p in self.parties:
             p.drop(names)
 
+    def store(self, names: list[str], directory: str) -> list[int]:
+        return [p.store(names, directory) for p in self.parties]
+
+    def restore(self, names: list[str], directory: str) -> list[int]:
+        return [p.restore(names, directory) for p in self.parties]
+
     def close(self) -> None:
         self.parties = []
