@@ -320,3 +320,13 @@ def test_tls_links_with_self_signed_certificates(tmp_path):
         plain_topo = write_topology(tmp_path / "plain.yaml", connect_s=2, ports=free_ports(3) + control_ports(topo))
         with pytest.raises(PumaError, match="p0 .* did not complete the handshake"):
             SecureModel.from_pretrained(PRESET, backend="nodes", config=plain_topo)
+
+
+def test_unreachable_ray_address_is_one_line_within_connect_s(tmp_path, capsys):
+    port = free_ports(1)[0]
+    topo = write_topology(tmp_path / "t.yaml", connect_s=2)
+    start = time.monotonic()
+    args = ["generate", "-m", PRESET, "-p", "x", "--backend", "ray", "-c", topo, "--ray-address", f"127.0.0.1:{port}"]
+    assert cli.main(args) != 0
+    assert time.monotonic() - start < 20
+    _one_error_line(capsys.readouterr().err, f"Ray cluster at 127.0.0.1:{port} is unreachable after 2 s")

@@ -71,5 +71,6 @@ def open_session(
     else:
         from puma.runtime.ray_mesh import RayMesh
 
-        mesh = RayMesh(proto, timeout, address=ray_address)
+        connect = topology.connect_timeout_s if topology else 30.0
+        mesh = RayMesh(proto, timeout, address=ray_address, connect_timeout_s=connect)
     return SecureSession(mesh, proto)

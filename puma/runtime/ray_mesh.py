@@ -150,14 +150,43 @@ class OwnerActor:
         return refs, nbytes
 
 
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` with one line when the Ray cluster at ``host:port`` (or
+    ``ray://host:port``) does not accept connections: ``ray.init`` itself may wait for minutes."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms are Ray's to resolve
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise PumaError(
+                    f"the Ray cluster at {address} is unreachable after {timeout_s:.0f} s ({err}): "
+                    "start it (ray start --head) or fix --ray-address"
+                ) from err
+            time.sleep(0.5)
+
+
 class RayMesh(Mesh):
     """Parties as Ray actors (local Ray by default, or the cluster at ``address``)."""
 
     backend = "ray"
 
-    def __init__(self, protocol: ProtocolConfig, recv_timeout_s: float = 60.0, address: str | None = None):
+    def __init__(
+        self,
+        protocol: ProtocolConfig,
+        recv_timeout_s: float = 60.0,
+        address: str | None = None,
+        connect_timeout_s: float = 30.0,
+    ):
         import ray
 
+        if address and not ray.is_initialized():
+            check_reachable(address, connect_timeout_s)
         self.world_size = protocol.world_size
         self.timeout = recv_timeout_s
         self._started_ray = False
