@@ -119,7 +119,9 @@ def load(
         family, config = table[source]
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        return _finish(LoadedModel(family, config, None, None, source), random_lazy(family, config, seed), weights, lazy)
+        return _finish(
+            LoadedModel(family, config, None, None, source), random_lazy(family, config, seed), weights, lazy
+        )
     if overrides:
         raise PumaError("config overrides apply to presets only, not to checkpoints")
     path = os.path.expanduser(source)
@@ -436,7 +438,9 @@ def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
         elif name.endswith("k_proj.weight"):
             heads = config.num_key_value_heads
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
-        tensors[name] = TensorRef(shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads))
+        tensors[name] = TensorRef(
+            shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads)
+        )
     return tensors
 
 

@@ -62,10 +62,14 @@ def _block_program(model: LoadedModel, ops, module, stages, phase: str, max_len:
     if not model.causal:
 
         def fn(params, state, secret, public):
-            x = module.apply({"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], method="block")
+            x = module.apply(
+                {"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], method="block"
+            )
             return {}, {"h": x}
 
-        return Program(f"{model.family}_stage_block", fn, key=(ops.name, model.source), param_keys=("layer",), state_reads=("h",))
+        return Program(
+            f"{model.family}_stage_block", fn, key=(ops.name, model.source), param_keys=("layer",), state_reads=("h",)
+        )
 
     def fn(params, state, secret, public):
         variables = {"params": {block0: params["layer"]}}
@@ -107,7 +111,13 @@ def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
     def fn(params, state, secret, public):
         return head(module, params, state["h"], secret, public), {}
 
-    return Program(f"{model.family}_stage_head", fn, key=(ops.name, model.source, head.key), param_keys=stages.head, state_reads=("h",))
+    return Program(
+        f"{model.family}_stage_head",
+        fn,
+        key=(ops.name, model.source, head.key),
+        param_keys=stages.head,
+        state_reads=("h",),
+    )
 
 
 class _Head:

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import spu
 import spu.libspu as libspu
+from puma.models import loading
 
 from puma import cli, models, tasks
 from puma.api import SecureModel
 from puma.errors import PumaError
-from puma.models import loading
 from puma.runtime import budget, sharing
 from tests.parties import local_parties, write_topology
 
@@ -82,7 +82,10 @@ def test_numpy_shares_are_spu_shares(field):
         assert back.shape == x.shape and back.dtype == np.float32
         if x.size:
             assert np.max(np.abs(back - x)) <= 2.0**-18, shape  # SPU's encoding truncates toward zero
-    a, b = sharing.make_shares(np.ones(64, np.float32), field, 18), sharing.make_shares(np.ones(64, np.float32), field, 18)
+    a, b = (
+        sharing.make_shares(np.ones(64, np.float32), field, 18),
+        sharing.make_shares(np.ones(64, np.float32), field, 18),
+    )
     assert a[0].share_chunks != b[0].share_chunks  # fresh randomness every time
 
 
@@ -197,8 +200,10 @@ def test_sharded_safetensors_load_lazily_and_match_transformers(tmp_path, monkey
     hf = hf_model("llama", config, tmp_path / "one")
     hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
     shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
-    assert len(shards) >= 3 and shards[0].startswith("model-00001-of-") and "model.safetensors.index.json" in os.listdir(
-        tmp_path / "sharded"
+    assert (
+        len(shards) >= 3
+        and shards[0].startswith("model-00001-of-")
+        and "model.safetensors.index.json" in os.listdir(tmp_path / "sharded")
     )
     reads = []
     real = loading._read_one

@@ -279,7 +279,9 @@ def run(
     for row, size, approx in tqdm(plan, desc="cost table", unit="cell"):
         key = f"{row.name}/{_size_tag(size)}/{approx}"
         if key not in store.cells or (validate and "validation_4_layers" not in store.cells[key]):
-            measure_row(store, row, size, approx, backend, validate, {"weights": weights, "memory_budget": memory_budget})
+            measure_row(
+                store, row, size, approx, backend, validate, {"weights": weights, "memory_budget": memory_budget}
+            )
     return store.data
 
 

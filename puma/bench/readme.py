@@ -45,8 +45,9 @@ def _targets(cost: dict | None, acc: dict | None) -> list[str]:
     for key, cell in sorted((cost or {}).get("cells", {}).items()):
         peak = cell.get("peak_rss", {}).get("process")
         if key.startswith("llama-7b/") and cell.get("how") == "measured whole" and peak:
+            row, approx = key.rsplit("/", 1)
             lines.append(
-                f"- {key.rsplit('/', 1)[0]} with `{key.rsplit('/', 1)[1]}` measured whole ({cell.get('weights')} weights): "
+                f"- {row} with `{approx}` measured whole ({cell.get('weights')} weights): "
                 f"peak RSS {peak / 2**30:.2f} GiB (target at most 20 GiB on this 24 GiB machine): "
                 f"{'met' if peak <= 20 * 2**30 else 'missed'}"
             )

@@ -315,8 +315,16 @@ class CostReport:
         peaks = ", ".join(f"party {r} {p / 2**30:.2f}" for r, p in enumerate(self.party_peak_rss) if p)
         lines.append(
             f"  weights {self.weights_mode}"
-            + (f" ({_fmt_bytes(self.weight_bytes)} of shares streamed in {self.weight_s:.1f} s)" if self.weight_bytes else "")
-            + (f" ({_fmt_bytes(self.store_bytes)} read from share stores in {self.store_s:.1f} s)" if self.store_bytes else "")
+            + (
+                f" ({_fmt_bytes(self.weight_bytes)} of shares streamed in {self.weight_s:.1f} s)"
+                if self.weight_bytes
+                else ""
+            )
+            + (
+                f" ({_fmt_bytes(self.store_bytes)} read from share stores in {self.store_s:.1f} s)"
+                if self.store_bytes
+                else ""
+            )
             + f"; peak RSS GiB: this process {self.process_peak_rss / 2**30:.2f}"
             + (f", {peaks}" if peaks else "")
             + (f", owner {self.owner_peak_rss / 2**30:.2f}" if self.owner_peak_rss else "")

@@ -222,14 +222,24 @@ class SecureSession(Session):
         return max(self.owner_peak_rss, self.mesh.owner_peak_rss())
 
     def _flat_names(self, keys: list[str]) -> list[str]:
-        return [n[len(ModelOwner.PREFIX) :] for n in _leaf_names(ModelOwner.PREFIX, {k: self._param_avals[k] for k in keys})]
+        return [
+            n[len(ModelOwner.PREFIX) :] for n in _leaf_names(ModelOwner.PREFIX, {k: self._param_avals[k] for k in keys})
+        ]
 
     def use_share_store(self, directory: str, spec: OwnerSpec) -> None:
         """Keep streamed weight shares in per-party stores under ``directory`` (each party on
         its own disk, its own shares only): a stage's weights are shared by the owner the first
         time and read back from the stores afterwards, so repeated queries need no re-sharing."""
-        ident = repr((spec.source, spec.overrides, spec.seed, self.protocol_config.protocol, self.protocol_config.field,
-                      self.protocol_config.fxp_bits))
+        ident = repr(
+            (
+                spec.source,
+                spec.overrides,
+                spec.seed,
+                self.protocol_config.protocol,
+                self.protocol_config.field,
+                self.protocol_config.fxp_bits,
+            )
+        )
         self.share_store = os.path.join(directory, hashlib.sha1(ident.encode()).hexdigest()[:16])
 
     def hold_params(self, keys: list[str]) -> None:
@@ -277,7 +287,9 @@ class SecureSession(Session):
             + [("i", n) for n in _leaf_names("", secret)]
             + [("u", n) for n in _leaf_names("", public)]
         )
-        outputs = [("o", str(i)) for i in range(len(reveal_leaves))] + [("s", n) for n in _leaf_names("", new_state_avals)]
+        outputs = [("o", str(i)) for i in range(len(reveal_leaves))] + [
+            ("s", n) for n in _leaf_names("", new_state_avals)
+        ]
         n_secret = len(jax.tree_util.tree_leaves((param_avals, state_avals, secret)))
         visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
             len(flat_args) - n_secret
