@@ -228,10 +228,10 @@ def _open(args):
     from puma.api import SecureModel, default_approx
 
     args.approx = args.approx or default_approx(args.backend)
-    model = SecureModel.from_pretrained(args.model, approx=args.approx, backend=args.backend, **_backend_options(args))
-    if not args.json:
-        print(f"puma: {model.weight_plan.describe()}", file=sys.stderr)
-    return model
+    args.secure_model = SecureModel.from_pretrained(
+        args.model, approx=args.approx, backend=args.backend, **_backend_options(args)
+    )
+    return args.secure_model
 
 
 def _progress(total: int, what: str):
@@ -252,6 +252,9 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
     print("\n".join(text_lines))
     if cost is not None and args.backend != "plaintext":
         print(cost.summary(), file=sys.stderr)
+    plan = getattr(getattr(args, "secure_model", None), "weight_plan", None)
+    if plan is not None:
+        print(f"puma: {plan.describe()}", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:

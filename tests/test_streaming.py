@@ -130,11 +130,23 @@ def backend(request, topology, tmp_path_factory):
     yield "sim", {}
 
 
+_RESIDENT: dict = {}
+
+
+def _resident(source: str, approx: str, run):
+    """The resident one-program run on sim, once per session: the reference every backend's
+    streamed run is compared with (the backends' resident runs agree: tests/test_runtime.py)."""
+    if (source, approx) not in _RESIDENT:
+        with SecureModel.from_pretrained(source, approx=approx, backend="sim", weights="resident") as m:
+            assert not m.session.staged
+            _RESIDENT[source, approx] = run(m)
+    return _RESIDENT[source, approx]
+
+
 @pytest.mark.parametrize("preset", ["gpt2-debug", "llama-debug", "bert-debug-cls"])
 def test_streamed_equals_resident(backend, preset):
     name, options = backend
-    with SecureModel.from_pretrained(preset, approx="puma", backend=name, weights="resident", **options) as m:
-        resident = _outputs(m)
+    resident = _resident(preset, "puma", _outputs)
     with SecureModel.from_pretrained(preset, approx="puma", backend=name, weights="streamed", **options) as m:
         streamed = _outputs(m)
         causal = m.model.causal
@@ -151,20 +163,20 @@ def test_streamed_equals_resident(backend, preset):
 
 
 def test_stories260k_streamed_equals_resident(backend, stories_gguf):
+    """32 greedy tokens on sim; the first 8 of them on nodes and ray (CI time)."""
     name, options = backend
-    with SecureModel.from_pretrained(stories_gguf, approx="puma", backend=name, weights="resident", **options) as m:
-        resident = m.generate("Once upon a time", 32)
+    resident = _resident(stories_gguf, "puma", lambda m: m.generate("Once upon a time", 32))
+    count = 32 if name == "sim" else 8
     with SecureModel.from_pretrained(stories_gguf, approx="puma", backend=name, weights="streamed", **options) as m:
-        streamed = m.generate("Once upon a time", 32)
-    assert streamed.tokens == resident.tokens
+        streamed = m.generate("Once upon a time", count)
+    assert streamed.tokens[0] == resident.tokens[0][:count]
     assert streamed.cost.weight_bytes > 0 and resident.cost.weight_bytes == 0
 
 
 def test_minilm_streamed_equals_resident(backend, minilm_dir):
     name, options = backend
     texts = ["a quiet evening by the sea", "the film was far too long"]
-    with SecureModel.from_pretrained(minilm_dir, approx="puma-fast", backend=name, weights="resident", **options) as m:
-        resident = m.embed(texts).outputs
+    resident = _resident(minilm_dir, "puma-fast", lambda m: m.embed(texts).outputs)
     with SecureModel.from_pretrained(minilm_dir, approx="puma-fast", backend=name, weights="streamed", **options) as m:
         streamed = m.embed(texts).outputs
     cosine = np.sum(resident * streamed, axis=-1)
