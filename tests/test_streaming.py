@@ -43,19 +43,20 @@ def _encode(m: SecureModel, head: str = "classify"):
     return tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head)
 
 
-def _outputs(m: SecureModel) -> dict:
+def _outputs(m: SecureModel, nocache: bool = True) -> dict:
     """What the comparisons look at: greedy tokens with the cache, without it, and logits."""
     if m.model.causal:
-        return {
-            "tokens": m.generate_ids(PROMPTS, 4).tokens,
-            "tokens_nocache": m.generate_ids(PROMPTS, 3, use_cache=False).tokens,
-            "logits": m.logits(PROMPTS).outputs,
-        }
+        out = {"tokens": m.generate_ids(PROMPTS, 4).tokens, "logits": m.logits(PROMPTS).outputs}
+        if nocache:
+            out["tokens_nocache"] = m.generate_ids(PROMPTS, 3, use_cache=False).tokens
+        return out
     return {"output": _encode(m, "classify" if m.model.config.has_classifier else "mean").outputs}
 
 
 def _compare(got: dict, want: dict, atol: float, what: str) -> None:
     for key, value in want.items():
+        if key not in got:
+            continue
         if key.startswith("tokens"):
             assert got[key] == value, f"{what} {key}: {got[key]} != {value}"
         else:
@@ -148,7 +149,7 @@ def test_streamed_equals_resident(backend, preset):
     name, options = backend
     resident = _resident(preset, "puma", _outputs)
     with SecureModel.from_pretrained(preset, approx="puma", backend=name, weights="streamed", **options) as m:
-        streamed = _outputs(m)
+        streamed = _outputs(m, nocache=name == "sim")  # the no-cache window once (CI time)
         causal = m.model.causal
         cost = (m.generate_ids(PROMPTS[:1], 2).cost if causal else _encode(m).cost).to_dict()
     _compare(streamed, resident, STREAM_ATOL, f"{preset} on {name}")
