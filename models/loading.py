@@ -239,11 +239,6 @@ def random_lazy(family: str, config, seed: int = 0) -> LazyParams:
     return LazyParams(shapes, {p: maker(p, s) for p, s in shapes.items()}, f"preset {family}")
 
 
-def random_params(family: str, config, seed: int = 0) -> dict:
-    """The random weights of :func:`random_lazy` as one tree."""
-    return random_lazy(family, config, seed).materialize()
-
-
 def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
     layers = config.num_layers if hasattr(config, "num_layers") else config.num_hidden_layers
     rows = []
@@ -261,11 +256,6 @@ class TensorRef:
 
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
-
-
-def in_memory(tensors: dict[str, np.ndarray]) -> dict[str, TensorRef]:
-    """Already-loaded arrays as :class:`TensorRef` values."""
-    return {name: TensorRef(tuple(np.shape(v)), lambda v=v: np.asarray(v)) for name, v in tensors.items()}
 
 
 def convert_hf_state(family: str, config, tensors: dict[str, TensorRef], source: str) -> LazyParams:

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from puma import cli
 from puma.api import SecureModel
@@ -160,8 +161,6 @@ def _set(key, value):
     ],
 )
 def test_strict_topology(tmp_path, capsys, change, fragment):
-    import yaml
-
     path = write_topology(tmp_path / "t.yaml")
     with open(path) as f:
         doc = yaml.safe_load(f)
@@ -172,15 +171,13 @@ def test_strict_topology(tmp_path, capsys, change, fragment):
     _one_error_line(capsys.readouterr().err, fragment)
 
 
-def test_link_port_in_use(tmp_path):
-    topo = write_topology(tmp_path / "t.yaml")
-    with open(topo) as f:
-        port = int(__import__("yaml").safe_load(f)["parties"][0]["link"].rsplit(":", 1)[1])
+def _start_with_port_taken(topo: str, port: int) -> subprocess.CompletedProcess:
+    """``puma node start --rank 0`` while something else listens on ``port``."""
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))
     blocker.listen(1)
     try:
-        result = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
             capture_output=True,
             text=True,
@@ -188,6 +185,13 @@ def test_link_port_in_use(tmp_path):
         )
     finally:
         blocker.close()
+
+
+def test_link_port_in_use(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml")
+    with open(topo) as f:
+        port = int(yaml.safe_load(f)["parties"][0]["link"].rsplit(":", 1)[1])
+    result = _start_with_port_taken(topo, port)
     assert result.returncode != 0
     _one_error_line(result.stderr, f"link port {port}", "is already in use")
 
@@ -195,18 +199,7 @@ def test_link_port_in_use(tmp_path):
 def test_control_port_in_use(tmp_path):
     topo = write_topology(tmp_path / "t.yaml")
     port = control_ports(topo)[0]
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", port))
-    blocker.listen(1)
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "puma.cli", "node", "start", "-c", topo, "--rank", "0"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        blocker.close()
+    result = _start_with_port_taken(topo, port)
     assert result.returncode != 0
     _one_error_line(result.stderr, f"control port {port} is already in use")
 

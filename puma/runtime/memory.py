@@ -30,11 +30,6 @@ def peak_rss() -> int:
     return _status_kb("VmHWM") * 1024
 
 
-def rss() -> int:
-    """Bytes of resident memory now."""
-    return _status_kb("VmRSS") * 1024
-
-
 def reset_peak() -> None:
     """Start a new peak from the current RSS (Linux >= 4.0)."""
     try:

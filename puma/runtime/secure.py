@@ -65,11 +65,7 @@ class Mesh(abc.ABC):
     def owner_share(self, names: list[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
         """Have the owner share weights ``names`` (flat paths; default all) to the parties, chunk
         by chunk (``chunk_bytes=0``: tensor by tensor). Returns the bytes of shares moved."""
-        total = 0
-        for bundles in self._owner.share_chunks(self._share, self.world_size, names, chunk_bytes):
-            total += sum(b.nbytes for b in bundles)
-            self.deliver(bundles)
-        return total
+        return deliver_weights(self, self._owner, self._share, names, chunk_bytes)
 
     def close_owner(self) -> int:
         """Stop the model owner; returns its process's peak RSS when it ran in a process of its
@@ -114,10 +110,13 @@ class Mesh(abc.ABC):
         return getattr(self, "hosts", None) or [memory.host()] * self.world_size
 
 
-def deliver_weights(mesh: Mesh, owner: ModelOwner, config: libspu.RuntimeConfig) -> int:
-    """Share the owner's weights chunk by chunk and deliver each chunk; returns bytes of shares."""
+def deliver_weights(
+    mesh: Mesh, owner: ModelOwner, share, names: list[str] | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> int:
+    """Share the owner's weights ``names`` (default all) with ``share`` chunk by chunk and deliver
+    each chunk; returns bytes of shares."""
     total = 0
-    for bundles in owner.share_chunks(share_function(config, mesh.world_size), mesh.world_size):
+    for bundles in owner.share_chunks(share, mesh.world_size, names, chunk_bytes):
         total += sum(b.nbytes for b in bundles)
         mesh.deliver(bundles)
     return total
@@ -177,13 +176,15 @@ class SecureSession(Session):
         self._compiled: dict[tuple, _Compiled] = {}
         self._installed: set[str] = set()
         self.owner_peak_rss = 0
+        self.share_store: str | None = None  # per-party store folder (see use_share_store)
 
     # -- model owner ---------------------------------------------------------------------------
 
     def load_params(self, params: dict) -> None:
         """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
-        self.params_io_bytes = deliver_weights(self.mesh, owner, self.protocol_config.runtime_config(profile=False))
+        share = share_function(self.protocol_config.runtime_config(profile=False), self.world_size)
+        self.params_io_bytes = deliver_weights(self.mesh, owner, share)
         self._param_avals = _avals(params)
         log.info(
             "shared %d weight tensors (%.1f MB of shares) to %d parties",
@@ -222,9 +223,8 @@ class SecureSession(Session):
         return max(self.owner_peak_rss, self.mesh.owner_peak_rss())
 
     def _flat_names(self, keys: list[str]) -> list[str]:
-        return [
-            n[len(ModelOwner.PREFIX) :] for n in _leaf_names(ModelOwner.PREFIX, {k: self._param_avals[k] for k in keys})
-        ]
+        """The flat weight paths under the top-level subtrees ``keys``."""
+        return _leaf_names("", {k: self._param_avals[k] for k in keys})
 
     def use_share_store(self, directory: str, spec: OwnerSpec) -> None:
         """Keep streamed weight shares in per-party stores under ``directory`` (each party on
@@ -247,17 +247,16 @@ class SecureSession(Session):
             return
         start = time.perf_counter()
         names = self._flat_names(keys)
-        store = getattr(self, "share_store", None)
-        if store is not None:
-            shared = [ModelOwner.PREFIX + n for n in names]
-            read = self.mesh.restore(shared, store)
+        at_parties = [ModelOwner.PREFIX + n for n in names]
+        if self.share_store is not None:
+            read = self.mesh.restore(at_parties, self.share_store)
             if min(read) >= 0:
                 for report in self._reports:
                     report.add_store(sum(read), time.perf_counter() - start)
                 return
         nbytes = self.mesh.owner_share(names, chunk_bytes=0)
-        if store is not None:
-            self.mesh.store([ModelOwner.PREFIX + n for n in names], store)
+        if self.share_store is not None:
+            self.mesh.store(at_parties, self.share_store)
         self._add_weights(nbytes, time.perf_counter() - start)
 
     def release_params(self, keys: list[str]) -> None:
