@@ -68,6 +68,20 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _add_bench_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    p.add_argument("--config", "-c", help="party topology file; required by --backend nodes")
+    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
+
+
+def _connect(args) -> dict:
+    """Where a benchmark's parties are; ``nodes`` without a topology is a one-line error now,
+    not one per cell."""
+    if args.backend == "nodes" and not args.config:
+        raise PumaError("--backend nodes needs the parties' topology: pass --config configs/3pc.yaml")
+    return {"config": args.config, "ray_address": args.ray_address}
+
+
 def _add_approx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--approx",
@@ -151,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bc.add_argument("--sets", nargs="+", default=["puma-fast", "puma"])
     bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
-    bc.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    _add_bench_backend_args(bc)
     bc.add_argument("--out", default="bench-results/costs.json")
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     _add_memory_args(bc)
@@ -360,6 +374,7 @@ def cmd_bench_costs(args) -> int:
         resume=not args.fresh,
         weights=args.weights,
         memory_budget=args.memory_budget,
+        connect=_connect(args),
     )
     print(costs.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
@@ -437,7 +452,18 @@ def _report_parties(outcome: tuple[int, str | None]) -> int:
     return status
 
 
+def _restart_keeping_heap() -> None:
+    """Start this command again with glibc set to keep freed memory (:mod:`puma.runtime.memory`):
+    the tunables only take effect at process start."""
+    from puma.runtime import memory
+
+    if memory.needs_heap_restart() and sys.executable and getattr(sys, "orig_argv", None):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **memory.heap_env()})
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _restart_keeping_heap()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -107,9 +107,10 @@ def wait_for_ports(ports: list[int], timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def local_parties(topology_path: str, log_dir: str):
-    """``puma node up`` on ``topology_path`` as a subprocess; yields it once every party listens."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
+    """``puma node up`` on ``topology_path`` as a subprocess (environment ``env``, default this
+    one's); yields it once every party listens."""
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     stderr = open(os.path.join(log_dir, "node-up.stderr"), "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "puma.cli", "node", "up", "-c", topology_path, "--log-dir", log_dir],

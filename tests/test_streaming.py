@@ -23,7 +23,7 @@ from puma.models import loading
 from puma import cli, models, tasks
 from puma.api import SecureModel
 from puma.errors import PumaError
-from puma.runtime import budget, sharing
+from puma.runtime import budget, memory, sharing
 from tests.parties import local_parties, write_topology
 
 STREAM_ATOL = 1e-2
@@ -75,7 +75,7 @@ def test_numpy_shares_are_spu_shares(field):
     rng = np.random.default_rng(0)
     for shape in [(), (3,), (4, 5), (2, 3, 7), (0, 4)]:
         x = np.asarray(rng.standard_normal(shape) * 100, np.float32)
-        ours = sharing.make_shares(x, field, 18)
+        ours = sharing.make_shares(x, field, 18, chunk_bytes=128 << 20)  # SPU's chunk size
         theirs = io.make_shares(x, libspu.Visibility.VIS_SECRET)
         assert [s.meta for s in ours] == [s.meta for s in theirs], shape
         assert [len(c) for c in ours[0].share_chunks] == [len(c) for c in theirs[0].share_chunks], shape
@@ -83,6 +83,10 @@ def test_numpy_shares_are_spu_shares(field):
         assert back.shape == x.shape and back.dtype == np.float32
         if x.size:
             assert np.max(np.abs(back - x)) <= 2.0**-18, shape  # SPU's encoding truncates toward zero
+    x = np.asarray(rng.standard_normal((5, 7)), np.float32)
+    split = sharing.make_shares(x, field, 18, chunk_bytes=48)  # several elements per chunk, a short last one
+    assert len(split[0].share_chunks) > 2
+    assert np.max(np.abs(io.reconstruct(split) - x)) <= 2.0**-18
     a, b = (
         sharing.make_shares(np.ones(64, np.float32), field, 18),
         sharing.make_shares(np.ones(64, np.float32), field, 18),
@@ -152,12 +156,14 @@ def test_streamed_equals_resident(backend, preset):
         streamed = _outputs(m, nocache=name == "sim")  # the no-cache window once (CI time)
         causal = m.model.causal
         cost = (m.generate_ids(PROMPTS[:1], 2).cost if causal else _encode(m).cost).to_dict()
+        heaps = m.session.mesh.party_heaps_kept()
     _compare(streamed, resident, STREAM_ATOL, f"{preset} on {name}")
     assert cost["weights"] == "streamed" and cost["weight_bytes"] > 0
     block = f"{m.model.family}_stage_block" + ("_prefill" if causal else "")
     assert cost["runs_by_program"][block] == m.model.module().stages().layers  # one compiled block, bound per layer
     if name in ("nodes", "ray"):
         assert all(p > 0 for p in cost["peak_rss"]["parties"]), cost["peak_rss"]
+        assert heaps == [True, True, True]  # party processes start keeping freed memory
     if name == "ray":
         assert cost["peak_rss"]["owner"] > 0  # the owner's own actor
     assert cost["peak_rss"]["process"] > 0
@@ -302,8 +308,9 @@ print(json.dumps({"peak": memory.peak_rss(), "mode": m.weight_plan.mode,
 
 
 def _probe(mode: str, budget_bytes: int = 0) -> dict:
+    env = {**os.environ, **memory.heap_env()}  # as the puma command runs: freed memory kept
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode, str(budget_bytes)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _PROBE, mode, str(budget_bytes)], capture_output=True, text=True, timeout=600, env=env
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -319,3 +326,29 @@ def test_streaming_keeps_the_process_under_a_small_budget():
     assert streamed["tokens"] == resident["tokens"]
     saved = resident["peak"] - streamed["peak"]
     assert saved >= 0.5 * (resident["resident"] - budget_bytes), (resident, streamed)
+
+
+# -- keeping freed memory --------------------------------------------------------------------
+
+
+def test_heap_env_adds_the_tunables_and_keeps_the_users():
+    env = memory.heap_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=7"})
+    tunables = env["GLIBC_TUNABLES"].split(":")
+    assert tunables[0] == "glibc.malloc.arena_max=2" and "glibc.malloc.mmap_max=7" not in tunables
+    assert set(memory.HEAP_TUNABLES) <= set(tunables)
+    assert memory.heap_kept(env) and not memory.needs_heap_restart(env)
+    assert memory.needs_heap_restart({}) and not memory.heap_kept({})
+    assert memory.heap_env({"PUMA_KEEP_HEAP": "0"}) == {}
+    assert not memory.needs_heap_restart({"PUMA_KEEP_HEAP": "0"})
+
+
+def test_puma_command_and_its_parties_keep_freed_memory(tmp_path):
+    """``puma`` restarts itself with the tunables, and the party processes it starts report that
+    they keep freed memory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PUMA_KEEP_HEAP")}
+    topo = write_topology(tmp_path / "t.yaml")
+    with local_parties(topo, str(tmp_path), env=env) as up:
+        with open(f"/proc/{up.pid}/environ", "rb") as f:  # glibc edits the value in place: its presence is the check
+            assert b"\0GLIBC_TUNABLES=" in b"\0" + f.read()
+        with SecureModel.from_pretrained("gpt2-debug", approx="puma-fast", backend="nodes", config=topo) as m:
+            assert m.session.mesh.party_heaps_kept() == [True, True, True]

@@ -100,18 +100,30 @@ def _compute_s(cost) -> float:
     return cost.wall_s - cost.weight_s
 
 
-def run_once(preset: str, size, approx: str, backend: str, overrides: dict, memory: dict | None = None) -> dict:
+def run_once(
+    preset: str,
+    size,
+    approx: str,
+    backend: str,
+    overrides: dict,
+    memory: dict | None = None,
+    connect: dict | None = None,
+) -> dict:
     """One secure run of ``preset`` (with ``overrides``) at ``size``: cost, wall time and peak
     memory, and the time of the same computation in plaintext (jit-compiled, second call) on
-    this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto)."""
+    this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto);
+    ``connect`` says where the parties are (``config``: a topology file, ``ray_address``)."""
     from puma.runtime import memory as mem
 
     memory = memory or {}
     for attempt in range(3):
         mem.reset_peak()
         start = time.perf_counter()
-        with SecureModel.from_pretrained(preset, approx=approx, backend=backend, overrides=overrides, **memory) as m:
+        with SecureModel.from_pretrained(
+            preset, approx=approx, backend=backend, overrides=overrides, **memory, **(connect or {})
+        ) as m:
             plan = m.weight_plan
+            heaps = m.session.mesh.party_heaps_kept()
             cost, steps = _infer(m, size)
         total = time.perf_counter() - start
         if not cost.unprofiled_runs or attempt == 2:
@@ -133,6 +145,7 @@ def run_once(preset: str, size, approx: str, backend: str, overrides: dict, memo
         "total_s": round(total, 2),
         "plaintext_s": round(plaintext_s, 4),
         "weights": plan.mode,
+        "heap_kept": {"process": mem.heap_kept(), "parties": heaps},
         "weight_bytes": report["weight_bytes"],
         "weight_s": report["weight_s"],
         "peak_rss": {**report["peak_rss"], "process": peak},
@@ -194,7 +207,14 @@ def _fit_times(base: dict, layer: dict, runs: dict[int, dict]) -> None:
 
 
 def measure_row(
-    store: CellStore, row: Row, size, approx: str, backend: str, validate: bool, memory: dict | None = None
+    store: CellStore,
+    row: Row,
+    size,
+    approx: str,
+    backend: str,
+    validate: bool,
+    memory: dict | None = None,
+    connect: dict | None = None,
 ) -> dict:
     """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
     layers_key = _layers_key(row.preset)
@@ -206,12 +226,12 @@ def measure_row(
         key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(
             f"{k}={v}" for k, v in sorted(overrides.items())
         )
-        return store.measure(key, lambda: run_once(row.preset, size, approx, backend, overrides))
+        return store.measure(key, lambda: run_once(row.preset, size, approx, backend, overrides, connect=connect))
 
     if size in row.whole:
         whole = store.measure(
             f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
-            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides), memory),
+            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides), memory, connect),
         )
         result = {"how": "measured whole", **{k: whole[k] for k in whole}}
     else:
@@ -265,9 +285,11 @@ def run(
     resume: bool = True,
     weights: str = "auto",
     memory_budget: int | None = None,
+    connect: dict | None = None,
 ) -> dict:
     """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable). Whole runs choose
-    resident or streamed weights by ``weights``/``memory_budget`` (see :mod:`puma.runtime.budget`)."""
+    resident or streamed weights by ``weights``/``memory_budget`` (see :mod:`puma.runtime.budget`);
+    ``connect`` (``config``, ``ray_address``) says where the ``nodes``/``ray`` parties are."""
     config = {"backend": backend, "protocol": "aby3/FM64/18"}  # rows, sizes and sets only choose cells
     store = CellStore(out, config, resume=resume)
     plan = []
@@ -280,7 +302,14 @@ def run(
         key = f"{row.name}/{_size_tag(size)}/{approx}"
         if key not in store.cells or (validate and "validation_4_layers" not in store.cells[key]):
             measure_row(
-                store, row, size, approx, backend, validate, {"weights": weights, "memory_budget": memory_budget}
+                store,
+                row,
+                size,
+                approx,
+                backend,
+                validate,
+                {"weights": weights, "memory_budget": memory_budget},
+                connect,
             )
     return store.data
 

@@ -180,7 +180,13 @@ class PartyServer:
         if rank != self.rank:
             raise PumaError(f"party {self.spec.id} is rank {self.rank}, the driver expected rank {rank}")
         host, free = memory.host()
-        return {"id": self.spec.id, "pid": os.getpid(), "host": host, "available": free}
+        return {
+            "id": self.spec.id,
+            "pid": os.getpid(),
+            "host": host,
+            "available": free,
+            "heap_kept": memory.heap_kept(),
+        }
 
     def _cmd_open(self, runtime_config_bytes: bytes):
         import spu.libspu as libspu
@@ -321,7 +327,8 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
         proc = ctx.Process(
             target=_party_main, args=(topology, rank, log_path, verbose, os.getpid()), name=f"puma-party-{rank}"
         )
-        proc.start()
+        with memory.heap_environ():
+            proc.start()
         procs[rank] = (proc, log_path)
     stop = threading.Event()
 
@@ -377,6 +384,7 @@ class NodesMesh(Mesh):
             hello = self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
             self.pids = [h["pid"] for h in hello]
             self.hosts = [(h["host"], h["available"]) for h in hello]
+            self.heaps = [bool(h.get("heap_kept")) for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
             self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
         except BaseException:

@@ -19,6 +19,7 @@ import time
 import warnings
 
 from puma.errors import PumaError
+from puma.runtime import memory
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
 from puma.runtime.roles import CHUNK_BYTES, PartyShares
@@ -48,10 +49,8 @@ class PartyActor:
         self.process_log = None
         _normal_priority()
 
-    def host(self) -> tuple[str, int]:
-        from puma.runtime import memory
-
-        return memory.host()
+    def host(self) -> tuple[str, int, bool]:
+        return (*memory.host(), memory.heap_kept())
 
     def address(self) -> str:
         """A free TCP port on this actor's node for the party's MPC link."""
@@ -78,8 +77,6 @@ class PartyActor:
         desc.recv_timeout_ms = int(recv_timeout_s * 1000)
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
-        from puma.runtime import memory
-
         memory.reset_peak()
         self.party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
         return os.getpid()
@@ -128,8 +125,6 @@ class OwnerActor:
         return os.getpid()
 
     def peak_rss(self) -> int:
-        from puma.runtime import memory
-
         return memory.peak_rss()
 
     def start(self, names: list[str] | None, chunk_bytes: int) -> None:
@@ -148,6 +143,12 @@ class OwnerActor:
         while bundles:
             refs.append(ray.put(bundles.pop(0)))
         return refs, nbytes
+
+
+def _actor_env() -> dict:
+    """Party and owner actors start keeping freed memory (:mod:`puma.runtime.memory`)."""
+    extra = memory.heap_env()
+    return {"env_vars": extra} if extra else {}
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
@@ -206,14 +207,16 @@ class RayMesh(Mesh):
         actor_cls = ray.remote(PartyActor)
         self.actors = []
         for rank in range(self.world_size):
-            options = {"num_cpus": 0}
+            options = {"num_cpus": 0, "runtime_env": _actor_env()}
             tag = f"puma_party{rank}"
             if tag in resources:
                 options["resources"] = {tag: 0.001}
             self.actors.append(actor_cls.options(**options).remote(rank))
         try:
             addresses = self._get([a.address.remote() for a in self.actors], "start")
-            self.hosts = self._get([a.host.remote() for a in self.actors], "start")
+            hosts = self._get([a.host.remote() for a in self.actors], "start")
+            self.hosts = [(name, free) for name, free, _ in hosts]
+            self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
             self._get(
                 [a.open.remote(addresses, config, recv_timeout_s) for a in self.actors],
@@ -255,7 +258,11 @@ class RayMesh(Mesh):
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
         import ray
 
-        self._owner = ray.remote(OwnerActor).options(num_cpus=0).remote(spec, runtime_config, self.world_size)
+        self._owner = (
+            ray.remote(OwnerActor)
+            .options(num_cpus=0, runtime_env=_actor_env())
+            .remote(spec, runtime_config, self.world_size)
+        )
         try:
             self.owner_pid = self._get([self._owner.pid.remote()], "start", who=["the model owner"])[0]
         except BaseException:

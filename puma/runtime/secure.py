@@ -45,6 +45,9 @@ class Mesh(abc.ABC):
 
     backend: str = ""
     world_size: int = 0
+    #: Per party, what it reported when the mesh opened (None: the parties are this process).
+    hosts: list[tuple[str, int]] | None = None  # (host name, available bytes)
+    heaps: list[bool] | None = None  # keeps freed memory (puma.runtime.memory)
 
     @abc.abstractmethod
     def deliver(self, bundles: list[PartyShares]) -> None:
@@ -107,7 +110,11 @@ class Mesh(abc.ABC):
 
     def party_hosts(self) -> list[tuple[str, int]]:
         """(host name, available bytes) per party, for the default memory budget."""
-        return getattr(self, "hosts", None) or [memory.host()] * self.world_size
+        return self.hosts or [memory.host()] * self.world_size
+
+    def party_heaps_kept(self) -> list[bool]:
+        """Per party: whether its process keeps freed memory (:mod:`puma.runtime.memory`)."""
+        return self.heaps or [memory.heap_kept()] * self.world_size
 
 
 def deliver_weights(

@@ -9,8 +9,8 @@ This module makes the same shares ~20x faster:
     party i holds (x_i, x_{i+1 mod 3})
 
 laid out as SPU's ``aby3.AShr<FM64|FM128>`` values: per element the two ring elements of the
-party's pair, little-endian, in protobuf ``ValueChunkProto`` chunks of at most 128 MiB, and a
-``ValueMetaProto`` header (dtype F32, secret, shape, storage type). The result is checked against
+party's pair, little-endian, in protobuf ``ValueChunkProto`` chunks, and a ``ValueMetaProto``
+header (dtype F32, secret, shape, storage type). The result is checked against
 ``spu.Io.reconstruct`` and against programs run on the shares (tests/test_streaming.py). Other
 protocols, fields and dtypes fall back to ``spu.Io``.
 """
@@ -22,8 +22,10 @@ import os
 import numpy as np
 import spu.libspu as libspu
 
-#: Bytes of share content per protobuf chunk (SPU's own chunk size).
-CHUNK_BYTES = 128 << 20
+#: Bytes of share content per protobuf chunk. SPU's own is 128 MiB; SPU reads any size, and
+#: 16 MiB chunks share 1.4x and ``set_var`` 4x faster here (the temporaries stay in cache and
+#: in glibc's heap instead of fresh ``mmap`` pages; measured on a 4096 x 2752 tensor).
+CHUNK_BYTES = 16 << 20
 
 _DT_F32 = 11
 _VIS_SECRET = 1
@@ -95,7 +97,7 @@ def _sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([low, a[:, 1] - b[:, 1] - borrow], axis=1)
 
 
-def make_shares(value: np.ndarray, field: str, fxp_bits: int) -> list[libspu.Share]:
+def make_shares(value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES) -> list[libspu.Share]:
     """ABY3 shares of float32 ``value``, one ``libspu.Share`` per party (see the module doc).
 
     Built one chunk at a time, so the owner's memory peaks at the shares themselves plus one
@@ -106,7 +108,7 @@ def make_shares(value: np.ndarray, field: str, fxp_bits: int) -> list[libspu.Sha
     words = _RING_BITS[field] // 64
     elem = 2 * words * 8  # bytes per element in one party's share
     total = flat.size * elem
-    per_chunk = CHUNK_BYTES // elem
+    per_chunk = max(1, chunk_bytes // elem)
     chunks: list[list[bytes]] = [[], [], []]
     with np.errstate(over="ignore"):
         for start in range(0, flat.size, per_chunk):
