@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from puma.models.layers import Embedding, LayerNorm, Linear, Stages, attend, hf_fields, padding_mask
+from puma.models.layers import ConfigFields, Embedding, LayerNorm, Linear, Stages, attend, hf_fields, padding_mask
 from puma.protocols import Ops
 from puma.protocols.exact import OPS as EXACT
 
@@ -25,7 +25,7 @@ HEADS = ("hidden", "pooled", "mean", "classify")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ConfigFields):
     """BERT hyper-parameters under their Hugging Face names.
 
     ``architectures`` decides whether the checkpoint has a classifier head
@@ -33,6 +33,12 @@ class BertConfig:
     """
 
     model_type: ClassVar[str] = "bert"
+    FIELDS: ClassVar[dict] = {
+        "max_positions": "max_position_embeddings",
+        "num_layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+    }
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -81,14 +87,6 @@ class BertConfig:
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
-
-    @property
-    def max_positions(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 PRESETS = {
@@ -173,6 +171,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
     ops: Ops = EXACT
+    causal: ClassVar[bool] = False
 
     def setup(self):
         cfg = self.config
@@ -236,6 +235,11 @@ class BertModel(nn.Module):
         embed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "embeddings_LayerNorm")
         head_keys = {"hidden": (), "mean": (), "pooled": ("pooler",), "classify": ("pooler", "classifier")}[head]
         return Stages(embed, "layer_{}", self.config.num_hidden_layers, head_keys)
+
+
+def init_kwargs(config: BertConfig) -> dict:
+    """The head a shape-only init builds: the classifier where the checkpoint has one."""
+    return {"head": "classify" if config.has_classifier else "pooled"}
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

@@ -16,15 +16,13 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 from puma.models.layers import (
+    CausalLM,
+    ConfigFields,
     Embedding,
-    KVCache,
     LayerNorm,
     Linear,
     Stages,
     attend,
-    causal_inputs,
-    hf_fields,
-    init_cache,
     update_cache,
 )
 from puma.protocols import Ops
@@ -34,10 +32,17 @@ Array = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(ConfigFields):
     """GPT-2 hyper-parameters under their Hugging Face names."""
 
     model_type: ClassVar[str] = "gpt2"
+    HF_CLASS: ClassVar[str] = "GPT2Config"
+    FIELDS: ClassVar[dict] = {
+        "max_positions": "n_positions",
+        "num_layers": "n_layer",
+        "hidden": "n_embd",
+        "heads": "n_head",
+    }
 
     vocab_size: int = 50257
     n_positions: int = 1024
@@ -49,33 +54,6 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     bos_token_id: int = 50256
     eos_token_id: int = 50256
-
-    @classmethod
-    def from_hf(cls, hf_config) -> "GPT2Config":
-        """Build from a ``transformers.GPT2Config`` (or anything with the same attributes)."""
-        return cls(**hf_fields(cls, hf_config))
-
-    def to_hf(self):
-        """The equivalent ``transformers.GPT2Config`` (for references and saving)."""
-        from transformers import GPT2Config as HFConfig
-
-        return HFConfig(**dataclasses.asdict(self))
-
-    @property
-    def max_positions(self) -> int:
-        return self.n_positions
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def num_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.n_head
 
 
 PRESETS = {
@@ -133,15 +111,8 @@ class GPT2Block(nn.Module):
         return x, layer_cache
 
 
-class GPT2LMHeadModel(nn.Module):
-    """GPT-2 with its tied language-model head.
-
-    Call with ``input_ids`` [B, T] and optionally ``attention_mask`` (1 = real token; left
-    padding for batches), ``position_ids`` [B, T], and a key/value ``cache`` with
-    ``cache_index`` (the slot of the first new token). Returns ``(logits, cache)``: logits
-    [B, T, V] (or [B, 1, V] with ``last_only``) and the updated cache (``None`` without one).
-    Without a cache ``attention_mask`` covers the T tokens; with one it covers all S slots.
-    """
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 with its tied language-model head (call convention: :class:`~puma.models.layers.CausalLM`)."""
 
     config: GPT2Config
     ops: Ops = EXACT
@@ -150,29 +121,8 @@ class GPT2LMHeadModel(nn.Module):
         cfg = self.config
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = Embedding(cfg.n_positions, cfg.n_embd, std=0.01)
-        self.h = [GPT2Block(cfg, self.ops, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.blocks = [GPT2Block(cfg, self.ops, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.ops)
-
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        cache: KVCache | None = None,
-        cache_index=0,
-        last_only: bool = False,
-    ):
-        position_ids, mask = causal_inputs(
-            input_ids, attention_mask, position_ids, cache, cache_index
-        )  # mask [B,1,T,S]
-        x = self.embed(input_ids, position_ids)  # [B, T, D]
-        new_cache = []
-        for i, block in enumerate(self.h):
-            x, layer_cache = block(x, mask, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        if last_only:
-            x = x[:, -1:]  # [B, 1, D]
-        return self.head(x), (None if cache is None else tuple(new_cache))
 
     # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
 
@@ -180,23 +130,12 @@ class GPT2LMHeadModel(nn.Module):
         """Token plus position embeddings [B, T, D]."""
         return self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)
 
-    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
-        """One block on x [B, T, D], its weights bound as ``h_0``; the mask is rebuilt from the
-        public inputs. Returns (x, layer_cache)."""
-        cache = None if layer_cache is None else (layer_cache,)
-        _, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # [B,1,T,S]
-        return self.h[0](x, mask, layer_cache, cache_index)
-
     def head(self, x):
         """Final LayerNorm and the tied LM head: [B, T, D] -> logits [B, T, V]."""
         return self.wte.attend(self.ln_f(x))
 
     def stages(self) -> Stages:
         return Stages(("wte", "wpe"), "h_{}", self.config.n_layer, ("ln_f", "wte"))
-
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.config
-        return init_cache(cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, ClassVar, Protocol
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,161 @@ class Stages:
         """Every weight subtree the stages use, in stage order (each once)."""
         ordered = [*self.embed, *(self.layer_key(i) for i in range(self.layers)), *self.head]
         return list(dict.fromkeys(ordered))
+
+
+class ModelConfig(Protocol):
+    """The contract of a family's config: a frozen dataclass with Hugging Face field names and
+    these family-independent views, which puma's tasks, runtime and benchmarks read."""
+
+    model_type: ClassVar[str]
+    vocab_size: int
+
+    @property
+    def max_positions(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ModelConfig": ...
+
+    def to_hf(self): ...
+
+
+class FamilyModule(Protocol):
+    """The contract of a family's Flax module (see :mod:`puma.staged` for how stages run).
+
+    ``causal`` modules are called ``(input_ids, attention_mask, position_ids, cache,
+    cache_index, last_only) -> (logits, cache)`` and have ``init_cache(batch, max_len)``; an
+    encoder is called ``(input_ids, attention_mask, token_type_ids, position_ids, head)``.
+    ``embed``/``block``/``head`` are the stages, ``stages()`` names each stage's weights.
+    """
+
+    config: ModelConfig
+    causal: ClassVar[bool]
+
+    def embed(self, *args): ...
+
+    def block(self, *args, **kwargs): ...
+
+    def head(self, *args, **kwargs): ...
+
+    def stages(self, *args) -> Stages: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family as the registry (:data:`puma.models.loading.FAMILIES`) knows it."""
+
+    name: str
+    config_cls: type
+    module_cls: type
+    mapping: list  # HF tensor name -> (Flax path, transpose); "{i}" is the layer index
+    presets: dict
+    prefix: str  # prefix of the body's tensors in task checkpoints ("bert.", "transformer.", "model.")
+    init_kwargs: Callable[[Any], dict] = lambda config: {}  # extra arguments of a shape-only init
+
+    @property
+    def causal(self) -> bool:
+        return self.module_cls.causal
+
+
+class ConfigFields:
+    """The family-independent views of :class:`ModelConfig`, written once: each family's
+    config names its Hugging Face fields in ``FIELDS`` (``max_positions``, ``num_layers``,
+    ``hidden``, ``heads`` and optionally ``kv_heads``) and its transformers class in ``HF_CLASS``."""
+
+    FIELDS: ClassVar[dict[str, str]]
+    HF_CLASS: ClassVar[str]
+
+    @property
+    def max_positions(self) -> int:
+        return getattr(self, self.FIELDS["max_positions"])
+
+    @property
+    def num_layers(self) -> int:
+        return getattr(self, self.FIELDS["num_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return getattr(self, self.FIELDS["heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self, self.FIELDS.get("kv_heads", self.FIELDS["heads"]))
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self, self.FIELDS["hidden"]) // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf_config):
+        """Build from a transformers config (or anything with the same attributes)."""
+        return cls(**hf_fields(cls, hf_config))
+
+    def to_hf(self):
+        """The equivalent transformers config (for references and saving)."""
+        import transformers
+
+        return getattr(transformers, self.HF_CLASS)(**dataclasses.asdict(self))
+
+
+class CausalLM(nn.Module):
+    """The causal-LM call convention, written once for every decoder family.
+
+    A subclass sets up ``self.blocks`` (its decoder blocks, each called ``(x, *extra, mask,
+    layer_cache, cache_index) -> (x, layer_cache)``) and defines ``embed(input_ids,
+    position_ids)``, ``head(x)``, ``stages()`` and, when its blocks need per-call tables (LLaMA's
+    rotary cos/sin), ``block_inputs(position_ids)``.
+
+    Call with ``input_ids`` [B, T] and optionally ``attention_mask`` (1 = real token; left
+    padding for batches), ``position_ids`` [B, T], and a key/value ``cache`` with
+    ``cache_index`` (the slot of the first new token). Returns ``(logits, cache)``: logits
+    [B, T, V] (or [B, 1, V] with ``last_only``) and the updated cache (``None`` without one).
+    Without a cache ``attention_mask`` covers the T tokens; with one it covers all S slots.
+    """
+
+    causal: ClassVar[bool] = True
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        cache_index=0,
+        last_only: bool = False,
+    ):
+        position_ids, mask = causal_inputs(
+            input_ids, attention_mask, position_ids, cache, cache_index
+        )  # mask [B,1,T,S]
+        extra = self.block_inputs(position_ids)
+        x = self.embed(input_ids, position_ids)  # [B, T, D]
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, *extra, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, D]
+        return self.head(x), (None if cache is None else tuple(new_cache))
+
+    def block_inputs(self, position_ids) -> tuple:
+        """Arrays every block takes before the mask (none by default)."""
+        return ()
+
+    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
+        """One block on x [B, T, D], its weights bound as block 0's; the mask (and any block
+        inputs) are rebuilt from the public inputs. Returns (x, layer_cache)."""
+        cache = None if layer_cache is None else (layer_cache,)
+        position_ids, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # mask [B,1,T,S]
+        return self.blocks[0](x, *self.block_inputs(position_ids), mask, layer_cache, cache_index)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        return init_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
 
 
 def normal_init(std: float = 0.02):
@@ -144,8 +299,6 @@ def causal_inputs(
 
 def hf_fields(config_cls, hf_config) -> dict:
     """The fields of a frozen puma config that a Hugging Face config has, by name."""
-    import dataclasses
-
     return {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(config_cls) if hasattr(hf_config, f.name)}
 
 

@@ -17,15 +17,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from puma.models.layers import (
+    CausalLM,
+    ConfigFields,
     Embedding,
-    KVCache,
     Linear,
     RMSNorm,
     Stages,
     attend,
-    causal_inputs,
     hf_fields,
-    init_cache,
     update_cache,
 )
 from puma.protocols import Ops
@@ -35,10 +34,18 @@ Array = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigFields):
     """LLaMA hyper-parameters under their Hugging Face names."""
 
     model_type: ClassVar[str] = "llama"
+    HF_CLASS: ClassVar[str] = "LlamaConfig"
+    FIELDS: ClassVar[dict] = {
+        "max_positions": "max_position_embeddings",
+        "num_layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads",
+    }
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -76,28 +83,6 @@ class LlamaConfig:
         if isinstance(eos, (list, tuple)):
             kwargs["eos_token_id"] = eos[0]
         return cls(**kwargs)
-
-    def to_hf(self):
-        """The equivalent ``transformers.LlamaConfig`` (for references and saving)."""
-        from transformers import LlamaConfig as HFConfig
-
-        return HFConfig(**dataclasses.asdict(self))
-
-    @property
-    def max_positions(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_key_value_heads
 
 
 PRESETS = {
@@ -197,8 +182,8 @@ class LlamaDecoderLayer(nn.Module):
         return x, layer_cache
 
 
-class LlamaForCausalLM(nn.Module):
-    """LLaMA with its LM head; same call convention as :class:`puma.models.gpt2.GPT2LMHeadModel`."""
+class LlamaForCausalLM(CausalLM):
+    """LLaMA with its LM head (call convention: :class:`~puma.models.layers.CausalLM`)."""
 
     config: LlamaConfig
     ops: Ops = EXACT
@@ -206,34 +191,13 @@ class LlamaForCausalLM(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [LlamaDecoderLayer(cfg, self.ops, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.blocks = [LlamaDecoderLayer(cfg, self.ops, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.ops)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False)
 
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        cache: KVCache | None = None,
-        cache_index=0,
-        last_only: bool = False,
-    ):
-        position_ids, mask = causal_inputs(
-            input_ids, attention_mask, position_ids, cache, cache_index
-        )  # mask [B,1,T,S]
-        cos, sin = self._rotary(position_ids)
-        x = self.embed(input_ids, position_ids)  # [B, T, D]
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        if last_only:
-            x = x[:, -1:]  # [B, 1, D]
-        return self.head(x), (None if cache is None else tuple(new_cache))
-
-    def _rotary(self, position_ids):
+    def block_inputs(self, position_ids):
+        """The rotary tables at ``position_ids``: (cos, sin), each [B, T, Dh]."""
         cos_table, sin_table = rotary_tables(self.config)
         cos = jnp.take(jnp.asarray(cos_table), position_ids, axis=0)  # [B, T, Dh]
         sin = jnp.take(jnp.asarray(sin_table), position_ids, axis=0)
@@ -245,14 +209,6 @@ class LlamaForCausalLM(nn.Module):
         """Token embeddings [B, T, D]."""
         return self.embed_tokens(input_ids, self.ops)
 
-    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
-        """One decoder layer on x [B, T, D], its weights bound as ``layers_0``; masks and rotary
-        tables are rebuilt from the public inputs. Returns (x, layer_cache)."""
-        cache = None if layer_cache is None else (layer_cache,)
-        position_ids, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # mask [B,1,T,S]
-        cos, sin = self._rotary(position_ids)
-        return self.layers[0](x, cos, sin, mask, layer_cache, cache_index)
-
     def head(self, x):
         """Final RMSNorm and the LM head: [B, T, D] -> logits [B, T, V]."""
         x = self.norm(x)
@@ -262,10 +218,6 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
         return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head)
-
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.config
-        return init_cache(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

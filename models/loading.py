@@ -9,7 +9,6 @@ tensor is named in the error.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -20,32 +19,22 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from puma.models import bert, gpt2, llama
+from puma.models import bert, gguf, gpt2, llama
+from puma.models.layers import Family
 
 from puma.errors import PumaError
+from puma.runtime.params import LazyParams, TensorRef, unflatten
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What puma knows about one model family."""
-
-    name: str
-    config_cls: type
-    module_cls: type
-    mapping: list
-    presets: dict
-    causal: bool
-    prefix: str  # prefix of the body's tensors in task checkpoints ("bert.", "transformer.", "model.")
-
-
+#: The model families: ``model_type`` -> :class:`~puma.models.layers.Family`. Adding a family is
+#: its model file (config, module, mapping, presets; the contracts in :mod:`puma.models.layers`)
+#: plus one line here; the CLI, the loaders, the tasks and the benchmarks read this table.
 FAMILIES = {
-    "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, gpt2.PRESETS, True, "transformer."),
-    "bert": Family("bert", bert.BertConfig, bert.BertModel, bert.HF_MAPPING, bert.PRESETS, False, "bert."),
-    "llama": Family(
-        "llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, True, "model."
-    ),
+    "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, gpt2.PRESETS, "transformer."),
+    "bert": Family("bert", bert.BertConfig, bert.BertModel, bert.HF_MAPPING, bert.PRESETS, "bert.", bert.init_kwargs),
+    "llama": Family("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, "model."),
 }
 
 
@@ -127,8 +116,8 @@ def load(
     path = os.path.expanduser(source)
     if not os.path.exists(path):
         raise PumaError(
-            f"model {source!r} not found: give a Hugging Face folder, a .gguf file or a preset "
-            f"({', '.join(sorted(table))})"
+            f"model {source!r} not found: give a Hugging Face folder, a .gguf file, a preset "
+            f"({', '.join(sorted(table))}) or an alias ({', '.join(sorted(ALIASES))})"
         )
     if os.path.isdir(path):
         model, tensors = _load_hf_folder(path, weights)
@@ -156,66 +145,12 @@ def param_shapes(family: str, config) -> dict:
     fam = FAMILIES[family]
     module = fam.module_cls(config)
     ids = np.zeros((1, 2), np.int32)
-    kwargs = {"head": "classify" if getattr(config, "has_classifier", False) else "pooled"} if family == "bert" else {}
+    kwargs = fam.init_kwargs(config)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, **kwargs))["params"]
     return {
         "/".join(k.key for k in path): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
     }
-
-
-def unflatten(flat: dict) -> dict:
-    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": x}} -> {"a/b": x}."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "/"))
-        else:
-            out[path] = value
-    return out
-
-
-class LazyParams:
-    """A model's weights as flat Flax paths, each read or made only when asked for.
-
-    ``shapes`` are known up front (from file headers or the config); :meth:`get` produces one
-    float32 tensor and checks its shape, so a caller that goes tensor by tensor never holds more
-    than one in memory.
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], loaders: dict[str, Callable[[], np.ndarray]], source: str):
-        self.shapes = dict(shapes)
-        self._loaders = loaders
-        self.source = source
-
-    def names(self) -> list[str]:
-        return list(self.shapes)
-
-    def numel(self, names=None) -> int:
-        return sum(int(np.prod(self.shapes[n], dtype=np.int64)) for n in (self.shapes if names is None else names))
-
-    def get(self, path: str) -> np.ndarray:
-        value = np.ascontiguousarray(self._loaders[path](), dtype=np.float32)
-        if value.shape != self.shapes[path]:
-            raise PumaError(f"{self.source}: tensor for {path} has shape {value.shape}, expected {self.shapes[path]}")
-        return value
-
-    def materialize(self) -> dict:
-        """Every tensor, as the nested Flax tree."""
-        return unflatten({path: self.get(path) for path in self.shapes})
 
 
 def _tensor_seed(seed: int, path: str) -> list[int]:
@@ -240,7 +175,7 @@ def random_lazy(family: str, config, seed: int = 0) -> LazyParams:
 
 
 def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
-    layers = config.num_layers if hasattr(config, "num_layers") else config.num_hidden_layers
+    layers = config.num_layers
     rows = []
     for hf_name, flax_path, transpose in FAMILIES[family].mapping:
         if "{i}" in hf_name:
@@ -248,14 +183,6 @@ def _expand_mapping(family: str, config) -> list[tuple[str, str, bool]]:
         else:
             rows.append((hf_name, flax_path, transpose))
     return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRef:
-    """One tensor of a checkpoint: its shape (from the file's header) and how to read it."""
-
-    shape: tuple[int, ...]
-    read: Callable[[], np.ndarray]
 
 
 def convert_hf_state(family: str, config, tensors: dict[str, TensorRef], source: str) -> LazyParams:
@@ -387,144 +314,7 @@ def _load_hf_folder(path: str, weights: bool = True) -> tuple[LoadedModel, LazyP
     return LoadedModel(model_type, config, None, _load_tokenizer(path), path), tensors
 
 
-# -- GGUF files ------------------------------------------------------------------------------
-
-
-def _gguf_field(reader, key, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (its interleaved rotary pairs -> HF's halves).
-
-    llama.cpp's converter reorders each head's rows from ``[half 0, half 1]`` to interleaved
-    pairs; ``weight`` is ``[heads * head_dim, in]``.
-    """
-    head_dim = weight.shape[0] // heads
-    w = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, Dh/2, 2, in]
-    return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
-
-
-def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
-    """The GGUF file's tensors under HF names; each is dequantized (and its q/k rows unpermuted)
-    when read, from the reader's memory map."""
-    patterns = [
-        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
-    ]
-    tensors = {}
-    for tensor in reader.tensors:
-        for pattern, hf_name in patterns:
-            match = pattern.match(tensor.name)
-            if match:
-                break
-        else:
-            log.debug("ignoring GGUF tensor %s", tensor.name)
-            continue
-        name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
-        heads = None
-        if name.endswith("q_proj.weight"):
-            heads = config.num_attention_heads
-        elif name.endswith("k_proj.weight"):
-            heads = config.num_key_value_heads
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
-        tensors[name] = TensorRef(
-            shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads)
-        )
-    return tensors
-
-
-def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
-    from gguf import GGMLQuantizationType, dequantize
-
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-        data = np.asarray(tensor.data, dtype=np.float32)
-    else:
-        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    data = data.reshape(shape)
-    return unpermute_rotary_rows(data, heads) if heads else data
-
-
-def _gguf_tokenizer(reader):
-    from transformers import LlamaTokenizerFast
-    from transformers.integrations.ggml import convert_gguf_tokenizer
-
-    keys = {
-        "tokenizer.ggml.model": "tokenizer_type",
-        "tokenizer.ggml.tokens": "tokens",
-        "tokenizer.ggml.scores": "scores",
-        "tokenizer.ggml.token_type": "token_type",
-        "tokenizer.ggml.merges": "merges",
-        "tokenizer.ggml.bos_token_id": "bos_token_id",
-        "tokenizer.ggml.eos_token_id": "eos_token_id",
-        "tokenizer.ggml.unknown_token_id": "unk_token_id",
-        "tokenizer.ggml.padding_token_id": "pad_token_id",
-        "tokenizer.ggml.add_space_prefix": "add_prefix_space",
-    }
-    info = {name: _gguf_field(reader, key) for key, name in keys.items() if key in reader.fields}
-    if info.get("tokenizer_type") != "llama" or "tokens" not in info:
-        return None
-    with _quiet_transformers():
-        backend, extra = convert_gguf_tokenizer("llama", info)
-    tokens = info["tokens"]
-    special = {}
-    for key, arg in (
-        ("bos_token_id", "bos_token"),
-        ("eos_token_id", "eos_token"),
-        ("unk_token_id", "unk_token"),
-        ("pad_token_id", "pad_token"),
-    ):
-        idx = info.get(key)
-        if idx is not None and 0 <= idx < len(tokens):
-            special[arg] = tokens[idx]
-    special.update(extra)
-    with _quiet_transformers():
-        return LlamaTokenizerFast(tokenizer_object=backend, **special)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' conversion chatter (warnings and progress bars) for a moment."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _load_gguf(path: str, weights: bool = True) -> tuple[LoadedModel, LazyParams | None]:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as err:  # the reader raises assorted errors on a corrupt file
-        raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
-    config = llama.LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(_gguf_field(reader, "llama.embedding_length")),
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
-        rms_norm_eps=float(np.float32(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6))),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-    )
-    tensors = convert_hf_state("llama", config, _gguf_tensors(reader, config), path) if weights else None
-    return LoadedModel("llama", config, None, _gguf_tokenizer(reader), path), tensors
+    config, tensors, tokenizer = gguf.read(path)
+    lazy = convert_hf_state("llama", config, tensors, path) if weights else None
+    return LoadedModel("llama", config, None, tokenizer, path), lazy

@@ -16,7 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from puma.protocols.base import MASK_FILL, Ops
+from puma.protocols.base import MASK_FILL, Ops, SpuSettings
 
 
 def gelu(x):
@@ -94,5 +94,8 @@ OPS = Ops(
 
 #: The SPU baseline: the same functions, lowered by SPU with its default settings.
 SPU_OPS = dataclasses.replace(
-    OPS, name="spu", description="jax.nn-style functions as SPU lowers them by default (baseline)"
+    OPS,
+    name="spu",
+    description="jax.nn-style functions as SPU lowers them by default (baseline)",
+    spu=SpuSettings(compiler=(("enable_optimize_denominator_with_broadcast", False),)),  # SPU's own default
 )

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from puma.errors import PumaError
@@ -18,18 +19,20 @@ log = logging.getLogger("puma")
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    from puma.runtime import BACKENDS
+
     p.add_argument(
         "--backend",
-        default="plaintext",
-        choices=("plaintext", "sim", "nodes", "ray"),
-        help="where to run: plaintext (no MPC), sim (parties as threads), nodes (party processes "
-        "from --config), ray (parties as Ray actors); default %(default)s",
+        default="sim",
+        choices=list(BACKENDS),
+        help="where to run (default: sim): " + "; ".join(f"{name}: {b.help}" for name, b in BACKENDS.items()),
     )
     p.add_argument("--config", "-c", help="party topology file (configs/3pc.yaml); required by --backend nodes")
     p.add_argument("--protocol", choices=("aby3", "semi2k", "cheetah"), help="MPC protocol (default: aby3)")
     p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits (default: 18)")
     p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
+    p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
     _add_memory_args(p)
     _add_store_arg(p)
 
@@ -69,25 +72,63 @@ def _size(text: str) -> int:
 
 
 def _add_bench_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    from puma.runtime import BACKENDS
+
+    secure = [name for name, b in BACKENDS.items() if b.module is not None]
+    p.add_argument("--backend", default="sim", choices=secure, help="secure backend (default: sim)")
     p.add_argument("--config", "-c", help="party topology file; required by --backend nodes")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
+    p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
 
 
 def _connect(args) -> dict:
     """Where a benchmark's parties are; ``nodes`` without a topology is a one-line error now,
     not one per cell."""
-    if args.backend == "nodes" and not args.config:
-        raise PumaError("--backend nodes needs the parties' topology: pass --config configs/3pc.yaml")
-    return {"config": args.config, "ray_address": args.ray_address}
+    from puma.runtime import get_backend
+
+    if get_backend(args.backend).needs_topology and not args.config:
+        raise PumaError(f"--backend {args.backend} needs the parties' topology: pass --config configs/3pc.yaml")
+    return {"config": args.config, "ray_address": args.ray_address, "ray_token": args.ray_token}
+
+
+def _network(text: str) -> str:
+    from puma.bench import network
+
+    try:
+        network.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 def _add_approx_args(p: argparse.ArgumentParser) -> None:
+    from puma import protocols
+
     p.add_argument(
         "--approx",
-        help="approximation set: exact, puma, puma-fast, mpcformer, spu (default: exact in plaintext, puma under MPC)",
+        choices=protocols.names(),
+        help="approximation set (default: puma-fast under MPC, exact in plaintext)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from err
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more token ids >= 0, e.g. 5,17,2")
+    return ids
+
+
+def _add_ids_arg(p) -> None:
+    p.add_argument(
+        "--ids",
+        type=_token_ids,
+        action="append",
+        help="token ids instead of text, comma-separated (repeat for a batch); works for models without a tokenizer",
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -96,15 +137,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_approx_args(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``puma: error: <what> (see <command> --help)``, status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"puma: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="puma", description="Private Transformer inference with 3-party MPC (SPU).")
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="puma", description="Private Transformer inference with 3-party MPC (SPU).")
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", parents=[common], help="greedy text continuation with a causal LM (GPT-2, LLaMA)")
     _add_model_args(gen)
-    gen.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeat for a batch)")
+    inputs = gen.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
+    _add_ids_arg(inputs)
     gen.add_argument("--max-new-tokens", "-n", type=int, default=16)
     gen.add_argument(
         "--reveal",
@@ -113,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the client receives per step: the chosen token id (computed under MPC; default) or the logits",
     )
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (no KV cache)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens")
+    gen.add_argument("--temperature", type=float, help="sample at this temperature > 0 (default: greedy)")
+    gen.add_argument("--top-k", type=int, help="with --temperature: sample among the k most likely tokens")
     gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness")
     gen.set_defaults(func=cmd_generate)
 
@@ -122,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)"
     )
     _add_model_args(emb)
-    emb.add_argument("texts", nargs="+", help="sentences to embed")
+    emb.add_argument("texts", nargs="*", help="sentences to embed")
+    _add_ids_arg(emb)
     emb.set_defaults(func=cmd_embed)
 
     cls = sub.add_parser("classify", parents=[common], help="sequence classification (BertForSequenceClassification)")
     _add_model_args(cls)
-    cls.add_argument("texts", nargs="+", help="texts to classify")
+    cls.add_argument("texts", nargs="*", help="texts to classify")
+    _add_ids_arg(cls)
     cls.set_defaults(func=cmd_classify)
 
     demo = sub.add_parser(
@@ -137,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_backend_args(demo)
     _add_approx_args(demo)
-    demo.set_defaults(func=cmd_demo, backend="sim")
+    demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -145,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "protocols", parents=[common], help="approximation sets: function errors/costs and model fidelity under MPC"
     )
     bp.add_argument("--sets", nargs="+", default=["puma", "puma-fast", "mpcformer", "spu"])
-    bp.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    _add_bench_backend_args(bp)
     bp.add_argument("--out", default="bench-results/protocols.json")
     bp.add_argument("--data", help="offline data folder (default: ../shared/data)")
     bp.add_argument("--sentences", type=int, default=32, help="SST-2 sentences for the MiniLM cosines")
@@ -166,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--sets", nargs="+", default=["puma-fast", "puma"])
     bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
     _add_bench_backend_args(bc)
+    bc.add_argument("--network", type=_network, help="also model the time under BANDWIDTH,RTT (e.g. 1G,10ms)")
     bc.add_argument("--out", default="bench-results/costs.json")
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     _add_memory_args(bc)
@@ -178,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ba.add_argument("--suites", nargs="+", default=["stories", "wikitext", "fxp", "sst2"])
     ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    ba.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    _add_bench_backend_args(ba)
     ba.add_argument(
         "--sst2-limit",
         type=int,
@@ -200,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
     bg.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    bg.add_argument("--backend", default="sim", choices=("sim", "nodes", "ray"))
+    _add_bench_backend_args(bg)
     bg.add_argument("--prompt-len", type=int, default=32)
     bg.add_argument("--new-tokens", type=int, default=16)
     bg.add_argument("--nocache-steps", type=int, default=3)
@@ -222,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--rank", type=int, required=True, help="which party of the topology this is")
     start.add_argument("--log-dir", default="runs/parties", help="where the party's log goes (default: %(default)s)")
     start.set_defaults(func=cmd_node_start)
+    certs = node_sub.add_parser(
+        "certs", parents=[common], help="make a CA and a certificate per party host for the topology's tls paths"
+    )
+    certs.add_argument("--config", "-c", required=True, help="topology file with a tls: {cert, key, ca} section")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    certs.add_argument("--force", action="store_true", help="replace existing certificate files")
+    certs.set_defaults(func=cmd_node_certs)
     return parser
 
 
@@ -235,6 +295,7 @@ def _backend_options(args) -> dict:
         "fxp_bits": args.fxp_bits,
         "field": args.field,
         "ray_address": args.ray_address,
+        "ray_token": args.ray_token,
     }
 
 
@@ -266,24 +327,59 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
     print("\n".join(text_lines))
     if cost is not None and args.backend != "plaintext":
         print(cost.summary(), file=sys.stderr)
-    plan = getattr(getattr(args, "secure_model", None), "weight_plan", None)
+    model = getattr(args, "secure_model", None)
+    if model is not None:
+        print(f"puma: {_ran_on(args, model)}", file=sys.stderr)
+    plan = getattr(model, "weight_plan", None)
     if plan is not None:
         print(f"puma: {plan.describe()}", file=sys.stderr)
 
 
+def _ran_on(args, model) -> str:
+    """Which backend and approximation set ran: no one should mistake plaintext for MPC."""
+    if args.backend == "plaintext":
+        return f"ran in plaintext (no MPC: weights and inputs in the clear), approximation set {args.approx}"
+    return f"ran under MPC on {args.backend} ({model.session.protocol}), approximation set {args.approx}"
+
+
+def _sampling(args) -> tuple[float, int]:
+    """(temperature, top_k) from the flags: greedy unless --temperature > 0 is given."""
+    if args.temperature is not None and args.temperature <= 0:
+        raise PumaError(f"--temperature must be > 0 (got {args.temperature:g}); leave it out for greedy decoding")
+    if args.top_k is not None:
+        if args.temperature is None:
+            raise PumaError("--top-k limits sampling, so it needs --temperature (e.g. --temperature 0.8 --top-k 40)")
+        if args.top_k < 1:
+            raise PumaError(f"--top-k must be at least 1 (got {args.top_k})")
+    return args.temperature or 0.0, args.top_k or 0
+
+
+def _inputs(args, texts: list[str]) -> list:
+    """The texts, or the --ids rows; not both."""
+    if texts and args.ids:
+        raise PumaError("give texts or --ids, not both")
+    if not texts and not args.ids:
+        raise PumaError("nothing to run on: give texts or --ids 5,17,2")
+    return texts or args.ids
+
+
 def cmd_generate(args) -> int:
+    temperature, top_k = _sampling(args)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        use_cache=not args.no_cache,
+        reveal=args.reveal,
+        temperature=temperature,
+        top_k=top_k,
+        seed=args.seed,
+    )
     with _open(args) as m, _progress(args.max_new_tokens, "generating") as bar:
-        result = m.generate(
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            use_cache=not args.no_cache,
-            reveal=args.reveal,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            seed=args.seed,
-            progress=bar.update,
-        )
-    single = len(args.prompt) == 1
+        if args.ids:
+            result = m.generate_ids(args.ids, progress=bar.update, **options)
+        else:
+            result = m.generate(args.prompt, progress=bar.update, **options)
+    prompts = args.prompt or args.ids
+    single = len(prompts) == 1
     payload = {
         "tokens": result.tokens[0] if single else result.tokens,
         "text": result.texts[0] if single else result.texts,
@@ -294,43 +390,46 @@ def cmd_generate(args) -> int:
         "kv_cache": not args.no_cache,
         "steps": result.step_costs,
     }
-    lines = [prompt + text for prompt, text in zip(args.prompt, result.texts)]
+    if args.ids:
+        payload["prompt_ids"] = args.ids[0] if single else args.ids
+        lines = [
+            f"{','.join(map(str, p))} -> {' '.join(map(str, t))}" + (f"  {text!r}" if text else "")
+            for p, t, text in zip(args.ids, result.tokens, result.texts)
+        ]
+    else:
+        lines = [prompt + text for prompt, text in zip(args.prompt, result.texts)]
+    _emit(args, payload, lines, result.cost)
+    return 0
+
+
+def _cmd_encode(args, task: str) -> int:
+    """``embed`` and ``classify``: one BERT pass over texts or --ids rows."""
+    inputs = _inputs(args, args.texts)
+    with _open(args) as m:
+        result = m.embed(inputs) if task == "embed" else m.classify(inputs)
+    shown = args.texts or [",".join(map(str, r)) for r in args.ids]
+    payload = {"texts": args.texts, "backend": args.backend, "approx": args.approx, "model": args.model}
+    if args.ids:
+        payload["ids"] = args.ids
+    if task == "embed":
+        payload["embeddings"] = result.outputs.round(6).tolist()
+        lines = [
+            f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
+            for text, row in zip(shown, result.outputs)
+        ]
+    else:
+        payload["labels"], payload["logits"] = result.labels, result.outputs.round(6).tolist()
+        lines = [f"{label:>12s}  {text}" for label, text in zip(result.labels, shown)]
     _emit(args, payload, lines, result.cost)
     return 0
 
 
 def cmd_embed(args) -> int:
-    with _open(args) as m:
-        result = m.embed(args.texts)
-    payload = {
-        "embeddings": result.outputs.round(6).tolist(),
-        "texts": args.texts,
-        "backend": args.backend,
-        "approx": args.approx,
-        "model": args.model,
-    }
-    lines = [
-        f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] ({row.shape[0]} dims)"
-        for text, row in zip(args.texts, result.outputs)
-    ]
-    _emit(args, payload, lines, result.cost)
-    return 0
+    return _cmd_encode(args, "embed")
 
 
 def cmd_classify(args) -> int:
-    with _open(args) as m:
-        result = m.classify(args.texts)
-    payload = {
-        "labels": result.labels,
-        "logits": result.outputs.round(6).tolist(),
-        "texts": args.texts,
-        "backend": args.backend,
-        "approx": args.approx,
-        "model": args.model,
-    }
-    lines = [f"{label:>12s}  {text}" for label, text in zip(result.labels, args.texts)]
-    _emit(args, payload, lines, result.cost)
-    return 0
+    return _cmd_encode(args, "classify")
 
 
 def cmd_demo(args) -> int:
@@ -351,7 +450,14 @@ def cmd_bench_protocols(args) -> int:
     from puma.bench import protocols_bench
 
     result = protocols_bench.run(
-        args.sets, args.backend, args.out, args.data, args.sentences, args.story_tokens, resume=not args.fresh
+        args.sets,
+        args.backend,
+        args.out,
+        args.data,
+        args.sentences,
+        args.story_tokens,
+        resume=not args.fresh,
+        connect=_connect(args),
     )
     print(protocols_bench.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
@@ -376,7 +482,7 @@ def cmd_bench_costs(args) -> int:
         memory_budget=args.memory_budget,
         connect=_connect(args),
     )
-    print(costs.markdown(result))
+    print(costs.markdown(result, args.network))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
@@ -385,7 +491,15 @@ def cmd_bench_accuracy(args) -> int:
     from puma.bench import accuracy
 
     result = accuracy.run(
-        args.suites, args.sets, args.backend, args.data, args.out, args.sst2_limit, args.model, resume=not args.fresh
+        args.suites,
+        args.sets,
+        args.backend,
+        args.data,
+        args.out,
+        args.sst2_limit,
+        args.model,
+        resume=not args.fresh,
+        connect=_connect(args),
     )
     print(accuracy.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
@@ -397,8 +511,12 @@ def cmd_bench_report(args) -> int:
 
     if not os.path.exists(args.readme):
         raise PumaError(f"{args.readme} not found")
-    readme.update(args.readme, args.results)
-    print(f"updated the results section of {args.readme} from {args.results}/*.json", file=sys.stderr)
+    if not os.path.isdir(args.results):
+        raise PumaError(f"{args.results} is not a folder of benchmark JSON (see --results)")
+    read, missing = readme.update(args.readme, args.results)
+    print(f"updated the results section of {args.readme} from {', '.join(read) or 'no JSON'}", file=sys.stderr)
+    if missing:
+        print(f"left out (no JSON): {', '.join(missing)}", file=sys.stderr)
     return 0
 
 
@@ -415,6 +533,7 @@ def cmd_bench_generation(args) -> int:
         args.out,
         args.data,
         resume=not args.fresh,
+        connect=_connect(args),
     )
     print(generation.markdown(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
@@ -432,7 +551,8 @@ def cmd_node_up(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return _report_parties(supervise(topology, list(range(topology.world_size)), args.log_dir, args.verbose))
+    ranks = list(range(topology.world_size))
+    return _report_parties(supervise(topology, ranks, args.log_dir, args.verbose, _ready_line(topology, ranks)))
 
 
 def cmd_node_start(args) -> int:
@@ -442,7 +562,27 @@ def cmd_node_start(args) -> int:
     topology = Topology.from_yaml(args.config)
     if not 0 <= args.rank < topology.world_size:
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
-    return _report_parties(supervise(topology, [args.rank], args.log_dir, args.verbose))
+    return _report_parties(
+        supervise(topology, [args.rank], args.log_dir, args.verbose, _ready_line(topology, [args.rank]))
+    )
+
+
+def cmd_node_certs(args) -> int:
+    from puma.runtime import certs
+
+    if args.days < 1:
+        raise PumaError(f"--days must be at least 1 (got {args.days})")
+    for path in certs.make(args.config, args.days, args.force):
+        print(path)
+    print(f"puma: certificates for {args.config} written; keep the CA key off the party hosts", file=sys.stderr)
+    return 0
+
+
+def _ready_line(topology, ranks: list[int]):
+    """Prints, once the parties accept jobs, where each one listens."""
+    parties = [topology.parties[r] for r in ranks]
+    line = "; ".join(f"{p.id} (rank {p.rank}): control {p.control}, link {p.link}" for p in parties)
+    return lambda: print(f"puma: ready: {line}", file=sys.stderr, flush=True)
 
 
 def _report_parties(outcome: tuple[int, str | None]) -> int:
@@ -461,6 +601,43 @@ def _restart_keeping_heap() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **memory.heap_env()})
 
 
+class _ProgressLines(logging.Handler):
+    """Writes :mod:`puma.progress` records to whatever ``sys.stderr`` is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"puma: {record.getMessage()} ...", file=sys.stderr, flush=True)
+
+
+def _stopped(argv, what: str, status: int) -> int:
+    """The one line for a run stopped by a signal. As a command, end at once: ``sim`` party
+    threads may still be inside SPU, and interpreter shutdown under them can crash."""
+    print(f"puma: error: {what}", file=sys.stderr, flush=True)
+    if argv is None:
+        sys.stdout.flush()
+        os._exit(status)
+    return status
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that sessions close (parties, Ray) on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _show_progress(on: bool) -> None:
+    """Progress lines on stderr for a person at a terminal; nothing otherwise (or with --json)."""
+    from puma import progress
+
+    for handler in [h for h in progress.log.handlers if isinstance(h, _ProgressLines)]:
+        progress.log.removeHandler(handler)
+    progress.log.propagate = not on
+    if on:
+        progress.log.addHandler(_ProgressLines())
+        progress.log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         _restart_keeping_heap()
@@ -470,16 +647,22 @@ def main(argv: list[str] | None = None) -> int:
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
+    _show_progress(sys.stderr.isatty() and not getattr(args, "json", False))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if argv is None else None
     try:
         return args.func(args)
     except PumaError as err:
         print(f"puma: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("puma: error: interrupted", file=sys.stderr)
-        return 130
+        return _stopped(argv, "interrupted", 130)
+    except _Terminated:
+        return _stopped(argv, "terminated (SIGTERM); sessions closed", 143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

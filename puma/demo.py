@@ -23,7 +23,7 @@ SENTENCES = (
 )
 
 
-def run(backend: str = "sim", approx: str = "puma", **backend_options) -> dict:
+def run(backend: str = "sim", approx: str = "puma-fast", **backend_options) -> dict:
     """Embed QUERY and SENTENCES in plaintext and under MPC; compare."""
     texts = [QUERY, *SENTENCES]
     plain = SecureModel.from_pretrained("minilm").embed(texts).outputs

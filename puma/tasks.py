@@ -158,7 +158,7 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
         )
         return {"output": out}, {}
 
-    return Program(f"bert_{head}", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.source))
 
 
 def causal_step(
@@ -249,7 +249,8 @@ def check_length(model: LoadedModel, longest: int, max_new_tokens: int = 0) -> N
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Generated ids per prompt (prompt excluded), their text, and the cost of producing them."""
+    """Generated ids per prompt (prompt excluded), the text they add to their prompt (see
+    :func:`continuation`), and the cost of producing them."""
 
     tokens: list[list[int]]
     texts: list[str]
@@ -417,8 +418,23 @@ def generate(
                     break
                 ids = np.concatenate([ids[:, 1:], tokens[:, None]], axis=1)
                 mask = np.concatenate([mask[:, 1:], np.ones((batch, 1), np.int32)], axis=1)
-    texts = [model.tokenizer.decode(g, skip_special_tokens=True) if model.tokenizer else "" for g in generated]
+    texts = [continuation(model.tokenizer, p, g) if model.tokenizer else "" for p, g in zip(prompt_ids, generated)]
     return GenerationResult(generated, texts, total, step_costs)
+
+
+def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text ``new_ids`` add to ``prompt_ids``, as the tokenizer decodes the whole sequence.
+
+    Decoding the new ids alone loses what depends on context: SentencePiece drops the space of a
+    leading ``▁was``, byte-level BPE may split a character across the boundary. The text is the
+    decoded whole minus the decoded prompt (or the new ids alone if the prompt's decoding is not
+    a prefix of the whole's).
+    """
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    whole = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
+    if whole.startswith(head):
+        return whole[len(head) :]
+    return tokenizer.decode(list(new_ids), skip_special_tokens=True)
 
 
 def _sample_plain(logits: np.ndarray, sampling: Sampling, rng) -> np.ndarray:
@@ -458,15 +474,26 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     return EncodingResult(np.asarray(out["logits"]), cost)
 
 
-def encode_texts(model: LoadedModel, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize sentences for BERT, right-padded: (ids, token types, mask), each [B, T]."""
+def encode_texts(
+    model: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize sentences for BERT, right-padded: (ids, token types, mask), each [B, T].
+
+    Lists of token ids are taken as they are (token type 0), for models without a tokenizer.
+    """
     if not texts:
         raise PumaError("no text given")
-    if any(not t or not t.strip() for t in texts):
-        raise PumaError("empty text: every input needs some words")
-    if model.tokenizer is None:
-        raise PumaError(f"{model.source} has no tokenizer")
-    enc = [model.tokenizer(t) for t in texts]
+    if all(not isinstance(t, str) for t in texts):
+        if any(len(t) == 0 for t in texts):
+            raise PumaError("empty input: every row needs at least one token id")
+        check_ids(model, texts)
+        enc = [{"input_ids": [int(i) for i in t]} for t in texts]
+    else:
+        if any(not t or not t.strip() for t in texts):
+            raise PumaError("empty text: every input needs some words")
+        if model.tokenizer is None:
+            raise PumaError(f"{model.source} has no tokenizer: give token ids with --ids")
+        enc = [model.tokenizer(t) for t in texts]
     longest = max(len(e["input_ids"]) for e in enc)
     check_length(model, longest)
     ids = np.full((len(texts), longest), model.config.pad_token_id, np.int32)
@@ -484,8 +511,8 @@ def encode(
     session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
 ) -> EncodingResult:
     """Run BERT with ``head`` on a padded batch; the client receives one output per row."""
-    if model.family != "bert":
-        raise PumaError(f"{model.source} is a {model.family} model: embeddings and classification need a BERT")
+    if model.causal:
+        raise PumaError(f"{model.source} is a {model.family} model: embeddings and classification need an encoder")
     if head == "classify" and not model.config.has_classifier:
         raise PumaError(f"{model.source} has no classifier head: use a BertForSequenceClassification checkpoint")
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
@@ -507,7 +534,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embed(session: Session, model: LoadedModel, ops, texts: Sequence[str]) -> EncodingResult:
+def embed(session: Session, model: LoadedModel, ops, texts: Sequence[str] | Sequence[Sequence[int]]) -> EncodingResult:
     """Sentence embeddings: mean-pooled last hidden state, L2-normalised by the client."""
     ids, types, mask = encode_texts(model, texts)
     result = encode(session, model, ops, ids, types, mask, "mean")
@@ -515,7 +542,9 @@ def embed(session: Session, model: LoadedModel, ops, texts: Sequence[str]) -> En
     return result
 
 
-def classify(session: Session, model: LoadedModel, ops, texts: Sequence[str]) -> EncodingResult:
+def classify(
+    session: Session, model: LoadedModel, ops, texts: Sequence[str] | Sequence[Sequence[int]]
+) -> EncodingResult:
     """Sequence classification: logits per text and the argmax label names."""
     ids, types, mask = encode_texts(model, texts)
     result = encode(session, model, ops, ids, types, mask, "classify")

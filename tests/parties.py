@@ -11,44 +11,7 @@ import time
 
 import yaml
 
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def write_topology(
-    path,
-    protocol: str = "aby3",
-    world: int = 3,
-    connect_s: float = 5,
-    recv_s: float = 10,
-    tls: dict | None = None,
-    ports: list[int] | None = None,
-    **extra,
-) -> str:
-    ports = ports or free_ports(2 * world)
-    doc = {
-        "protocol": protocol,
-        "timeouts": {"connect_s": connect_s, "recv_s": recv_s},
-        "parties": [
-            {"id": f"p{r}", "link": f"127.0.0.1:{ports[r]}", "control": f"127.0.0.1:{ports[world + r]}"}
-            for r in range(world)
-        ],
-        **extra,
-    }
-    if tls:
-        doc["tls"] = tls
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f)
-    return str(path)
+from puma.runtime.local import free_ports, write_topology  # noqa: F401 (re-exported for the tests)
 
 
 def control_ports(topology_path: str) -> list[int]:
@@ -106,6 +69,20 @@ def wait_for_ports(ports: list[int], timeout: float = 60.0) -> None:
                 time.sleep(0.2)
 
 
+def wait_for_ready(proc: subprocess.Popen, stderr_path: str, timeout: float = 60.0) -> str:
+    """Wait for the ``puma: ready:`` line a ``node up``/``node start`` prints; that line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(stderr_path) as f:
+            for line in f:
+                if line.startswith("puma: ready: "):
+                    return line.strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"the parties exited ({proc.returncode}): {open(stderr_path).read()[-500:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no ready line in {stderr_path} within {timeout:.0f} s")
+
+
 @contextlib.contextmanager
 def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
     """``puma node up`` on ``topology_path`` as a subprocess (environment ``env``, default this
@@ -119,7 +96,7 @@ def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
         env=env,
     )
     try:
-        wait_for_ports(control_ports(topology_path))
+        wait_for_ready(proc, os.path.join(log_dir, "node-up.stderr"))
         yield proc
     finally:
         if proc.poll() is None:

@@ -96,3 +96,67 @@ def test_whole_run_with_streamed_weights_records_steps_and_memory():
     assert resident["weights"] == "resident" and resident["weight_bytes"] == 0
     # staging changes no communication: the same ops run, split into stages
     assert abs(cell["bytes_sent"] / resident["bytes_sent"] - 1) < 0.01
+
+
+def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(tmp_path):
+    folder = tmp_path / "out" / "results"
+    folder.mkdir(parents=True)
+    sweep = {
+        f"{field}/{bits}": {
+            "field": field,
+            "fxp_bits": bits,
+            "minilm_cosine_min": 0.999,
+            "minilm_cosine_mean": 0.9995,
+            "minilm_bytes_sent": 1e8,
+            "stories_perplexity": 7.0,
+            "stories_perplexity_exact": 6.9,
+            "stories_top1": 0.9,
+            "stories_bytes_sent": 1e8,
+        }
+        for field, bits in (("FM64", 16), ("FM64", 18), ("FM128", 32), ("FM128", 40))
+    }
+    (folder / "accuracy.json").write_text(json.dumps({"config": {}, "results": {"fxp": sweep}}))
+    doc = tmp_path / "out" / "README.md"
+    doc.write_text("# x\n")
+    read, missing = readme.update(str(doc), str(folder))
+    text = doc.read_text()
+    assert read == ["results/accuracy.json"] and "JSON in `results/accuracy.json`" in text
+    assert "![accuracy vs fraction bits](results/plots/accuracy_vs_bits.png)" in text  # relative to the README
+    assert sorted(missing) == ["costs.json", "faults.json", "generation.json", "protocols.json"]
+    assert "Not shown (no JSON yet): `costs.json` (`puma bench costs`)" in text
+    series = plots.fxp_series(sweep)
+    assert {f: [p["fxp_bits"] for p in pts] for f, pts in series.items()} == {"FM128": [32, 40], "FM64": [16, 18]}
+
+
+def test_bench_on_nodes_needs_and_uses_a_topology(tmp_path, capsys):
+    from puma import cli
+    from tests.parties import local_parties, write_topology
+
+    assert cli.main(["bench", "costs", "--backend", "nodes", "--rows", "gpt2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend nodes needs the parties' topology: pass --config" in err[0]
+    topo = write_topology(tmp_path / "t.yaml")
+    with local_parties(topo, str(tmp_path)):
+        cell = costs.run_once("gpt2-debug", (4, 1), "puma-fast", "nodes", {}, connect={"config": topo})
+    assert cell["bytes_sent"] > 0 and all(p > 0 for p in cell["peak_rss"]["parties"])
+    assert cell["heap_kept"]["parties"] == [True, True, True]
+
+
+def test_network_time_model_on_hand_computed_cases():
+    from puma.bench import network
+
+    lan, wan = network.NETWORKS["lan"], network.NETWORKS["wan"]
+    # 10 s compute, 1000 rounds, 1 GB from the busiest party
+    assert network.estimate(10.0, 1000, 1e9, lan) == pytest.approx(10.0 + 1000 * 1e-3 + 8e9 / 5e9)  # 12.6 s
+    assert network.estimate(10.0, 1000, 1e9, wan) == pytest.approx(10.0 + 40.0 + 20.0)  # 70 s
+    custom = network.parse("1G,10ms")
+    assert (custom.bandwidth_bps, custom.rtt_s) == (1e9, 0.01)
+    assert network.parse("400Mbps, 0.04s") == network.Network("custom", 400e6, 0.04)
+    with pytest.raises(ValueError, match="not a network"):
+        network.parse("fast")
+    whole = {"bytes_sent": 9.0, "per_party": [{"bytes_sent": 2.0}, {"bytes_sent": 4.0}, {"bytes_sent": 3.0}]}
+    assert network.busiest_bytes(whole) == 4.0
+    composed = {"bytes_sent": 90.0, "layer": whole}
+    assert network.busiest_bytes(composed) == pytest.approx(40.0)
+    cell = {**whole, "compute_s": 1.0, "run_s": 5.0, "max_party_send_actions": 10}
+    assert network.cell_times(cell, {"wan": wan})["wan"] == pytest.approx(1.0 + 0.4 + 4 * 8 / 400e6)

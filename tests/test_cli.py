@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -41,7 +42,9 @@ def gpt2_folder(tiny_gpt2):
 
 def test_generate_plaintext_matches_transformers_on_local_folder(capsys, gpt2_folder):
     path, hf = gpt2_folder
-    code, out, _ = _run(capsys, "generate", "--model", str(path), "--prompt", "w5 w9 w17", "-n", "6", "--json")
+    code, out, _ = _run(
+        capsys, "generate", "--model", str(path), "--prompt", "w5 w9 w17", "-n", "6", "--backend", "plaintext", "--json"
+    )
     assert code == 0
     result = json.loads(out)
     assert result["backend"] == "plaintext"
@@ -80,7 +83,7 @@ def test_generate_stories260k_matches_transformers(capsys, stories_gguf):
 
 
 def test_embed_json(capsys, minilm_dir):
-    code, out, _ = _run(capsys, "embed", "--model", minilm_dir, "A cat.", "A dog.", "--json")
+    code, out, _ = _run(capsys, "embed", "--model", minilm_dir, "A cat.", "A dog.", "--backend", "plaintext", "--json")
     assert code == 0
     emb = np.array(json.loads(out)["embeddings"])
     assert emb.shape == (2, 384)
@@ -135,8 +138,210 @@ def test_prompt_longer_than_positions(capsys, gpt2_folder):
 
 def test_empty_prompt(capsys, gpt2_folder):
     path, _ = gpt2_folder
-    _check_error(capsys, ["generate", "-m", str(path), "-p", "   "], "empty prompt")
+    _check_error(capsys, ["generate", "-m", str(path), "-p", "   ", "--backend", "plaintext"], "empty prompt")
 
 
 def test_preset_without_tokenizer(capsys):
-    _check_error(capsys, ["embed", "-m", "gpt2-debug", "hello"], "no tokenizer")
+    _check_error(capsys, ["embed", "-m", "gpt2-debug", "hello", "--backend", "plaintext"], "no tokenizer", "--ids")
+
+
+# -- secure by default, text, one-line errors, --ids -------------------------------------------
+
+
+def test_secure_by_default_and_says_what_ran(capsys):
+    code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["backend"] == "sim" and result["approx"] == "puma-fast" and result["stats"]["total_bytes_sent"] > 0
+    code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2")
+    assert code == 0 and "puma: ran under MPC on sim (aby3/FM64/18), approximation set puma-fast" in err
+    code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2", "--backend", "plaintext")
+    assert code == 0 and "puma: ran in plaintext (no MPC" in err and "approximation set exact" in err
+
+
+def _check_usage_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("puma: error:"), err
+    for fragment in fragments:
+        assert fragment in err[0], f"{fragment!r} not in {err[0]!r}"
+
+
+def test_bad_arguments_are_one_line(capsys):
+    _check_usage_error(capsys, ["generate", "-m", "gpt2-debug", "-p", "x", "--approx", "nope"], "--approx", "puma-fast")
+    _check_usage_error(capsys, ["generate", "-m", "gpt2-debug", "--ids", "5,x"], "not a comma-separated list")
+    _check_usage_error(capsys, ["generate", "-m", "gpt2-debug", "--backend", "cloud", "-p", "x"], "sim")
+    _check_usage_error(capsys, ["generate", "-m", "gpt2-debug"], "--prompt", "--ids")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "-1"], "--temperature must be > 0"),
+        (["--top-k", "5"], "--top-k limits sampling, so it needs --temperature"),
+        (["--temperature", "0.8", "--top-k", "0"], "--top-k must be at least 1"),
+    ],
+)
+def test_sampling_flags_are_checked(capsys, flags, fragment):
+    _check_error(capsys, ["generate", "-m", "gpt2-debug", "--ids", "5,6", *flags], fragment)
+
+
+def test_missing_model_lists_presets_and_aliases(capsys):
+    _check_error(capsys, ["embed", "-m", "/no/such", "hi"], "not found", "gpt2-debug", "minilm")
+
+
+def test_ids_run_every_task_on_presets(capsys):
+    code, out, _ = _run(capsys, "classify", "-m", "bert-debug-cls", "--ids", "2,7,9,4", "--ids", "2,8", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["labels"]) == 2 and result["ids"] == [[2, 7, 9, 4], [2, 8]] and result["backend"] == "sim"
+    code, out, _ = _run(capsys, "embed", "-m", "bert-debug", "--ids", "2,7,9", "--backend", "plaintext", "--json")
+    assert code == 0 and np.isclose(np.linalg.norm(json.loads(out)["embeddings"][0]), 1.0, atol=1e-5)
+    code, out, _ = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "3", "--backend", "plaintext")
+    assert code == 0 and out.startswith("5,6,7 -> ") and len(out.split("->")[1].split()) == 3
+    _check_error(
+        capsys, ["classify", "-m", "bert-debug-cls", "hi", "--ids", "2,3", "--backend", "plaintext"], "not both"
+    )
+    _check_error(capsys, ["classify", "-m", "bert-debug-cls", "--ids", "2,99999", "--backend", "plaintext"], "outside")
+
+
+@pytest.mark.parametrize("prompts", [["The dog"], ["The dog", "Once upon a time"]])
+def test_generated_text_reads_as_the_whole_sequence_decodes(capsys, stories_gguf, prompts):
+    """SentencePiece: the continuation keeps the space of a leading ``▁was`` (batch and single)."""
+    argv = ["generate", "-m", stories_gguf, "-n", "8", "--backend", "plaintext", "--json"]
+    for p in prompts:
+        argv += ["-p", p]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    folder, name = os.path.split(stories_gguf)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = result["text"] if len(prompts) > 1 else [result["text"]]
+    tokens = result["tokens"] if len(prompts) > 1 else [result["tokens"]]
+    for prompt, text, new in zip(prompts, texts, tokens):
+        whole = tok.decode(tok(prompt).input_ids + new, skip_special_tokens=True)
+        assert prompt + text == whole, (prompt, text, whole)
+    assert texts[0].startswith(" ")  # "The dog" + " was ...", not "The dogwas"
+
+
+def test_continuation_matches_byte_level_bpe_decode(shared_data):
+    """GPT-2's byte-level BPE: text added after a prompt equals the whole decode minus the prompt's,
+    also where one character's bytes span the prompt/continuation boundary."""
+    from puma.tasks import continuation
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(shared_data / "gpt2-tokenizer"))
+    for text in ["The dog was a big, red one.", "Caf\u00e9 au lait \u2014 tr\u00e8s bien", "\U0001f600 smile"]:
+        ids = tok(text).input_ids
+        for cut in range(1, len(ids)):
+            head, new = ids[:cut], ids[cut:]
+            got = continuation(tok, head, new)
+            whole, prefix = tok.decode(ids), tok.decode(head)
+            if whole.startswith(prefix):
+                assert prefix + got == whole, (text, cut)
+            else:  # the prompt ends inside a character: the new ids decode alone
+                assert got == tok.decode(new)
+
+
+# -- registries: one table per extension point ----------------------------------------------
+
+
+def test_extension_points_are_one_registry_entry_each(capsys, monkeypatch):
+    """A throw-away backend, approximation set and model family, each added through its
+    registry alone, appear in the CLI and run."""
+    import dataclasses
+    import sys
+    import types
+
+    from puma.models import gpt2, loading
+    from puma.models.layers import Family
+    from puma.protocols import exact
+
+    from puma import protocols
+    from puma.runtime import BACKENDS, Backend
+
+    monkeypatch.setitem(BACKENDS, "threads", Backend("puma.runtime.sim", "sim under another name", in_process=True))
+    module = types.ModuleType("puma.protocols.throwaway")
+    module.OPS = dataclasses.replace(exact.OPS, name="throwaway")
+    monkeypatch.setitem(sys.modules, "puma.protocols.throwaway", module)
+    monkeypatch.setitem(protocols.REGISTRY, "throwaway", ("throwaway", "OPS"))
+    tiny = gpt2.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=63, eos_token_id=63
+    )
+    family = Family(
+        "tinygpt", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, {"tinygpt-x": tiny}, "transformer."
+    )
+    monkeypatch.setitem(loading.FAMILIES, "tinygpt", family)
+
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "threads" in help_text and "throwaway" in help_text
+    _check_error(capsys, ["generate", "-m", "/no/such", "-p", "x"], "tinygpt-x")
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "-m",
+        "tinygpt-x",
+        "--ids",
+        "5,6",
+        "-n",
+        "2",
+        "--backend",
+        "threads",
+        "--approx",
+        "throwaway",
+    )
+    assert code == 0, err
+    assert "ran under MPC on threads" in err and "approximation set throwaway" in err
+    assert len(out.split("->")[1].split()) == 2
+
+
+def test_progress_lines_only_on_a_terminal(capsys, monkeypatch):
+    argv = ["generate", "-m", "gpt2-debug", "--ids", "5,6", "-n", "1", "--approx", "puma"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = _run(capsys, *argv)
+    assert code == 0
+    assert (
+        "puma: loading gpt2-debug ..." in err
+        and "puma: compiling gpt2_" in err
+        and "for SPU (once per input shape)" in err
+    ), err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = _run(capsys, *argv, "--json")
+    assert code == 0 and "compiling" not in err and json.loads(out)["tokens"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and "loading" not in err
+
+
+def test_sigterm_ends_a_run_within_seconds_with_one_line(tmp_path):
+    import subprocess
+    import time
+
+    err_path = tmp_path / "err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "puma.cli",
+                "generate",
+                "-m",
+                "llama-debug",
+                "--ids",
+                "5,6,7",
+                "-n",
+                "60",
+                "--no-cache",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    time.sleep(8)  # imports, sharing, compiling: the run is under way
+    assert proc.poll() is None
+    start = time.monotonic()
+    proc.terminate()
+    assert proc.wait(20) == 143
+    assert time.monotonic() - start < 10
+    lines = [ln for ln in err_path.read_text().splitlines() if ln.startswith("puma: error:")]
+    assert lines == ["puma: error: terminated (SIGTERM); sessions closed"], err_path.read_text()[-500:]

@@ -120,12 +120,12 @@ def test_cli_classify(capsys, tiny_bert_cls):
     code, out, _ = _run(capsys, "classify", "-m", str(tiny_bert_cls[0]), "w5 w6 w7", "w9", "--backend", "sim", "--json")
     assert code == 0
     result = json.loads(out)
-    assert len(result["labels"]) == 2 and result["approx"] == "puma"
+    assert len(result["labels"]) == 2 and result["approx"] == "puma-fast"
     assert result["stats"]["total_bytes_sent"] > 0
 
 
 def test_cli_classify_needs_a_classifier_head(capsys, tiny_bert):
-    code, _, err = _run(capsys, "classify", "-m", str(tiny_bert[0]), "w5 w6")
+    code, _, err = _run(capsys, "classify", "-m", str(tiny_bert[0]), "w5 w6", "--backend", "plaintext")
     assert code != 0
     assert err.strip().splitlines() == [
         f"puma: error: {tiny_bert[0]} has no classifier head: use a BertForSequenceClassification checkpoint"
@@ -164,7 +164,7 @@ def test_cli_generate_options(capsys, tiny_gpt2):
     ],
 )
 def test_cli_input_errors(capsys, argv, message, minilm_dir):
-    code, _, err = _run(capsys, *argv)
+    code, _, err = _run(capsys, *argv, "--backend", "plaintext")
     assert code != 0 and len(err.strip().splitlines()) == 1 and message in err
 
 
@@ -172,7 +172,7 @@ def test_demo_json(capsys, minilm_dir):
     code, out, _ = _run(capsys, "demo", "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["approx"] == "puma" and result["backend"] == "sim"
+    assert result["approx"] == "puma-fast" and result["backend"] == "sim"
     assert min(s["cosine_secure_vs_plaintext"] for s in result["sentences"]) >= 0.999
     assert result["ranking_plaintext"] == result["ranking_secure"]
     assert all(p["bytes_sent"] > 0 for p in result["stats"]["per_party"])

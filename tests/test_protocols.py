@@ -20,6 +20,7 @@ from puma import protocols
 from puma.bench import functions as F
 from puma.runtime import open_session
 from puma.runtime.base import PlaintextSession
+from puma.runtime.config import ProtocolConfig, Topology
 
 #: set -> function -> (plaintext max |error| bound, SPU ABY3 FM64/18 max |error| bound)
 BOUNDS = {
@@ -192,5 +193,25 @@ def test_sets_are_registered_and_carry_spu_settings():
         compiler = dict(protocols.get(name).spu.compiler)
         assert compiler["enable_optimize_denominator_with_broadcast"] is True
     assert protocols.get("puma-fast").client_onehot and not protocols.get("puma").client_onehot
+
+
+def test_spu_settings_layer_defaults_then_set_then_explicit():
+    """The ``spu`` baseline compiles with SPU's own default (no denominator broadcast), although
+    puma's default turns it on; an explicit setting beats the set's."""
+    option = "enable_optimize_denominator_with_broadcast"
+    plain = ProtocolConfig()
+    assert getattr(plain.compiler_options(), option) is True  # puma's default
+    spu_set = plain.with_settings(protocols.get("spu").spu)
+    assert getattr(spu_set.compiler_options(), option) is False
+    assert getattr(plain.with_settings(protocols.get("puma").spu).compiler_options(), option) is True
+    explicit = ProtocolConfig(compiler=((option, True),)).with_settings(protocols.get("spu").spu)
+    assert getattr(explicit.compiler_options(), option) is True
+    from_file = Topology.from_dict(
+        {
+            "parties": [{"link": f"h:{7000 + i}", "control": f"h:{7010 + i}"} for i in range(3)],
+            "compiler": {option: True},
+        }
+    )
+    assert getattr(from_file.protocol.with_settings(protocols.get("spu").spu).compiler_options(), option) is True
     with pytest.raises(ValueError, match="unknown approximation set"):
         protocols.get("nope")

@@ -24,7 +24,7 @@ from puma import cli, models, tasks
 from puma.api import SecureModel
 from puma.errors import PumaError
 from puma.runtime import budget, memory, sharing
-from tests.parties import local_parties, write_topology
+from tests.parties import control_ports, local_parties, write_topology
 
 STREAM_ATOL = 1e-2
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 3]]
@@ -348,7 +348,27 @@ def test_puma_command_and_its_parties_keep_freed_memory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PUMA_KEEP_HEAP")}
     topo = write_topology(tmp_path / "t.yaml")
     with local_parties(topo, str(tmp_path), env=env) as up:
+        ready = open(tmp_path / "node-up.stderr").read()
+        for rank, port in enumerate(control_ports(topo)):  # the ready line names every party's addresses
+            assert f"p{rank} (rank {rank}): control 127.0.0.1:{port}, link 127.0.0.1:" in ready, ready
         with open(f"/proc/{up.pid}/environ", "rb") as f:  # glibc edits the value in place: its presence is the check
             assert b"\0GLIBC_TUNABLES=" in b"\0" + f.read()
         with SecureModel.from_pretrained("gpt2-debug", approx="puma-fast", backend="nodes", config=topo) as m:
             assert m.session.mesh.party_heaps_kept() == [True, True, True]
+
+
+def test_memory_this_process_freed_counts_as_available():
+    """After a big allocation is freed in a process that keeps freed memory, the budget's
+    ``available()`` still counts it (MemAvailable alone no longer does)."""
+    probe = (
+        "import json, numpy as np\n"
+        "from puma.runtime import memory\n"
+        "before = memory.available()\n"
+        "a = np.ones(1 << 27); del a\n"  # 1 GiB
+        "print(json.dumps({'before': before, 'after': memory.available(), 'heap': memory.free_heap()}))\n"
+    )
+    env = {**os.environ, **memory.heap_env()}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["heap"] >= 1 << 30
+    assert abs(got["after"] - got["before"]) < 400 << 20, got

@@ -54,7 +54,7 @@ def _batches(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dict:
+def sst2(store: CellStore, sets, backend: str, connect: dict, folder, limit: int | None) -> dict:
     """MiniLM SST-2 accuracy, plaintext vs secure embeddings (limit: sentences evaluated)."""
     sentences, labels = data.sst2_dev(folder)
     labels = np.asarray(labels)
@@ -72,7 +72,7 @@ def sst2(store: CellStore, sets, backend: str, folder, limit: int | None) -> dic
     }
     for name in sets:
         rows, nbytes = {}, 0
-        with SecureModel.from_pretrained("minilm", approx=name, backend=backend) as m:
+        with SecureModel.from_pretrained("minilm", approx=name, backend=backend, **connect, **connect) as m:
             for c, chunk in enumerate(tqdm(chunks, desc=f"SST-2 {name}", unit="chunk", leave=False)):
                 # within a chunk, batch sentences of similar length so little padding is computed
                 order = sorted(chunk, key=lambda i: len(plain.model.tokenizer(sentences[i])["input_ids"]))
@@ -103,14 +103,14 @@ def _embed_batch(m: SecureModel, sentences, batch: list[int]) -> dict:
     }
 
 
-def stories_lm(store: CellStore, sets, backend: str, folder, tokens: int) -> dict:
+def stories_lm(store: CellStore, sets, backend: str, connect: dict, folder, tokens: int) -> dict:
     """stories260K on the TinyStories sample: top-1 agreement and perplexity; greedy agreement."""
     source = str(folder / "stories260K.gguf")
     reference = SecureModel.from_pretrained(source)
     texts = [reference.model.tokenizer(s)["input_ids"][:tokens] for s in data.tinystories(folder)]
     out = {}
     for name in sets:
-        with SecureModel.from_pretrained(source, approx=name, backend=backend) as m:
+        with SecureModel.from_pretrained(source, approx=name, backend=backend, **connect, **connect) as m:
             lm = store.measure(f"stories/{name}/{tokens}", lambda: fidelity.lm_agreement(m, reference, texts))
             greedy = store.measure(
                 f"stories-greedy/{name}/32", lambda: fidelity.greedy_match(m, reference, "Once upon a time", 32)
@@ -119,7 +119,9 @@ def stories_lm(store: CellStore, sets, backend: str, folder, tokens: int) -> dic
     return out
 
 
-def wikitext_lm(store: CellStore, sets, backend: str, folder, model: str, lines: int, tokens: int) -> dict:
+def wikitext_lm(
+    store: CellStore, sets, backend: str, connect: dict, folder, model: str, lines: int, tokens: int
+) -> dict:
     """Any causal LM on WikiText-2 test lines: top-1 agreement and perplexity."""
     reference = SecureModel.from_pretrained(model)
     if reference.model.tokenizer is None:
@@ -128,7 +130,7 @@ def wikitext_lm(store: CellStore, sets, backend: str, folder, model: str, lines:
     texts = [reference.model.tokenizer(t)["input_ids"][:tokens] for t in chosen]
     out = {}
     for name in sets:
-        with SecureModel.from_pretrained(model, approx=name, backend=backend) as m:
+        with SecureModel.from_pretrained(model, approx=name, backend=backend, **connect, **connect) as m:
             out[name] = store.measure(
                 f"wikitext/{os.path.basename(model)}/{name}/{lines}x{tokens}",
                 lambda: fidelity.lm_agreement(m, reference, texts),
@@ -149,7 +151,7 @@ FXP_POINTS = (
 )
 
 
-def fxp_sweep(store: CellStore, name: str, backend: str, folder, sentences: int, tokens: int) -> dict:
+def fxp_sweep(store: CellStore, name: str, backend: str, connect: dict, folder, sentences: int, tokens: int) -> dict:
     """Accuracy against cost over fraction bits: MiniLM cosines and stories260K perplexity."""
     sents = data.sst2_dev(folder)[0][:sentences]
     source = str(folder / "stories260K.gguf")
@@ -160,9 +162,13 @@ def fxp_sweep(store: CellStore, name: str, backend: str, folder, sentences: int,
     for field, bits in tqdm(FXP_POINTS, desc=f"fxp sweep {name}", unit="point", leave=False):
 
         def measure():
-            with SecureModel.from_pretrained("minilm", approx=name, backend=backend, field=field, fxp_bits=bits) as m:
+            with SecureModel.from_pretrained(
+                "minilm", approx=name, backend=backend, **connect, field=field, fxp_bits=bits
+            ) as m:
                 cos = fidelity.embedding_cosines(m, bert_ref, sents)
-            with SecureModel.from_pretrained(source, approx=name, backend=backend, field=field, fxp_bits=bits) as m:
+            with SecureModel.from_pretrained(
+                source, approx=name, backend=backend, **connect, field=field, fxp_bits=bits
+            ) as m:
                 lm = fidelity.lm_agreement(m, lm_ref, texts)
             ppl = lm["perplexity"]
             return {
@@ -190,20 +196,24 @@ def run(
     sst2_limit: int | None = None,
     wikitext_model: str | None = None,
     resume: bool = True,
+    connect: dict | None = None,
 ) -> dict:
+    """Run the accuracy ``suites``; ``connect`` (``config``, ``ray_address``) says where the
+    ``nodes``/``ray`` parties are."""
+    connect = connect or {}
     folder = data.data_dir(data_path)
     wikitext_model = wikitext_model or str(folder / "stories260K.gguf")
     config = {"backend": backend, "protocol": "aby3/FM64/18", "wikitext_model": wikitext_model}  # sets choose cells
     store = CellStore(out, config, resume=resume)
     results = {}
     if "stories" in suites:
-        results["stories"] = stories_lm(store, sets, backend, folder, tokens=256)
+        results["stories"] = stories_lm(store, sets, backend, connect, folder, tokens=256)
     if "wikitext" in suites:
-        results["wikitext"] = wikitext_lm(store, sets, backend, folder, wikitext_model, lines=20, tokens=128)
+        results["wikitext"] = wikitext_lm(store, sets, backend, connect, folder, wikitext_model, lines=20, tokens=128)
     if "fxp" in suites:
-        results["fxp"] = fxp_sweep(store, sets[-1], backend, folder, sentences=8, tokens=128)
+        results["fxp"] = fxp_sweep(store, sets[-1], backend, connect, folder, sentences=8, tokens=128)
     if "sst2" in suites:
-        results["sst2"] = sst2(store, sets, backend, folder, sst2_limit)
+        results["sst2"] = sst2(store, sets, backend, connect, folder, sst2_limit)
     store.data.setdefault("results", {}).update(results)  # suites run separately add up
     store.save()
     return store.data

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from puma import tasks
 from puma.api import SecureModel
+from puma.bench import network
 from puma.bench.report import CellStore, profiled
 from puma.models import presets
 
@@ -66,16 +67,8 @@ ROWS = {
 }
 
 
-def _layers_key(preset: str) -> str:
-    config = presets()[preset][1]
-    for key in ("num_hidden_layers", "n_layer"):
-        if hasattr(config, key):
-            return key
-    raise ValueError(preset)
-
-
 def full_layers(preset: str) -> int:
-    return getattr(presets()[preset][1], _layers_key(preset))
+    return presets()[preset][1].num_layers
 
 
 def _infer(m: SecureModel, size):
@@ -217,7 +210,7 @@ def measure_row(
     connect: dict | None = None,
 ) -> dict:
     """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
-    layers_key = _layers_key(row.preset)
+    layers_key = presets()[row.preset][1].FIELDS["num_layers"]  # the HF field a cut-down run overrides
     layers = full_layers(row.preset)
     tag = f"{row.name}/{_size_tag(size)}/{approx}"
 
@@ -264,6 +257,7 @@ def measure_row(
         }
     seconds = result.get("compute_s", result["run_s"])
     result["secure_over_plaintext"] = seconds / max(result["plaintext_s"], 1e-9)
+    result["network_s"] = {k: round(v, 2) for k, v in network.cell_times(result, network.NETWORKS).items()}
     paper = PAPER.get((row.name, size[0] if isinstance(size, tuple) and row.name != "llama-7b" else size))
     if paper:
         result["paper"] = {"gigabytes": paper[0], "seconds": paper[1]}
@@ -314,14 +308,22 @@ def run(
     return store.data
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, extra_network: str | None = None) -> str:
+    nets = {"lan": network.NETWORKS["lan"], "wan": network.NETWORKS["wan"]}
+    if extra_network:
+        nets["custom"] = network.parse(extra_network)
+    heads = " | ".join(f"{n.name} s" if k != "custom" else f"{n.describe()} s" for k, n in nets.items())
     lines = [
         f"Secure inference cost, {result['config']['protocol']} ({result['config']['backend']} backend, "
-        f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties.",
+        f"{result['environment']['machine']['cpus']} CPUs): total bytes sent by all parties. "
+        + "Modelled time under "
+        + ", ".join(n.describe() for n in nets.values())
+        + ": this machine's compute seconds + busiest party's send actions x RTT + its bytes / bandwidth "
+        "(puma/bench/network.py).",
         "",
         "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
-        "PUMA paper GB / s | how | weights (streaming s) | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"PUMA paper GB / s | how | weights (streaming s) | peak RSS GiB | {heads} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(nets),
     ]
     for key, cell in result["cells"].items():
         if key.startswith("parts/"):
@@ -340,10 +342,11 @@ def markdown(result: dict) -> str:
             weights += f" ({cell['weight_s']:.0f})"
         peak = cell.get("peak_rss", {}).get("process")
         peak_text = f"{peak / 2**30:.2f}" if peak else "-"
+        modelled = network.cell_times(cell, nets)
         lines.append(
             f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
             f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
-            f"{paper_text} | {how} | {weights} | {peak_text} |"
+            f"{paper_text} | {how} | {weights} | {peak_text} | " + " | ".join(f"{modelled[k]:.1f}" for k in nets) + " |"
         )
     stepped = {k: c for k, c in result["cells"].items() if not k.startswith("parts/") and len(c.get("steps", [])) > 1}
     if stepped:

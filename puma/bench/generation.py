@@ -39,14 +39,16 @@ def _prompt(name: str, source: str, length: int, folder) -> list[int]:
     return np.random.default_rng(0).integers(10, 500, length).tolist()
 
 
-def measure(name: str, approx: str, backend: str, prompt_len: int, new_tokens: int, nocache_steps: int, folder) -> dict:
+def measure(
+    name: str, approx: str, backend: str, connect: dict, prompt_len: int, new_tokens: int, nocache_steps: int, folder
+) -> dict:
     source, overrides, what = MODELS[name]
     if name == "stories260K":
         if folder is None:
             raise PumaError("stories260K needs the data folder")
         source = str(folder / source)
     prompt = _prompt(name, source, prompt_len, folder)
-    with SecureModel.from_pretrained(source, approx=approx, backend=backend, overrides=overrides) as m:
+    with SecureModel.from_pretrained(source, approx=approx, backend=backend, **connect, overrides=overrides) as m:
         cached = m.generate_ids([prompt], new_tokens)
         if len(cached.tokens[0]) < new_tokens:
             raise PumaError(f"{name} stopped at end-of-text after {len(cached.tokens[0])} tokens")
@@ -88,7 +90,11 @@ def run(
     out: str = "bench-results/generation.json",
     data_path: str | None = None,
     resume: bool = True,
+    connect: dict | None = None,
 ) -> dict:
+    """Fill the generation table; ``connect`` (``config``, ``ray_address``) says where the
+    ``nodes``/``ray`` parties are."""
+    connect = connect or {}
     config = {  # models and sets only choose cells
         "backend": backend,
         "prompt_len": prompt_len,
@@ -100,7 +106,8 @@ def run(
     cells = [(m, s) for m in models for s in sets if not (m == "stories260K" and folder is None)]
     for name, approx in tqdm(cells, desc="generation benchmark", unit="cell"):
         store.measure(
-            f"{name}/{approx}", lambda: measure(name, approx, backend, prompt_len, new_tokens, nocache_steps, folder)
+            f"{name}/{approx}",
+            lambda: measure(name, approx, backend, connect, prompt_len, new_tokens, nocache_steps, folder),
         )
     return store.data
 

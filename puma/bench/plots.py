@@ -65,32 +65,53 @@ def bytes_by_op(costs: dict, cell_prefix: str, path: str) -> str | None:
     return _save(fig, path)
 
 
+def fxp_series(sweep: dict) -> dict[str, list[dict]]:
+    """The fraction-bits sweep split by ring, each sorted by bits: a line never joins FM64 to
+    FM128 (the ring changes more than the bits)."""
+    series: dict[str, list[dict]] = {}
+    for point in sweep.values():
+        series.setdefault(point["field"], []).append(point)
+    return {field: sorted(points, key=lambda p: p["fxp_bits"]) for field, points in sorted(series.items())}
+
+
 def accuracy_vs_bits(accuracy: dict, path: str) -> str | None:
-    """MiniLM cosine (min) and stories260K perplexity against fraction bits."""
+    """MiniLM cosine (min) and stories260K perplexity change against fraction bits, one line per
+    ring and measure, with one legend for both axes."""
     sweep = accuracy.get("results", {}).get("fxp")
     if not sweep:
         return None
-    points = sorted(sweep.values(), key=lambda r: r["fxp_bits"])
-    fig, left = plt.subplots(figsize=(7, 4))
-    bits = [p["fxp_bits"] for p in points]
-    labels = [f"{p['fxp_bits']}\n{p['field']}" for p in points]
-    left.plot(
-        bits, [1.0 - p["minilm_cosine_min"] for p in points], "o-", color="tab:blue", label="1 - MiniLM cosine (min)"
-    )
-    left.set_yscale("log")
-    left.set_xlabel("fraction bits (ring)")
-    left.set_xticks(bits, labels)
-    left.set_ylabel("1 - cosine with exact", color="tab:blue")
+    series = fxp_series(sweep)
+    exact = next(iter(sweep.values()))["stories_perplexity_exact"]
+    fig, left = plt.subplots(figsize=(7.5, 4.2))
     right = left.twinx()
-    exact = points[0]["stories_perplexity_exact"]
-    right.plot(
-        bits,
-        [(p["stories_perplexity"] or float("nan")) / exact - 1.0 for p in points],
-        "s--",
-        color="tab:red",
-        label="stories260K perplexity change",
-    )
-    right.set_ylabel("relative perplexity change", color="tab:red")
+    markers = dict(zip(series, "os^D"))
+    for field, points in series.items():
+        bits = [p["fxp_bits"] for p in points]
+        left.plot(
+            bits,
+            [max(1.0 - p["minilm_cosine_min"], 1e-12) for p in points],
+            marker=markers[field],
+            linestyle="-",
+            color="tab:blue",
+            label=f"1 - MiniLM cosine (min), {field}",
+        )
+        right.plot(
+            bits,
+            [abs((p["stories_perplexity"] or float("nan")) / exact - 1.0) for p in points],
+            marker=markers[field],
+            linestyle="--",
+            color="tab:red",
+            label=f"|stories260K perplexity change|, {field}",
+        )
+    all_bits = sorted({p["fxp_bits"] for points in series.values() for p in points})
+    left.set_xticks(all_bits, [str(b) for b in all_bits])
+    left.set_yscale("log")
+    right.set_yscale("log")
+    left.set_xlabel("fraction bits (FM64: 64-bit ring, FM128: 128-bit ring)")
+    left.set_ylabel("1 - cosine with exact", color="tab:blue")
+    right.set_ylabel("|relative perplexity change|", color="tab:red")
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper right")
     left.set_title("Accuracy against fixed-point precision")
     fig.tight_layout()
     return _save(fig, path)

@@ -42,7 +42,11 @@ def run(
     story_tokens: int = 64,
     new_tokens: int = 16,
     resume: bool = True,
+    connect: dict | None = None,
 ) -> dict:
+    """Fill the protocol table; ``connect`` (``config``, ``ray_address``) says where the
+    ``nodes``/``ray`` parties are."""
+    connect = connect or {}
     for name in sets:
         protocols.get(name)
     # the sets only choose cells: a run with more sets adds to the file
@@ -64,26 +68,33 @@ def run(
     for kind, name in tqdm(jobs, desc="protocol benchmark", unit="cell"):
         if kind == "errors":
             store.measure(f"errors/{name}/plaintext", lambda: F.function_errors(plain, name, cases))
-            store.measure(f"errors/{name}/{backend}", lambda: _secure_errors(name, backend, cases))
+            store.measure(f"errors/{name}/{backend}", lambda: _secure_errors(name, backend, connect, cases))
         elif kind == "costs":
-            store.measure(f"costs/{name}", lambda: _costs(name, backend))
+            store.measure(f"costs/{name}", lambda: _costs(name, backend, connect))
         elif kind == "presets":
             for preset in PRESETS:
                 store.measure(
-                    f"presets/{preset}/{name}", lambda: _with_models(preset, name, backend, fidelity.preset_logit_error)
+                    f"presets/{preset}/{name}",
+                    lambda: _with_models(preset, name, backend, connect, fidelity.preset_logit_error),
                 )
         elif kind == "minilm":
             sents = data.sst2_dev(folder)[0][:sentences]
             store.measure(
                 f"minilm/{name}",
-                lambda: _with_models("minilm", name, backend, lambda s, r: fidelity.embedding_cosines(s, r, sents)),
+                lambda: _with_models(
+                    "minilm", name, backend, connect, lambda s, r: fidelity.embedding_cosines(s, r, sents)
+                ),
             )
         else:
             source = str(folder / "stories260K.gguf")
             store.measure(
                 f"stories-greedy/{name}",
                 lambda: _with_models(
-                    source, name, backend, lambda s, r: fidelity.greedy_match(s, r, "Once upon a time", new_tokens)
+                    source,
+                    name,
+                    backend,
+                    connect,
+                    lambda s, r: fidelity.greedy_match(s, r, "Once upon a time", new_tokens),
                 ),
             )
             store.measure(
@@ -92,27 +103,28 @@ def run(
                     source,
                     name,
                     backend,
+                    connect,
                     lambda s, r: fidelity.lm_agreement(s, r, _story_tokens(r, folder, story_tokens)),
                 ),
             )
     return store.data
 
 
-def _secure_errors(name: str, backend: str, cases) -> dict:
-    with open_session(backend, spu_settings=protocols.get(name).spu) as session:
+def _secure_errors(name: str, backend: str, connect: dict, cases) -> dict:
+    with open_session(backend, spu_settings=protocols.get(name).spu, **connect) as session:
         session.load_params({})
         return F.function_errors(session, name, cases)
 
 
-def _costs(name: str, backend: str) -> dict:
-    with open_session(backend, spu_settings=protocols.get(name).spu) as session:
+def _costs(name: str, backend: str, connect: dict) -> dict:
+    with open_session(backend, spu_settings=protocols.get(name).spu, **connect) as session:
         session.load_params({})
         return F.function_costs(session, name, F.cost_cases())
 
 
-def _with_models(source: str, name: str, backend: str, measure):
+def _with_models(source: str, name: str, backend: str, connect: dict, measure):
     reference = SecureModel.from_pretrained(source, approx="exact")
-    with SecureModel.from_pretrained(source, approx=name, backend=backend) as secure:
+    with SecureModel.from_pretrained(source, approx=name, backend=backend, **connect) as secure:
         return measure(secure, reference)
 
 

@@ -1,19 +1,63 @@
 """Backends that run programs: ``plaintext`` and the secure ``sim``, ``nodes`` and ``ray`` meshes.
 
-:func:`open_session` builds one from declarative settings: a topology file (``--config``) and
-command-line overrides (``protocol``, ``fxp_bits``, ``field``), plus the SPU settings of the
-approximation set in use.
+:data:`BACKENDS` is the one table of backends (the CLI's ``--backend`` choices, the benchmarks
+and the tests read it). A secure backend is a module with ``open_mesh(request: MeshRequest) ->
+Mesh``; adding one is that module plus one line here. :func:`open_session` builds a session from
+declarative settings: a topology file (``--config``) and command-line overrides (``protocol``,
+``fxp_bits``, ``field``), plus the SPU settings of the approximation set in use. Importing this
+package loads no backend (nor JAX).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from typing import TYPE_CHECKING
 
 from puma.errors import PumaError
-from puma.runtime.base import PlaintextSession, Session
-from puma.runtime.config import ProtocolConfig, Topology
+from puma.runtime.config import CONNECT_TIMEOUT_S, RECV_TIMEOUT_S, ProtocolConfig, Topology
 
-BACKENDS = ("plaintext", "sim", "nodes", "ray")
+if TYPE_CHECKING:
+    from puma.runtime.base import Session
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """Where programs run. ``module`` holds ``open_mesh`` (None: plaintext, no parties);
+    ``in_process``: every party (or none) lives in the driver's process, so memory budgets
+    count them together; ``needs_topology``: parties are found through a topology file."""
+
+    module: str | None
+    help: str
+    in_process: bool = False
+    needs_topology: bool = False
+
+
+BACKENDS: dict[str, Backend] = {
+    "sim": Backend("puma.runtime.sim", "three parties as threads of this process", in_process=True),
+    "nodes": Backend("puma.runtime.nodes", "party processes at the topology's addresses", needs_topology=True),
+    "ray": Backend("puma.runtime.ray_mesh", "parties as Ray actors (local Ray, or --ray-address)"),
+    "plaintext": Backend(None, "no MPC: everything in the clear", in_process=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshRequest:
+    """What a backend's ``open_mesh`` gets: protocol settings, the topology file's content (if
+    one was given), timeouts, and a cluster address (Ray)."""
+
+    protocol: ProtocolConfig
+    topology: Topology | None = None
+    recv_timeout_s: float = RECV_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    address: str | None = None
+    token: str | None = None
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise PumaError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
 
 
 def resolve_topology(
@@ -42,35 +86,33 @@ def open_session(
     spu_settings=None,
     recv_timeout_s: float | None = None,
     ray_address: str | None = None,
+    ray_token: str | None = None,
 ) -> Session:
-    """Open a session on ``backend``.
+    """Open a session on ``backend`` (a key of :data:`BACKENDS`).
 
-    ``config`` is a topology file (required for ``nodes``; optional elsewhere, where it supplies
-    protocol settings). ``spu_settings`` are the approximation set's SPU settings.
+    ``config`` is a topology file (required where the backend ``needs_topology``; optional
+    elsewhere, where it supplies protocol settings and timeouts). ``spu_settings`` are the
+    approximation set's SPU settings.
     """
-    if backend not in BACKENDS:
-        raise PumaError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "plaintext":
+    chosen = get_backend(backend)
+    if chosen.module is None:
+        from puma.runtime.base import PlaintextSession
+
         return PlaintextSession()
     from puma.runtime.secure import SecureSession
 
     topology, proto = resolve_topology(config, protocol, fxp_bits, field)
+    if chosen.needs_topology and topology is None:
+        raise PumaError(f"the {backend} backend needs a topology: pass --config configs/3pc.yaml")
     if spu_settings is not None:
         proto = proto.with_settings(spu_settings)
-    timeout = recv_timeout_s or (topology.recv_timeout_s if topology else 60.0)
-    if backend == "sim":
-        from puma.runtime.sim import SimMesh
-
-        mesh = SimMesh(proto.world_size, proto.runtime_config(), timeout)
-    elif backend == "nodes":
-        from puma.runtime.nodes import NodesMesh
-
-        if topology is None:
-            raise PumaError("the nodes backend needs a topology: pass --config configs/3pc.yaml")
-        mesh = NodesMesh(topology.with_protocol(proto))
-    else:
-        from puma.runtime.ray_mesh import RayMesh
-
-        connect = topology.connect_timeout_s if topology else 30.0
-        mesh = RayMesh(proto, timeout, address=ray_address, connect_timeout_s=connect)
+    request = MeshRequest(
+        proto,
+        topology.with_protocol(proto) if topology else None,
+        recv_timeout_s or (topology.recv_timeout_s if topology else RECV_TIMEOUT_S),
+        topology.connect_timeout_s if topology else CONNECT_TIMEOUT_S,
+        ray_address,
+        ray_token,
+    )
+    mesh = importlib.import_module(chosen.module).open_mesh(request)
     return SecureSession(mesh, proto)

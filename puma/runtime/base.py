@@ -16,10 +16,10 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from puma.models.loading import LazyParams, unflatten
 from puma.program import Program
 from puma.runtime import memory
 from puma.runtime.cost import CostReport
+from puma.runtime.params import LazyParams, unflatten
 
 
 class Session(abc.ABC):

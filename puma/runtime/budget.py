@@ -50,11 +50,15 @@ class WeightPlan:
 
 
 def bytes_per_weight(backend: str, protocol: str | None, field: str | None, world_size: int) -> int:
-    """Memory one weight costs in one process of ``backend``."""
-    if backend == "plaintext":
+    """Memory one weight costs in one process of ``backend`` (every party's shares where the
+    backend keeps its parties in one process)."""
+    from puma.runtime import get_backend
+
+    chosen = get_backend(backend)
+    if chosen.module is None:
         return 4
     per_party = _SHARES_PER_PARTY[protocol] * _RING_BYTES[field]
-    return per_party * (world_size if backend == "sim" else 1)
+    return per_party * (world_size if chosen.in_process else 1)
 
 
 def default_budget(hosts: list[tuple[str, int]]) -> int:

@@ -19,7 +19,9 @@ PROTOCOLS = {"aby3": ("ABY3", 3), "semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH"
 FIELDS = ("FM64", "FM128")
 
 #: Compiler options puma turns on by default (PUMA's setting): one reciprocal per softmax row,
-#: broadcast to the row, instead of one division per element.
+#: broadcast to the row, instead of one division per element. Settings are layered: these
+#: defaults < the approximation set's SPU settings < explicit ones (topology file, API), so a
+#: baseline set (``spu``) can turn a default off.
 DEFAULT_COMPILER = (("enable_optimize_denominator_with_broadcast", True),)
 
 
@@ -28,14 +30,16 @@ class ProtocolConfig:
     """Which MPC protocol runs, on which ring, with how many fraction bits, and SPU options.
 
     ``runtime`` and ``compiler`` are extra ``spu.RuntimeConfig`` / ``spu.CompilerOptions``
-    fields as (name, value) pairs; enum values are given by name (``"EXP_TAYLOR"``).
+    fields as (name, value) pairs; enum values are given by name (``"EXP_TAYLOR"``). They hold
+    explicit settings (and, after :meth:`with_settings`, the set's); :data:`DEFAULT_COMPILER`
+    lies under them.
     """
 
     protocol: str = "aby3"
     field: str = "FM64"
     fxp_bits: int = 18
     runtime: tuple[tuple[str, Any], ...] = ()
-    compiler: tuple[tuple[str, Any], ...] = DEFAULT_COMPILER
+    compiler: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -51,8 +55,8 @@ class ProtocolConfig:
         return PROTOCOLS[self.protocol][1]
 
     def with_settings(self, settings) -> "ProtocolConfig":
-        """Add an approximation set's SPU settings (``puma.protocols.SpuSettings``); explicit
-        fields already set here win."""
+        """Add an approximation set's SPU settings (``puma.protocols.SpuSettings``) over the
+        defaults; explicit fields already set here win over both."""
         runtime = dict(settings.runtime)
         runtime.update(dict(self.runtime))
         compiler = dict(settings.compiler)
@@ -83,7 +87,7 @@ class ProtocolConfig:
         import spu.libspu as libspu
 
         opts = libspu.CompilerOptions()
-        for name, value in self.compiler:
+        for name, value in {**dict(DEFAULT_COMPILER), **dict(self.compiler)}.items():
             if not hasattr(opts, name):
                 raise PumaError(f"unknown SPU compiler option {name!r}")
             setattr(opts, name, value)
@@ -123,6 +127,12 @@ class TLSConfig:
     ca: str
 
 
+#: How long parties and drivers retry connecting to a peer that is not up yet (seconds).
+CONNECT_TIMEOUT_S = 30.0
+#: How long a party waits for a peer's message before it gives up (seconds).
+RECV_TIMEOUT_S = 60.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
     """The computing parties of one deployment and how they talk.
@@ -134,8 +144,8 @@ class Topology:
 
     parties: tuple[PartySpec, ...]
     protocol: ProtocolConfig = ProtocolConfig()
-    connect_timeout_s: float = 30.0
-    recv_timeout_s: float = 60.0
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    recv_timeout_s: float = RECV_TIMEOUT_S
     tls: TLSConfig | None = None
     auth_key: str = "puma-local"
     source: str = "<memory>"
@@ -164,8 +174,8 @@ class Topology:
         return dataclasses.replace(self, protocol=protocol)
 
     @classmethod
-    def from_yaml(cls, path: str) -> "Topology":
-        """Read and validate a topology file."""
+    def from_yaml(cls, path: str, tls_files: bool = True) -> "Topology":
+        """Read and validate a topology file (``tls_files=False``: TLS files may not exist yet)."""
         import yaml
 
         if not os.path.exists(path):
@@ -177,10 +187,10 @@ class Topology:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise PumaError(f"{path}: not valid YAML{where}") from err
-        return cls.from_dict(doc, source=path)
+        return cls.from_dict(doc, source=path, tls_files=tls_files)
 
     @classmethod
-    def from_dict(cls, doc: Any, source: str = "<dict>") -> "Topology":
+    def from_dict(cls, doc: Any, source: str = "<dict>", tls_files: bool = True) -> "Topology":
         if not isinstance(doc, dict):
             raise PumaError(f"{source}: expected a mapping with 'parties', 'protocol', ...")
         known = {"protocol", "field", "fxp_bits", "runtime", "compiler", "parties", "timeouts", "tls", "auth_key"}
@@ -200,8 +210,7 @@ class Topology:
             ids[party_id] = rank
             parties.append(PartySpec(rank, party_id, str(p["link"]), str(p["control"])))
         runtime = doc.get("runtime") or {}
-        compiler = dict(DEFAULT_COMPILER)
-        compiler.update(doc.get("compiler") or {})
+        compiler = doc.get("compiler") or {}
         try:
             protocol = ProtocolConfig(
                 str(doc.get("protocol", "aby3")).lower(),
@@ -233,15 +242,15 @@ class Topology:
             _check_keys(t, {"cert", "key", "ca"}, source, "tls.")
             base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
             tls = TLSConfig(*(os.path.join(base, os.path.expanduser(str(t[k]))) for k in ("cert", "key", "ca")))
-            for path in (tls.cert, tls.key, tls.ca):
+            for path in (tls.cert, tls.key, tls.ca) if tls_files else ():
                 if not os.path.exists(path):
-                    raise PumaError(f"{source}: TLS file {path} not found")
+                    raise PumaError(f"{source}: TLS file {path} not found (puma node certs -c {source} makes them)")
         try:
             return cls(
                 tuple(parties),
                 protocol,
-                connect_timeout_s=float(timeouts.get("connect_s", 30.0)),
-                recv_timeout_s=float(timeouts.get("recv_s", 60.0)),
+                connect_timeout_s=float(timeouts.get("connect_s", CONNECT_TIMEOUT_S)),
+                recv_timeout_s=float(timeouts.get("recv_s", RECV_TIMEOUT_S)),
                 tls=tls,
                 auth_key=str(doc.get("auth_key", "puma-local")),
                 source=source,

@@ -106,9 +106,30 @@ def reset_peak() -> None:
         log.debug("cannot reset the peak RSS: %s", err)
 
 
+def free_heap() -> int:
+    """Bytes this process has freed but keeps in its malloc heap (glibc ``mallinfo2().fordblks``):
+    memory it can reuse without asking the system, large when it keeps freed memory."""
+    import ctypes
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+        ] + [("keepcost", ctypes.c_size_t)]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        return int(libc.mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return 0
+
+
 def available() -> int:
-    """Bytes of memory available for new allocations on this host (``MemAvailable``)."""
-    return _status_kb("MemAvailable", "/proc/meminfo") * 1024
+    """Bytes this process can allocate on this host: the system's ``MemAvailable`` plus what
+    the process holds freed in its own heap (after a big run that keeps freed memory, most of
+    its RSS is reusable: counting only ``MemAvailable`` would see it as taken)."""
+    return _status_kb("MemAvailable", "/proc/meminfo") * 1024 + free_heap()
 
 
 def host() -> tuple[str, int]:

@@ -3,37 +3,45 @@
 A party (:class:`PartyServer`, started by ``puma node start -c TOPOLOGY --rank N`` on its host,
 or all local parties at once by ``puma node up -c TOPOLOGY``) listens on its control address.
 A driver (:class:`NodesMesh`, the client and model-owner side) connects to every party, and
-for the length of that job session the parties open their MPC links to each other, receive
-shares and programs, run, and hand output shares back. When the driver leaves, the parties close
-the session and wait for the next job: parties serve many jobs without restarting.
+for the length of that job session each party runs a job process (:class:`PartyJob`) that
+opens the MPC links to its peers, receives shares and programs, runs, and hands output shares
+back. When the driver leaves, the job process exits and the server serves the next job.
 
 Faults end in one clear error naming the party and the cause, within a bounded time:
 
 - a party that is not up: the driver retries its control address for ``connect_s`` seconds;
-- a party that dies: its control connection drops (the driver fails at once); its peers stop
-  waiting after ``recv_s`` seconds, report the timeout and reset for the next job;
-- yacl may ``exit(-1)`` a party whose sends keep failing, so ``node up`` checks every party's
-  exit status and stops the rest when one dies;
+- a party that dies: its control connection drops (the driver fails at once); its peers' job
+  processes stop after ``recv_s`` seconds (yacl may ``exit(-1)`` them: they are only job
+  processes), their servers log which link failed and serve the next job; a restarted party
+  rejoins without restarting the others;
+- a second driver while a job runs: told the party is busy, by whom and for how long;
+- ``node up`` / ``node start`` check their party servers' exit status and report a death;
 - a job for another protocol, a port already in use, a malformed topology: refused with a
   message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
+from multiprocessing import reduction
 
+from puma import progress
 from puma.errors import PumaError
 from puma.runtime import memory, wire
 from puma.runtime.config import PartySpec, ProtocolConfig, Topology
 from puma.runtime.cost import RunProfile
+from puma.runtime.fanout import fan_out, first_line
+from puma.runtime.party import link_desc
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
 
@@ -44,59 +52,34 @@ log = logging.getLogger(__name__)
 BIG_DELIVERY = 256 << 20
 
 
-def link_desc(topology: Topology):
-    """SPU link description for the topology: addresses, timeouts, retries and TLS."""
-    import spu.libspu as libspu
-
-    desc = libspu.link.Desc()
-    for p in topology.parties:
-        desc.add_party(p.id, p.link)
-    interval_ms = 500
-    desc.connect_retry_interval_ms = interval_ms
-    desc.connect_retry_times = max(1, int(topology.connect_timeout_s * 1000 / interval_ms))
-    desc.recv_timeout_ms = int(topology.recv_timeout_s * 1000)
-    desc.http_timeout_ms = int(min(topology.recv_timeout_s, 30.0) * 1000)
-    # a send to a dead peer is retried for about recv_s, then yacl exit()s the process; the
-    # supervisor (node up / node start) reports that exit with the failed link
-    desc.retry_opts.retry_interval_ms = 1000
-    desc.retry_opts.retry_interval_incr_ms = 0
-    desc.retry_opts.max_retry_interval_ms = 1000
-    desc.retry_opts.max_retry = max(1, int(topology.recv_timeout_s / 2))
-    if topology.tls is not None:
-        desc.enable_ssl = True
-        for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
-            opts.cert.certificate_path = topology.tls.cert
-            opts.cert.private_key_path = topology.tls.key
-            opts.verify.ca_file_path = topology.tls.ca
-            opts.verify.verify_depth = 1
-    return desc
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("Stacktrace"):
-            break
-        if line and line != "what:":
-            return line[:300]
-    return text[:300]
-
-
 # -- party side ------------------------------------------------------------------------------
 
 
 class PartyServer:
-    """Computing party ``rank`` of ``topology``: serves job sessions from drivers, one at a time."""
+    """Computing party ``rank`` of ``topology``: a server that runs each job in a child process.
 
-    def __init__(self, topology: Topology, rank: int, log_path: str | None = None):
+    The server itself never loads SPU. It keeps one job process ready (started in advance,
+    its imports done) and hands it the connection of the next driver; the job process
+    authenticates the driver, opens the MPC links and serves the session (:class:`PartyJob`),
+    then exits. A job that fails in any way, yacl's ``exit(-1)`` on a broken link included,
+    ends only that process: the server logs why and serves the next job, so a restarted peer
+    rejoins without restarting the others. While a job runs, another driver is told the party
+    is busy (by whom, for how long) instead of waiting.
+    """
+
+    #: Seconds between the server's checks of its job processes.
+    POLL_S = 0.2
+
+    def __init__(self, topology: Topology, rank: int, log_path: str | None = None, verbose: int = 0):
         if not 0 <= rank < topology.world_size:
             raise PumaError(f"rank {rank} is not in the topology (0..{topology.world_size - 1})")
         self.topology = topology
         self.rank = rank
         self.spec: PartySpec = topology.parties[rank]
         self.log_path = log_path
-        self.party = None
+        self.verbose = verbose
+        self.job: _Job | None = None
+        self.standby: _Job | None = None
         self._check_link_port()
         host, port = self.spec.control_host_port
         try:
@@ -116,29 +99,158 @@ class PartyServer:
                 raise PumaError(f"party {self.spec.id}: link port {port} ({self.spec.link}) is already in use") from err
             log.debug("party %s: link address %s not checked here: %s", self.spec.id, self.spec.link, err)
 
-    def serve_forever(self) -> None:
-        from puma.runtime.party import ProcessLog
-
-        self.process_log = ProcessLog.get(self.log_path)
+    def serve_forever(self, on_ready=None) -> None:
+        """Serve jobs until killed; ``on_ready()`` is called once the party accepts jobs."""
         log.info(
             "party %s (rank %d) ready: control %s, link %s", self.spec.id, self.rank, self.spec.control, self.spec.link
         )
-        while True:
-            try:
-                channel = wire.accept(self.server, self.topology.auth_key, self.topology.tls)
-            except PermissionError as err:
-                log.warning("party %s: rejected a connection: %s", self.spec.id, _first_line(err))
-                continue
-            except OSError as err:  # health checks and dropped connections
-                log.debug("party %s: connection closed before a session: %s", self.spec.id, _first_line(err))
-                continue
-            try:
-                self._serve(channel)
-            finally:
-                self._end_session()
-                channel.close()
+        self.server.settimeout(self.POLL_S)
+        try:
+            self._reap()
+            if on_ready is not None:
+                on_ready()
+            while True:
+                self._reap()
+                try:
+                    sock, address = self.server.accept()
+                except (TimeoutError, socket.timeout):
+                    continue
+                except OSError as err:
+                    log.debug("party %s: accept failed: %s", self.spec.id, err)
+                    continue
+                sock.settimeout(None)
+                if self.job is not None:
+                    threading.Thread(target=self._refuse, args=(sock, address), daemon=True).start()
+                    continue
+                self._start_job(sock, address)
+        finally:
+            for job in (self.job, self.standby):
+                if job is not None and job.proc.is_alive():
+                    job.proc.terminate()
 
-    def _serve(self, channel: wire.Channel) -> None:
+    def _spawn(self) -> "_Job":
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(
+            target=_job_main,
+            args=(theirs, self.topology, self.rank, self.log_path, self.verbose, os.getpid()),
+            name=f"puma-job-{self.rank}",
+        )
+        proc.start()
+        theirs.close()
+        return _Job(proc, ours)
+
+    def _start_job(self, sock: socket.socket, address) -> None:
+        job = self.standby if self.standby is not None and self.standby.proc.is_alive() else self._spawn()
+        self.standby = None
+        try:
+            reduction.send_handle(job.pipe, sock.fileno(), job.proc.pid)
+        except OSError as err:
+            log.error("party %s: could not hand a job to its process: %s", self.spec.id, err)
+            job.proc.terminate()
+            return
+        finally:
+            sock.close()
+        job.driver, job.started = f"{address[0]}:{address[1]}", time.monotonic()
+        self.job = job
+
+    def _reap(self) -> None:
+        """Notice a finished job (say why it failed, if it did) and keep a job process ready."""
+        if self.job is not None and not self.job.proc.is_alive():
+            code = self.job.proc.exitcode
+            if code:
+                cause = exit_cause(self.topology, self.log_path) if self.log_path else "see the party's log"
+                log.warning(
+                    "party %s: the job from %s %s: %s; ready for the next job",
+                    self.spec.id,
+                    self.job.driver,
+                    _describe_status(code),
+                    cause,
+                )
+            self.job.pipe.close()
+            self.job = None
+        if self.standby is not None and not self.standby.proc.is_alive():
+            log.error("party %s: a job process ended before its job (%s)", self.spec.id, self.standby.proc.exitcode)
+            self.standby = None
+            time.sleep(1.0)  # do not spin if job processes cannot start
+        if self.standby is None and self.job is None:
+            self.standby = self._spawn()
+
+    def _refuse(self, sock: socket.socket, address) -> None:
+        """Tell a second driver that this party is busy, after authenticating it."""
+        job = self.job
+        try:
+            channel = wire.handshake(sock, self.topology.auth_key, self.topology.tls)
+            channel.sock.settimeout(wire.HANDSHAKE_TIMEOUT)
+            channel.recv()  # the driver's first command
+            running = time.monotonic() - job.started if job else 0.0
+            holder = job.driver if job else "another driver"
+            channel.send(
+                (
+                    "busy",
+                    f"party {self.spec.id} is busy with a job from {holder} (running {running:.0f} s); "
+                    "parties serve one job at a time: retry when it ends, or use another set of parties",
+                )
+            )
+            channel.close()
+            log.info("party %s: told %s:%s it is busy", self.spec.id, *address)
+        except PermissionError as err:
+            log.warning("party %s: rejected a connection: %s", self.spec.id, first_line(err))
+        except OSError as err:
+            log.debug("party %s: a refused connection closed: %s", self.spec.id, first_line(err))
+
+
+@dataclasses.dataclass
+class _Job:
+    """A job process of a party server and the pipe its driver's connection goes through."""
+
+    proc: multiprocessing.Process
+    pipe: object
+    driver: str = ""
+    started: float = 0.0
+
+
+def _job_main(pipe, topology: Topology, rank: int, log_path: str | None, verbose: int, server: int) -> None:
+    """A party's job process: wait for a driver's connection from the server, serve that one job."""
+    _die_with(server)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
+    )
+    job = PartyJob(topology, rank, log_path)  # imports SPU before the job arrives
+    try:
+        sock = socket.socket(fileno=reduction.recv_handle(pipe))
+    except (EOFError, OSError):
+        return  # the server stopped
+    try:
+        channel = wire.handshake(sock, topology.auth_key, topology.tls)
+    except PermissionError as err:
+        log.warning("party %s: rejected a connection: %s", job.spec.id, first_line(err))
+        return
+    except OSError as err:  # health checks and dropped connections
+        log.debug("party %s: connection closed before a session: %s", job.spec.id, first_line(err))
+        return
+    try:
+        job.serve(channel)
+    finally:
+        job.end_session()
+        channel.close()
+
+
+class PartyJob:
+    """One job of computing party ``rank``: an SPU runtime over the MPC links, driven by the
+    commands of one driver's session."""
+
+    def __init__(self, topology: Topology, rank: int, log_path: str | None = None):
+        from puma.runtime.party import ComputeParty, ProcessLog
+
+        self._party_cls = ComputeParty
+        self.topology = topology
+        self.rank = rank
+        self.spec: PartySpec = topology.parties[rank]
+        self.process_log = ProcessLog.get(log_path)
+        self.party = None
+
+    def serve(self, channel: wire.Channel) -> None:
         while True:
             try:
                 command, *args = channel.recv()
@@ -151,16 +263,16 @@ class PartyServer:
                 channel.send(("error", str(err)))
                 continue
             except Exception as err:  # SPU/yacl errors surface as RuntimeError
-                log.error("party %s: %s failed: %s", self.spec.id, command, _first_line(err))
-                self._end_session()
-                channel.send(("error", f"{command} failed: {_first_line(err)}"))
+                log.error("party %s: %s failed: %s", self.spec.id, command, first_line(err))
+                self.end_session()
+                channel.send(("error", f"{command} failed: {first_line(err)}"))
                 continue
             try:
                 channel.send(("ok", reply))
             except OSError:
                 return
 
-    def _end_session(self) -> None:
+    def end_session(self) -> None:
         if self.party is not None:
             try:
                 self.party.close()
@@ -183,6 +295,7 @@ class PartyServer:
         return {
             "id": self.spec.id,
             "pid": os.getpid(),
+            "server_pid": os.getppid(),
             "host": host,
             "available": free,
             "heap_kept": memory.heap_kept(),
@@ -191,14 +304,14 @@ class PartyServer:
     def _cmd_open(self, runtime_config_bytes: bytes):
         import spu.libspu as libspu
 
-        from puma.runtime.party import ComputeParty
-
-        self._end_session()
+        self.end_session()
         memory.reset_peak()  # this job's reports carry this job's peak
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
-        link = libspu.link.create_brpc(link_desc(self.topology), self.rank)
-        self.party = ComputeParty(self.rank, link, config)
+        t = self.topology
+        desc = link_desc([(p.id, p.link) for p in t.parties], t.connect_timeout_s, t.recv_timeout_s, t.tls)
+        link = libspu.link.create_brpc(desc, self.rank)
+        self.party = self._party_cls(self.rank, link, config)
         return None
 
     def _require(self):
@@ -228,15 +341,15 @@ class PartyServer:
         return self._require().restore(names, directory)
 
     def _cmd_close(self):
-        self._end_session()
+        self.end_session()
 
     def _cmd_ping(self):
         return None
 
 
-def serve_party(topology: Topology, rank: int, log_path: str | None = None) -> None:
+def serve_party(topology: Topology, rank: int, log_path: str | None = None, verbose: int = 0, on_ready=None) -> None:
     """Entry point of a party process: serve until killed."""
-    PartyServer(topology, rank, log_path).serve_forever()
+    PartyServer(topology, rank, log_path, verbose).serve_forever(on_ready)
 
 
 # -- supervisor (puma node up / puma node start) -------------------------------------------
@@ -263,13 +376,13 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
-def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, parent: int) -> None:
+def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, parent: int, ready) -> None:
     _die_with(parent)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
     )
     try:
-        serve_party(topology, rank, log_path)
+        serve_party(topology, rank, log_path, verbose, ready.set)
     except PumaError as err:
         print(f"puma: error: {err}", file=sys.stderr, flush=True)
         sys.exit(_STARTUP_FAILED)
@@ -311,8 +424,11 @@ def _describe_status(code: int) -> str:
     return f"exited with status {code}"
 
 
-def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0) -> tuple[int, str | None]:
-    """Run parties ``ranks`` of ``topology`` as child processes and watch their exit codes.
+def supervise(
+    topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0, on_ready=None
+) -> tuple[int, str | None]:
+    """Run parties ``ranks`` of ``topology`` as child processes and watch their exit codes;
+    ``on_ready()`` is called once every one of them accepts jobs.
 
     yacl may ``exit(-1)`` a party whose link fails, so waiting is not enough: when a party ends,
     the other local parties are stopped and (status, one line saying which party and why) is
@@ -322,10 +438,13 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
     os.makedirs(log_dir, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     procs = {}
+    ready = {rank: ctx.Event() for rank in ranks}
     for rank in ranks:
         log_path = os.path.join(log_dir, f"party{rank}.spu.log")
         proc = ctx.Process(
-            target=_party_main, args=(topology, rank, log_path, verbose, os.getpid()), name=f"puma-party-{rank}"
+            target=_party_main,
+            args=(topology, rank, log_path, verbose, os.getpid(), ready[rank]),
+            name=f"puma-party-{rank}",
         )
         with memory.heap_environ():
             proc.start()
@@ -337,8 +456,12 @@ def supervise(topology: Topology, ranks: list[int], log_dir: str, verbose: int =
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     status, message = 0, None
+    announced = on_ready is None
     try:
         while not stop.is_set():
+            if not announced and all(event.is_set() for event in ready.values()):
+                announced = True
+                on_ready()
             dead = [(rank, proc, path) for rank, (proc, path) in procs.items() if proc.exitcode is not None]
             if dead:
                 rank, proc, path = dead[0]
@@ -379,10 +502,9 @@ class NodesMesh(Mesh):
         self.channels: list[wire.Channel] = []
         self.pids: list[int] = []
         try:
-            for spec in topology.parties:
-                self.channels.append(self._connect(spec))
-            hello = self._all([("hello", topology.protocol, self.world_size, spec.rank) for spec in topology.parties])
+            hello = self._hello()
             self.pids = [h["pid"] for h in hello]
+            self.server_pids = [h["server_pid"] for h in hello]
             self.hosts = [(h["host"], h["available"]) for h in hello]
             self.heaps = [bool(h.get("heap_kept")) for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
@@ -391,65 +513,75 @@ class NodesMesh(Mesh):
             self.close()
             raise
 
+    def _hello(self) -> list[dict]:
+        """Connect to every party and greet it. A party busy with another job is asked again
+        until ``connect_s`` has passed (a job that is ending frees it within a second)."""
+        deadline = time.monotonic() + self.topology.connect_timeout_s
+        greeting = [("hello", self.topology.protocol, self.world_size, spec.rank) for spec in self.topology.parties]
+        told = False
+        while True:
+            self.channels = [self._connect(spec) for spec in self.topology.parties]
+            try:
+                return self._all(greeting)
+            except _Busy as err:
+                self.close()
+                if not told:
+                    told = True
+                    progress.status("%s; waiting up to %.0f s", str(err).split(";")[0], deadline - time.monotonic())
+                if time.monotonic() >= deadline:
+                    raise PumaError(f"{err} (waited {self.topology.connect_timeout_s:.0f} s)") from None
+                time.sleep(0.5)
+
     def _connect(self, spec: PartySpec) -> wire.Channel:
         host, port = spec.control_host_port
         deadline = time.monotonic() + self.topology.connect_timeout_s
+        waiting = False
         while True:
             try:
                 return wire.connect(host, port, self.topology.auth_key, self.topology.tls, timeout=5.0)
             except wire.HandshakeFailed as err:
                 raise PumaError(
-                    f"party {spec.id} at {spec.control} did not complete the handshake ({_first_line(err)}): "
+                    f"party {spec.id} at {spec.control} did not complete the handshake ({first_line(err)}): "
                     f"the driver's TLS settings or auth_key differ from the party's"
                 ) from err
             except OSError as err:
+                if not waiting:
+                    waiting = True
+                    progress.status(
+                        "waiting for party %s at %s to come up (up to %.0f s)",
+                        spec.id,
+                        spec.control,
+                        max(0.0, deadline - time.monotonic()),
+                    )
                 if time.monotonic() >= deadline:
                     raise PumaError(
                         f"party {spec.id} (rank {spec.rank}) at {spec.control} is unreachable after "
-                        f"{self.topology.connect_timeout_s:.0f} s: {_first_line(err)}; "
+                        f"{self.topology.connect_timeout_s:.0f} s: {first_line(err)}; "
                         "is it started (puma node up/start)?"
                     ) from err
                 time.sleep(0.3)
 
     def _all(self, messages: list[tuple], timeout: float | None = None) -> list:
         """Send messages[r] to party r and wait for every reply; fail fast on the first error."""
-        results: list = [None] * self.world_size
-        errors: list[tuple[int, str]] = []
-        done = threading.Condition()
-        finished = [False] * self.world_size
 
-        def talk(rank: int):
-            spec = self.topology.parties[rank]
-            try:
-                self.channels[rank].send(messages[rank])
-                status, value = self.channels[rank].recv()
-                if status == "ok":
-                    results[rank] = value
-                else:
-                    errors.append((rank, f"party {spec.id} (rank {rank}): {value}"))
-            except (wire.ChannelClosed, OSError) as err:
-                errors.append(
-                    (rank, f"party {spec.id} (rank {rank}) died or dropped the connection ({_first_line(err)})")
-                )
-            with done:
-                finished[rank] = True
-                done.notify_all()
+        def exchange(rank: int):
+            channel = self.channels[rank]
+            channel.send(messages[rank])
+            status, value = channel.recv()
+            if status == "busy":
+                raise _Busy(value)
+            if status != "ok":
+                raise PumaError(f"party {self.topology.parties[rank].id} (rank {rank}): {value}")
+            return value
 
-        for rank in range(self.world_size):
-            threading.Thread(target=talk, args=(rank,), daemon=True).start()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with done:
-            while not all(finished) and not errors:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    slow = [self.topology.parties[r].id for r in range(self.world_size) if not finished[r]]
-                    raise PumaError(
-                        f"parties {', '.join(slow)} did not answer {messages[0][0]!r} within {timeout:.0f} s"
-                    )
-                done.wait(None if left is None else min(left, 1.0))
-        if errors:
-            raise PumaError(errors[0][1])  # the first failure seen; later ones are its fallout
-        return results
+        who = [f"party {spec.id} (rank {spec.rank})" for spec in self.topology.parties]
+        return fan_out(
+            [lambda rank=rank: exchange(rank) for rank in range(self.world_size)],
+            who,
+            f"answer {messages[0][0]!r}",
+            timeout,
+            explain=lambda err: f"died or dropped the connection ({first_line(err)})",
+        )
 
     def deliver(self, bundles: list[PartyShares]) -> None:
         if sum(b.nbytes for b in bundles) <= BIG_DELIVERY:
@@ -486,3 +618,12 @@ class NodesMesh(Mesh):
         for ch in self.channels:
             ch.close()
         self.channels = []
+
+
+class _Busy(PumaError):
+    """A party answered that it serves another driver's job."""
+
+
+def open_mesh(request) -> NodesMesh:
+    """The nodes backend's mesh for a :class:`puma.runtime.MeshRequest` (it has a topology)."""
+    return NodesMesh(request.topology)

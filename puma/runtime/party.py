@@ -64,6 +64,33 @@ class ProcessLog:
             return f.read().decode("utf-8", errors="replace")
 
 
+def link_desc(parties: list[tuple[str, str]], connect_s: float, recv_s: float, tls=None) -> libspu.link.Desc:
+    """SPU's brpc link description for ``parties`` ((id, host:port) per rank): connection retries
+    for ``connect_s``, receives bounded by ``recv_s``, sends to a dead peer retried for about
+    ``recv_s`` (then yacl ``exit()``s the process: job processes and actors only), optional
+    mutual TLS (a :class:`~puma.runtime.config.TLSConfig`). Used by ``nodes`` and ``ray``."""
+    desc = libspu.link.Desc()
+    for party_id, address in parties:
+        desc.add_party(party_id, address)
+    interval_ms = 500
+    desc.connect_retry_interval_ms = interval_ms
+    desc.connect_retry_times = max(1, int(connect_s * 1000 / interval_ms))
+    desc.recv_timeout_ms = int(recv_s * 1000)
+    desc.http_timeout_ms = int(min(recv_s, 30.0) * 1000)
+    desc.retry_opts.retry_interval_ms = 1000
+    desc.retry_opts.retry_interval_incr_ms = 0
+    desc.retry_opts.max_retry_interval_ms = 1000
+    desc.retry_opts.max_retry = max(1, int(recv_s / 2))
+    if tls is not None:
+        desc.enable_ssl = True
+        for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
+            opts.cert.certificate_path = tls.cert
+            opts.cert.private_key_path = tls.key
+            opts.verify.ca_file_path = tls.ca
+            opts.verify.verify_depth = 1
+    return desc
+
+
 def rank_of(block_name: str) -> int:
     """The rank encoded by :func:`tagged` in a profile block's name."""
     _, _, suffix = block_name.rpartition("@r")

@@ -20,8 +20,9 @@ import warnings
 
 from puma.errors import PumaError
 from puma.runtime import memory
-from puma.runtime.config import ProtocolConfig
+from puma.runtime.config import CONNECT_TIMEOUT_S, RECV_TIMEOUT_S, ProtocolConfig
 from puma.runtime.cost import RunProfile
+from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.roles import CHUNK_BYTES, PartyShares
 from puma.runtime.secure import Mesh
 
@@ -61,20 +62,17 @@ class PartyActor:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def open(self, addresses: list[str], runtime_config_bytes: bytes, recv_timeout_s: float) -> int:
+    def open(
+        self, addresses: list[str], runtime_config_bytes: bytes, recv_timeout_s: float, connect_s: float, tls=None
+    ) -> int:
         import os
 
         import spu.libspu as libspu
 
-        from puma.runtime.party import ComputeParty, ProcessLog
+        from puma.runtime.party import ComputeParty, ProcessLog, link_desc
 
         self.process_log = ProcessLog.get()
-        desc = libspu.link.Desc()
-        for r, addr in enumerate(addresses):
-            desc.add_party(f"party{r}", addr)
-        desc.connect_retry_interval_ms = 500
-        desc.connect_retry_times = 60
-        desc.recv_timeout_ms = int(recv_timeout_s * 1000)
+        desc = link_desc([(f"party{r}", addr) for r, addr in enumerate(addresses)], connect_s, recv_timeout_s, tls)
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
         memory.reset_peak()
@@ -180,12 +178,21 @@ class RayMesh(Mesh):
     def __init__(
         self,
         protocol: ProtocolConfig,
-        recv_timeout_s: float = 60.0,
+        recv_timeout_s: float = RECV_TIMEOUT_S,
         address: str | None = None,
-        connect_timeout_s: float = 30.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        tls=None,
+        token: str | None = None,
     ):
+        """Parties for ``protocol``; links honour the timeouts and, with ``tls`` (a topology's
+        :class:`~puma.runtime.config.TLSConfig`, its files present on every node), mutual TLS.
+        ``token`` authenticates to a cluster with Ray's token authentication (the default of
+        ``ray start --head`` since Ray 2.59; ``RAY_AUTH_TOKEN`` in the environment works too)."""
         import ray
 
+        if token:
+            os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray's core when it connects
+            os.environ["RAY_AUTH_TOKEN"] = token
         if address and not ray.is_initialized():
             check_reachable(address, connect_timeout_s)
         self.world_size = protocol.world_size
@@ -202,7 +209,14 @@ class RayMesh(Mesh):
                         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
                         self._started_ray = True
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise PumaError(f"cannot start or reach Ray{' at ' + address if address else ''}: {err}") from err
+                hint = ""
+                if address:
+                    hint = (
+                        "; if the cluster uses token authentication (ray start --head does since Ray 2.59), "
+                        'pass --ray-token "$(ray get-auth-token)" or set RAY_AUTH_TOKEN'
+                    )
+                where = f" at {address}" if address else ""
+                raise PumaError(f"cannot start or reach Ray{where}: {first_line(err)}{hint}") from err
         resources = ray.cluster_resources()
         actor_cls = ray.remote(PartyActor)
         self.actors = []
@@ -219,9 +233,9 @@ class RayMesh(Mesh):
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
             self._get(
-                [a.open.remote(addresses, config, recv_timeout_s) for a in self.actors],
+                [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
                 "open links",
-                timeout=recv_timeout_s + 30,
+                timeout=connect_timeout_s + 30,
             )
         except BaseException:
             self.close()
@@ -232,27 +246,15 @@ class RayMesh(Mesh):
         naming the actor."""
         import ray
 
-        who = who or [f"party {rank}" for rank in range(len(refs))]
-        pending = {ref: rank for rank, ref in enumerate(refs)}
-        results: list = [None] * len(refs)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not ready:
-                slow = ", ".join(who[r] for r in sorted(pending.values()))
-                raise PumaError(f"ray: {slow} did not {what} within {timeout:.0f} s")
-            ref = ready[0]
-            rank = pending.pop(ref)
-            try:
-                results[rank] = ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                raise PumaError(f"ray: {who[rank]} died during {what} ({type(err).__name__})") from err
-            except ray.exceptions.RayTaskError as err:
-                cause = str(err.cause) if getattr(err, "cause", None) else str(err)
-                line = next((ln.strip() for ln in cause.splitlines() if ln.strip() and ln.strip() != "what:"), cause)
-                raise PumaError(f"ray: {who[rank]} failed during {what}: {line[:300]}") from err
-        return results
+        def explain(err: BaseException) -> str:
+            if isinstance(err, ray.exceptions.RayActorError):
+                return f"died during {what} ({type(err).__name__})"
+            if isinstance(err, ray.exceptions.RayTaskError):
+                return f"failed during {what}: {first_line(err.cause if getattr(err, 'cause', None) else err)}"
+            return f"failed during {what}: {first_line(err)}"
+
+        names = [f"ray: {name}" for name in (who or [f"party {rank}" for rank in range(len(refs))])]
+        return fan_out([lambda ref=ref: ray.get(ref) for ref in refs], names, what, timeout, explain)
 
     def open_owner(self, spec, runtime_config: bytes) -> None:
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
@@ -333,3 +335,16 @@ class RayMesh(Mesh):
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def open_mesh(request) -> RayMesh:
+    """The ray backend's mesh for a :class:`puma.runtime.MeshRequest`."""
+    topology = request.topology
+    return RayMesh(
+        request.protocol,
+        request.recv_timeout_s,
+        request.address,
+        request.connect_timeout_s,
+        topology and topology.tls,
+        request.token,
+    )

@@ -22,8 +22,8 @@ import numpy as np
 import spu
 import spu.libspu as libspu
 
-from puma.models.loading import LazyParams, flatten
 from puma.runtime import sharing
+from puma.runtime.params import LazyParams, flatten
 
 
 @dataclasses.dataclass
@@ -78,7 +78,7 @@ def share_function(config: libspu.RuntimeConfig, world_size: int) -> Callable[[n
 class ModelOwner:
     """Holds the model's plaintext weights; gives each computing party its shares of them.
 
-    The weights are a :class:`~puma.models.loading.LazyParams`: each tensor is read (or made,
+    The weights are a :class:`~puma.runtime.params.LazyParams`: each tensor is read (or made,
     for presets) when it is shared and dropped right after, so the owner holds one plaintext
     tensor and the shares of one chunk at a time, whatever the model's size.
     """

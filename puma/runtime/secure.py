@@ -26,6 +26,7 @@ import spu
 import spu.libspu as libspu
 from spu.utils import frontend as spu_fe
 
+from puma import progress
 from puma.errors import PumaError
 from puma.program import Program
 from puma.runtime import memory
@@ -277,6 +278,7 @@ class SecureSession(Session):
         if cache_key in self._compiled:
             return self._compiled[cache_key]
         started = time.perf_counter()
+        progress.status("compiling %s for SPU (once per input shape)", program.name)
         args = (param_avals, state_avals, _avals(secret), _avals(public))
         flat_args, in_tree = jax.tree_util.tree_flatten(args)
         reveal_avals, new_state_avals = jax.eval_shape(program.fn, *args)

@@ -15,12 +15,12 @@ be told apart is reported as unprofiled rather than guessed.
 from __future__ import annotations
 
 import logging
-import threading
 
 import spu.libspu as libspu
 
-from puma.errors import PumaError
+from puma.runtime.config import RECV_TIMEOUT_S
 from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.party import ComputeParty, ProcessLog, rank_of
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
@@ -53,38 +53,13 @@ def names_its_party(block: RunProfile) -> bool:
     return (marker.count if marker else 0) == rank_of(block.name)
 
 
-class _Worker(threading.Thread):
-    """Runs one call in a thread and keeps its result or exception."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args = fn, args
-        self.result = self.error = None
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as err:  # handed to the caller
-            self.error = err
-
-
 def _all(fns_args) -> list:
-    """Run one call per party concurrently and wait for all of them.
-
-    No overall deadline: a run may take as long as it needs, and a party that stops answering
-    makes its peers fail after the link's receive timeout.
-    """
-    workers = [_Worker(fn, *args) for fn, args in fns_args]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for rank, w in enumerate(workers):
-        if w.error is not None:
-            raise PumaError(
-                f"sim: party {rank} failed: {str(w.error).splitlines()[0] if str(w.error) else w.error!r}"
-            ) from w.error
-    return [w.result for w in workers]
+    """Run one call per party concurrently and wait for all of them (a party's failure makes its
+    peers fail after the link's receive timeout: no overall deadline, and no early return that
+    would leave threads running SPU)."""
+    who = [f"sim: party {rank}" for rank in range(len(fns_args))]
+    calls = [lambda fn=fn, args=args: fn(*args) for fn, args in fns_args]
+    return fan_out(calls, who, "run", explain=lambda err: f"failed: {first_line(err)}", fail_fast=False)
 
 
 class SimMesh(Mesh):
@@ -92,7 +67,7 @@ class SimMesh(Mesh):
 
     backend = "sim"
 
-    def __init__(self, world_size: int, config: libspu.RuntimeConfig, recv_timeout_s: float = 60.0):
+    def __init__(self, world_size: int, config: libspu.RuntimeConfig, recv_timeout_s: float = RECV_TIMEOUT_S):
         self.world_size = world_size
         self.log = ProcessLog.get()
         desc = libspu.link.Desc()
@@ -147,3 +122,8 @@ class SimMesh(Mesh):
 
     def close(self) -> None:
         self.parties = []
+
+
+def open_mesh(request) -> SimMesh:
+    """The sim backend's mesh for a :class:`puma.runtime.MeshRequest`."""
+    return SimMesh(request.protocol.world_size, request.protocol.runtime_config(), request.recv_timeout_s)

@@ -109,9 +109,9 @@ def listen(host: str, port: int) -> socket.socket:
 HANDSHAKE_TIMEOUT = 10.0
 
 
-def accept(server: socket.socket, auth_key: str, tls: TLSConfig | None) -> Channel:
-    """Accept one driver and authenticate it (mutually, under TLS)."""
-    sock, _ = server.accept()
+def handshake(sock: socket.socket, auth_key: str, tls: TLSConfig | None) -> Channel:
+    """The party's side of a driver's connection: TLS (if configured), then mutual
+    authentication; raises ``PermissionError`` for a wrong ``auth_key``."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:

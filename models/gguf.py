@@ -1,0 +1,159 @@
+"""GGUF files (llama.cpp): a LLaMA's config, tokenizer and tensors from the file's metadata and
+memory map. Quantized tensors are dequantized when read, and the q/k rows llama.cpp permutes
+for its rotary layout are put back in Hugging Face's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+import numpy as np
+from puma.models import llama
+
+from puma.errors import PumaError
+from puma.runtime.params import TensorRef
+
+log = logging.getLogger(__name__)
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its interleaved rotary pairs -> HF's halves).
+
+    llama.cpp's converter reorders each head's rows from ``[half 0, half 1]`` to interleaved
+    pairs; ``weight`` is ``[heads * head_dim, in]``.
+    """
+    head_dim = weight.shape[0] // heads
+    w = weight.reshape(heads, head_dim // 2, 2, *weight.shape[1:])  # [H, Dh/2, 2, in]
+    return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
+
+
+def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
+    """The GGUF file's tensors under HF names; each is dequantized (and its q/k rows unpermuted)
+    when read, from the reader's memory map."""
+    patterns = [
+        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
+    ]
+    tensors = {}
+    for tensor in reader.tensors:
+        for pattern, hf_name in patterns:
+            match = pattern.match(tensor.name)
+            if match:
+                break
+        else:
+            log.debug("ignoring GGUF tensor %s", tensor.name)
+            continue
+        name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
+        heads = None
+        if name.endswith("q_proj.weight"):
+            heads = config.num_attention_heads
+        elif name.endswith("k_proj.weight"):
+            heads = config.num_key_value_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
+        tensors[name] = TensorRef(
+            shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads)
+        )
+    return tensors
+
+
+def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
+    from gguf import GGMLQuantizationType, dequantize
+
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        data = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    data = data.reshape(shape)
+    return unpermute_rotary_rows(data, heads) if heads else data
+
+
+def _gguf_tokenizer(reader):
+    from transformers import LlamaTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    keys = {
+        "tokenizer.ggml.model": "tokenizer_type",
+        "tokenizer.ggml.tokens": "tokens",
+        "tokenizer.ggml.scores": "scores",
+        "tokenizer.ggml.token_type": "token_type",
+        "tokenizer.ggml.merges": "merges",
+        "tokenizer.ggml.bos_token_id": "bos_token_id",
+        "tokenizer.ggml.eos_token_id": "eos_token_id",
+        "tokenizer.ggml.unknown_token_id": "unk_token_id",
+        "tokenizer.ggml.padding_token_id": "pad_token_id",
+        "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+    }
+    info = {name: _gguf_field(reader, key) for key, name in keys.items() if key in reader.fields}
+    if info.get("tokenizer_type") != "llama" or "tokens" not in info:
+        return None
+    with _quiet_transformers():
+        backend, extra = convert_gguf_tokenizer("llama", info)
+    tokens = info["tokens"]
+    special = {}
+    for key, arg in (
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("unk_token_id", "unk_token"),
+        ("pad_token_id", "pad_token"),
+    ):
+        idx = info.get(key)
+        if idx is not None and 0 <= idx < len(tokens):
+            special[arg] = tokens[idx]
+    special.update(extra)
+    with _quiet_transformers():
+        return LlamaTokenizerFast(tokenizer_object=backend, **special)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' conversion chatter (warnings and progress bars) for a moment."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def read(path: str) -> tuple[llama.LlamaConfig, dict[str, TensorRef], object]:
+    """A LLaMA GGUF file's config, its tensors under HF names (read on demand from the memory
+    map) and its tokenizer (None if it has no llama tokenizer)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # the reader raises assorted errors on a corrupt file
+        raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    heads = int(_gguf_field(reader, "llama.attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    config = llama.LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(_gguf_field(reader, "llama.embedding_length")),
+        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
+        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        rms_norm_eps=float(np.float32(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6))),
+        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+    )
+    return config, _gguf_tensors(reader, config), _gguf_tokenizer(reader)

@@ -1,0 +1,139 @@
+"""Parties on this machine for tests, benchmarks and fault drills: free ports, a topology file
+for them, and the ``puma node up`` / ``puma node start`` processes that serve it.
+
+:class:`LocalParties` starts the parties in one of the two layouts a deployment uses — ``up``
+(one supervisor for every party, as on one host) or ``start`` (one supervisor per party, as on
+one host each) — waits for their ready line, and stops them (SIGKILL on the supervisors: their
+party servers and job processes end with them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import yaml
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_topology(
+    path,
+    protocol: str = "aby3",
+    world: int = 3,
+    connect_s: float = 5,
+    recv_s: float = 10,
+    tls: dict | None = None,
+    ports: list[int] | None = None,
+    **extra,
+) -> str:
+    """A topology file at ``path`` for ``world`` parties on 127.0.0.1 (link ports first, then
+    control ports); returns its path."""
+    ports = ports or free_ports(2 * world)
+    doc = {
+        "protocol": protocol,
+        "timeouts": {"connect_s": connect_s, "recv_s": recv_s},
+        "parties": [
+            {"id": f"p{r}", "link": f"127.0.0.1:{ports[r]}", "control": f"127.0.0.1:{ports[world + r]}"}
+            for r in range(world)
+        ],
+        **extra,
+    }
+    if tls:
+        doc["tls"] = tls
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return str(path)
+
+
+class LocalParties:
+    """The parties of ``topology`` as local processes, in layout ``up`` or ``start``."""
+
+    def __init__(self, topology: str, log_dir: str, layout: str = "up", world: int = 3, env: dict | None = None):
+        if layout not in ("up", "start"):
+            raise ValueError(f"layout {layout!r}: use 'up' or 'start'")
+        self.topology, self.log_dir, self.layout, self.world = topology, log_dir, layout, world
+        self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        self.procs: dict[int, subprocess.Popen] = {}  # supervisor per rank (the same one for every rank in "up")
+        os.makedirs(log_dir, exist_ok=True)
+
+    def _stderr(self, key) -> str:
+        return os.path.join(self.log_dir, f"node-{key}.stderr")
+
+    def _launch(self, ranks: list[int]) -> subprocess.Popen:
+        key = "up" if self.layout == "up" else f"rank{ranks[0]}"
+        command = ["node", "up"] if self.layout == "up" else ["node", "start", "--rank", str(ranks[0])]
+        with open(self._stderr(key), "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "puma.cli", *command, "-c", self.topology, "--log-dir", self.log_dir],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=self.env,
+            )
+        self._wait_ready(proc, self._stderr(key))
+        for rank in ranks:
+            self.procs[rank] = proc
+        return proc
+
+    def _wait_ready(self, proc: subprocess.Popen, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(path) as f:
+                if any(line.startswith("puma: ready: ") for line in f):
+                    return
+            if proc.poll() is not None:
+                raise RuntimeError(f"parties exited ({proc.returncode}): {open(path).read()[-400:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"no ready line in {path} within {timeout:.0f} s")
+
+    def start(self) -> "LocalParties":
+        if self.layout == "up":
+            self._launch(list(range(self.world)))
+        else:
+            for rank in range(self.world):
+                self._launch([rank])
+        return self
+
+    def restart(self, rank: int) -> None:
+        """Bring party ``rank`` back after its supervisor died (in ``up``: every party)."""
+        if self.layout == "up":
+            self.stop()
+            self.start()
+        else:
+            self._kill(self.procs[rank])
+            self._launch([rank])
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs.values())
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in set(self.procs.values()):
+            self._kill(proc)
+        self.procs = {}
+
+    def __enter__(self) -> "LocalParties":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
