@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
     _add_bench_backend_args(bc)
     bc.add_argument("--network", type=_network, help="also model the time under BANDWIDTH,RTT (e.g. 1G,10ms)")
+    bc.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="wait for other processes to go quiet before each timed cell (up to 10 minutes), else stop",
+    )
     bc.add_argument("--out", default="bench-results/costs.json")
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     _add_memory_args(bc)
@@ -446,6 +451,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _wrote(args, table: str) -> int:
+    """A benchmark's Markdown on stdout and where its JSON went."""
+    print(table)
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench_protocols(args) -> int:
     from puma.bench import protocols_bench
 
@@ -459,9 +471,7 @@ def cmd_bench_protocols(args) -> int:
         resume=not args.fresh,
         connect=_connect(args),
     )
-    print(protocols_bench.markdown(result))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return _wrote(args, protocols_bench.markdown(result))
 
 
 def cmd_bench_costs(args) -> int:
@@ -481,10 +491,9 @@ def cmd_bench_costs(args) -> int:
         weights=args.weights,
         memory_budget=args.memory_budget,
         connect=_connect(args),
+        quiet=args.require_quiet,
     )
-    print(costs.markdown(result, args.network))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return _wrote(args, costs.markdown(result, args.network))
 
 
 def cmd_bench_accuracy(args) -> int:
@@ -501,9 +510,7 @@ def cmd_bench_accuracy(args) -> int:
         resume=not args.fresh,
         connect=_connect(args),
     )
-    print(accuracy.markdown(result))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return _wrote(args, accuracy.markdown(result))
 
 
 def cmd_bench_report(args) -> int:
@@ -535,9 +542,7 @@ def cmd_bench_generation(args) -> int:
         resume=not args.fresh,
         connect=_connect(args),
     )
-    print(generation.markdown(result))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return _wrote(args, generation.markdown(result))
 
 
 def cmd_node_up(args) -> int:

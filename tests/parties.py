@@ -11,28 +11,13 @@ import time
 
 import yaml
 
-from puma.runtime.local import free_ports, write_topology  # noqa: F401 (re-exported for the tests)
+from puma.runtime.local import descendants, free_ports, write_topology  # noqa: F401 (re-exported for the tests)
 
 
 def control_ports(topology_path: str) -> list[int]:
     with open(topology_path) as f:
         doc = yaml.safe_load(f)
     return [int(p["control"].rsplit(":", 1)[1]) for p in doc["parties"]]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every living process below ``pid`` (Linux /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except OSError:
-            children = []
-        found += children
-        todo += children
-    return found
 
 
 def alive(pids: list[int]) -> list[int]:

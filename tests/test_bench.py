@@ -160,3 +160,25 @@ def test_network_time_model_on_hand_computed_cases():
     assert network.busiest_bytes(composed) == pytest.approx(40.0)
     cell = {**whole, "compute_s": 1.0, "run_s": 5.0, "max_party_send_actions": 10}
     assert network.cell_times(cell, {"wan": wan})["wan"] == pytest.approx(1.0 + 0.4 + 4 * 8 / 400e6)
+
+
+def test_load_monitor_tells_other_processes_from_ours():
+    """CPU time of this process tree is ours; a detached spinning process is someone else's and
+    makes the block contended (the oracle: the spinner's own ~3 s of CPU time)."""
+    import subprocess
+    import sys
+    import time
+
+    from puma.bench.load import LoadMonitor
+
+    with LoadMonitor() as own:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            pass
+    assert not own.report()["contended"], own.report()
+    spin = "import time\nend = time.time() + 4\nwhile time.time() < end: pass\n"
+    subprocess.run(["sh", "-c", f"{sys.executable} -c '{spin}' >/dev/null 2>&1 &"], check=True)  # not our child
+    with LoadMonitor() as busy:
+        time.sleep(3.5)
+    report = busy.report()
+    assert report["contended"] and report["others_cpu_s"] >= 2.0, report

@@ -319,3 +319,23 @@ def test_unreachable_ray_address_is_one_line_within_connect_s(tmp_path, capsys):
     assert cli.main(args) != 0
     assert time.monotonic() - start < 20
     _one_error_line(capsys.readouterr().err, f"Ray cluster at 127.0.0.1:{port} is unreachable after 2 s")
+
+
+def test_parties_in_network_namespaces_serve_a_job(tmp_path):
+    """The harness of scripts/netns_bandwidth.py: every party in its own namespace behind a
+    rate-limited veth, the driver outside; a job runs across them and everything is removed."""
+    from puma.bench import netns
+
+    reason = netns.available()
+    if reason:
+        pytest.skip(f"network namespaces: {reason}")
+    try:
+        netns.setup(rate="50mbit")
+        topo = netns.topology(str(tmp_path / "ns.yaml"), recv_s=30)
+        with netns.parties(topo, str(tmp_path)):
+            with SecureModel.from_pretrained(PRESET, backend="nodes", config=topo) as m:
+                result = m.generate_ids(_ids(), 2)
+        assert len(result.tokens[0]) == 2 and result.cost.total_bytes_sent > 0
+    finally:
+        netns.teardown()
+    assert "puma-p0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

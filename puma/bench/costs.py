@@ -31,7 +31,9 @@ from tqdm import tqdm
 from puma import tasks
 from puma.api import SecureModel
 from puma.bench import network
+from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
+from puma.errors import PumaError
 from puma.models import presets
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,14 @@ def _compute_s(cost) -> float:
     return cost.wall_s - cost.weight_s
 
 
+def plaintext_time(preset: str, size, overrides: dict, memory: dict | None = None) -> float:
+    """Seconds of the same inference in plaintext on this machine (``jax.jit``, second call;
+    weight loading excluded), with the same weights mode."""
+    plain = SecureModel.from_pretrained(preset, approx="exact", overrides=overrides, **(memory or {}))
+    _infer(plain, size)
+    return _compute_s(_infer(plain, size)[0])
+
+
 def run_once(
     preset: str,
     size,
@@ -101,14 +111,19 @@ def run_once(
     overrides: dict,
     memory: dict | None = None,
     connect: dict | None = None,
+    quiet: bool = False,
 ) -> dict:
     """One secure run of ``preset`` (with ``overrides``) at ``size``: cost, wall time and peak
     memory, and the time of the same computation in plaintext (jit-compiled, second call) on
     this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto);
-    ``connect`` says where the parties are (``config``: a topology file, ``ray_address``)."""
+    ``connect`` says where the parties are (``config``: a topology file, ``ray_address``).
+    ``quiet``: wait (up to 10 minutes) for the machine to be quiet first, or refuse. The cell
+    records the machine's load while it ran (:mod:`puma.bench.load`)."""
     from puma.runtime import memory as mem
 
     memory = memory or {}
+    if quiet and not wait_quiet(600):
+        raise PumaError("the machine stayed busy for 10 minutes: other processes take CPU time (see top)")
     for attempt in range(3):
         mem.reset_peak()
         start = time.perf_counter()
@@ -117,16 +132,15 @@ def run_once(
         ) as m:
             plan = m.weight_plan
             heaps = m.session.mesh.party_heaps_kept()
-            cost, steps = _infer(m, size)
+            with LoadMonitor(getattr(m.session.mesh, "pids", ())) as machine:
+                cost, steps = _infer(m, size)
         total = time.perf_counter() - start
         if not cost.unprofiled_runs or attempt == 2:
             break
         log.warning("%s %s: a run was not profiled per party; measuring again", preset, size)
     profiled(cost)
     peak = mem.peak_rss()
-    plain = SecureModel.from_pretrained(preset, approx="exact", overrides=overrides, **memory)
-    _infer(plain, size)
-    plaintext_s = _compute_s(_infer(plain, size)[0])
+    plaintext_s = plaintext_time(preset, size, overrides, memory)
     report = cost.to_dict()
     per_party_actions = [p["send_actions"] for p in report["per_party"]]
     return {
@@ -137,8 +151,10 @@ def run_once(
         "compute_s": round(_compute_s(cost), 2),
         "total_s": round(total, 2),
         "plaintext_s": round(plaintext_s, 4),
+        "plaintext_synced": True,  # stage outputs waited for (see PlaintextSession._run)
         "weights": plan.mode,
         "heap_kept": {"process": mem.heap_kept(), "parties": heaps},
+        "load": machine.report(),
         "weight_bytes": report["weight_bytes"],
         "weight_s": report["weight_s"],
         "peak_rss": {**report["peak_rss"], "process": peak},
@@ -208,6 +224,7 @@ def measure_row(
     validate: bool,
     memory: dict | None = None,
     connect: dict | None = None,
+    quiet: bool = False,
 ) -> dict:
     """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
     layers_key = presets()[row.preset][1].FIELDS["num_layers"]  # the HF field a cut-down run overrides
@@ -219,12 +236,14 @@ def measure_row(
         key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(
             f"{k}={v}" for k, v in sorted(overrides.items())
         )
-        return store.measure(key, lambda: run_once(row.preset, size, approx, backend, overrides, connect=connect))
+        return store.measure(
+            key, lambda: run_once(row.preset, size, approx, backend, overrides, connect=connect, quiet=quiet)
+        )
 
     if size in row.whole:
         whole = store.measure(
             f"parts/{row.preset}/{_size_tag(size)}/{approx}/whole",
-            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides), memory, connect),
+            lambda: run_once(row.preset, size, approx, backend, dict(row.overrides), memory, connect, quiet),
         )
         result = {"how": "measured whole", **{k: whole[k] for k in whole}}
     else:
@@ -280,6 +299,7 @@ def run(
     weights: str = "auto",
     memory_budget: int | None = None,
     connect: dict | None = None,
+    quiet: bool = False,
 ) -> dict:
     """Fill the cost table for ``rows`` x sizes x ``sets`` (resumable). Whole runs choose
     resident or streamed weights by ``weights``/``memory_budget`` (see :mod:`puma.runtime.budget`);
@@ -304,6 +324,7 @@ def run(
                 validate,
                 {"weights": weights, "memory_budget": memory_budget},
                 connect,
+                quiet,
             )
     return store.data
 
@@ -343,9 +364,14 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
         peak = cell.get("peak_rss", {}).get("process")
         peak_text = f"{peak / 2**30:.2f}" if peak else "-"
         modelled = network.cell_times(cell, nets)
+        seconds = f"{cell['run_s']:.1f}" + (" (contended)" if cell.get("load", {}).get("contended") else "")
+        # streamed plaintext stages measured before their outputs were waited for: compute was
+        # timed as weight loading, so the ratio would be inflated
+        unsynced = cell.get("weights") == "streamed" and not cell.get("plaintext_synced")
+        ratio = "-" if unsynced else f"{cell['secure_over_plaintext']:.0f}x"
         lines.append(
             f"| {name} | {size} | {approx} | {cell['bytes_sent'] / 1e9:.3f} | "
-            f"{cell['max_party_send_actions']} | {cell['run_s']:.1f} | {cell['secure_over_plaintext']:.0f}x | "
+            f"{cell['max_party_send_actions']} | {seconds} | {ratio} | "
             f"{paper_text} | {how} | {weights} | {peak_text} | " + " | ".join(f"{modelled[k]:.1f}" for k in nets) + " |"
         )
     stepped = {k: c for k, c in result["cells"].items() if not k.startswith("parts/") and len(c.get("steps", [])) > 1}

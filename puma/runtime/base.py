@@ -162,6 +162,8 @@ class PlaintextSession(Session):
             self._compiled[key] = jax.jit(program.fn).lower(params, current, secret, public).compile()
             self._compile_s += time.perf_counter() - start
         reveal, new_state = self._compiled[key](params, current, secret, public)
+        jax.block_until_ready(new_state)  # a stage's state is not revealed: without this its compute
+        # would run on asynchronously and be timed as the next stage's weight loading
         if state and new_state:
             slot = self._states.setdefault(state, {})
             for k, v in new_state.items():

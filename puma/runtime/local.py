@@ -61,6 +61,21 @@ def write_topology(
     return str(path)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        found += children
+        todo += children
+    return found
+
+
 class LocalParties:
     """The parties of ``topology`` as local processes, in layout ``up`` or ``start``."""
 

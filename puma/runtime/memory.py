@@ -5,18 +5,19 @@ process resets it when a job opens (writing ``5`` to ``/proc/self/clear_refs``),
 report carries that job's peak; benchmarks reset it per cell. Where ``/proc`` is not there (or
 not writable) the functions return 0 / do nothing, and reports say 0.
 
-**Keeping freed memory.** A streamed run frees and reallocates gigabytes per layer. glibc hands
-every allocation above 32 MiB its own ``mmap`` and unmaps it when freed, and trims the heap's
-top: the pages go back to the kernel. On virtual machines that report free pages to the host
-(virtio-balloon free page reporting, gVisor) a page given back costs a host fault when touched
-again: measured here, 4 GiB touched again 5 s after being freed took 6.7 s (0.15 s while still
-mapped), and streaming one LLaMA-7B layer's shares took 45 s, of which 24 s were SPU's
-``set_var`` touching fresh pages. :data:`HEAP_TUNABLES` keeps freed memory in the process (no
-per-allocation ``mmap``, no trimming): the same layer then streams in 11 s. Peak RSS is still
-what the run needs at once; what changes is that a process does not return memory to the
-system until it exits. glibc reads the tunables when a process starts, so the ``puma`` command,
-``nodes`` party processes and Ray party/owner actors are started with them
-(:func:`heap_env`); set ``PUMA_KEEP_HEAP=0`` to leave glibc's defaults.
+**Keeping freed memory.** A streamed run frees and reallocates gigabytes per layer. glibc
+hands every allocation above 32 MiB its own ``mmap`` and unmaps it when freed, and trims the
+heap's top: the pages go back to the kernel. On virtual machines that report free pages to the
+host (virtio-balloon free page reporting, as on the Firecracker VM these numbers come from) a
+page given back costs a host fault when touched again: measured here, 4 GiB touched again 5 s
+after being freed took 6.7 s (0.15 s while still mapped), and streaming one LLaMA-7B layer's
+shares took 45 s, of which 24 s were SPU's ``set_var`` touching fresh pages.
+:data:`HEAP_TUNABLES` keeps freed memory in the process (no per-allocation ``mmap``, no
+trimming): the same layer then streams in 11 s. Peak RSS is still what the run needs at once;
+what changes is that a process does not return memory to the system until it exits. glibc
+reads the tunables when a process starts, so the ``puma`` command, ``nodes`` party processes
+and Ray party/owner actors are started with them (:func:`heap_env`); set ``PUMA_KEEP_HEAP=0``
+to leave glibc's defaults.
 """
 
 from __future__ import annotations
