@@ -360,7 +360,8 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
             how += f" (composed: {cell['composition_error']:+.2%})"
         weights = cell.get("weights", "resident" if cell["how"] == "measured whole" else "-")
         if cell.get("weight_bytes"):
-            weights += f" ({cell['weight_s']:.0f})"
+            kept = cell.get("heap_kept", {}).get("process")
+            weights += f" ({cell['weight_s']:.0f}{'' if kept else '; freed memory not kept'})"
         peak = cell.get("peak_rss", {}).get("process")
         peak_text = f"{peak / 2**30:.2f}" if peak else "-"
         modelled = network.cell_times(cell, nets)

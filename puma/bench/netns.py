@@ -192,3 +192,14 @@ def validate(preset: str = "bert-base", size=128, approx: str = "puma-fast", rat
         "within_15_percent": abs(predicted / limited["run_s"] - 1.0) <= 0.15,
         "load": {"unlimited": free.get("load"), "limited": limited.get("load")},
     }
+
+
+def markdown(data: dict) -> str:
+    r = data["result"]
+    return (
+        f"{r['preset']} ({r['layers']} layers) at {r['size']} tokens, {r['approx']}, nodes with each party "
+        f"in its own network namespace: unlimited {r['unlimited_s']:.1f} s; every party's egress limited "
+        f"to {r['rate_mbit']} Mbit/s by tc tbf: {r['limited_s']:.1f} s measured, {r['predicted_s']:.1f} s "
+        f"modelled (unlimited seconds + the busiest party's {r['busiest_bytes'] / 1e6:.0f} MB / rate): "
+        f"error {100 * r['error']:+.1f}% ({'within' if r['within_15_percent'] else 'outside'} 15%)."
+    )

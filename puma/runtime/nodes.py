@@ -232,8 +232,11 @@ def _job_main(pipe, topology: Topology, rank: int, log_path: str | None, verbose
     try:
         job.serve(channel)
     finally:
-        job.end_session()
         channel.close()
+        # a job process is disposable: no graceful SPU teardown, which can wait a long time on a
+        # peer that died (the driver closes sessions it ends cleanly with "close" first)
+        logging.shutdown()
+        os._exit(0)
 
 
 class PartyJob:
