@@ -188,11 +188,11 @@ class RayMesh(Mesh):
         :class:`~puma.runtime.config.TLSConfig`, its files present on every node), mutual TLS.
         ``token`` authenticates to a cluster with Ray's token authentication (the default of
         ``ray start --head`` since Ray 2.59; ``RAY_AUTH_TOKEN`` in the environment works too)."""
+        if token:  # before Ray is imported: it reads its authentication settings then
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = token
         import ray
 
-        if token:
-            os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray's core when it connects
-            os.environ["RAY_AUTH_TOKEN"] = token
         if address and not ray.is_initialized():
             check_reachable(address, connect_timeout_s)
         self.world_size = protocol.world_size
