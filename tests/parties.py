@@ -11,7 +11,7 @@ import time
 
 import yaml
 
-from puma.runtime.local import descendants, free_ports, write_topology  # noqa: F401 (re-exported for the tests)
+from puma.runtime.local import descendants, free_ports, wait_for_ready, write_topology  # noqa: F401 (re-exported)
 
 
 def control_ports(topology_path: str) -> list[int]:
@@ -52,20 +52,6 @@ def wait_for_ports(ports: list[int], timeout: float = 60.0) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"party control port {port} did not open")
                 time.sleep(0.2)
-
-
-def wait_for_ready(proc: subprocess.Popen, stderr_path: str, timeout: float = 60.0) -> str:
-    """Wait for the ``puma: ready:`` line a ``node up``/``node start`` prints; that line."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(stderr_path) as f:
-            for line in f:
-                if line.startswith("puma: ready: "):
-                    return line.strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the parties exited ({proc.returncode}): {open(stderr_path).read()[-500:]}")
-        time.sleep(0.2)
-    raise TimeoutError(f"no ready line in {stderr_path} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager

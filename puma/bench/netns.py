@@ -21,6 +21,7 @@ import time
 import yaml
 
 from puma.errors import PumaError
+from puma.runtime.local import wait_for_ready
 
 BRIDGE = "pumabr0"
 SUBNET = "10.77.0"
@@ -139,11 +140,10 @@ def parties(topology_path: str, log_dir: str, world: int = 3):
             )
         deadline = time.monotonic() + 90
         for r in range(world):
-            path = os.path.join(log_dir, f"ns-party{r}.stderr")
-            while "puma: ready:" not in open(path).read():
-                if time.monotonic() > deadline or procs[r].poll() is not None:
-                    raise PumaError(f"party {r} in its namespace did not start: {open(path).read()[-300:]}")
-                time.sleep(0.3)
+            try:
+                wait_for_ready(procs[r], os.path.join(log_dir, f"ns-party{r}.stderr"), deadline - time.monotonic())
+            except (RuntimeError, TimeoutError) as err:
+                raise PumaError(f"party {r} in its namespace did not start: {err}") from err
         yield procs
     finally:
         for proc in procs:

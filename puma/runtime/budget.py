@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from puma.errors import PumaError
-from puma.runtime import memory
+from puma.runtime import get_backend, memory
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ class WeightPlan:
 def bytes_per_weight(backend: str, protocol: str | None, field: str | None, world_size: int) -> int:
     """Memory one weight costs in one process of ``backend`` (every party's shares where the
     backend keeps its parties in one process)."""
-    from puma.runtime import get_backend
-
     chosen = get_backend(backend)
     if chosen.module is None:
         return 4

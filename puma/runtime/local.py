@@ -76,6 +76,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_for_ready(proc: subprocess.Popen, stderr_path: str, timeout: float = 60.0) -> str:
+    """Wait for the ``puma: ready:`` line a ``node up``/``node start`` process ``proc`` prints to
+    ``stderr_path``; that line. ``RuntimeError`` if the process ends first, ``TimeoutError``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(stderr_path) as f:
+            for line in f:
+                if line.startswith("puma: ready: "):
+                    return line.strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"the parties exited ({proc.returncode}): {open(stderr_path).read()[-500:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no ready line in {stderr_path} within {timeout:.0f} s")
+
+
 class LocalParties:
     """The parties of ``topology`` as local processes, in layout ``up`` or ``start``."""
 
@@ -100,21 +116,10 @@ class LocalParties:
                 stderr=err,
                 env=self.env,
             )
-        self._wait_ready(proc, self._stderr(key))
+        wait_for_ready(proc, self._stderr(key))
         for rank in ranks:
             self.procs[rank] = proc
         return proc
-
-    def _wait_ready(self, proc: subprocess.Popen, path: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(path) as f:
-                if any(line.startswith("puma: ready: ") for line in f):
-                    return
-            if proc.poll() is not None:
-                raise RuntimeError(f"parties exited ({proc.returncode}): {open(path).read()[-400:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"no ready line in {path} within {timeout:.0f} s")
 
     def start(self) -> "LocalParties":
         if self.layout == "up":
