@@ -16,7 +16,7 @@ import spu.libspu as libspu
 from puma import models, protocols, tasks
 from puma.api import SecureModel
 from puma.errors import PumaError
-from puma.runtime import open_session
+from puma.runtime import open_session, sharing
 from puma.runtime.base import PlaintextSession
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.roles import Client, ModelOwner, PartyShares
@@ -47,8 +47,14 @@ def test_parties_receive_only_their_own_share_bundles(monkeypatch):
         assert [b.rank for b in bundles] == [0, 1, 2]
         for b in bundles:
             assert isinstance(b, PartyShares)
-            assert all(isinstance(v, libspu.Share) for v in b.values.values())
+            assert all(isinstance(v, (libspu.Share, sharing.Piece)) for v in b.values.values())
     assert all(name.startswith("p:") for name in weights[0].values)
+    for bundles in received:
+        for b in bundles:
+            for piece in (v for v in b.values.values() if isinstance(v, sharing.Piece)):
+                # a party gets what makes its pair (x_r, x_r+1) and no more: never two keys and x2
+                held = sum(k is not None for k in piece.keys) + (piece.data is not None)
+                assert held == 2 and (piece.data is None) == (b.rank == 0), (b.rank, piece.keys)
     assert set(first_input[0].values) == {"i:input_ids", "u:attention_mask", "u:position_ids"}
     assert first_input[0].public == {"u:attention_mask", "u:position_ids"}
 

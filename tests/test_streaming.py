@@ -94,6 +94,18 @@ def test_numpy_shares_are_spu_shares(field):
     assert a[0].share_chunks != b[0].share_chunks  # fresh randomness every time
 
 
+def test_pieces_carry_each_party_its_pair_in_a_third_of_the_bytes():
+    x = np.asarray(np.random.default_rng(1).standard_normal((300, 70)), np.float32)
+    steps = list(sharing.pieces(x, "FM64", 18, chunk_bytes=4096))
+    assert len(steps) > 2 and [p.last for p in (s[0] for s in steps)].count(True) == 1
+    for p0, p1, p2 in steps:
+        assert p0.keys == (p0.keys[0], p1.keys[0]) and p2.keys == (None, p0.keys[0])  # x1 = AES(k1), x0 = AES(k0)
+        assert p1.data is p2.data and p0.data is None and p1.keys[1] is None
+    moved = sum(p.nbytes for step in steps for p in step)
+    full = 3 * x.size * 16  # three parties, two 64-bit ring elements per weight
+    assert moved < full / 3 + 200 * len(steps), (moved, full)
+
+
 # -- staged == one program (plaintext) -----------------------------------------------------
 
 
@@ -167,6 +179,21 @@ def test_streamed_equals_resident(backend, preset):
     if name == "ray":
         assert cost["peak_rss"]["owner"] > 0  # the owner's own actor
     assert cost["peak_rss"]["process"] > 0
+
+
+def test_big_weights_travel_as_row_blocks_joined_at_the_parties(backend, monkeypatch):
+    name, options = backend
+    if name == "ray":
+        pytest.skip("the Ray owner is its own process: limits patched here do not reach it")
+    resident = _resident("llama-debug", "puma", _outputs)
+    monkeypatch.setattr(sharing, "SPLIT_BYTES", 1 << 14)  # every matrix of the debug preset
+    monkeypatch.setattr(sharing, "BLOCK_BYTES", 1 << 12)
+    for weights in ("resident", "streamed"):
+        with SecureModel.from_pretrained("llama-debug", approx="puma", backend=name, weights=weights, **options) as m:
+            got = _outputs(m, nocache=False)
+            joined = len(m.session._joins)
+        _compare(got, resident, STREAM_ATOL, f"llama-debug {weights} in row blocks on {name}")
+        assert joined >= 2, joined  # several block layouts were joined
 
 
 def test_stories260k_streamed_equals_resident(backend, stories_gguf):

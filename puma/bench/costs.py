@@ -362,8 +362,11 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
         if cell.get("weight_bytes"):
             kept = cell.get("heap_kept", {}).get("process")
             weights += f" ({cell['weight_s']:.0f}{'' if kept else '; freed memory not kept'})"
-        peak = cell.get("peak_rss", {}).get("process")
+        peaks = cell.get("peak_rss", {})
+        peak, parties = peaks.get("process"), [p for p in peaks.get("parties", []) if p]
         peak_text = f"{peak / 2**30:.2f}" if peak else "-"
+        if parties:  # party processes of their own: the driver's peak and the largest party's
+            peak_text += f" + {len(parties)} x {max(parties) / 2**30:.2f}"
         modelled = network.cell_times(cell, nets)
         seconds = f"{cell['run_s']:.1f}" + (" (contended)" if cell.get("load", {}).get("contended") else "")
         # streamed plaintext stages measured before their outputs were waited for: compute was

@@ -71,6 +71,13 @@ def _targets(cost: dict | None, acc: dict | None) -> list[str]:
 #: The sections: JSON file, heading, the command that makes it, the module that renders it.
 SECTIONS = (
     ("costs.json", "Cost tables beside the PUMA paper", "puma bench costs", costs),
+    (
+        "costs-nodes.json",
+        "LLaMA-7B on three party processes",
+        "puma bench costs --backend nodes -c configs/3pc.yaml --rows llama-7b --sizes 8+1 --no-validate "
+        "--out bench-results/costs-nodes.json",
+        costs,
+    ),
     ("protocols.json", "Approximation sets", "puma bench protocols", protocols_bench),
     ("generation.json", "Private generation with the secure KV cache", "puma bench generation", generation),
     ("accuracy.json", "Accuracy suites", "puma bench accuracy", accuracy),

@@ -9,7 +9,9 @@ Sharing weights and inputs and reconstructing outputs happen outside program exe
 reported separately as ``io_bytes`` (the size of the shares moved between roles).
 
 Streamed weights (shared stage by stage, see :mod:`puma.staged`) are reported apart as
-``weight_bytes`` and ``weight_s`` (the owner's sharing time, also part of ``wall_s``). Memory:
+``weight_bytes`` (what the owner sent the parties, in the compact form of
+:mod:`puma.runtime.sharing`: a third of the shares the parties then hold) and ``weight_s`` (the
+time to share and store them, also part of ``wall_s``). Memory:
 ``party_peak_rss`` per party process (nodes, ray; reset when a job opens), ``process_peak_rss``
 of the driver's process (in ``sim`` it holds all parties and the owner) and ``owner_peak_rss``
 when the owner runs in a process of its own (ray).
@@ -221,7 +223,7 @@ class CostReport:
     compile_s: float = 0.0
     unprofiled_runs: int = 0  # runs whose costs could not be attributed per party (left out above)
     weights_mode: str = "resident"
-    weight_bytes: int = 0  # weight shares moved to the parties during these runs (streamed mode)
+    weight_bytes: int = 0  # bytes the owner sent the parties for weights during these runs (streamed mode)
     weight_s: float = 0.0  # seconds the model owner spent sharing and delivering them
     store_bytes: int = 0  # weight shares the parties read back from their share stores instead
     store_s: float = 0.0
@@ -316,7 +318,7 @@ class CostReport:
         lines.append(
             f"  weights {self.weights_mode}"
             + (
-                f" ({_fmt_bytes(self.weight_bytes)} of shares streamed in {self.weight_s:.1f} s)"
+                f" ({_fmt_bytes(self.weight_bytes)} sent by the owner in {self.weight_s:.1f} s)"
                 if self.weight_bytes
                 else ""
             )

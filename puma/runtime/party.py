@@ -20,7 +20,7 @@ import time
 import spu
 import spu.libspu as libspu
 
-from puma.runtime import memory
+from puma.runtime import memory, sharing
 from puma.runtime.cost import RunProfile, parse_profiles
 from puma.runtime.roles import PartyShares
 
@@ -109,12 +109,18 @@ class ComputeParty:
         self.link = link
         self.runtime = spu.Runtime(link, config)
         self.programs: dict[str, tuple[str, bytes]] = {}
+        self.pieces = sharing.Assembler()
 
     def receive(self, bundle: PartyShares) -> None:
-        """Store a bundle of shares (weights, inputs, state) under their names."""
+        """Store a bundle of shares (weights, inputs, state) under their names; a weight sent in
+        pieces is stored when its last piece arrives."""
         if bundle.rank != self.rank:
             raise ValueError(f"party {self.rank} was handed party {bundle.rank}'s shares")
         for name, share in bundle.values.items():
+            if isinstance(share, sharing.Piece):
+                share = self.pieces.add(name, share)
+                if share is None:
+                    continue
             self.runtime.set_var(name, share)
 
     def install(self, key: str, name: str, code: bytes) -> None:

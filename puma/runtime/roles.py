@@ -16,7 +16,7 @@ threads, processes and Ray actors alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import spu
@@ -35,12 +35,19 @@ class PartyShares:
     """
 
     rank: int
-    values: dict[str, libspu.Share]
+    values: dict[str, "libspu.Share | sharing.Piece"]
     public: frozenset[str] = frozenset()
 
     @property
     def nbytes(self) -> int:
-        return sum(len(s.meta) + sum(len(c) for c in s.share_chunks) for s in self.values.values())
+        """Bytes of the bundle's values as they travel (pieces in their compact form)."""
+        return sum(_nbytes(v) for v in self.values.values())
+
+
+def _nbytes(value: "libspu.Share | sharing.Piece") -> int:
+    if isinstance(value, sharing.Piece):
+        return value.nbytes
+    return len(value.meta) + sum(len(c) for c in value.share_chunks)
 
 
 def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int) -> list[dict]:
@@ -54,6 +61,13 @@ def _split(io: spu.Io, named: dict[str, np.ndarray], visibility, world_size: int
 #: Plaintext bytes of weights shared and delivered at a time (resident loading).
 CHUNK_BYTES = 64 << 20
 
+#: One party's share of a weight: a whole ``libspu.Share`` or a piece of one.
+PartyValue = Union[libspu.Share, sharing.Piece]
+
+#: How the owner shares one tensor: per step, the name suffix (a row block's ``#k``, see
+#: :func:`puma.runtime.sharing.row_blocks`), one value per party and the plaintext bytes covered.
+ShareFunction = Callable[[np.ndarray], Iterator[tuple[str, list[PartyValue], int]]]
+
 
 @dataclasses.dataclass(frozen=True)
 class OwnerSpec:
@@ -64,15 +78,35 @@ class OwnerSpec:
     seed: int = 0
 
 
-def share_function(config: libspu.RuntimeConfig, world_size: int) -> Callable[[np.ndarray], list[libspu.Share]]:
-    """How the owner secret-shares one float32 tensor under ``config``: the numpy ABY3 sharer
-    (:mod:`puma.runtime.sharing`) where it applies, ``spu.Io`` otherwise."""
+def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFunction:
+    """How the owner secret-shares one float32 tensor under ``config``: in pieces by the ABY3
+    sharer of :mod:`puma.runtime.sharing` where it applies, whole by ``spu.Io`` otherwise; a
+    tensor too big to store in one go is shared as row blocks, each on its own."""
     protocol, field = config.protocol.name.lower(), config.field.name
     if sharing.supported(protocol, field, world_size):
         bits = int(config.fxp_fraction_bits)
-        return lambda value: sharing.make_shares(value, field, bits)
-    io = spu.Io(world_size, config)
-    return lambda value: io.make_shares(np.asarray(value), libspu.Visibility.VIS_SECRET)
+
+        def one(value):
+            for parts in sharing.pieces(value, field, bits):
+                yield parts, parts[0].count * 4
+
+    else:
+        io = spu.Io(world_size, config)
+
+        def one(value):
+            yield io.make_shares(value, libspu.Visibility.VIS_SECRET), value.nbytes
+
+    def share(value):
+        value = np.asarray(value, np.float32)
+        blocks = sharing.row_blocks(value.shape, field)
+        if not blocks:
+            for parts, plain in one(value):
+                yield "", parts, plain
+        for k, (start, stop) in enumerate(blocks):
+            for parts, plain in one(value[start:stop]):
+                yield sharing.block_name("", k), parts, plain
+
+    return share
 
 
 class ModelOwner:
@@ -101,24 +135,28 @@ class ModelOwner:
 
     def share_chunks(
         self,
-        share: Callable[[np.ndarray], list[libspu.Share]],
+        share: ShareFunction,
         world_size: int,
         names: list[str] | None = None,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> Iterator[list[PartyShares]]:
         """Secret-share weights ``names`` (flat paths; default all) a chunk at a time: per chunk
-        of tensors (about ``chunk_bytes`` of plaintext; 0: one tensor per chunk), one
-        :class:`PartyShares` per computing party."""
-        chunk: dict[str, list[libspu.Share]] = {}
+        (about ``chunk_bytes`` of plaintext; 0: every piece on its own), one
+        :class:`PartyShares` per computing party. A tensor shared in pieces spans chunks, one
+        piece per chunk; the parties assemble it."""
+        chunk: dict[str, list[PartyValue]] = {}
         size = 0
         for name in self._weights.names() if names is None else names:
-            value = self._weights.get(name)
-            chunk[self.PREFIX + name] = share(value)
-            size += value.nbytes
-            del value
-            if size >= chunk_bytes:
-                yield self._bundles(chunk, world_size)
-                chunk, size = {}, 0
+            for suffix, parts, plain in share(self._weights.get(name)):
+                key = self.PREFIX + name + suffix
+                if key in chunk:
+                    yield self._bundles(chunk, world_size)
+                    chunk, size = {}, 0
+                chunk[key] = parts
+                size += plain
+                if size >= chunk_bytes:
+                    yield self._bundles(chunk, world_size)
+                    chunk, size = {}, 0
         if chunk:
             yield self._bundles(chunk, world_size)
 
@@ -128,7 +166,7 @@ class ModelOwner:
         return self._bundles({self.PREFIX + n: share(self._weights.get(n)) for n in self._weights.names()}, world_size)
 
     @staticmethod
-    def _bundles(named: dict[str, list[libspu.Share]], world_size: int) -> list[PartyShares]:
+    def _bundles(named: dict[str, list[PartyValue]], world_size: int) -> list[PartyShares]:
         return [PartyShares(r, {name: shares[r] for name, shares in named.items()}) for r in range(world_size)]
 
 

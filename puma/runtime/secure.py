@@ -29,7 +29,7 @@ from spu.utils import frontend as spu_fe
 from puma import progress
 from puma.errors import PumaError
 from puma.program import Program
-from puma.runtime import memory
+from puma.runtime import memory, sharing
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
@@ -182,6 +182,7 @@ class SecureSession(Session):
         self._param_avals = None
         self._states: dict[str, object] = {}
         self._compiled: dict[tuple, _Compiled] = {}
+        self._joins: dict[tuple, str] = {}  # block shapes -> installed join program
         self._installed: set[str] = set()
         self.owner_peak_rss = 0
         self.share_store: str | None = None  # per-party store folder (see use_share_store)
@@ -192,8 +193,10 @@ class SecureSession(Session):
         """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
         share = share_function(self.protocol_config.runtime_config(profile=False), self.world_size)
-        self.params_io_bytes = deliver_weights(self.mesh, owner, share)
         self._param_avals = _avals(params)
+        self.params_io_bytes = self._share_weights(
+            lambda names: deliver_weights(self.mesh, owner, share, names), self._flat_names(list(params))
+        )
         log.info(
             "shared %d weight tensors (%.1f MB of shares) to %d parties",
             len(owner.names()),
@@ -217,7 +220,7 @@ class SecureSession(Session):
             log.info("model owner ready to stream %s to %d parties", spec.source, self.world_size)
             return
         try:
-            self.params_io_bytes = self.mesh.owner_share()
+            self.params_io_bytes = self._share_weights(self.mesh.owner_share, self._flat_names(list(param_avals)))
         finally:
             self.owner_peak_rss = self.mesh.close_owner()
         log.info(
@@ -262,10 +265,57 @@ class SecureSession(Session):
                 for report in self._reports:
                     report.add_store(sum(read), time.perf_counter() - start)
                 return
-        nbytes = self.mesh.owner_share(names, chunk_bytes=0)
+        nbytes = self._share_weights(lambda group: self.mesh.owner_share(group, chunk_bytes=0), names)
         if self.share_store is not None:
             self.mesh.store(at_parties, self.share_store)
         self._add_weights(nbytes, time.perf_counter() - start)
+
+    def _share_weights(self, send, names: list[str]) -> int:
+        """Have the owner share weights ``names`` with ``send`` (names -> bytes moved); a weight
+        that travels as row blocks (:func:`puma.runtime.sharing.row_blocks`) is sent on its own
+        and joined at the parties before the next one, so a party holds at most two copies of
+        one big weight. Returns the bytes moved."""
+        total, group = 0, []
+        for name in names:
+            blocks = sharing.row_blocks(self._flat_shape(name), self.protocol_config.field)
+            if not blocks:
+                group.append(name)
+                continue
+            if group:
+                total += send(group)
+                group = []
+            total += send([name])
+            self._join(name, blocks)
+        return total + (send(group) if group else 0)
+
+    def _flat_shape(self, name: str) -> tuple[int, ...]:
+        node = self._param_avals
+        for part in name.split("/"):
+            node = node[part]
+        return tuple(node.shape)
+
+    def _join(self, name: str, blocks: list[tuple[int, int]]) -> None:
+        """Concatenate the row blocks of weight ``name`` at the parties (local: no messages)."""
+        shape = self._flat_shape(name)
+        parts = [ModelOwner.PREFIX + sharing.block_name(name, k) for k in range(len(blocks))]
+        avals = [jax.ShapeDtypeStruct((stop - start, *shape[1:]), np.float32) for start, stop in blocks]
+        signature = tuple(a.shape for a in avals)
+        if signature not in self._joins:
+            executable, _ = spu_fe.compile(
+                spu_fe.Kind.JAX,
+                lambda *xs: jax.numpy.concatenate(xs, axis=0),
+                avals,
+                {},
+                [f"in{i}" for i in range(len(avals))],
+                [libspu.Visibility.VIS_SECRET] * len(avals),
+                lambda outs: ["out0"],
+                copts=self.protocol_config.compiler_options(),
+            )
+            key = f"join-{hashlib.sha1(executable.code).hexdigest()[:12]}"
+            self.mesh.install(key, "join_blocks", executable.code)
+            self._joins[signature] = key
+        self.mesh.run(self._joins[signature], parts, [ModelOwner.PREFIX + name])
+        self.mesh.drop(parts)
 
     def release_params(self, keys: list[str]) -> None:
         if self.weights_mode == "streamed":
