@@ -339,3 +339,42 @@ def test_parties_in_network_namespaces_serve_a_job(tmp_path):
     finally:
         netns.teardown()
     assert "puma-p0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def _fake_gcs(token: str):
+    """A GCS that answers ``GetClusterId`` only to callers bearing ``token``, as Ray's does under
+    token authentication (Ray >= 2.59)."""
+    from concurrent import futures
+
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    class NodeInfo(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+        def GetClusterId(self, request, context):
+            if ("authorization", f"Bearer {token}") not in tuple(context.invocation_metadata()):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "Invalid or missing authentication token")
+            return gcs_service_pb2.GetClusterIdReply()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(NodeInfo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_ray_token_missing_or_refused_is_one_line_at_once(tmp_path, capsys, monkeypatch):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # restored after the test (the mesh sets them)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))  # no saved token either
+    server, port = _fake_gcs("right-token")
+    topo = write_topology(tmp_path / "t.yaml", connect_s=5)
+    args = ["generate", "-m", PRESET, "--ids", "1,2", "--backend", "ray", "-c", topo, "--ray-address"]
+    try:
+        start = time.monotonic()
+        assert cli.main(args + [f"127.0.0.1:{port}"]) == 1
+        _one_error_line(capsys.readouterr().err, "uses token authentication", "--ray-token")
+        assert cli.main(args + [f"127.0.0.1:{port}", "--ray-token", "wrong"]) == 1
+        _one_error_line(capsys.readouterr().err, "refused the token given", "ray get-auth-token")
+        assert time.monotonic() - start < 10  # no 20 s of ray.init retries
+    finally:
+        server.stop(0)

@@ -170,6 +170,46 @@ def check_reachable(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def check_token(address: str, token: str | None, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` with one line when the cluster at ``host:port`` wants a token
+    that is missing or refuses the one given. ``ray.init`` would retry for about 20 s, print
+    Ray's warnings and then blame an address the user never gave. The check is one call to the
+    GCS (``GetClusterId``) carrying the token as Ray sends it; any answer other than
+    "unauthenticated" is left to ``ray.init``."""
+    if "://" in address:
+        return  # Ray Client (ray://) and other schemes authenticate on their own
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout_s)
+            return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return
+    if token:
+        raise PumaError(
+            f"the Ray cluster at {address} refused the token given (--ray-token or RAY_AUTH_TOKEN): "
+            "use the one `ray get-auth-token` prints on its head node"
+        )
+    if _default_token():
+        return  # Ray finds its saved token (~/.ray/auth_token) by itself
+    raise PumaError(
+        f"the Ray cluster at {address} uses token authentication: "
+        'pass --ray-token "$(ray get-auth-token)" (run on its head node) or set RAY_AUTH_TOKEN'
+    )
+
+
+def _default_token() -> bool:
+    """Whether Ray would authenticate with a token it keeps (``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``) when none is given."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 class RayMesh(Mesh):
     """Parties as Ray actors (local Ray by default, or the cluster at ``address``)."""
 
@@ -195,6 +235,7 @@ class RayMesh(Mesh):
 
         if address and not ray.is_initialized():
             check_reachable(address, connect_timeout_s)
+            check_token(address, token or os.environ.get("RAY_AUTH_TOKEN"), connect_timeout_s)
         self.world_size = protocol.world_size
         self.timeout = recv_timeout_s
         self._started_ray = False
