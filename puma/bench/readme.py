@@ -74,7 +74,8 @@ SECTIONS = (
     (
         "costs-nodes.json",
         "LLaMA-7B on three party processes",
-        "puma bench costs --backend nodes -c configs/3pc.yaml --rows llama-7b --sizes 8+1 --no-validate "
+        "puma bench costs --backend nodes -c configs/3pc.yaml --rows llama-7b --sizes 8+1 --sets puma-fast "
+        "--no-validate 
         "--out bench-results/costs-nodes.json",
         costs,
     ),
