@@ -75,8 +75,7 @@ SECTIONS = (
         "costs-nodes.json",
         "LLaMA-7B on three party processes",
         "puma bench costs --backend nodes -c configs/3pc.yaml --rows llama-7b --sizes 8+1 --sets puma-fast "
-        "--no-validate 
-        "--out bench-results/costs-nodes.json",
+        "--no-validate --out bench-results/costs-nodes.json",
         costs,
     ),
     ("protocols.json", "Approximation sets", "puma bench protocols", protocols_bench),
