@@ -122,7 +122,8 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
     text = doc.read_text()
     assert read == ["results/accuracy.json"] and "JSON in `results/accuracy.json`" in text
     assert "![accuracy vs fraction bits](results/plots/accuracy_vs_bits.png)" in text  # relative to the README
-    assert sorted(missing) == ["costs.json", "faults.json", "generation.json", "network.json", "protocols.json"]
+    expected = ["costs-nodes.json", "costs.json", "faults.json", "generation.json", "network.json", "protocols.json"]
+    assert sorted(missing) == expected
     assert "Not shown (no JSON yet): `costs.json` (`puma bench costs`)" in text
     series = plots.fxp_series(sweep)
     assert {f: [p["fxp_bits"] for p in pts] for f, pts in series.items()} == {"FM128": [32, 40], "FM64": [16, 18]}
