@@ -33,6 +33,7 @@ from puma.runtime import memory, sharing
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
+from puma.runtime.params import flatten
 from puma.runtime.roles import CHUNK_BYTES, Client, ModelOwner, OwnerSpec, PartyShares, share_function
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,11 @@ class SecureSession(Session):
         that travels as row blocks (:func:`puma.runtime.sharing.row_blocks`) is sent on its own
         and joined at the parties before the next one, so a party holds at most two copies of
         one big weight. Returns the bytes moved."""
+        avals = flatten(self._param_avals)
         total, group = 0, []
         for name in names:
-            blocks = sharing.row_blocks(self._flat_shape(name), self.protocol_config.field)
+            shape = tuple(avals[name].shape)
+            blocks = sharing.row_blocks(shape, self.protocol_config.field)
             if not blocks:
                 group.append(name)
                 continue
@@ -285,37 +288,42 @@ class SecureSession(Session):
                 total += send(group)
                 group = []
             total += send([name])
-            self._join(name, blocks)
+            self._join(name, shape, blocks)
         return total + (send(group) if group else 0)
 
-    def _flat_shape(self, name: str) -> tuple[int, ...]:
-        node = self._param_avals
-        for part in name.split("/"):
-            node = node[part]
-        return tuple(node.shape)
-
-    def _join(self, name: str, blocks: list[tuple[int, int]]) -> None:
+    def _join(self, name: str, shape: tuple[int, ...], blocks: list[tuple[int, int]]) -> None:
         """Concatenate the row blocks of weight ``name`` at the parties (local: no messages)."""
-        shape = self._flat_shape(name)
         parts = [ModelOwner.PREFIX + sharing.block_name(name, k) for k in range(len(blocks))]
         avals = [jax.ShapeDtypeStruct((stop - start, *shape[1:]), np.float32) for start, stop in blocks]
         signature = tuple(a.shape for a in avals)
         if signature not in self._joins:
-            executable, _ = spu_fe.compile(
-                spu_fe.Kind.JAX,
+            self._joins[signature], _ = self._install(
+                "join_blocks",
                 lambda *xs: jax.numpy.concatenate(xs, axis=0),
                 avals,
-                {},
-                [f"in{i}" for i in range(len(avals))],
                 [libspu.Visibility.VIS_SECRET] * len(avals),
-                lambda outs: ["out0"],
-                copts=self.protocol_config.compiler_options(),
             )
-            key = f"join-{hashlib.sha1(executable.code).hexdigest()[:12]}"
-            self.mesh.install(key, "join_blocks", executable.code)
-            self._joins[signature] = key
         self.mesh.run(self._joins[signature], parts, [ModelOwner.PREFIX + name])
         self.mesh.drop(parts)
+
+    def _install(self, name: str, fn, flat_args: list, visibility: list) -> tuple[str, bytes]:
+        """Compile ``fn`` on ``flat_args`` (with their visibilities) for SPU and install it at the
+        parties once; its key (name and code hash) and code."""
+        executable, _ = spu_fe.compile(
+            spu_fe.Kind.JAX,
+            fn,
+            flat_args,
+            {},
+            [f"in{i}" for i in range(len(flat_args))],
+            visibility,
+            lambda outs: [f"out{i}" for i in range(len(outs))],
+            copts=self.protocol_config.compiler_options(),
+        )
+        key = f"{name}-{hashlib.sha1(executable.code).hexdigest()[:12]}"
+        if key not in self._installed:
+            self.mesh.install(key, name, executable.code)
+            self._installed.add(key)
+        return key, executable.code
 
     def release_params(self, keys: list[str]) -> None:
         if self.weights_mode == "streamed":
@@ -352,20 +360,7 @@ class SecureSession(Session):
         visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
             len(flat_args) - n_secret
         )
-        executable, _ = spu_fe.compile(
-            spu_fe.Kind.JAX,
-            flat_fn,
-            flat_args,
-            {},
-            [f"in{i}" for i in range(len(flat_args))],
-            visibility,
-            lambda outs: [f"out{i}" for i in range(len(outs))],
-            copts=self.protocol_config.compiler_options(),
-        )
-        key = f"{program.name}-{hashlib.sha1(executable.code).hexdigest()[:12]}"
-        if key not in self._installed:
-            self.mesh.install(key, program.name, executable.code)
-            self._installed.add(key)
+        key, code = self._install(program.name, flat_fn, flat_args, visibility)
         compiled = _Compiled(
             key,
             inputs,
@@ -381,7 +376,7 @@ class SecureSession(Session):
             program.name,
             len(inputs),
             len(outputs),
-            len(executable.code) // 1024,
+            len(code) // 1024,
         )
         return compiled
 

@@ -46,11 +46,10 @@ CHUNK_BYTES = 16 << 20
 #: LLaMA-7B's 32000 x 4096 embedding that is 4.2 GB per party instead of 6.3 GB.
 SPLIT_BYTES = 1 << 30
 BLOCK_BYTES = 256 << 20
-_RING_BYTES = {"FM32": 4, "FM64": 8, "FM128": 16}
 
 _DT_F32 = 11
 _VIS_SECRET = 1
-_RING_BITS = {"FM64": 64, "FM128": 128}
+_RING_BITS = {"FM32": 32, "FM64": 64, "FM128": 128}
 _KEY_BYTES = 16
 
 
@@ -95,7 +94,7 @@ def _chunk_head(total: int, offset: int, size: int) -> bytes:
 def row_blocks(shape: tuple[int, ...], field: str) -> list[tuple[int, int]]:
     """The row ranges a weight of ``shape`` travels in under ``field``; [] when it goes whole."""
     shape = tuple(int(d) for d in shape)
-    per_party = 2 * _RING_BYTES[field] * int(np.prod(shape, dtype=np.int64))
+    per_party = 2 * _RING_BITS[field] // 8 * int(np.prod(shape, dtype=np.int64))
     if not shape or per_party <= SPLIT_BYTES:
         return []
     rows = max(1, BLOCK_BYTES // (per_party // shape[0]))
@@ -108,7 +107,8 @@ def block_name(name: str, k: int) -> str:
 
 
 def supported(protocol: str, field: str, world_size: int) -> bool:
-    return protocol == "aby3" and field in _RING_BITS and world_size == 3
+    # the numpy sharer writes whole 64-bit words: FM32 goes through spu.Io
+    return protocol == "aby3" and _RING_BITS.get(field, 0) >= 64 and world_size == 3
 
 
 def _encode(x: np.ndarray, fxp_bits: int, words: int) -> np.ndarray:
