@@ -77,3 +77,67 @@ def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
             except subprocess.TimeoutExpired:
                 proc.kill()
         stderr.close()
+
+
+def _processes_mentioning(fragments: list[str]) -> list[int]:
+    """Pids of processes whose command line contains any of ``fragments``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(fragment in cmdline for fragment in fragments):
+            found.append(int(entry))
+    return found
+
+
+@contextlib.contextmanager
+def token_ray_head(saved: bool = False):
+    """A Ray head (``ray start --head``) with token authentication, hermetic: its own HOME and
+    temp folder (short: Ray's socket paths must fit 107 bytes), its token in its environment or,
+    with ``saved``, only in its HOME's ``.ray/auth_token``. Yields ``(address, token, saved
+    token path)``; afterwards every process of it is killed and checked gone (only this
+    cluster's: ``ray stop`` would stop every cluster of the user)."""
+    import secrets
+    import shutil
+    import tempfile
+
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_cli is None:
+        import pytest
+
+        pytest.skip("the ray command is not installed")
+    root = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    home = os.path.join(root, "home")
+    os.makedirs(home)
+    token = secrets.token_hex(32)
+    port, client_port, dashboard_port = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=home, RAY_AUTH_MODE="token")
+    saved_path = os.path.join(home, ".ray", "auth_token")
+    if saved:
+        os.makedirs(os.path.dirname(saved_path))
+        with open(saved_path, "w") as f:
+            f.write(token)
+    else:
+        env["RAY_AUTH_TOKEN"] = token
+    command = [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={root}/ray"]
+    command += [f"--ray-client-server-port={client_port}", f"--dashboard-port={dashboard_port}"]  # ephemeral
+    # ports: never in Ray's worker range (10002-19999)
+    command += ["--include-dashboard=false", "--disable-usage-stats", "--num-cpus=1"]
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}", token, saved_path
+    finally:
+        started = _processes_mentioning([root, f":{port} ", f"={port} "])
+        started += [child for pid in started for child in descendants(pid)]
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        left = wait_gone(started)
+        shutil.rmtree(root, ignore_errors=True)
+        assert left == [], f"Ray processes left behind: {left}"

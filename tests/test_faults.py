@@ -8,6 +8,7 @@ the topology, and TLS on the links (certificates made by ``puma node certs``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from tests.parties import (
     descendants,
     free_ports,
     local_parties,
+    token_ray_head,
     wait_for_ports,
     wait_gone,
     write_topology,
@@ -383,3 +385,90 @@ def test_ray_token_missing_or_refused_is_one_line_at_once(tmp_path):
         assert time.monotonic() - start < 60  # no 20 s of ray.init retries per attempt
     finally:
         server.stop(0)
+
+
+def test_token_cluster_takes_the_token_from_the_environment(tmp_path):
+    """A real Ray head with token authentication, its token nowhere on the driver's side but in
+    ``RAY_AUTH_TOKEN`` (Ray itself ignores that variable unless ``RAY_AUTH_MODE=token``): the
+    job runs and matches plaintext; without the token it is one line at once. Child processes,
+    for the reason above; the driver gets a HOME of its own, so no saved token is found."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    topo = write_topology(tmp_path / "t.yaml", connect_s=10)
+    args = [sys.executable, "-m", "puma.cli", "generate", "-m", PRESET, "--ids", "1,2", "-n", "2", "--json"]
+    with token_ray_head() as (address, token, _):
+        args += ["--backend", "ray", "-c", topo, "--ray-address", address]
+        start = time.monotonic()
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        _one_error_line(done.stderr, "uses token authentication", "--ray-token")
+        assert time.monotonic() - start < 15
+        done = subprocess.run(args, env=dict(env, RAY_AUTH_TOKEN=token), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    plain = SecureModel.from_pretrained(PRESET).generate_ids([[1, 2]], 2)
+    assert json.loads(done.stdout)["tokens"] == plain.tokens[0]
+
+
+def test_cluster_that_does_not_register_the_driver_is_one_line_within_connect_s(tmp_path):
+    """A token-auth head whose saved token is removed while it runs no longer registers drivers,
+    so ``ray.init`` would wait without end; puma's probe names the wait after ``connect_s``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    topo = write_topology(tmp_path / "t.yaml", connect_s=5)
+    with token_ray_head(saved=True) as (address, token, saved_path):
+        os.remove(saved_path)
+        args = [sys.executable, "-m", "puma.cli", "generate", "-m", PRESET, "--ids", "1,2", "--backend", "ray"]
+        args += ["-c", topo, "--ray-address", address, "--ray-token", token]
+        start = time.monotonic()
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        _one_error_line(done.stderr, "did not register a driver within 5 s", "ray status")
+        assert time.monotonic() - start < 5 + 15  # connect_s + imports
+
+
+def test_ray_parties_link_over_tls(tmp_path, capsys):
+    """Ray parties take the topology's TLS: with ``puma node certs``' files the job matches
+    plaintext; with a CA that signed none of the parties' certificates each party refuses at
+    once, naming the files (SPU's links would retry the failing handshakes for about 10 x
+    ``connect_s``)."""
+    pytest.importorskip("cryptography")
+    good = {"cert": "certs/party.crt", "key": "certs/party.key", "ca": "certs/ca.crt"}
+    topo = write_topology(tmp_path / "tls.yaml", tls=good)
+    assert cli.main(["node", "certs", "-c", topo]) == 0
+    elsewhere = {"cert": "other/party.crt", "key": "other/party.key", "ca": "other/ca.crt"}
+    assert cli.main(["node", "certs", "-c", write_topology(tmp_path / "other.yaml", tls=elsewhere)]) == 0
+    with SecureModel.from_pretrained(PRESET, backend="ray", config=topo) as m:
+        secure = m.generate_ids(_ids(), 3)
+    assert secure.tokens == SecureModel.from_pretrained(PRESET).generate_ids(_ids(), 3).tokens
+    capsys.readouterr()
+    mixed = write_topology(tmp_path / "mixed.yaml", tls=dict(good, ca="other/ca.crt"))
+    start = time.monotonic()
+    assert cli.main(["generate", "-m", PRESET, "--ids", "1,2", "--backend", "ray", "-c", mixed]) == 1
+    assert time.monotonic() - start < 20
+    _one_error_line(capsys.readouterr().err, "certs/party.crt is not signed by the CA in", "other/ca.crt")
+
+
+@pytest.fixture(scope="module")
+def two_cas(tmp_path_factory):
+    """Two certificate sets from ``puma node certs`` (two CAs) in one folder."""
+    pytest.importorskip("cryptography")
+    root = tmp_path_factory.mktemp("cas")
+    for name in ("a", "b"):
+        tls = {"cert": f"{name}/party.crt", "key": f"{name}/party.key", "ca": f"{name}/ca.crt"}
+        assert cli.main(["node", "certs", "-c", write_topology(root / f"{name}.yaml", tls=tls)]) == 0
+    return root
+
+
+@pytest.mark.parametrize(
+    "cert, key, ca, fragment",
+    [
+        ("a/party.crt", "b/party.key", "a/ca.crt", "b/party.key does not belong to"),
+        ("a/party.crt", "a/party.key", "b/ca.crt", "is not signed by the CA in"),
+        ("a/party.key", "a/party.key", "a/ca.crt", "unusable TLS files"),
+    ],
+)
+def test_tls_files_that_cannot_work_are_refused_at_party_start(two_cas, capfd, cert, key, ca, fragment):
+    tls = {"cert": str(two_cas / cert), "key": str(two_cas / key), "ca": str(two_cas / ca)}
+    topo = write_topology(two_cas / "t.yaml", tls=tls)
+    assert cli.main(["node", "start", "-c", topo, "--rank", "1"]) == 3  # a party that cannot start
+    _one_error_line(capfd.readouterr().err, "party p1:", fragment)

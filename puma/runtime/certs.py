@@ -132,3 +132,49 @@ def make(topology_path: str, days: int = DAYS, overwrite: bool = False) -> list[
             _write(path, data, private, overwrite)
             written.append(path)
     return written
+
+
+def check(tls, who: str) -> None:
+    """Refuse, in one line naming ``who`` and the file, TLS settings whose handshakes could only
+    fail: a file that cannot be read or parsed, a key that does not belong to the certificate,
+    a certificate the CA did not sign, or one out of its validity period. SPU's links would
+    instead retry a failing handshake for many times ``connect_s`` and then say only that the
+    mesh did not connect. A peer holding a certificate from another CA is still found only by
+    its handshake."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise PumaError(f"{who}: cannot read the TLS {what} {path}: {err.strerror}") from None
+
+    try:
+        cert = x509.load_pem_x509_certificate(read(tls.cert, "certificate"))
+        authorities = x509.load_pem_x509_certificates(read(tls.ca, "CA certificate"))
+        key = serialization.load_pem_private_key(read(tls.key, "key"), password=None)
+    except (ValueError, TypeError) as err:
+        raise PumaError(f"{who}: unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {err}") from None
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise PumaError(f"{who}: the TLS key {tls.key} does not belong to the certificate {tls.cert}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PumaError(
+            f"{who}: the TLS certificate {tls.cert} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d}: make new ones (puma node certs -c TOPOLOGY --force)"
+        )
+    for authority in authorities:
+        try:
+            cert.verify_directly_issued_by(authority)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise PumaError(
+        f"{who}: the TLS certificate {tls.cert} is not signed by the CA in {tls.ca}: "
+        "give every party certificates from one CA (puma node certs -c TOPOLOGY)"
+    )

@@ -132,6 +132,13 @@ CONNECT_TIMEOUT_S = 30.0
 #: How long a party waits for a peer's message before it gives up (seconds).
 RECV_TIMEOUT_S = 60.0
 
+#: What a party waiting for its links to connect should check (they retry each failing
+#: handshake for a while, so the wait ends before SPU says why).
+LINKS_DID_NOT_CONNECT = (
+    "the parties' links did not connect: check that each party's link address is reachable "
+    "from the others and, with TLS, that all their certificates come from one CA"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Topology:

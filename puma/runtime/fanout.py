@@ -10,6 +10,10 @@ from typing import Any, Callable
 from puma.errors import PumaError
 
 
+class WaitTimeout(PumaError):
+    """Some parties did not answer within the time allowed (the message names them)."""
+
+
 def first_line(err: BaseException) -> str:
     """The first meaningful line of an error (SPU's messages carry a stack trace after it)."""
     text = str(err).strip() or type(err).__name__
@@ -62,7 +66,7 @@ def fan_out(
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 slow = ", ".join(who[i] for i in range(count) if not finished[i])
-                raise PumaError(f"{slow} did not {what} within {timeout:.0f} s")
+                raise WaitTimeout(f"{slow} did not {what} within {timeout:.0f} s")
             done.wait(1.0 if left is None else min(left, 1.0))
     if failures:
         i, err = failures[0]  # the first failure seen; later ones are usually its fallout

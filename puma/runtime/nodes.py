@@ -37,10 +37,10 @@ from multiprocessing import reduction
 
 from puma import progress
 from puma.errors import PumaError
-from puma.runtime import memory, wire
-from puma.runtime.config import PartySpec, ProtocolConfig, Topology
+from puma.runtime import certs, memory, wire
+from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, ProtocolConfig, Topology
 from puma.runtime.cost import RunProfile
-from puma.runtime.fanout import fan_out, first_line
+from puma.runtime.fanout import WaitTimeout, fan_out, first_line
 from puma.runtime.party import link_desc
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
@@ -81,6 +81,8 @@ class PartyServer:
         self.job: _Job | None = None
         self.standby: _Job | None = None
         self._check_link_port()
+        if topology.tls is not None:
+            certs.check(topology.tls, f"party {self.spec.id}")
         host, port = self.spec.control_host_port
         try:
             self.server = wire.listen(host, port)
@@ -511,7 +513,10 @@ class NodesMesh(Mesh):
             self.hosts = [(h["host"], h["available"]) for h in hello]
             self.heaps = [bool(h.get("heap_kept")) for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
-            self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
+            try:
+                self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
+            except WaitTimeout as err:
+                raise PumaError(f"{err}: {LINKS_DID_NOT_CONNECT}") from None
         except BaseException:
             self.close()
             raise

@@ -12,17 +12,22 @@ in the object store and passes only the reference to that party's actor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import warnings
 
 from puma.errors import PumaError
-from puma.runtime import memory
-from puma.runtime.config import CONNECT_TIMEOUT_S, RECV_TIMEOUT_S, ProtocolConfig
+from puma.runtime import certs, memory
+from puma.runtime.config import CONNECT_TIMEOUT_S, LINKS_DID_NOT_CONNECT, RECV_TIMEOUT_S, ProtocolConfig
 from puma.runtime.cost import RunProfile
-from puma.runtime.fanout import fan_out, first_line
+from puma.runtime.fanout import WaitTimeout, fan_out, first_line
 from puma.runtime.roles import CHUNK_BYTES, PartyShares
 from puma.runtime.secure import Mesh
 
@@ -72,6 +77,8 @@ class PartyActor:
         from puma.runtime.party import ComputeParty, ProcessLog, link_desc
 
         self.process_log = ProcessLog.get()
+        if tls is not None:
+            certs.check(tls, f"party {self.rank}")
         desc = link_desc([(f"party{r}", addr) for r, addr in enumerate(addresses)], connect_s, recv_timeout_s, tls)
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
@@ -203,11 +210,58 @@ def check_token(address: str, token: str | None, timeout_s: float) -> None:
     )
 
 
+_PROBE = """
+import logging, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)
+ray.shutdown()
+"""
+
+
+def check_registers(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` with one line when the cluster accepts connections but does not
+    register a driver: ``ray.init`` would then wait without end, holding Python's lock so that
+    no timer in this process can fire (seen when a node has lost its saved token). The probe is
+    a throw-away driver in a child process (about a second; it appears in the cluster's job
+    list); whatever else it meets is left for ``ray.init`` here to report."""
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        probe.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        raise PumaError(
+            f"the Ray cluster at {address} accepts connections but did not register a driver within "
+            f"{timeout_s:.0f} s: check its nodes (`ray status`; each node needs the cluster's token, "
+            "e.g. in ~/.ray/auth_token) and the head's logs (session_latest/logs in its temp folder)"
+        ) from None
+    finally:
+        if probe.poll() is None:
+            os.killpg(probe.pid, signal.SIGKILL)
+            probe.wait()
+
+
 def _default_token() -> bool:
     """Whether Ray would authenticate with a token it keeps (``RAY_AUTH_TOKEN_PATH`` or
     ``~/.ray/auth_token``) when none is given."""
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
     return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """Keep this process's SIGTERM handler across ``ray.init``, which installs one that exits
+    with status 15 (the CLI's closes sessions and reports the signal)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class RayMesh(Mesh):
@@ -228,20 +282,24 @@ class RayMesh(Mesh):
         :class:`~puma.runtime.config.TLSConfig`, its files present on every node), mutual TLS.
         ``token`` authenticates to a cluster with Ray's token authentication (the default of
         ``ray start --head`` since Ray 2.59; ``RAY_AUTH_TOKEN`` in the environment works too)."""
-        if token:  # before Ray is imported: it reads its authentication settings then
+        token = token or os.environ.get("RAY_AUTH_TOKEN")
+        if token:  # before Ray is imported: it reads its authentication settings then, and
+            # ignores RAY_AUTH_TOKEN unless RAY_AUTH_MODE says "token"
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = token
         import ray
 
         if address and not ray.is_initialized():
             check_reachable(address, connect_timeout_s)
-            check_token(address, token or os.environ.get("RAY_AUTH_TOKEN"), connect_timeout_s)
+            check_token(address, token, connect_timeout_s)
+            check_registers(address, connect_timeout_s)
         self.world_size = protocol.world_size
         self.timeout = recv_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._started_ray = False
         if not ray.is_initialized():
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _own_sigterm():
                     # Ray starts its daemons with fork+exec, which JAX warns about needlessly
                     warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
                     if address:
@@ -268,19 +326,33 @@ class RayMesh(Mesh):
                 options["resources"] = {tag: 0.001}
             self.actors.append(actor_cls.options(**options).remote(rank))
         try:
-            addresses = self._get([a.address.remote() for a in self.actors], "start")
-            hosts = self._get([a.host.remote() for a in self.actors], "start")
+            addresses = self._started([a.address.remote() for a in self.actors])
+            hosts = self._get([a.host.remote() for a in self.actors], "start", timeout=connect_timeout_s)
             self.hosts = [(name, free) for name, free, _ in hosts]
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
-            self._get(
-                [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
-                "open links",
-                timeout=connect_timeout_s + 30,
-            )
+            try:
+                self._get(
+                    [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
+                    "open links",
+                    timeout=connect_timeout_s + 30,
+                )
+            except WaitTimeout as err:
+                raise PumaError(f"{err}: {LINKS_DID_NOT_CONNECT}") from None
         except BaseException:
             self.close()
             raise
+
+    def _started(self, refs, who: list[str] | None = None) -> list:
+        """Wait up to ``connect_s`` for actors' first answers: an actor the cluster cannot
+        place (resources) or start (workers that fail to register) would keep Ray waiting."""
+        try:
+            return self._get(refs, "start", timeout=self.connect_timeout_s, who=who)
+        except WaitTimeout as err:
+            raise PumaError(
+                f"{err}: the Ray cluster did not start its actors (see `ray status` for resources "
+                "and the cluster's worker logs, e.g. for authentication errors)"
+            ) from None
 
     def _get(self, refs, what: str, timeout: float | None = None, who: list[str] | None = None) -> list:
         """Wait for one call per party (or per actor named in ``who``); the first failure raises,
@@ -294,8 +366,16 @@ class RayMesh(Mesh):
                 return f"failed during {what}: {first_line(err.cause if getattr(err, 'cause', None) else err)}"
             return f"failed during {what}: {first_line(err)}"
 
+        def get(ref):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), PumaError):
+                    raise PumaError(str(err.cause)) from None  # named its own failure, as in-process
+                raise
+
         names = [f"ray: {name}" for name in (who or [f"party {rank}" for rank in range(len(refs))])]
-        return fan_out([lambda ref=ref: ray.get(ref) for ref in refs], names, what, timeout, explain)
+        return fan_out([lambda ref=ref: get(ref) for ref in refs], names, what, timeout, explain)
 
     def open_owner(self, spec, runtime_config: bytes) -> None:
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
@@ -307,7 +387,7 @@ class RayMesh(Mesh):
             .remote(spec, runtime_config, self.world_size)
         )
         try:
-            self.owner_pid = self._get([self._owner.pid.remote()], "start", who=["the model owner"])[0]
+            self.owner_pid = self._started([self._owner.pid.remote()], who=["the model owner"])[0]
         except BaseException:
             self.close_owner()
             raise
