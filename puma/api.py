@@ -194,17 +194,22 @@ class SecureModel:
         """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""
         return tasks.causal_logits(self.session, self.model, self.ops, [list(map(int, r)) for r in input_ids])
 
-    def embed(self, texts: Sequence[str] | Sequence[Sequence[int]] | str) -> tasks.EncodingResult:
+    def embed(
+        self, texts: Sequence[str] | Sequence[Sequence[int]] | str, batch_size: int | None = None, progress=None
+    ) -> tasks.EncodingResult:
         """L2-normalised mean-pooled sentence embeddings (BERT): outputs [B, D]. Texts, or lists
-        of token ids."""
+        of token ids; ``batch_size`` texts per secure run (default: all), ``progress(n)`` after
+        each batch."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return tasks.embed(self.session, self.model, self.ops, texts)
+        return tasks.embed(self.session, self.model, self.ops, texts, batch_size, progress)
 
-    def classify(self, texts: Sequence[str] | Sequence[Sequence[int]] | str) -> tasks.EncodingResult:
+    def classify(
+        self, texts: Sequence[str] | Sequence[Sequence[int]] | str, batch_size: int | None = None, progress=None
+    ) -> tasks.EncodingResult:
         """Classifier logits [B, num_labels] and label names (BertForSequenceClassification).
-        Texts, or lists of token ids."""
+        Texts, or lists of token ids; batches as for :meth:`embed`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return tasks.classify(self.session, self.model, self.ops, texts)
+        return tasks.classify(self.session, self.model, self.ops, texts, batch_size, progress)
 
     def close(self) -> None:
         self.session.close()

@@ -131,6 +131,24 @@ def _add_ids_arg(p) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _add_encode_args(p) -> None:
+    _add_ids_arg(p)
+    p.add_argument("--file", "-f", help="read the texts from this file, one per line ('-': standard input)")
+    p.add_argument(
+        "--batch-size", type=_positive, help="texts per secure run (default: all in one); progress per batch"
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file, preset name or 'minilm'")
     _add_backend_args(p)
@@ -173,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(emb)
     emb.add_argument("texts", nargs="*", help="sentences to embed")
-    _add_ids_arg(emb)
+    _add_encode_args(emb)
     emb.set_defaults(func=cmd_embed)
 
     cls = sub.add_parser("classify", parents=[common], help="sequence classification (BertForSequenceClassification)")
     _add_model_args(cls)
     cls.add_argument("texts", nargs="*", help="texts to classify")
-    _add_ids_arg(cls)
+    _add_encode_args(cls)
     cls.set_defaults(func=cmd_classify)
 
     demo = sub.add_parser(
@@ -314,11 +332,29 @@ def _open(args):
     return args.secure_model
 
 
-def _progress(total: int, what: str):
+def _progress(total: int, what: str, unit: str = "tok"):
     """A tqdm bar on stderr when it is a terminal, else nothing."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit="tok", disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=what, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+
+
+def _read_lines(path: str) -> list[str]:
+    """The non-empty lines of ``path`` ('-': standard input), stripped."""
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except OSError as err:
+        raise PumaError(f"cannot read texts from {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise PumaError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise PumaError(f"{path} has no texts (one per line)")
+    return texts
 
 
 def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
@@ -408,10 +444,15 @@ def cmd_generate(args) -> int:
 
 
 def _cmd_encode(args, task: str) -> int:
-    """``embed`` and ``classify``: one BERT pass over texts or --ids rows."""
+    """``embed`` and ``classify``: BERT passes over texts (arguments or --file) or --ids rows, in
+    batches of --batch-size."""
+    if args.file:
+        args.texts = [*args.texts, *_read_lines(args.file)]
     inputs = _inputs(args, args.texts)
-    with _open(args) as m:
-        result = m.embed(inputs) if task == "embed" else m.classify(inputs)
+    run = {"embed": "embedding", "classify": "classifying"}[task]
+    with _open(args) as m, _progress(len(inputs), run, "text") as bar:
+        call = m.embed if task == "embed" else m.classify
+        result = call(inputs, batch_size=args.batch_size, progress=bar.update)
     shown = args.texts or [",".join(map(str, r)) for r in args.ids]
     payload = {"texts": args.texts, "backend": args.backend, "approx": args.approx, "model": args.model}
     if args.ids:

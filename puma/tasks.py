@@ -534,20 +534,58 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embed(session: Session, model: LoadedModel, ops, texts: Sequence[str] | Sequence[Sequence[int]]) -> EncodingResult:
+def encode_batches(
+    session: Session,
+    model: LoadedModel,
+    ops,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    head: str,
+    batch_size: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> EncodingResult:
+    """:func:`encode` over ``texts`` in batches of ``batch_size`` (default: all in one), one
+    secure run per batch, each padded to its own longest text (every new shape compiles once);
+    ``progress(n)`` after each batch of n texts. The cost covers every batch."""
+    if not texts:
+        raise PumaError("nothing to run on: give at least one text")
+    size = len(texts) if batch_size is None else batch_size
+    if size < 1:
+        raise PumaError(f"the batch size must be at least 1 (got {size})")
+    outputs = []
+    with session.measure() as cost:
+        for start in range(0, len(texts), size):
+            chunk = texts[start : start + size]
+            ids, types, mask = encode_texts(model, chunk)
+            outputs.append(encode(session, model, ops, ids, types, mask, head).outputs)
+            if progress:
+                progress(len(chunk))
+    return EncodingResult(np.concatenate(outputs), cost)
+
+
+def embed(
+    session: Session,
+    model: LoadedModel,
+    ops,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    batch_size: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> EncodingResult:
     """Sentence embeddings: mean-pooled last hidden state, L2-normalised by the client."""
-    ids, types, mask = encode_texts(model, texts)
-    result = encode(session, model, ops, ids, types, mask, "mean")
+    result = encode_batches(session, model, ops, texts, "mean", batch_size, progress)
     result.outputs = normalize(result.outputs)
     return result
 
 
 def classify(
-    session: Session, model: LoadedModel, ops, texts: Sequence[str] | Sequence[Sequence[int]]
+    session: Session,
+    model: LoadedModel,
+    ops,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    batch_size: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> EncodingResult:
     """Sequence classification: logits per text and the argmax label names."""
-    ids, types, mask = encode_texts(model, texts)
-    result = encode(session, model, ops, ids, types, mask, "classify")
+    result = encode_batches(session, model, ops, texts, "classify", batch_size, progress)
     labels = model.config.id2label
     result.labels = [labels[i] if i < len(labels) else str(i) for i in np.argmax(result.outputs, axis=-1)]
     return result

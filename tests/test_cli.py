@@ -174,6 +174,9 @@ def test_bad_arguments_are_one_line(capsys):
     _check_usage_error(capsys, ["generate", "-m", "gpt2-debug", "--ids", "5,x"], "not a comma-separated list")
     _check_usage_error(capsys, ["generate", "-m", "gpt2-debug", "--backend", "cloud", "-p", "x"], "sim")
     _check_usage_error(capsys, ["generate", "-m", "gpt2-debug"], "--prompt", "--ids")
+    _check_usage_error(
+        capsys, ["classify", "-m", "bert-debug-cls", "--ids", "2", "--batch-size", "0"], "whole number >= 1"
+    )
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,26 @@ def test_cli_classify(capsys, tiny_bert_cls):
     assert result["stats"]["total_bytes_sent"] > 0
 
 
+def test_texts_from_a_file_in_batches(capsys, tmp_path, tiny_bert_cls):
+    """--file (one text per line, blank lines skipped) in --batch-size batches: one secure run
+    per batch, one cost over all of them, rows as plaintext embeds them in one batch."""
+    texts = ["w5 w6 w7", "w8 w9", "w10", "w11 w12 w13 w14", "w6"]
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts[:2] + [""] + texts[2:]) + "\n")
+    code, out, _ = _run(
+        capsys, "embed", "-m", str(tiny_bert_cls[0]), "--file", str(path), "--batch-size", "2", "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["texts"] == texts and result["stats"]["runs"] == 3
+    plain = SecureModel.from_pretrained(str(tiny_bert_cls[0])).embed(texts).outputs
+    assert np.min(np.sum(np.array(result["embeddings"]) * plain, axis=1)) > 0.999
+    code, _, err = _run(capsys, "embed", "-m", str(tiny_bert_cls[0]), "--file", str(tmp_path / "none.txt"))
+    assert code != 0 and err.strip().splitlines() == [
+        f"puma: error: cannot read texts from {tmp_path / 'none.txt'}: No such file or directory"
+    ]
+
+
 def test_cli_classify_needs_a_classifier_head(capsys, tiny_bert):
     code, _, err = _run(capsys, "classify", "-m", str(tiny_bert[0]), "w5 w6", "--backend", "plaintext")
     assert code != 0
