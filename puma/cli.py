@@ -451,8 +451,7 @@ def _cmd_encode(args, task: str) -> int:
     inputs = _inputs(args, args.texts)
     run = {"embed": "embedding", "classify": "classifying"}[task]
     with _open(args) as m, _progress(len(inputs), run, "text") as bar:
-        call = m.embed if task == "embed" else m.classify
-        result = call(inputs, batch_size=args.batch_size, progress=bar.update)
+        result = getattr(m, task)(inputs, batch_size=args.batch_size, progress=bar.update)
     shown = args.texts or [",".join(map(str, r)) for r in args.ids]
     payload = {"texts": args.texts, "backend": args.backend, "approx": args.approx, "model": args.model}
     if args.ids:

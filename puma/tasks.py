@@ -511,22 +511,30 @@ def encode(
     session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
 ) -> EncodingResult:
     """Run BERT with ``head`` on a padded batch; the client receives one output per row."""
+    with session.measure() as cost:
+        out = _encoded(session, model, ops, ids, types, mask, head)
+    return EncodingResult(out, cost)
+
+
+def _encoded(
+    session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
+) -> np.ndarray:
+    """The secure BERT run of :func:`encode`, unmeasured."""
     if model.causal:
         raise PumaError(f"{model.source} is a {model.family} model: embeddings and classification need an encoder")
     if head == "classify" and not model.config.has_classifier:
         raise PumaError(f"{model.source} has no classifier head: use a BertForSequenceClassification checkpoint")
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
-    with session.measure() as cost:
-        secret = {
-            "input_ids": client_ids(ops, ids, model.config.vocab_size),
-            "token_type_ids": client_ids(ops, types, model.config.type_vocab_size),
-        }
-        public = {"attention_mask": mask, "position_ids": positions}
-        if session.staged:
-            out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head), head_name=head)
-        else:
-            out = session.run(encoder_program(model, ops, head), secret, public)
-    return EncodingResult(np.asarray(out["output"]), cost)
+    secret = {
+        "input_ids": client_ids(ops, ids, model.config.vocab_size),
+        "token_type_ids": client_ids(ops, types, model.config.type_vocab_size),
+    }
+    public = {"attention_mask": mask, "position_ids": positions}
+    if session.staged:
+        out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head), head_name=head)
+    else:
+        out = session.run(encoder_program(model, ops, head), secret, public)
+    return np.asarray(out["output"])
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -556,7 +564,7 @@ def encode_batches(
         for start in range(0, len(texts), size):
             chunk = texts[start : start + size]
             ids, types, mask = encode_texts(model, chunk)
-            outputs.append(encode(session, model, ops, ids, types, mask, head).outputs)
+            outputs.append(_encoded(session, model, ops, ids, types, mask, head))
             if progress:
                 progress(len(chunk))
     return EncodingResult(np.concatenate(outputs), cost)

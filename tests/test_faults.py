@@ -387,13 +387,17 @@ def test_ray_token_missing_or_refused_is_one_line_at_once(tmp_path):
         server.stop(0)
 
 
+def _driver_env(home) -> dict:
+    """This environment without Ray settings and with a HOME of its own (no saved Ray token)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(home)}
+
+
 def test_token_cluster_takes_the_token_from_the_environment(tmp_path):
     """A real Ray head with token authentication, its token nowhere on the driver's side but in
     ``RAY_AUTH_TOKEN`` (Ray itself ignores that variable unless ``RAY_AUTH_MODE=token``): the
     job runs and matches plaintext; without the token it is one line at once. Child processes,
     for the reason above; the driver gets a HOME of its own, so no saved token is found."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["HOME"] = str(tmp_path)
+    env = _driver_env(tmp_path)
     topo = write_topology(tmp_path / "t.yaml", connect_s=10)
     args = [sys.executable, "-m", "puma.cli", "generate", "-m", PRESET, "--ids", "1,2", "-n", "2", "--json"]
     with token_ray_head() as (address, token, _):
@@ -412,8 +416,7 @@ def test_token_cluster_takes_the_token_from_the_environment(tmp_path):
 def test_cluster_that_does_not_register_the_driver_is_one_line_within_connect_s(tmp_path):
     """A token-auth head whose saved token is removed while it runs no longer registers drivers,
     so ``ray.init`` would wait without end; puma's probe names the wait after ``connect_s``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["HOME"] = str(tmp_path)
+    env = _driver_env(tmp_path)
     topo = write_topology(tmp_path / "t.yaml", connect_s=5)
     with token_ray_head(saved=True) as (address, token, saved_path):
         os.remove(saved_path)

@@ -10,10 +10,6 @@ from typing import Any, Callable
 from puma.errors import PumaError
 
 
-class WaitTimeout(PumaError):
-    """Some parties did not answer within the time allowed (the message names them)."""
-
-
 def first_line(err: BaseException) -> str:
     """The first meaningful line of an error (SPU's messages carry a stack trace after it)."""
     text = str(err).strip() or type(err).__name__
@@ -33,6 +29,7 @@ def fan_out(
     timeout: float | None = None,
     explain: Callable[[BaseException], str] | None = None,
     fail_fast: bool = True,
+    timeout_hint: str | None = None,
 ) -> list:
     """Run ``calls[i]`` for every party i in a thread of its own; their results, in order.
 
@@ -40,7 +37,8 @@ def fan_out(
     any other error becomes ``PumaError("<who[i]> <explain(err)>")`` (default: "failed to
     <what>: <its first line>"). With ``fail_fast`` the first failure ends the wait (the other
     calls finish in their threads); otherwise every call is waited for and the first failure
-    raised. With ``timeout`` (seconds), the parties that have not answered by then are named.
+    raised. With ``timeout`` (seconds), the parties that have not answered by then are named,
+    followed by ``timeout_hint`` (what to check) when given.
     """
     explain = explain or (lambda err: f"failed to {what}: {first_line(err)}")
     count = len(calls)
@@ -66,7 +64,8 @@ def fan_out(
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 slow = ", ".join(who[i] for i in range(count) if not finished[i])
-                raise WaitTimeout(f"{slow} did not {what} within {timeout:.0f} s")
+                hint = f": {timeout_hint}" if timeout_hint else ""
+                raise PumaError(f"{slow} did not {what} within {timeout:.0f} s{hint}")
             done.wait(1.0 if left is None else min(left, 1.0))
     if failures:
         i, err = failures[0]  # the first failure seen; later ones are usually its fallout

@@ -40,7 +40,7 @@ from puma.errors import PumaError
 from puma.runtime import certs, memory, wire
 from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, ProtocolConfig, Topology
 from puma.runtime.cost import RunProfile
-from puma.runtime.fanout import WaitTimeout, fan_out, first_line
+from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.party import link_desc
 from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
@@ -513,10 +513,11 @@ class NodesMesh(Mesh):
             self.hosts = [(h["host"], h["available"]) for h in hello]
             self.heaps = [bool(h.get("heap_kept")) for h in hello]
             config = topology.protocol.runtime_config().SerializeToString()
-            try:
-                self._all([("open", config)] * self.world_size, timeout=topology.connect_timeout_s + 30)
-            except WaitTimeout as err:
-                raise PumaError(f"{err}: {LINKS_DID_NOT_CONNECT}") from None
+            self._all(
+                [("open", config)] * self.world_size,
+                timeout=topology.connect_timeout_s + 30,
+                timeout_hint=LINKS_DID_NOT_CONNECT,
+            )
         except BaseException:
             self.close()
             raise
@@ -569,7 +570,7 @@ class NodesMesh(Mesh):
                     ) from err
                 time.sleep(0.3)
 
-    def _all(self, messages: list[tuple], timeout: float | None = None) -> list:
+    def _all(self, messages: list[tuple], timeout: float | None = None, timeout_hint: str | None = None) -> list:
         """Send messages[r] to party r and wait for every reply; fail fast on the first error."""
 
         def exchange(rank: int):
@@ -589,6 +590,7 @@ class NodesMesh(Mesh):
             f"answer {messages[0][0]!r}",
             timeout,
             explain=lambda err: f"died or dropped the connection ({first_line(err)})",
+            timeout_hint=timeout_hint,
         )
 
     def deliver(self, bundles: list[PartyShares]) -> None:

@@ -27,7 +27,7 @@ from puma.errors import PumaError
 from puma.runtime import certs, memory
 from puma.runtime.config import CONNECT_TIMEOUT_S, LINKS_DID_NOT_CONNECT, RECV_TIMEOUT_S, ProtocolConfig
 from puma.runtime.cost import RunProfile
-from puma.runtime.fanout import WaitTimeout, fan_out, first_line
+from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.roles import CHUNK_BYTES, PartyShares
 from puma.runtime.secure import Mesh
 
@@ -251,6 +251,13 @@ def _default_token() -> bool:
     return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
+#: What to check when the cluster does not start the actors puma asked for.
+_ACTORS_DID_NOT_START = (
+    "the Ray cluster did not start its actors (see `ray status` for resources "
+    "and the cluster's worker logs, e.g. for authentication errors)"
+)
+
+
 @contextlib.contextmanager
 def _own_sigterm():
     """Keep this process's SIGTERM handler across ``ray.init``, which installs one that exits
@@ -327,18 +334,16 @@ class RayMesh(Mesh):
             self.actors.append(actor_cls.options(**options).remote(rank))
         try:
             addresses = self._started([a.address.remote() for a in self.actors])
-            hosts = self._get([a.host.remote() for a in self.actors], "start", timeout=connect_timeout_s)
+            hosts = self._started([a.host.remote() for a in self.actors])
             self.hosts = [(name, free) for name, free, _ in hosts]
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
-            try:
-                self._get(
-                    [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
-                    "open links",
-                    timeout=connect_timeout_s + 30,
-                )
-            except WaitTimeout as err:
-                raise PumaError(f"{err}: {LINKS_DID_NOT_CONNECT}") from None
+            self._get(
+                [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
+                "open links",
+                timeout=connect_timeout_s + 30,
+                timeout_hint=LINKS_DID_NOT_CONNECT,
+            )
         except BaseException:
             self.close()
             raise
@@ -346,15 +351,16 @@ class RayMesh(Mesh):
     def _started(self, refs, who: list[str] | None = None) -> list:
         """Wait up to ``connect_s`` for actors' first answers: an actor the cluster cannot
         place (resources) or start (workers that fail to register) would keep Ray waiting."""
-        try:
-            return self._get(refs, "start", timeout=self.connect_timeout_s, who=who)
-        except WaitTimeout as err:
-            raise PumaError(
-                f"{err}: the Ray cluster did not start its actors (see `ray status` for resources "
-                "and the cluster's worker logs, e.g. for authentication errors)"
-            ) from None
+        return self._get(refs, "start", timeout=self.connect_timeout_s, who=who, timeout_hint=_ACTORS_DID_NOT_START)
 
-    def _get(self, refs, what: str, timeout: float | None = None, who: list[str] | None = None) -> list:
+    def _get(
+        self,
+        refs,
+        what: str,
+        timeout: float | None = None,
+        who: list[str] | None = None,
+        timeout_hint: str | None = None,
+    ) -> list:
         """Wait for one call per party (or per actor named in ``who``); the first failure raises,
         naming the actor."""
         import ray
@@ -375,7 +381,8 @@ class RayMesh(Mesh):
                 raise
 
         names = [f"ray: {name}" for name in (who or [f"party {rank}" for rank in range(len(refs))])]
-        return fan_out([lambda ref=ref: get(ref) for ref in refs], names, what, timeout, explain)
+        calls = [lambda ref=ref: get(ref) for ref in refs]
+        return fan_out(calls, names, what, timeout, explain, timeout_hint=timeout_hint)
 
     def open_owner(self, spec, runtime_config: bytes) -> None:
         """Run the model owner as its own actor; its share bundles go by reference to the parties."""
