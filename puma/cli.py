@@ -271,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--readme", default="README.md")
     br.add_argument("--results", default="bench-results")
     br.set_defaults(func=cmd_bench_report)
+    bpe = bench_sub.add_parser(
+        "peers",
+        parents=[common],
+        help="PUMA's own code path and SPU's example setup beside puma's sets, in one run (sim)",
+    )
+    bpe.add_argument("--rows", nargs="+", default=["gpt2", "bert-base"], help="rows (see puma/bench/peers.py ROWS)")
+    bpe.add_argument("--peers", nargs="+", default=["puma-code", "spu-example"])
+    bpe.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
+    bpe.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="wait for other processes to go quiet before each cell (up to 10 minutes), else stop",
+    )
+    bpe.add_argument("--out", default="bench-results/peers.json")
+    bpe.add_argument("--fresh", action="store_true", help="ignore completed rows in --out")
+    bpe.set_defaults(func=cmd_bench_peers)
     bg = bench_sub.add_parser(
         "generation", parents=[common], help="bytes per prefill and decode step, with and without the secure KV cache"
     )
@@ -534,6 +550,13 @@ def cmd_bench_costs(args) -> int:
         quiet=args.require_quiet,
     )
     return _wrote(args, costs.markdown(result, args.network))
+
+
+def cmd_bench_peers(args) -> int:
+    from puma.bench import peers
+
+    result = peers.run(args.rows, args.peers, args.sets, args.out, resume=not args.fresh, quiet=args.require_quiet)
+    return _wrote(args, peers.markdown(result))
 
 
 def cmd_bench_accuracy(args) -> int:

@@ -5,7 +5,10 @@ on each function's domain (``puma.bench.functions.accuracy_cases``: GeLU/SiLU on
 softmax rows of 128 scores in [-20, 20] half masked, norm rows of 768, embeddings of random ids,
 argmax over rows of 1001 logits with many exact ties, where the index must equal ``np.argmax``'s).
 One shared base run per set and backend computes every function's error; BOUNDS holds the bound
-each docstring states (measured value rounded up). Exact point values of PUMA's piecewise
+each docstring states, rounded up. SPU's truncations are randomised, so an error under SPU varies
+from run to run: its bound covers the largest of 100 runs with a margin (puma-fast's norms: up to
+2.8e-4 over 100 runs, median 1.7e-4; one CI run saw 2.51e-4 against a bound of 2.5e-4 set from
+a few runs). Exact point values of PUMA's piecewise
 definitions are checked against a direct numpy evaluation of the paper's formulas.
 """
 
@@ -34,11 +37,11 @@ BOUNDS = {
         "argmax": (0.0, 0.0),
     },
     "puma-fast": {
-        "gelu": (7.2e-3, 7.5e-3),
+        "gelu": (7.2e-3, 8e-3),
         "silu": (6.4e-3, 9e-3),
         "softmax": (2.4e-4, 2.5e-4),
-        "layer_norm": (3e-6, 2.5e-4),
-        "rms_norm": (3e-6, 2.5e-4),
+        "layer_norm": (3e-6, 3.5e-4),
+        "rms_norm": (3e-6, 3.5e-4),
         "embed": (0.0, 5e-6),
         "argmax": (0.0, 0.0),
     },

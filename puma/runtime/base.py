@@ -40,8 +40,9 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def _run(
         self, program: Program, secret: dict, public: dict, state: str | None, bind: dict
-    ) -> tuple[dict, list, int]:
-        """Run once; return (revealed outputs, per-party profiles, io bytes)."""
+    ) -> tuple[dict, list, tuple[int, int]]:
+        """Run once; return (revealed outputs, per-party profiles, (bytes of the client's input
+        shares, bytes of the output shares it received))."""
 
     #: Run models stage by stage (:mod:`puma.staged`) instead of as one program.
     staged: bool = False
@@ -87,10 +88,12 @@ class Session(abc.ABC):
         """
         start = time.perf_counter()
         self._compile_s = 0.0
-        reveal, profiles, io_bytes = self._run(program, dict(secret or {}), dict(public or {}), state, dict(bind or {}))
+        reveal, profiles, client_io = self._run(
+            program, dict(secret or {}), dict(public or {}), state, dict(bind or {})
+        )
         elapsed = time.perf_counter() - start - self._compile_s
         for report in self._reports:
-            report.add_run(program.name, profiles, elapsed, io_bytes, self._compile_s)
+            report.add_run(program.name, profiles, elapsed, client_io, self._compile_s)
         return reveal
 
     @contextlib.contextmanager
@@ -168,7 +171,7 @@ class PlaintextSession(Session):
             slot = self._states.setdefault(state, {})
             for k, v in new_state.items():
                 slot[bind.get(k, k)] = v
-        return jax.tree_util.tree_map(np.asarray, reveal), [], 0
+        return jax.tree_util.tree_map(np.asarray, reveal), [], (0, 0)
 
     def free(self, state: str) -> None:
         self._states.pop(state, None)

@@ -6,7 +6,9 @@ sends and receives over its links during program execution (SPU's link statistic
 equals the total traffic on the wire (each byte is sent once and received once, so adding the
 received bytes would count it twice). ``total_send_actions`` sums the parties' send calls.
 Sharing weights and inputs and reconstructing outputs happen outside program execution and are
-reported separately as ``io_bytes`` (the size of the shares moved between roles).
+reported separately: ``client_upload_bytes`` (the client's input shares, sent to the parties),
+``client_download_bytes`` (the output shares the parties send the client) and their sum
+``io_bytes``.
 
 Streamed weights (shared stage by stage, see :mod:`puma.staged`) are reported apart as
 ``weight_bytes`` (what the owner sent the parties, in the compact form of
@@ -218,7 +220,8 @@ class CostReport:
     per_op: dict[str, OpCost] = dataclasses.field(default_factory=dict)
     wall_s: float = 0.0
     runs: int = 0
-    io_bytes: int = 0
+    client_upload_bytes: int = 0
+    client_download_bytes: int = 0
     runs_by_program: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
     unprofiled_runs: int = 0  # runs whose costs could not be attributed per party (left out above)
@@ -252,17 +255,27 @@ class CostReport:
         return sum(p.bytes_sent for p in self.per_party)
 
     @property
+    def io_bytes(self) -> int:
+        return self.client_upload_bytes + self.client_download_bytes
+
+    @property
     def total_send_actions(self) -> int:
         return sum(p.send_actions for p in self.per_party)
 
     def add_run(
-        self, program: str, parties: list[RunProfile | None], wall_s: float, io_bytes: int = 0, compile_s: float = 0.0
+        self,
+        program: str,
+        parties: list[RunProfile | None],
+        wall_s: float,
+        client_io: tuple[int, int] = (0, 0),
+        compile_s: float = 0.0,
     ) -> None:
         """Fold one run (one profile per party, ``None`` where a party was not profiled) in."""
         self.runs += 1
         self.wall_s += wall_s
         self.compile_s += compile_s
-        self.io_bytes += io_bytes
+        self.client_upload_bytes += client_io[0]
+        self.client_download_bytes += client_io[1]
         self.runs_by_program[program] = self.runs_by_program.get(program, 0) + 1
         if any(profile is None for profile in parties):
             self.unprofiled_runs += 1
@@ -287,6 +300,8 @@ class CostReport:
             "runs": self.runs,
             "runs_by_program": dict(self.runs_by_program),
             "io_bytes": self.io_bytes,
+            "client_upload_bytes": self.client_upload_bytes,
+            "client_download_bytes": self.client_download_bytes,
             "unprofiled_runs": self.unprofiled_runs,
             "weights": self.weights_mode,
             "weight_bytes": self.weight_bytes,

@@ -38,6 +38,7 @@ from multiprocessing import reduction
 from puma import progress
 from puma.errors import PumaError
 from puma.runtime import certs, memory, wire
+from puma.runtime.children import die_with
 from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, ProtocolConfig, Topology
 from puma.runtime.cost import RunProfile
 from puma.runtime.fanout import fan_out, first_line
@@ -214,7 +215,7 @@ class _Job:
 
 def _job_main(pipe, topology: Topology, rank: int, log_path: str | None, verbose: int, server: int) -> None:
     """A party's job process: wait for a driver's connection from the server, serve that one job."""
-    _die_with(server)
+    die_with(server)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
     )
@@ -360,29 +361,8 @@ def serve_party(topology: Topology, rank: int, log_path: str | None = None, verb
 # -- supervisor (puma node up / puma node start) -------------------------------------------
 
 
-def _die_with(parent: int) -> None:
-    """End this party process when its supervisor ``parent`` dies, however it dies (SIGKILL
-    included), so no party outlives it holding its ports: Linux's parent-death signal, and a
-    watchdog on the parent pid where that is not available."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        log.debug("no parent-death signal here; watching the parent pid")
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:  # it died before the signal was armed
-        os._exit(1)
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
-
-
 def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, parent: int, ready) -> None:
-    _die_with(parent)
+    die_with(parent)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
     )

@@ -396,7 +396,7 @@ class SecureSession(Session):
         bundles = self.client.share(
             {f"i:{k}": v for k, v in _flat_named(secret).items()}, {f"u:{k}": v for k, v in _flat_named(public).items()}
         )
-        io_bytes = sum(b.nbytes for b in bundles)
+        upload = sum(b.nbytes for b in bundles)
         self.mesh.deliver(bundles)
         profiles = self.mesh.run(compiled.key, inputs, outputs)
         reveal_names = outputs[: compiled.reveal_count]
@@ -408,8 +408,7 @@ class SecureSession(Session):
             current = self._states.setdefault(state, {})
             for k, v in compiled.state_avals.items():
                 current[bind.get(k, k)] = v
-        io_bytes += sum(b.nbytes for b in shares)
-        return reveal, profiles, io_bytes
+        return reveal, profiles, (upload, sum(b.nbytes for b in shares))
 
     def free(self, state: str) -> None:
         avals = self._states.pop(state, None)
