@@ -73,6 +73,7 @@ class SecureModel:
         memory_budget: int | None = None,
         staged: bool | None = None,
         share_store: str | None = None,
+        network: str | None = None,
         **backend_options,
     ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
@@ -90,11 +91,27 @@ class SecureModel:
         streamed); :attr:`weight_plan` says which mode ran and why. ``share_store`` (a folder on
         each party's own disk) keeps streamed shares at the parties between queries and
         sessions, so the owner shares each weight once (see ``SecureSession.use_share_store``).
+        ``network`` (``lan``, ``wan`` or ``BANDWIDTH,RTT``; :func:`puma.network.parse`) replaces
+        the set's embedding by the one of :mod:`puma.protocols.embeddings` that is cheapest on
+        that network for this model's table (``ops.name`` then says which, e.g.
+        ``puma-fast+gather``).
         """
         approx = default_approx(backend) if approx is None else approx
         ops = protocols.get(approx)
         progress.status("loading %s", source)
         model = load(source, overrides=overrides, weights=False)
+        if network is not None:
+            from puma.network import parse
+            from puma.protocols import embeddings
+
+            try:
+                net = parse(network)
+            except ValueError as err:
+                raise PumaError(str(err)) from None
+            config = model.config
+            hidden = getattr(config, config.FIELDS["hidden"])
+            ops = embeddings.for_network(ops, config.vocab_size, hidden, net.bandwidth_bps, net.rtt_s)
+            log.info("embedding for %s: %s (set %s)", net.describe(), embeddings.kind_of(ops), ops.name)
         if backend != "plaintext":
             progress.status("opening a %s session (%s)", backend, approx)
         session = open_session(backend, spu_settings=ops.spu, **backend_options)

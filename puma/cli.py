@@ -92,7 +92,7 @@ def _connect(args) -> dict:
 
 
 def _network(text: str) -> str:
-    from puma.bench import network
+    from puma import network
 
     try:
         network.parse(text)
@@ -108,6 +108,12 @@ def _add_approx_args(p: argparse.ArgumentParser) -> None:
         "--approx",
         choices=protocols.names(),
         help="approximation set (default: puma-fast under MPC, exact in plaintext)",
+    )
+    p.add_argument(
+        "--network",
+        type=_network,
+        help="pick the embedding (gather, equality or client one-hot) cheapest on this network: "
+        "lan, wan or BANDWIDTH,RTT such as 1G,10ms (default: the set's own)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -287,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     bpe.add_argument("--out", default="bench-results/peers.json")
     bpe.add_argument("--fresh", action="store_true", help="ignore completed rows in --out")
     bpe.set_defaults(func=cmd_bench_peers)
+    bem = bench_sub.add_parser(
+        "embeddings",
+        parents=[common],
+        help="the three secure embeddings: measured, fitted to the cost model, compared per network (sim)",
+    )
+    bem.add_argument("--no-models", action="store_true", help="only the small shapes the cost model is fitted to")
+    bem.add_argument("--out", default="bench-results/embeddings.json")
+    bem.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    bem.set_defaults(func=cmd_bench_embeddings)
     bg = bench_sub.add_parser(
         "generation", parents=[common], help="bytes per prefill and decode step, with and without the secure KV cache"
     )
@@ -335,6 +350,7 @@ def _backend_options(args) -> dict:
         "field": args.field,
         "ray_address": args.ray_address,
         "ray_token": args.ray_token,
+        "network": getattr(args, "network", None),
     }
 
 
@@ -345,6 +361,7 @@ def _open(args):
     args.secure_model = SecureModel.from_pretrained(
         args.model, approx=args.approx, backend=args.backend, **_backend_options(args)
     )
+    args.approx = args.secure_model.ops.name  # with --network: the set and the embedding picked
     return args.secure_model
 
 
@@ -557,6 +574,13 @@ def cmd_bench_peers(args) -> int:
 
     result = peers.run(args.rows, args.peers, args.sets, args.out, resume=not args.fresh, quiet=args.require_quiet)
     return _wrote(args, peers.markdown(result))
+
+
+def cmd_bench_embeddings(args) -> int:
+    from puma.bench import embeddings
+
+    result = embeddings.run(args.out, resume=not args.fresh, models=not args.no_models)
+    return _wrote(args, embeddings.markdown(result))
 
 
 def cmd_bench_accuracy(args) -> int:

@@ -144,7 +144,7 @@ def test_bench_on_nodes_needs_and_uses_a_topology(tmp_path, capsys):
 
 
 def test_network_time_model_on_hand_computed_cases():
-    from puma.bench import network
+    from puma import network
 
     lan, wan = network.NETWORKS["lan"], network.NETWORKS["wan"]
     # 10 s compute, 1000 rounds, 1 GB from the busiest party

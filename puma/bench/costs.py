@@ -28,9 +28,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from puma import tasks
+from puma import network, tasks
 from puma.api import SecureModel
-from puma.bench import network
 from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
 from puma.errors import PumaError
@@ -231,14 +230,18 @@ def measure_row(
     layers = full_layers(row.preset)
     tag = f"{row.name}/{_size_tag(size)}/{approx}"
 
+    used = []
+
     def part(n: int, extra: tuple = ()) -> dict:
         overrides = dict(row.overrides) | {layers_key: n} | dict(extra)
         key = f"parts/{row.preset}/{_size_tag(size)}/{approx}/" + ",".join(
             f"{k}={v}" for k, v in sorted(overrides.items())
         )
-        return store.measure(
+        measured = store.measure(
             key, lambda: run_once(row.preset, size, approx, backend, overrides, connect=connect, quiet=quiet)
         )
+        used.append(measured)
+        return measured
 
     if size in row.whole:
         whole = store.measure(
@@ -265,6 +268,13 @@ def measure_row(
     result["layers"] = layers
     if result["how"] == "composed":
         result.update({k: composed[k] for k in (*ADDITIVE, "per_op")})
+        loads = [p.get("load") for p in used]
+        if all(loads):  # a composed time is contended when any run it comes from was
+            result["load"] = {
+                "others_cpu_s": round(sum(load["others_cpu_s"] for load in loads), 2),
+                "wall_s": round(sum(load["wall_s"] for load in loads), 2),
+                "contended": any(load["contended"] for load in loads),
+            }
     else:
         result["composition_error"] = composed["bytes_sent"] / result["bytes_sent"] - 1.0
     if validate and not row.preset.startswith("llama"):
@@ -340,7 +350,7 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
         + "Modelled time under "
         + ", ".join(n.describe() for n in nets.values())
         + ": this machine's compute seconds + busiest party's send actions x RTT + its bytes / bandwidth "
-        "(puma/bench/network.py).",
+        "(puma/network.py).",
         "",
         "| model | input | set | GB | send actions (max party) | seconds | secure / plaintext time | "
         f"PUMA paper GB / s | how | weights (streaming s) | peak RSS GiB | {heads} |",
@@ -368,7 +378,8 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
         if parties:  # party processes of their own: the driver's peak and the largest party's
             peak_text += f" + {len(parties)} x {max(parties) / 2**30:.2f}"
         modelled = network.cell_times(cell, nets)
-        seconds = f"{cell['run_s']:.1f}" + (" (contended)" if cell.get("load", {}).get("contended") else "")
+        load = cell.get("load")
+        seconds = f"{cell['run_s']:.1f}" + (" †" if load is None else " (contended)" if load["contended"] else "")
         # streamed plaintext stages measured before their outputs were waited for: compute was
         # timed as weight loading, so the ratio would be inflated
         unsynced = cell.get("weights") == "streamed" and not cell.get("plaintext_synced")
@@ -378,6 +389,11 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
             f"{cell['max_party_send_actions']} | {seconds} | {ratio} | "
             f"{paper_text} | {how} | {weights} | {peak_text} | " + " | ".join(f"{modelled[k]:.1f}" for k in nets) + " |"
         )
+    lines += [
+        "",
+        "Seconds marked † were measured before cells recorded the machine's load: they may be contended "
+        "(re-measure with `--fresh --require-quiet`); unmarked ones ran on a quiet machine.",
+    ]
     stepped = {k: c for k, c in result["cells"].items() if not k.startswith("parts/") and len(c.get("steps", [])) > 1}
     if stepped:
         lines += [

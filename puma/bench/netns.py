@@ -3,7 +3,7 @@
 Each party runs (``puma node start --rank r``) in its own namespace ``puma-p<r>``, joined to a
 bridge in the driver's namespace by a veth pair; ``tc tbf`` limits every party's egress to
 ``rate`` (``netem`` delay is not available on these machines, so only the bandwidth term of
-:mod:`puma.bench.network` is checked). A model runs once unlimited and once limited, in the same
+:mod:`puma.network` is checked). A model runs once unlimited and once limited, in the same
 namespaces; the model's prediction for the limited run is the unlimited run's seconds plus the
 busiest party's bytes / rate plus its send actions x the namespaces' round trip (tens of µs).
 Needs root (``ip netns``); everything made is removed afterwards, whatever happens.
@@ -166,7 +166,7 @@ def measure(preset: str, size, approx: str, rate: str | None, overrides: dict, f
 
 def validate(preset: str = "bert-base", size=128, approx: str = "puma-fast", rate_mbit: int = 200, layers: int = 2):
     """The unlimited and the limited run, and the model's error on the limited one."""
-    from puma.bench import network
+    from puma import network
     from puma.bench.costs import presets
 
     reason = available()

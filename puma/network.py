@@ -1,6 +1,6 @@
 """Wall time under a named network, modelled from a measured run.
 
-    time(network) = compute_s + rounds * RTT + busiest_bytes * 8 / bandwidth
+    time(network) = compute_s + rounds * RTT + (busiest_bytes + client_bytes) * 8 / bandwidth
 
 ``compute_s`` is the run's wall time on this machine with the parties on in-memory links or
 loopback (weight streaming excluded), so it already contains the local cost of every message;
@@ -10,7 +10,9 @@ an upper bound on the critical path's round trips: sends that overlap are counte
 their own links, so the busiest one bounds the transfer). Assumptions: links are full-duplex and
 independent per pair, bandwidth is the per-link rate, latency does not overlap with compute.
 Streamed weights are left out (``compute_s`` excludes the owner's streaming, which a share store
-removes); client input/output transfers are small and left out too.
+removes). ``client_bytes`` are the client's input shares and the output shares it receives
+(``io_bytes``), over one link of the same bandwidth: small for token ids, but a client that
+one-hot encodes its tokens uploads tokens x vocabulary shares (``puma-fast``).
 The ``nodes`` backend with each party in its own network namespace and ``tc tbf`` rate limits
 checks the bandwidth term (``netem`` delay is not available on these machines, so the latency
 term is not measured here).
@@ -81,8 +83,16 @@ def busiest_bytes(cell: dict) -> float:
     return cell["bytes_sent"] * share if "per_party" not in cell else max(sent)
 
 
+def client_bytes(cell: dict) -> float:
+    """The client's upload and download of a cost cell (0 where it was not recorded)."""
+    if "client_upload_bytes" in cell:
+        return cell["client_upload_bytes"] + cell.get("client_download_bytes", 0)
+    return cell.get("io_bytes", 0)
+
+
 def cell_times(cell: dict, networks: dict[str, Network]) -> dict[str, float]:
     """Modelled seconds of a cost cell under each network."""
     compute = cell.get("compute_s", cell["run_s"])
     rounds = cell["max_party_send_actions"]
-    return {key: estimate(compute, rounds, busiest_bytes(cell), net) for key, net in networks.items()}
+    moved = busiest_bytes(cell) + client_bytes(cell)
+    return {key: estimate(compute, rounds, moved, net) for key, net in networks.items()}

@@ -1,0 +1,92 @@
+"""The peer harness (``puma bench peers``) on debug shapes.
+
+Oracles: transformers' PyTorch models in float64 on the same seeded weights and ids (every path's
+revealed logits), the layer counts of the debug configs (how many times PUMA's substitutes must
+run per trace), and the cells themselves (ratios are quotients of cells of the same run; per-party
+bytes add up to the total). Tolerance: relative logit error at most 0.1 on every path (measured on
+these shapes with transformers' init: at most 4.7e-2, from PUMA's GeLU, 2.0e-2 per element).
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from transformers import modeling_flax_utils
+
+from puma.bench import peers
+from puma.errors import PumaError
+
+PATHS = ("puma-code", "spu-example", "puma-fast")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("peers") / "peers.json"
+    return peers.run(rows=("gpt2-debug", "llama-debug"), peers=PATHS[:2], sets=PATHS[2:], out=str(out), resume=False)
+
+
+def _check(cell: dict, path: str):
+    assert cell["bytes_sent"] > 0, path
+    assert len(cell["per_party"]) == 3, path
+    assert sum(p["bytes_sent"] for p in cell["per_party"]) == cell["bytes_sent"], path
+    assert cell["max_party_send_actions"] == max(p["send_actions"] for p in cell["per_party"]), path
+    assert cell["client_upload_bytes"] > 0 and cell["client_download_bytes"] > 0, path
+    assert cell["errors"]["relative"] <= 0.1, (path, cell["errors"])
+    assert cell["errors"]["top1_agrees"] and cell["errors"]["token_agrees"], (path, cell["errors"])
+    assert cell["network_s"]["wan"] > cell["network_s"]["lan"] >= cell["run_s"], path
+
+
+@pytest.mark.parametrize(
+    "row, calls", [("gpt2-debug", {"gelu": 2, "softmax": 2}), ("llama-debug", {"silu": 1, "softmax": 1})]
+)
+def test_every_path_from_one_run_against_pytorch(table, row, calls):
+    cells = table["cells"][row]["paths"]
+    assert set(cells) == set(PATHS)
+    for path, cell in cells.items():
+        _check(cell, path)
+    # one substitute call per layer and trace: the PUMA path really ran PUMA's functions
+    assert cells["puma-code"]["calls_per_trace"] == calls
+    assert "calls_per_trace" not in cells["puma-fast"] and cells["spu-example"]["calls_per_trace"] == {}
+    for peer in PATHS[:2]:
+        ratio = table["cells"][row]["ratios"][f"puma-fast/{peer}"]
+        assert ratio["bytes"] == round(cells["puma-fast"]["bytes_sent"] / cells[peer]["bytes_sent"], 3)
+        assert ratio["send_actions"] == round(
+            cells["puma-fast"]["max_party_send_actions"] / cells[peer]["max_party_send_actions"], 3
+        )
+    markdown = peers.markdown(table)
+    assert all(f"| {path} |" in markdown for path in PATHS) and "puma-fast/puma-code" in markdown
+
+
+def test_a_layer_row_is_the_difference_of_its_cuts(table):
+    row = table["cells"]["llama-debug"]
+    assert row["layer"]
+    for path, cell in row["paths"].items():
+        one, zero = cell["cuts"]["1"], cell["cuts"]["0"]
+        assert cell["bytes_sent"] == one["bytes_sent"] - zero["bytes_sent"] > 0, path
+        assert zero["bytes_sent"] > 0, path  # the 0-layer cut still embeds and projects
+
+
+def test_puma_code_path_substitutes_bert_gelu_and_softmax_and_restores_them(tmp_path):
+    row = peers.ROWS["bert-debug"]
+    reference = peers.save_reference(row, None, str(tmp_path))
+    gelu, softmax = modeling_flax_utils.ACT2FN["gelu"], jax.nn.softmax
+    cell = peers.cell("puma-code", row, str(tmp_path), None)
+    assert cell["calls_per_trace"] == {"gelu": 2, "softmax": 2}
+    assert modeling_flax_utils.ACT2FN["gelu"] is gelu and jax.nn.softmax is softmax
+    errors = peers.errors(cell, reference)
+    assert errors["relative"] <= 0.1 and errors["top1_agrees"], errors
+
+
+def test_a_substitution_that_never_runs_is_an_error(tmp_path, monkeypatch):
+    row = peers.ROWS["gpt2-debug"]
+    peers.save_reference(row, None, str(tmp_path))
+    monkeypatch.setitem(peers.EXPECTED_CALLS, "gpt2", ("silu", "softmax"))  # GPT-2 has no SiLU
+    with pytest.raises(PumaError, match="silu substitution never ran"):
+        peers.cell("puma-code", row, str(tmp_path), None)
+
+
+def test_unknown_rows_and_peers_are_one_line(tmp_path):
+    with pytest.raises(PumaError, match="unknown row 'gpt5'; rows: gpt2"):
+        peers.run(rows=("gpt5",), out=str(tmp_path / "p.json"))
+    with pytest.raises(PumaError, match="unknown peer 'crypten'"):
+        peers.run(rows=("gpt2-debug",), peers=("crypten",), out=str(tmp_path / "p.json"))
