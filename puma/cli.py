@@ -81,6 +81,14 @@ def _add_bench_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
 
 
+def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="wait for other processes to go quiet before each timed cell (up to 10 minutes), else stop",
+    )
+
+
 def _connect(args) -> dict:
     """Where a benchmark's parties are; ``nodes`` without a topology is a one-line error now,
     not one per cell."""
@@ -243,11 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
     _add_bench_backend_args(bc)
     bc.add_argument("--network", type=_network, help="also model the time under BANDWIDTH,RTT (e.g. 1G,10ms)")
-    bc.add_argument(
-        "--require-quiet",
-        action="store_true",
-        help="wait for other processes to go quiet before each timed cell (up to 10 minutes), else stop",
-    )
+    _add_quiet_arg(bc)
     bc.add_argument("--out", default="bench-results/costs.json")
     bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
     _add_memory_args(bc)
@@ -285,11 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpe.add_argument("--rows", nargs="+", default=["gpt2", "bert-base"], help="rows (see puma/bench/peers.py ROWS)")
     bpe.add_argument("--peers", nargs="+", default=["puma-code", "spu-example"])
     bpe.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    bpe.add_argument(
-        "--require-quiet",
-        action="store_true",
-        help="wait for other processes to go quiet before each cell (up to 10 minutes), else stop",
-    )
+    _add_quiet_arg(bpe)
     bpe.add_argument("--out", default="bench-results/peers.json")
     bpe.add_argument("--fresh", action="store_true", help="ignore completed rows in --out")
     bpe.set_defaults(func=cmd_bench_peers)

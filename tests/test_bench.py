@@ -122,7 +122,16 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
     text = doc.read_text()
     assert read == ["results/accuracy.json"] and "JSON in `results/accuracy.json`" in text
     assert "![accuracy vs fraction bits](results/plots/accuracy_vs_bits.png)" in text  # relative to the README
-    expected = ["costs-nodes.json", "costs.json", "faults.json", "generation.json", "network.json", "protocols.json"]
+    expected = [
+        "costs-nodes.json",
+        "costs.json",
+        "embeddings.json",
+        "faults.json",
+        "generation.json",
+        "network.json",
+        "peers.json",
+        "protocols.json",
+    ]
     assert sorted(missing) == expected
     assert "Not shown (no JSON yet): `costs.json` (`puma bench costs`)" in text
     series = plots.fxp_series(sweep)
@@ -161,6 +170,9 @@ def test_network_time_model_on_hand_computed_cases():
     assert network.busiest_bytes(composed) == pytest.approx(40.0)
     cell = {**whole, "compute_s": 1.0, "run_s": 5.0, "max_party_send_actions": 10}
     assert network.cell_times(cell, {"wan": wan})["wan"] == pytest.approx(1.0 + 0.4 + 4 * 8 / 400e6)
+    # a client that uploads 400 MB of one-hot shares (and downloads 100 MB) waits 10 s more on the WAN
+    one_hot = {**cell, "client_upload_bytes": 4e8, "client_download_bytes": 1e8}
+    assert network.cell_times(one_hot, {"wan": wan})["wan"] == pytest.approx(1.0 + 0.4 + (4 + 5e8) * 8 / 400e6)
 
 
 def test_load_monitor_tells_other_processes_from_ours():
