@@ -31,6 +31,8 @@ import dataclasses
 
 from puma.protocols.base import Ops
 
+from puma.network import Network, estimate
+
 KINDS = ("gather", "equality", "client-onehot")
 
 
@@ -56,15 +58,11 @@ class EmbeddingCost:
     compute_s: Linear
     client_upload: Linear
 
-    def seconds(self, tokens: int, vocab: int, dim: int, bandwidth_bps: float, rtt_s: float) -> float:
-        """Modelled wall seconds on a network of ``bandwidth_bps`` per link and ``rtt_s``."""
-        busiest = self.bytes_sent(tokens, vocab, dim) / 3.0
-        upload = self.client_upload(tokens, vocab, dim)
-        return (
-            self.compute_s(tokens, vocab, dim)
-            + self.rounds(tokens, vocab, dim) * rtt_s
-            + (busiest + upload) * 8.0 / bandwidth_bps
-        )
+    def seconds(self, tokens: int, vocab: int, dim: int, net: Network) -> float:
+        """Modelled wall seconds on ``net`` (:func:`puma.network.estimate`, the busiest party
+        sending a third of the bytes, the client's upload over the same bandwidth)."""
+        moved = self.bytes_sent(tokens, vocab, dim) / 3.0 + self.client_upload(tokens, vocab, dim)
+        return estimate(self.compute_s(tokens, vocab, dim), self.rounds(tokens, vocab, dim), moved, net)
 
 
 #: Fitted by ``puma bench embeddings`` (see the module doc); refit when SPU or the ops change.
@@ -113,14 +111,14 @@ def kind_of(ops: Ops) -> str:
     return {exact.embed: "gather", puma.embed: "equality", fast.embed: "client-onehot"}.get(ops.embed, "custom")
 
 
-def modelled(tokens: int, vocab: int, dim: int, bandwidth_bps: float, rtt_s: float) -> dict[str, float]:
-    """Modelled seconds of each embedding for T tokens, vocabulary V and width D."""
-    return {kind: COSTS[kind].seconds(tokens, vocab, dim, bandwidth_bps, rtt_s) for kind in KINDS}
+def modelled(tokens: int, vocab: int, dim: int, net: Network) -> dict[str, float]:
+    """Modelled seconds of each embedding for T tokens, vocabulary V and width D on ``net``."""
+    return {kind: COSTS[kind].seconds(tokens, vocab, dim, net) for kind in KINDS}
 
 
-def cheapest(tokens: int, vocab: int, dim: int, bandwidth_bps: float, rtt_s: float) -> str:
-    """The embedding with the smallest modelled time."""
-    times = modelled(tokens, vocab, dim, bandwidth_bps, rtt_s)
+def cheapest(tokens: int, vocab: int, dim: int, net: Network) -> str:
+    """The embedding with the smallest modelled time on ``net``."""
+    times = modelled(tokens, vocab, dim, net)
     return min(times, key=times.get)
 
 
@@ -129,7 +127,7 @@ def cheapest(tokens: int, vocab: int, dim: int, bandwidth_bps: float, rtt_s: flo
 NOMINAL_TOKENS = 32
 
 
-def for_network(ops: Ops, vocab: int, dim: int, bandwidth_bps: float, rtt_s: float) -> Ops:
-    """``ops`` with the embedding that is cheapest on the network for a table of ``vocab`` x
-    ``dim`` at :data:`NOMINAL_TOKENS` tokens."""
-    return with_embedding(ops, cheapest(NOMINAL_TOKENS, vocab, dim, bandwidth_bps, rtt_s))
+def for_network(ops: Ops, vocab: int, dim: int, net: Network) -> Ops:
+    """``ops`` with the embedding that is cheapest on ``net`` for a table of ``vocab`` x ``dim``
+    at :data:`NOMINAL_TOKENS` tokens."""
+    return with_embedding(ops, cheapest(NOMINAL_TOKENS, vocab, dim, net))

@@ -110,10 +110,10 @@ class SecureModel:
                 raise PumaError(str(err)) from None
             config = model.config
             hidden = getattr(config, config.FIELDS["hidden"])
-            ops = embeddings.for_network(ops, config.vocab_size, hidden, net.bandwidth_bps, net.rtt_s)
+            ops = embeddings.for_network(ops, config.vocab_size, hidden, net)
             log.info("embedding for %s: %s (set %s)", net.describe(), embeddings.kind_of(ops), ops.name)
         if backend != "plaintext":
-            progress.status("opening a %s session (%s)", backend, approx)
+            progress.status("opening a %s session (%s)", backend, ops.name)
         session = open_session(backend, spu_settings=ops.spu, **backend_options)
         try:
             plan = _plan(model, session, weights, memory_budget)

@@ -17,6 +17,7 @@ from puma.protocols import embeddings as E
 from puma import protocols
 from puma.bench import embeddings as bench
 from puma.cli import main
+from puma.network import NETWORKS, Network
 from puma.runtime import open_session
 
 SHAPE = (16, 3072, 384)  # inside the fitted grid, not one of its points
@@ -44,9 +45,10 @@ def test_the_choice_follows_the_network(monkeypatch):
     upload = E.EmbeddingCost(E.Linear(), E.Linear(const=10.0), E.Linear(), E.Linear(tv=400.0))
     monkeypatch.setattr(E, "COSTS", {"gather": chatty, "equality": bulky, "client-onehot": upload})
     # 32 tokens x 30000 entries: gather 32 s at 1 ms; equality 96 MB / 3 per party; upload 384 MB
-    assert E.cheapest(32, 30000, 768, 5e9, 1e-3) == "equality"
-    assert E.cheapest(32, 30000, 768, 5e9, 1e-6) == "gather"  # no latency: rounds are free
-    ops = E.for_network(protocols.get("puma-fast"), 30000, 768, 5e9, 1e-3)
+    lan = Network("custom", 5e9, 1e-3)
+    assert E.cheapest(32, 30000, 768, lan) == "equality"
+    assert E.cheapest(32, 30000, 768, Network("custom", 5e9, 1e-6)) == "gather"  # no latency: rounds are free
+    ops = E.for_network(protocols.get("puma-fast"), 30000, 768, lan)
     assert ops.name == "puma-fast+equality" and not ops.client_onehot and E.kind_of(ops) == "equality"
     assert E.with_embedding(protocols.get("puma-fast"), "client-onehot") is protocols.get("puma-fast")
     with pytest.raises(ValueError, match="unknown embedding"):
@@ -58,7 +60,7 @@ def test_cli_network_picks_the_embedding_and_matches_plaintext(capsys):
     plain = np.array(json.loads(capsys.readouterr().out)["embeddings"])
     assert main(["embed", "-m", "bert-debug", "--ids", "5,17,2,9", "--network", "wan", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    kind = E.cheapest(E.NOMINAL_TOKENS, 128, 32, 400e6, 40e-3)
+    kind = E.cheapest(E.NOMINAL_TOKENS, 128, 32, NETWORKS["wan"])
     fast = protocols.get("puma-fast")
     assert payload["approx"] == E.with_embedding(fast, kind).name
     assert np.abs(np.array(payload["embeddings"]) - plain).max() < 0.05

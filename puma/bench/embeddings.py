@@ -102,7 +102,6 @@ def run(out: str = "bench-results/embeddings.json", resume: bool = True, models:
         traffic = fit({s: store.cells[_key(kind, s)] for s in FIT_SHAPES})
         compute = fit({s: store.cells[_key(kind, s)] for s in shapes})
         fits[kind] = {**traffic, "compute_s": compute["compute_s"]}
-    nets = {k: network.NETWORKS[k] for k in ("lan", "lan-0.4ms", "wan")}
     rows = {}
     for name, shape in MODEL_SHAPES.items():
         if _key(E.KINDS[0], shape) not in store.cells:
@@ -121,24 +120,25 @@ def run(out: str = "bench-results/embeddings.json", resume: bool = True, models:
                 "measured": {k: cell[k] for k in (*FIELDS, "busiest_bytes")},
                 "fit_error": {k: predicted[k] / cell[k] - 1.0 if cell[k] else 0.0 for k in predicted},
                 "seconds": {
-                    key: network.estimate(cell["compute_s"], cell["rounds"], cell["busiest_bytes"], net)
-                    + cell["client_upload"] * 8.0 / net.bandwidth_bps
-                    for key, net in nets.items()
+                    key: network.estimate(
+                        cell["compute_s"], cell["rounds"], cell["busiest_bytes"] + cell["client_upload"], net
+                    )
+                    for key, net in network.NETWORKS.items()
                 },
             }
-        rows[name] = {"shape": list(shape), "kinds": row, "cheapest": _cheapest(row, nets)}
+        rows[name] = {"shape": list(shape), "kinds": row, "cheapest": _cheapest(row)}
     store.data["results"] = {"fits": fits, "models": rows}
     store.save()
     return store.data
 
 
-def _cheapest(row: dict, nets: dict) -> dict:
-    return {key: min(row, key=lambda kind: row[kind]["seconds"][key]) for key in nets}
+def _cheapest(row: dict) -> dict:
+    return {key: min(row, key=lambda kind: row[kind]["seconds"][key]) for key in network.NETWORKS}
 
 
 def markdown(result: dict) -> str:
     res = result.get("results", {})
-    nets = {k: network.NETWORKS[k] for k in ("lan", "lan-0.4ms", "wan")}
+    nets = network.NETWORKS
     lines = [
         "The three secure embeddings alone at the models' embedding shapes (sim, ABY3/FM64/18): bytes sent by all "
         "parties, the client's upload, send actions of the busiest party, seconds here, and the time modelled "

@@ -110,8 +110,6 @@ PEERS = {
     "puma-code": ("PUMA's published path (transformers Flax + PUMA's substitutions and settings)", PUMA_CODE_SPU, True),
     "spu-example": ("SPU's example setup (transformers Flax, SPU's defaults)", SPU_EXAMPLE_SPU, False),
 }
-#: The networks every cell's time is modelled under.
-NETWORKS = {k: network.NETWORKS[k] for k in ("lan", "lan-0.4ms", "wan")}
 
 
 def puma_code_softmax(x, axis=-1, where=None, initial=None):
@@ -398,7 +396,7 @@ def run(
         store.put(name, _measure_row(ROWS[name], peers, sets, quiet))
     for row in store.cells.values():  # the network model applied to every cell, as it is now
         for cell in row["paths"].values():
-            cell["network_s"] = {k: round(v, 2) for k, v in network.cell_times(cell, NETWORKS).items()}
+            cell["network_s"] = {k: round(v, 2) for k, v in network.cell_times(cell, network.NETWORKS).items()}
     store.save()
     return store.data
 
@@ -447,16 +445,16 @@ def markdown(result: dict) -> str:
         "error of the revealed logits against transformers' PyTorch model in float64.",
         "",
         "| model | path | GB | client up / down MB | send actions (max party) | seconds | "
-        + " | ".join(f"{n.describe()} s" for n in NETWORKS.values())
+        + " | ".join(f"{n.describe()} s" for n in network.NETWORKS.values())
         + " | max abs logit error (relative) | top-1 agrees | substitutions per trace |",
-        "|---|---|---|---|---|---|" + "---|" * len(NETWORKS) + "---|---|---|",
+        "|---|---|---|---|---|---|" + "---|" * len(network.NETWORKS) + "---|---|---|",
     ]
     for name, row in result["cells"].items():
         label = f"{name} ({row['tokens']} tokens{', one layer' if row['layer'] else ''})"
         for path, c in row["paths"].items():
             err = c["errors"]
             calls = ", ".join(f"{k} {v}" for k, v in c.get("calls_per_trace", {}).items()) or "-"
-            times = " | ".join(f"{c['network_s'][k]:.1f}" for k in NETWORKS)
+            times = " | ".join(f"{c['network_s'][k]:.1f}" for k in network.NETWORKS)
             lines.append(
                 f"| {label} | {path} | {c['bytes_sent'] / 1e9:.3f} | "
                 f"{c['client_upload_bytes'] / 1e6:.2f} / {c['client_download_bytes'] / 1e6:.2f} | "
