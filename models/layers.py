@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from puma.protocols import Ops
 
 Array = Any
@@ -335,20 +336,60 @@ def update_cache(layer_cache: dict, k: Array, v: Array, cache_index: Array) -> d
     }
 
 
+#: Fused-head attention multiplies H times more terms locally (the block-diagonal operands'
+#: zeros); above this many multiply-adds per product the heads are multiplied one by one.
+FUSED_HEADS_MAX_MACS = 2**30
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops) -> Array:
     """Scaled dot-product attention with grouped key/value heads.
 
     q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: [B, 1, T, S].
-    Returns [B, T, H * Dh].
+    Returns [B, T, H * Dh]. With ``ops.fused_heads`` the heads go through one product each way
+    (:func:`_attend_fused`), which SPU runs in one round instead of one per head.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads, keys = k.shape[2], k.shape[1]
     group = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))  # [B, T, Hkv, G, Dh]
+    if ops.fused_heads and length * keys * heads * heads * head_dim <= FUSED_HEADS_MAX_MACS:
+        return _attend_fused(q, k, v, mask, ops)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]
     probs = ops.softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, Hkv, G, Dh]
     return out.reshape(batch, length, heads * head_dim)
+
+
+def _block_diagonal(x: Array, group: int) -> Array:
+    """[B, Hkv, R, C] -> [B, H * R, H * C] with block h = x[:, h // group], zeros elsewhere.
+
+    The zeros are public and the placement is a select on a public pattern: no communication.
+    """
+    batch, kv_heads, rows, cols = x.shape
+    heads = kv_heads * group
+    blocks = jnp.repeat(x, group, axis=1)  # [B, H, R, C]
+    eye = np.eye(heads, dtype=bool)[None, :, None, :, None]  # [1, H, 1, H, 1]
+    placed = jnp.where(eye, blocks[:, :, :, None, :], 0.0)  # [B, H, R, H, C]
+    return placed.reshape(batch, heads * rows, heads * cols)
+
+
+def _attend_fused(q: Array, k: Array, v: Array, mask: Array, ops: Ops) -> Array:
+    """All heads in one product each way: Q [T, H*Dh] @ blockdiag(K_h^T), P [T, H*S] @ blockdiag(V_h).
+
+    Row t of the first product holds every head's scores of query t side by side, so its
+    outputs are exactly the H per-head score matrices (the same bytes under ABY3, where a
+    product costs per output); the second product's outputs are the heads' outputs already
+    in the [T, H*Dh] layout.
+    """
+    batch, length, kv_heads, group, head_dim = q.shape
+    heads, keys = kv_heads * group, k.shape[1]
+    keys_t = _block_diagonal(jnp.transpose(k, (0, 2, 3, 1)), group)  # [B, Hkv, Dh, S] -> [B, H*Dh, H*S]
+    scores = jnp.einsum("btn,bnm->btm", q.reshape(batch, length, heads * head_dim), keys_t)  # [B, T, H*S]
+    scores = jnp.transpose(scores.reshape(batch, length, kv_heads, group, keys), (0, 2, 3, 1, 4))  # [B, Hkv, G, T, S]
+    probs = ops.softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, S]
+    probs = jnp.transpose(probs, (0, 3, 1, 2, 4)).reshape(batch, length, heads * keys)  # [B, T, H*S]
+    values = _block_diagonal(jnp.transpose(v, (0, 2, 1, 3)), group)  # [B, Hkv, S, Dh] -> [B, H*S, H*Dh]
+    return jnp.einsum("btm,bmn->btn", probs, values)  # [B, T, H*Dh]
 
 
 def default_positions(key_valid: Array, cache_index: Array, length: int) -> Array:

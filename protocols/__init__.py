@@ -27,6 +27,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "exact": ("exact", "OPS"),
     "puma": ("puma", "OPS"),
     "puma-fast": ("fast", "OPS"),
+    "puma-lean": ("lean", "OPS"),
     "mpcformer": ("mpcformer", "OPS"),
     "spu": ("exact", "SPU_OPS"),
 }

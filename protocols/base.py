@@ -48,6 +48,8 @@ class Ops:
         argmax: ``argmax(x)`` over the last axis as an int32 index (greedy decoding under MPC).
         client_onehot: the client one-hot encodes token ids (it knows them) and shares the
             rows, instead of the parties building the one-hot from shared ids.
+        fused_heads: attention multiplies all heads in one matrix product against block-diagonal
+            keys and values (same outputs and bytes, one round instead of one per head).
         spu: SPU runtime/compiler settings the set is designed for.
         description: one line for listings and reports.
     """
@@ -63,6 +65,7 @@ class Ops:
     embed: Callable[[Array, Array], Array]
     argmax: Callable[[Array], Array]
     client_onehot: bool = False
+    fused_heads: bool = False
     spu: SpuSettings = SpuSettings()
     description: str = ""
 
