@@ -302,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     bem.add_argument("--out", default="bench-results/embeddings.json")
     bem.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bem.set_defaults(func=cmd_bench_embeddings)
+    blv = bench_sub.add_parser(
+        "levers", parents=[common], help="communication levers one at a time: bytes and send actions before/after (sim)"
+    )
+    blv.add_argument("--out", default="bench-results/levers.json")
+    blv.add_argument("--fresh", action="store_true", help="ignore completed levers in --out")
+    blv.set_defaults(func=cmd_bench_levers)
     bg = bench_sub.add_parser(
         "generation", parents=[common], help="bytes per prefill and decode step, with and without the secure KV cache"
     )
@@ -581,6 +587,13 @@ def cmd_bench_embeddings(args) -> int:
 
     result = embeddings.run(args.out, resume=not args.fresh, models=not args.no_models)
     return _wrote(args, embeddings.markdown(result))
+
+
+def cmd_bench_levers(args) -> int:
+    from puma.bench import levers
+
+    result = levers.run(args.out, resume=not args.fresh)
+    return _wrote(args, levers.markdown(result))
 
 
 def cmd_bench_accuracy(args) -> int:
