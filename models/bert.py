@@ -16,7 +16,17 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from puma.models.layers import ConfigFields, Embedding, LayerNorm, Linear, Stages, attend, hf_fields, padding_mask
+from puma.models.layers import (
+    ConfigFields,
+    Embedding,
+    LayerNorm,
+    Linear,
+    Stages,
+    attend,
+    hf_fields,
+    padding_mask,
+    row_slice,
+)
 from puma.protocols import Ops
 from puma.protocols.exact import OPS as EXACT
 
@@ -122,14 +132,16 @@ class BertSelfAttention(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, rows=None):
         cfg = self.config
         batch, length, _ = x.shape
         heads, dh = cfg.num_attention_heads, cfg.head_dim
-        q = Linear(cfg.hidden_size, name="query")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
-        k = Linear(cfg.hidden_size, name="key")(x).reshape(batch, length, heads, dh)
+        keep = row_slice(rows)
+        xq = x[:, keep]  # the rows that get queries: [B, T', D]
+        q = Linear(cfg.hidden_size, name="query")(xq).reshape(batch, xq.shape[1], heads, dh)  # [B, T', H, Dh]
+        k = Linear(cfg.hidden_size, name="key")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
         v = Linear(cfg.hidden_size, name="value")(x).reshape(batch, length, heads, dh)
-        return attend(q, k, v, mask, self.ops)  # [B, T, D]
+        return attend(q, k, v, mask[:, :, keep], self.ops)  # [B, T', D]
 
 
 class BertSubLayerOutput(nn.Module):
@@ -151,10 +163,10 @@ class BertLayer(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, rows=None):
         cfg = self.config
-        attn = BertSelfAttention(cfg, self.ops, name="attention_self")(x, mask)
-        x = BertSubLayerOutput(cfg, self.ops, name="attention_output")(attn, x)
+        attn = BertSelfAttention(cfg, self.ops, name="attention_self")(x, mask, rows)
+        x = BertSubLayerOutput(cfg, self.ops, name="attention_output")(attn, x[:, row_slice(rows)])  # [B, T', D]
         act = self.ops.activation(cfg.hidden_act)
         inner = act(Linear(cfg.intermediate_size, name="intermediate_dense")(x))
         return BertSubLayerOutput(cfg, self.ops, name="output")(inner, x)
@@ -202,8 +214,8 @@ class BertModel(nn.Module):
 
         x = self.embed(input_ids, token_type_ids, position_ids)  # [B, T, D]
         mask = padding_mask(attention_mask, length)  # [B, 1, T, T]
-        for layer in self.layer:
-            x = layer(x, mask)
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, self.block_rows(head) if i == len(self.layer) - 1 else None)
         return self.head(x, attention_mask, head)
 
     # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
@@ -217,9 +229,15 @@ class BertModel(nn.Module):
         )
         return self.embeddings_LayerNorm(x)
 
-    def block(self, x, attention_mask):
-        """One encoder layer on x [B, T, D], its weights bound as ``layer_0``."""
-        return self.layer[0](x, padding_mask(attention_mask, x.shape[1]))
+    def block(self, x, attention_mask, rows: str | None = None):
+        """One encoder layer on x [B, T, D], its weights bound as ``layer_0``; ``rows`` as for
+        :func:`~puma.models.layers.row_slice`."""
+        return self.layer[0](x, padding_mask(attention_mask, x.shape[1]), rows)
+
+    def block_rows(self, head: str) -> str | None:
+        """The rows the last layer must compute for ``head``: only [CLS] for pooled and
+        classifier heads when the set saves on the last layer, else all."""
+        return "first" if self.ops.last_layer_rows and head in ("pooled", "classify") else None
 
     def head(self, x, attention_mask, head: str = "hidden"):
         """The output of ``head`` (see the class doc) from the last hidden state x [B, T, D]."""

@@ -23,6 +23,7 @@ from puma.models.layers import (
     Linear,
     Stages,
     attend,
+    row_slice,
     update_cache,
 )
 from puma.protocols import Ops
@@ -71,7 +72,7 @@ class GPT2Attention(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, mask, layer_cache, cache_index):
+    def __call__(self, x, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
         batch, length, _ = x.shape
         qkv = Linear(3 * cfg.n_embd, name="c_attn")(x)  # [B, T, 3D]
@@ -80,7 +81,8 @@ class GPT2Attention(nn.Module):
         if layer_cache is not None:
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, H, Dh]
-        out = attend(q, k, v, mask, self.ops)  # [B, T, D]
+        keep = row_slice(rows)
+        out = attend(q[:, keep], k, v, mask[:, :, keep], self.ops)  # [B, T', D]
         return Linear(cfg.n_embd, name="c_proj")(out), layer_cache
 
 
@@ -101,12 +103,12 @@ class GPT2Block(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, mask, layer_cache, cache_index):
+    def __call__(self, x, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
         h, layer_cache = GPT2Attention(cfg, self.ops, name="attn")(
-            LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_1")(x), mask, layer_cache, cache_index
+            LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_1")(x), mask, layer_cache, cache_index, rows
         )
-        x = x + h
+        x = x[:, row_slice(rows)] + h  # [B, T', D]
         x = x + GPT2MLP(cfg, self.ops, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_2")(x))
         return x, layer_cache
 

@@ -179,7 +179,9 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids, position_ids)  # [B, T, D]
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, *extra, mask, None if cache is None else cache[i], cache_index)
+            last = i == len(self.blocks) - 1
+            rows = "last" if last and last_only and self.ops.last_layer_rows else None
+            x, layer_cache = block(x, *extra, mask, None if cache is None else cache[i], cache_index, rows)
             new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
@@ -189,12 +191,13 @@ class CausalLM(nn.Module):
         """Arrays every block takes before the mask (none by default)."""
         return ()
 
-    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0):
+    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0, rows: str | None = None):
         """One block on x [B, T, D], its weights bound as block 0's; the mask (and any block
-        inputs) are rebuilt from the public inputs. Returns (x, layer_cache)."""
+        inputs) are rebuilt from the public inputs. ``rows`` (see :func:`row_slice`) keeps only
+        those rows of the output. Returns (x, layer_cache)."""
         cache = None if layer_cache is None else (layer_cache,)
         position_ids, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # mask [B,1,T,S]
-        return self.blocks[0](x, *self.block_inputs(position_ids), mask, layer_cache, cache_index)
+        return self.blocks[0](x, *self.block_inputs(position_ids), mask, layer_cache, cache_index, rows)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
@@ -334,6 +337,13 @@ def update_cache(layer_cache: dict, k: Array, v: Array, cache_index: Array) -> d
         "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
         "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
     }
+
+
+def row_slice(rows: str | None) -> slice:
+    """The rows a block computes in full: ``None`` all, ``"last"`` the last position (a causal
+    LM whose head reads only the last logits), ``"first"`` the [CLS] row (pooled and classifier
+    heads). Keys and values always come from every row."""
+    return {None: slice(None), "last": slice(-1, None), "first": slice(0, 1)}[rows]
 
 
 #: Fused-head attention multiplies H times more terms locally (the block-diagonal operands'

@@ -25,6 +25,7 @@ from puma.models.layers import (
     Stages,
     attend,
     hf_fields,
+    row_slice,
     update_cache,
 )
 from puma.protocols import Ops
@@ -137,18 +138,22 @@ class LlamaAttention(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
         batch, length, _ = x.shape
         heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = Linear(heads * dh, cfg.attention_bias, name="q_proj")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
+        keep = row_slice(rows)
+        xq, cq, sq = x[:, keep], cos[:, keep], sin[:, keep]  # the rows that get queries: [B, T', ...]
+        q = Linear(heads * dh, cfg.attention_bias, name="q_proj")(xq).reshape(
+            batch, xq.shape[1], heads, dh
+        )  # [B, T', H, Dh]
         k = Linear(kv_heads * dh, cfg.attention_bias, name="k_proj")(x).reshape(batch, length, kv_heads, dh)
         v = Linear(kv_heads * dh, cfg.attention_bias, name="v_proj")(x).reshape(batch, length, kv_heads, dh)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotate(q, cq, sq), rotate(k, cos, sin)
         if layer_cache is not None:
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
-        out = attend(q, k, v, mask, self.ops)  # [B, T, H * Dh]
+        out = attend(q, k, v, mask[:, :, keep], self.ops)  # [B, T', H * Dh]
         return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
 
 
@@ -170,12 +175,18 @@ class LlamaDecoderLayer(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
         h, layer_cache = LlamaAttention(cfg, self.ops, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, self.ops, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
+            RMSNorm(cfg.rms_norm_eps, self.ops, name="input_layernorm")(x),
+            cos,
+            sin,
+            mask,
+            layer_cache,
+            cache_index,
+            rows,
         )
-        x = x + h
+        x = x[:, row_slice(rows)] + h  # [B, T', D]
         x = x + LlamaMLP(cfg, self.ops, name="mlp")(
             RMSNorm(cfg.rms_norm_eps, self.ops, name="post_attention_layernorm")(x)
         )

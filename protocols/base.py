@@ -50,6 +50,10 @@ class Ops:
             rows, instead of the parties building the one-hot from shared ids.
         fused_heads: attention multiplies all heads in one matrix product against block-diagonal
             keys and values (same outputs and bytes, one round instead of one per head).
+        last_layer_rows: the last block computes queries, attention outputs and the feed-forward
+            only for the rows the head reads (the last position when only the last logits are
+            wanted, the [CLS] row for pooled and classifier heads); keys and values still come
+            from every row, so outputs and caches are unchanged.
         spu: SPU runtime/compiler settings the set is designed for.
         description: one line for listings and reports.
     """
@@ -66,8 +70,14 @@ class Ops:
     argmax: Callable[[Array], Array]
     client_onehot: bool = False
     fused_heads: bool = False
+    last_layer_rows: bool = False
     spu: SpuSettings = SpuSettings()
     description: str = ""
+
+    def as_middle_layer(self) -> "Ops":
+        """This set with every block computed in full, as a middle layer is: per-layer cost cuts
+        (the difference of a 1- and a 0-layer run) measure a middle layer, not the last."""
+        return dataclasses.replace(self, last_layer_rows=False) if self.last_layer_rows else self
 
     def activation(self, hf_name: str) -> Callable[[Array], Array]:
         """The function for a Hugging Face activation name (``hidden_act`` and friends)."""

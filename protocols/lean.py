@@ -17,6 +17,8 @@ batched matrix product takes one round per batch entry (12 heads: 96 send action
   142-171.
 - Softmax and the norms are puma-fast's with these reciprocals; the embedding is the client's
   one-hot rows.
+- The last block computes only the rows the head reads (``last_layer_rows``: the last position
+  of a prefill, the [CLS] row of a classifier), an exact saving of most of one layer.
 - Attention multiplies all heads in one matrix product (``fused_heads``): scores are
   Q [T, H*Dh] @ blockdiag(K_h^T) [H*Dh, H*S] and outputs P [T, H*S] @ blockdiag(V_h)
   [H*S, H*Dh], with the same outputs and bytes as the per-head products and one round instead
@@ -188,5 +190,6 @@ OPS = dataclasses.replace(
     layer_norm=layer_norm,
     rms_norm=rms_norm,
     fused_heads=True,
+    last_layer_rows=True,
     description="ours: relu-minus-cubic GeLU/SiLU, binned Newton reciprocal/rsqrt, all heads in one product",
 )

@@ -57,18 +57,26 @@ def _embed_program(model: LoadedModel, ops, module, stages) -> Program:
     return Program(f"{model.family}_stage_embed", fn, key=(ops.name, model.source), param_keys=stages.embed)
 
 
-def _block_program(model: LoadedModel, ops, module, stages, phase: str, max_len: int = 0) -> Program:
+def _block_program(
+    model: LoadedModel, ops, module, stages, phase: str, max_len: int = 0, rows: str | None = None
+) -> Program:
+    """One block's program; ``rows`` (the last block's, see ``Ops.last_layer_rows``) keeps only
+    the rows the head reads."""
     block0 = stages.layer_key(0)
     if not model.causal:
 
         def fn(params, state, secret, public):
             x = module.apply(
-                {"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], method="block"
+                {"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], rows, method="block"
             )
             return {}, {"h": x}
 
         return Program(
-            f"{model.family}_stage_block", fn, key=(ops.name, model.source), param_keys=("layer",), state_reads=("h",)
+            f"{model.family}_stage_block",
+            fn,
+            key=(ops.name, model.source, rows),
+            param_keys=("layer",),
+            state_reads=("h",),
         )
 
     def fn(params, state, secret, public):
@@ -78,7 +86,7 @@ def _block_program(model: LoadedModel, ops, module, stages, phase: str, max_len:
             cfg = model.config
             layer_cache = init_cache(1, h.shape[0], max_len, cfg.num_kv_heads, cfg.head_dim)[0]
             x, layer_cache = module.apply(
-                variables, h, public["attention_mask"], public["position_ids"], layer_cache, 0, method="block"
+                variables, h, public["attention_mask"], public["position_ids"], layer_cache, 0, rows, method="block"
             )
             return {}, {"h": x, "cache": layer_cache}
         if phase == "decode":
@@ -92,14 +100,16 @@ def _block_program(model: LoadedModel, ops, module, stages, phase: str, max_len:
                 method="block",
             )
             return {}, {"h": x, "cache": layer_cache}
-        x, _ = module.apply(variables, h, public["attention_mask"], public["position_ids"], method="block")
+        x, _ = module.apply(
+            variables, h, public["attention_mask"], public["position_ids"], None, 0, rows, method="block"
+        )
         return {}, {"h": x}
 
     reads = ("h", "cache") if phase == "decode" else ("h",)
     return Program(
         f"{model.family}_stage_block_{phase}",
         fn,
-        key=(ops.name, model.source, max_len),
+        key=(ops.name, model.source, max_len, rows),
         param_keys=("layer",),
         state_reads=reads,
     )
@@ -121,10 +131,11 @@ def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
 
 
 class _Head:
-    """A head stage's reveal function with a cache key (what it computes)."""
+    """A head stage's reveal function with a cache key (what it computes) and the rows of the
+    last block's output it reads (``"last"``, ``"first"`` or ``None`` for all)."""
 
-    def __init__(self, fn, key: tuple):
-        self.fn, self.key = fn, key
+    def __init__(self, fn, key: tuple, rows: str | None = None):
+        self.fn, self.key, self.rows = fn, key, rows
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -139,14 +150,14 @@ def causal_head(reveal_fn, last_only: bool, key: tuple) -> _Head:
         logits = module.apply({"params": params}, x, method="head")
         return reveal_fn(module.ops, logits, secret)
 
-    return _Head(fn, ("causal", last_only, *key))
+    return _Head(fn, ("causal", last_only, *key), "last" if last_only else None)
 
 
 def encoder_head(head: str) -> _Head:
     def fn(module, params, h, secret, public):
         return {"output": module.apply({"params": params}, h, public["attention_mask"], head, method="head")}
 
-    return _Head(fn, ("encoder", head))
+    return _Head(fn, ("encoder", head), "first" if head in ("pooled", "classify") else None)
 
 
 def run(
@@ -186,14 +197,18 @@ def run(
             state=slot,
         )
         session.release_params(list(stages.embed))
-        block = _block_program(model, ops, module, stages, phase if model.causal else "forward", max_len)
+        block_phase = phase if model.causal else "forward"
+        block = _block_program(model, ops, module, stages, block_phase, max_len)
+        last_rows = head.rows if module.ops.last_layer_rows and phase != "decode" else None
+        last = _block_program(model, ops, module, stages, block_phase, max_len, last_rows) if last_rows else block
         block_public = dict(public)
         if model.causal and phase != "decode":
             block_public.pop("cache_index", None)
         for i in range(stages.layers):
             key = stages.layer_key(i)
             session.hold_params([key])
-            session.run(block, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
+            program = last if i == stages.layers - 1 else block
+            session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
             session.release_params([key])
         session.hold_params(list(stages.head))
         head_public = {"attention_mask": public["attention_mask"]} if not model.causal else {}

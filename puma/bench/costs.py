@@ -28,7 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from puma import network, tasks
+from puma import network, protocols, tasks
 from puma.api import SecureModel
 from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
@@ -105,14 +105,16 @@ def plaintext_time(preset: str, size, overrides: dict, memory: dict | None = Non
 def run_once(
     preset: str,
     size,
-    approx: str,
+    approx,
     backend: str,
     overrides: dict,
     memory: dict | None = None,
     connect: dict | None = None,
     quiet: bool = False,
 ) -> dict:
-    """One secure run of ``preset`` (with ``overrides``) at ``size``: cost, wall time and peak
+    """One secure run of ``preset`` (with ``overrides``) at ``size`` under the set ``approx`` (a
+    name or an ``Ops``; the parts of a composed cell are middle layers, ``Ops.as_middle_layer``):
+    cost, wall time and peak
     memory, and the time of the same computation in plaintext (jit-compiled, second call) on
     this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto);
     ``connect`` says where the parties are (``config``: a topology file, ``ray_address``).
@@ -238,7 +240,16 @@ def measure_row(
             f"{k}={v}" for k, v in sorted(overrides.items())
         )
         measured = store.measure(
-            key, lambda: run_once(row.preset, size, approx, backend, overrides, connect=connect, quiet=quiet)
+            key,
+            lambda: run_once(
+                row.preset,
+                size,
+                protocols.get(approx).as_middle_layer(),
+                backend,
+                overrides,
+                connect=connect,
+                quiet=quiet,
+            ),
         )
         used.append(measured)
         return measured

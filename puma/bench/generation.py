@@ -13,6 +13,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
+from puma import protocols
 from puma.api import SecureModel
 from puma.bench import data
 from puma.bench.report import CellStore, profiled
@@ -48,7 +49,10 @@ def measure(
             raise PumaError("stories260K needs the data folder")
         source = str(folder / source)
     prompt = _prompt(name, source, prompt_len, folder)
-    with SecureModel.from_pretrained(source, approx=approx, backend=backend, **connect, overrides=overrides) as m:
+    ops = protocols.get(approx)
+    if overrides:  # a one-layer cut stands for a middle layer: no last-layer saving
+        ops = ops.as_middle_layer()
+    with SecureModel.from_pretrained(source, approx=ops, backend=backend, **connect, overrides=overrides) as m:
         cached = m.generate_ids([prompt], new_tokens)
         if len(cached.tokens[0]) < new_tokens:
             raise PumaError(f"{name} stopped at end-of-text after {len(cached.tokens[0])} tokens")

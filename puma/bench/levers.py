@@ -76,9 +76,7 @@ LEVERS = (
         "LLaMA-7B layer: SiLU on 8 x 11008",
         {"x": (8, 11008)},
         lean.silu,
-        lambda x: lean._relu_minus_poly(
-            x, 4.2192, (0.06115806205395034, 0.19864011428882372, -0.050517146499636185)
-        ),
+        lambda x: lean._relu_minus_poly(x, 4.2192, (0.06115806205395034, 0.19864011428882372, -0.050517146499636185)),
         "none",
         "max error 6.1e-2 (PUMA's 7.2e-2): saves one multiplication per element, dropped for accuracy",
     ),
@@ -197,4 +195,3 @@ def markdown(result: dict) -> str:
             f"{c['send_actions_ratio']:.2f} | {c['kept']} | {c['note']} |"
         )
     return "\n".join(lines)
-

@@ -275,7 +275,10 @@ def _puma_cell(approx: str, row: PeerRow, folder: str, layers: int | None) -> di
     from puma import tasks
     from puma.api import SecureModel
 
-    with SecureModel.from_pretrained(folder, approx=approx, backend="sim", weights="resident") as m:
+    ops = protocols.get(approx)
+    if layers is not None:  # a layer row's cut stands for a middle layer: no last-layer saving
+        ops = ops.as_middle_layer()
+    with SecureModel.from_pretrained(folder, approx=ops, backend="sim", weights="resident") as m:
         config = m.model.config
         x = inputs(row, config.vocab_size)
         ids, mask = x["input_ids"], x["attention_mask"]

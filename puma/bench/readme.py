@@ -96,6 +96,13 @@ SECTIONS = (
     ("protocols.json", "Approximation sets", "puma bench protocols", protocols_bench),
     ("generation.json", "Private generation with the secure KV cache", "puma bench generation", generation),
     ("accuracy.json", "Accuracy suites", "puma bench accuracy", accuracy),
+    (
+        "accuracy-lean.json",
+        "Accuracy suites for puma-lean",
+        "puma bench accuracy --suites stories wikitext sst2 --sets puma-lean --sst2-limit 64 "
+        "--out bench-results/accuracy-lean.json",
+        accuracy,
+    ),
     ("faults.json", "Deployment drills: faults and soak", "python scripts/fault_drills.py", faults),
     ("network.json", "The network model against rate-limited namespaces", "python scripts/netns_bandwidth.py", netns),
 )
