@@ -103,3 +103,20 @@ def test_unknown_rows_and_peers_are_one_line(tmp_path):
         peers.run(rows=("gpt5",), out=str(tmp_path / "p.json"))
     with pytest.raises(PumaError, match="unknown peer 'crypten'"):
         peers.run(rows=("gpt2-debug",), peers=("crypten",), out=str(tmp_path / "p.json"))
+
+
+def test_round2_targets_say_met_or_by_how_much():
+    def cell(b, sends):
+        return {"bytes_sent": b, "max_party_send_actions": sends}
+
+    cells = {
+        "llama-7b-layer": {"paths": {"puma-code": cell(120e6, 600), "puma-lean": cell(90e6, 100)}},
+        "gpt2": {"paths": {"puma-fast": cell(1.0e9, 4800), "puma-lean": cell(0.7e9, 3000)}},
+    }
+    by_target = {t["target"]: t for t in peers.targets(cells)}
+    layer = by_target["llama-7b-layer puma-lean: bytes <= 0.5 x puma-code's"]
+    assert layer["bound"] == 60e6 and not layer["met"] and layer["miss"] == 0.5
+    assert by_target["gpt2 puma-lean: bytes <= 0.75 GB"]["met"]
+    sends = by_target["gpt2 puma-lean: send actions of the busiest party <= 0.667 x puma-fast's"]
+    assert sends["met"] and sends["bound"] == 3200.0
+    assert not any(t["target"].startswith("bert-base") for t in by_target.values())

@@ -197,10 +197,11 @@ def test_big_weights_travel_as_row_blocks_joined_at_the_parties(backend, monkeyp
 
 
 def test_stories260k_streamed_equals_resident(backend, stories_gguf):
-    """16 greedy tokens on sim; the first 8 of them on nodes and ray (CI time)."""
+    """8 greedy tokens on sim; the first 4 of them on nodes and ray (CI time: the debug presets
+    above compare whole windows, logits and cached tokens on every backend)."""
     name, options = backend
-    resident = _resident(stories_gguf, "puma", lambda m: m.generate("Once upon a time", 16))
-    count = 16 if name == "sim" else 8
+    resident = _resident(stories_gguf, "puma", lambda m: m.generate("Once upon a time", 8))
+    count = 8 if name == "sim" else 4
     with SecureModel.from_pretrained(stories_gguf, approx="puma", backend=name, weights="streamed", **options) as m:
         streamed = m.generate("Once upon a time", count)
     assert streamed.tokens[0] == resident.tokens[0][:count]
@@ -209,6 +210,8 @@ def test_stories260k_streamed_equals_resident(backend, stories_gguf):
 
 def test_minilm_streamed_equals_resident(backend, minilm_dir):
     name, options = backend
+    if name == "ray":
+        pytest.skip("CI time: Ray's streamed encoder is covered by bert-debug-cls above, MiniLM on sim and nodes")
     texts = ["a quiet evening by the sea", "the film was far too long"]
     resident = _resident(minilm_dir, "puma-fast", lambda m: m.embed(texts).outputs)
     with SecureModel.from_pretrained(minilm_dir, approx="puma-fast", backend=name, weights="streamed", **options) as m:

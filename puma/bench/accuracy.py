@@ -72,7 +72,7 @@ def sst2(store: CellStore, sets, backend: str, connect: dict, folder, limit: int
     }
     for name in sets:
         rows, nbytes = {}, 0
-        with SecureModel.from_pretrained("minilm", approx=name, backend=backend, **connect, **connect) as m:
+        with SecureModel.from_pretrained("minilm", approx=name, backend=backend, **connect) as m:
             for c, chunk in enumerate(tqdm(chunks, desc=f"SST-2 {name}", unit="chunk", leave=False)):
                 # within a chunk, batch sentences of similar length so little padding is computed
                 order = sorted(chunk, key=lambda i: len(plain.model.tokenizer(sentences[i])["input_ids"]))
@@ -110,7 +110,7 @@ def stories_lm(store: CellStore, sets, backend: str, connect: dict, folder, toke
     texts = [reference.model.tokenizer(s)["input_ids"][:tokens] for s in data.tinystories(folder)]
     out = {}
     for name in sets:
-        with SecureModel.from_pretrained(source, approx=name, backend=backend, **connect, **connect) as m:
+        with SecureModel.from_pretrained(source, approx=name, backend=backend, **connect) as m:
             lm = store.measure(f"stories/{name}/{tokens}", lambda: fidelity.lm_agreement(m, reference, texts))
             greedy = store.measure(
                 f"stories-greedy/{name}/32", lambda: fidelity.greedy_match(m, reference, "Once upon a time", 32)
@@ -130,7 +130,7 @@ def wikitext_lm(
     texts = [reference.model.tokenizer(t)["input_ids"][:tokens] for t in chosen]
     out = {}
     for name in sets:
-        with SecureModel.from_pretrained(model, approx=name, backend=backend, **connect, **connect) as m:
+        with SecureModel.from_pretrained(model, approx=name, backend=backend, **connect) as m:
             out[name] = store.measure(
                 f"wikitext/{os.path.basename(model)}/{name}/{lines}x{tokens}",
                 lambda: fidelity.lm_agreement(m, reference, texts),

@@ -373,6 +373,65 @@ def ratios(cells: dict[str, dict], sets, peers) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A communication target on one row's path: at most ``limit`` of ``metric``, or at most
+    ``ratio`` times another path's (``relative_to``) measured in the same run."""
+
+    row: str
+    path: str
+    metric: str  # "bytes_sent" or "max_party_send_actions"
+    limit: float | None = None
+    relative_to: str | None = None
+    ratio: float | None = None
+
+    def bound(self, cells: dict) -> float | None:
+        if self.limit is not None:
+            return self.limit
+        other = cells.get(self.relative_to)
+        return None if other is None else self.ratio * other[self.metric]
+
+    def describe(self) -> str:
+        what = {"bytes_sent": "bytes", "max_party_send_actions": "send actions of the busiest party"}[self.metric]
+        if self.limit is not None:
+            return f"{self.row} {self.path}: {what} <= {self.limit / 1e9:.2f} GB"
+        return f"{self.row} {self.path}: {what} <= {self.ratio:.3g} x {self.relative_to}'s"
+
+
+#: Issue 15's targets (communication round 2), evaluated wherever their row and paths exist.
+TARGETS = (
+    Target("llama-7b-layer", "puma-lean", "bytes_sent", relative_to="puma-code", ratio=0.5),
+    Target("bert-base", "puma-lean", "bytes_sent", limit=3.6e9),
+    Target("gpt2", "puma-lean", "bytes_sent", limit=0.75e9),
+    Target("bert-base", "puma-lean", "max_party_send_actions", relative_to="puma-fast", ratio=2 / 3),
+    Target("gpt2", "puma-lean", "max_party_send_actions", relative_to="puma-fast", ratio=2 / 3),
+)
+
+
+def targets(result_cells: dict) -> list[dict]:
+    """Each target whose row and paths were measured: the bound, the measurement, met or by
+    how much it was missed (relative to the bound)."""
+    out = []
+    for t in TARGETS:
+        row = result_cells.get(t.row)
+        if row is None or t.path not in row["paths"]:
+            continue
+        bound = t.bound(row["paths"])
+        if bound is None:
+            continue
+        got = row["paths"][t.path][t.metric]
+        out.append(
+            {
+                "target": t.describe(),
+                "bound": round(bound, 1),
+                "measured": got,
+                "met": got <= bound,
+                "miss": None if got <= bound else round(got / bound - 1.0, 3),
+            }
+        )
+    return out
+
+
 def run(
     rows=("gpt2", "bert-base"),
     peers=("puma-code", "spu-example"),
@@ -400,6 +459,7 @@ def run(
     for row in store.cells.values():  # the network model applied to every cell, as it is now
         for cell in row["paths"].values():
             cell["network_s"] = {k: round(v, 2) for k, v in network.cell_times(cell, network.NETWORKS).items()}
+    store.data["targets"] = targets(store.cells)
     store.save()
     return store.data
 
@@ -477,4 +537,17 @@ def markdown(result: dict) -> str:
         for pair, r in row["ratios"].items():
             seconds = f"{r['seconds']:.2f}" if r["seconds"] is not None else "-"
             lines.append(f"| {name} | {pair} | {r['bytes']:.2f} | {r['send_actions']:.2f} | {seconds} |")
+    checks = targets(result["cells"])
+    if checks:
+        lines += ["", "Targets (issue 15):", ""]
+        for t in checks:
+            verdict = "met" if t["met"] else f"missed by {100 * t['miss']:.0f} %"
+            lines.append(f"- {t['target']}: {t['measured']:,} against {t['bound']:,.0f}: {verdict}")
+        lines += ["", "Where the bytes go (MB per op, all parties; the largest five per path):", ""]
+        lines += ["| model | path | " + " | ".join(f"op {i + 1}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
+        for name, row in result["cells"].items():
+            for path, c in row["paths"].items():
+                top = sorted(c["per_op"].items(), key=lambda kv: -kv[1]["bytes_sent"])[:5]
+                ops = [f"{k.removeprefix('pphlo.')} {v['bytes_sent'] / 1e6:.1f}" for k, v in top]
+                lines.append(f"| {name} | {path} | " + " | ".join(ops) + " |")
     return "\n".join(lines)
