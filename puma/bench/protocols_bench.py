@@ -29,7 +29,7 @@ from puma.runtime.base import PlaintextSession
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SETS = ("puma", "puma-fast", "mpcformer", "spu")
+DEFAULT_SETS = ("puma", "puma-fast", "puma-lean", "mpcformer", "spu")
 PRESETS = ("gpt2-debug", "bert-debug", "llama-debug")
 
 
