@@ -123,12 +123,15 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
     assert read == ["results/accuracy.json"] and "JSON in `results/accuracy.json`" in text
     assert "![accuracy vs fraction bits](results/plots/accuracy_vs_bits.png)" in text  # relative to the README
     expected = [
+        "accuracy-lean.json",
         "costs-nodes.json",
         "costs.json",
         "embeddings.json",
         "faults.json",
         "generation.json",
+        "levers.json",
         "network.json",
+        "peers-lean.json",
         "peers.json",
         "protocols.json",
     ]

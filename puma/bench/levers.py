@@ -87,7 +87,7 @@ LEVERS = (
         lambda x: jnp.reciprocal(1.0 + jnp.abs(x) * 10.0),
         lambda x: lean.reciprocal(1.0 + jnp.abs(x) * 10.0, 128.0),
         "puma-lean",
-        "one batched comparison against 32 bin edges, then two Newton steps",
+        "one batched comparison against 31 bin edges, a third-order step and a Newton step, against SPU's reciprocal",
     ),
     Lever(
         "rsqrt-binned-newton",
@@ -96,7 +96,7 @@ LEVERS = (
         lambda x: fast._rsqrt_refined(1.0 + jnp.abs(x)),
         lambda x: lean.rsqrt(1.0 + jnp.abs(x)),
         "puma-lean",
-        "puma-fast's SPU rsqrt plus a Newton step against 136 bin edges and two steps",
+        "against puma-fast's SPU rsqrt plus a Newton step: 136 bin edges in one comparison, two Newton steps",
     ),
     Lever(
         "fused-heads-attention",
