@@ -131,6 +131,11 @@ def softmax(x, where=None):
     Cost: a row max, 1 comparison, 1 select, 1 truncation and 6 multiplications per entry,
     1 reciprocal per row.
     """
+    return clipped_softmax(x, where, lambda total, n: jnp.reciprocal(total))
+
+
+def clipped_softmax(x, where, reciprocal):
+    """:func:`softmax` with ``reciprocal(row_sums [..., 1], row_length)`` for the normaliser."""
     if where is not None:
         x = jnp.where(where, x, -MASK_FILL)
     z = x - jnp.max(x, axis=-1, keepdims=True)
@@ -138,7 +143,7 @@ def softmax(x, where=None):
     if where is not None:
         keep = keep & where
     e = jnp.where(keep, exp_on_clip_domain(z), 0.0)
-    return e * jnp.reciprocal(jnp.sum(e, axis=-1, keepdims=True))
+    return e * reciprocal(jnp.sum(e, axis=-1, keepdims=True), x.shape[-1])
 
 
 def row_mean(x):
@@ -189,9 +194,14 @@ def layer_norm(x, weight, bias, eps):
     and a plain rsqrt): 9.6e-3. Cost: 2 multiplications per element and the variance from a Gram matrix
     (:func:`row_mean_square`); the rsqrt, the Newton step and the row means per row.
     """
-    centered = x - row_mean(x)
-    var = row_mean_square(centered)
-    return centered * (_rsqrt_refined(var + eps) * weight) + bias
+    return normalized(x, weight, bias, eps, _rsqrt_refined)
+
+
+def normalized(x, weight, bias, eps, rsqrt):
+    """:func:`layer_norm` (``bias`` given) or :func:`rms_norm` (``bias`` None) with ``rsqrt``."""
+    centered = x if bias is None else x - row_mean(x)
+    y = centered * (rsqrt(row_mean_square(centered) + eps) * weight)
+    return y if bias is None else y + bias
 
 
 def rms_norm(x, weight, eps):
@@ -200,7 +210,7 @@ def rms_norm(x, weight, eps):
     Under SPU, rows as for :func:`layer_norm`: max |error| 2.6e-4, the largest of 100 runs
     (median 1.7e-4; PUMA's set: 3.3e-3).
     """
-    return x * (_rsqrt_refined(row_mean_square(x) + eps) * weight)
+    return normalized(x, weight, None, eps, _rsqrt_refined)
 
 
 def embed(onehot, table):
