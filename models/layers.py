@@ -84,6 +84,8 @@ class FamilyModule(Protocol):
 
     def block(self, *args, **kwargs): ...
 
+    def block_rows(self, reads) -> str | None: ...
+
     def head(self, *args, **kwargs): ...
 
     def stages(self, *args) -> Stages: ...
@@ -179,8 +181,7 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids, position_ids)  # [B, T, D]
         new_cache = []
         for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            rows = "last" if last and last_only and self.ops.last_layer_rows else None
+            rows = self.block_rows(last_only) if i == len(self.blocks) - 1 else None
             x, layer_cache = block(x, *extra, mask, None if cache is None else cache[i], cache_index, rows)
             new_cache.append(layer_cache)
         if last_only:
@@ -190,6 +191,11 @@ class CausalLM(nn.Module):
     def block_inputs(self, position_ids) -> tuple:
         """Arrays every block takes before the mask (none by default)."""
         return ()
+
+    def block_rows(self, last_only: bool) -> str | None:
+        """The rows the last block must compute (:func:`row_slice`): only the last position when
+        only the last logits are wanted and the set saves on the last layer, else all."""
+        return "last" if last_only and self.ops.last_layer_rows else None
 
     def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0, rows: str | None = None):
         """One block on x [B, T, D], its weights bound as block 0's; the mask (and any block

@@ -105,8 +105,8 @@ class Bins:
 
     The guess is a one-hot product: bits b_j = [x > low r^(j+1)] from one batched comparison,
     the one-hot rows b_(j-1) - b_j (free: an integer product with a public 0/+-1 matrix), times
-    a public table of bin values (one truncation). Only the selected value enters the sum, so the table's fixed-point
-    rounding errs by half a unit, not by the sum of many steps.
+    a public table of bin values (one truncation). Only the selected value enters the sum, so
+    the table's fixed-point rounding errs by half a unit, not by the sum of many steps.
     """
 
     thresholds: np.ndarray  # [m - 1] inner bin edges

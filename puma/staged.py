@@ -131,11 +131,12 @@ def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
 
 
 class _Head:
-    """A head stage's reveal function with a cache key (what it computes) and the rows of the
-    last block's output it reads (``"last"``, ``"first"`` or ``None`` for all)."""
+    """A head stage's reveal function with a cache key (what it computes) and what it reads
+    (``reads``: a causal head's ``last_only``, an encoder head's name), which the model's
+    ``block_rows`` turns into the rows its last block computes."""
 
-    def __init__(self, fn, key: tuple, rows: str | None = None):
-        self.fn, self.key, self.rows = fn, key, rows
+    def __init__(self, fn, key: tuple, reads):
+        self.fn, self.key, self.reads = fn, key, reads
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -150,14 +151,14 @@ def causal_head(reveal_fn, last_only: bool, key: tuple) -> _Head:
         logits = module.apply({"params": params}, x, method="head")
         return reveal_fn(module.ops, logits, secret)
 
-    return _Head(fn, ("causal", last_only, *key), "last" if last_only else None)
+    return _Head(fn, ("causal", last_only, *key), last_only)
 
 
 def encoder_head(head: str) -> _Head:
     def fn(module, params, h, secret, public):
         return {"output": module.apply({"params": params}, h, public["attention_mask"], head, method="head")}
 
-    return _Head(fn, ("encoder", head), "first" if head in ("pooled", "classify") else None)
+    return _Head(fn, ("encoder", head), head)
 
 
 def run(
@@ -199,7 +200,7 @@ def run(
         session.release_params(list(stages.embed))
         block_phase = phase if model.causal else "forward"
         block = _block_program(model, ops, module, stages, block_phase, max_len)
-        last_rows = head.rows if module.ops.last_layer_rows and phase != "decode" else None
+        last_rows = None if phase == "decode" else module.block_rows(head.reads)
         last = _block_program(model, ops, module, stages, block_phase, max_len, last_rows) if last_rows else block
         block_public = dict(public)
         if model.causal and phase != "decode":

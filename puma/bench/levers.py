@@ -46,9 +46,9 @@ def _attention(fused: bool) -> Callable:
     return lambda s: layers.attend(s["q"], s["k"], s["v"], jnp.ones((1, 1) + s["q"].shape[1:2] * 2, bool), ops)
 
 
-def _packed_sign_bits(s):
+def _packed_sign_bits(x):
     """Two comparisons' bits from one boolean conversion of a packed integer (tried, dropped)."""
-    z = (s["x"] * 1024.0).astype(jnp.int32)
+    z = (x * 1024.0).astype(jnp.int32)
     return (z >> 30) & 1
 
 
@@ -121,7 +121,7 @@ LEVERS = (
         "two comparisons on 100000 values",
         {"x": (100000,)},
         lambda x: jnp.concatenate([x, x - 1.0]) > 0,
-        lambda x: _packed_sign_bits({"x": x}),
+        _packed_sign_bits,
         "none",
         "one arithmetic-to-boolean conversion of a packed integer for two sign bits: SPU's full "
         "conversion costs 3x a comparison, so it loses",
