@@ -21,10 +21,12 @@ from puma.models.layers import (
     Embedding,
     LayerNorm,
     Linear,
+    NormShifts,
     Stages,
     attend,
     hf_fields,
     padding_mask,
+    record,
     row_slice,
 )
 from puma.protocols import Ops
@@ -48,6 +50,7 @@ class BertConfig(ConfigFields):
         "num_layers": "num_hidden_layers",
         "hidden": "hidden_size",
         "heads": "num_attention_heads",
+        "activation": "hidden_act",
     }
 
     vocab_size: int = 30522
@@ -141,7 +144,7 @@ class BertSelfAttention(nn.Module):
         q = Linear(cfg.hidden_size, name="query")(xq).reshape(batch, xq.shape[1], heads, dh)  # [B, T', H, Dh]
         k = Linear(cfg.hidden_size, name="key")(x).reshape(batch, length, heads, dh)  # [B, T, H, Dh]
         v = Linear(cfg.hidden_size, name="value")(x).reshape(batch, length, heads, dh)
-        return attend(q, k, v, mask[:, :, keep], self.ops)  # [B, T', D]
+        return attend(q, k, v, mask[:, :, keep], self.ops, self)  # [B, T', D]
 
 
 class BertSubLayerOutput(nn.Module):
@@ -149,11 +152,12 @@ class BertSubLayerOutput(nn.Module):
 
     config: BertConfig
     ops: Ops
+    shift: int = 0
 
     @nn.compact
     def __call__(self, h, residual):
         cfg = self.config
-        return LayerNorm(cfg.layer_norm_eps, self.ops, name="LayerNorm")(
+        return LayerNorm(cfg.layer_norm_eps, self.ops, self.shift, name="LayerNorm")(
             Linear(cfg.hidden_size, name="dense")(h) + residual
         )
 
@@ -161,15 +165,21 @@ class BertSubLayerOutput(nn.Module):
 class BertLayer(nn.Module):
     config: BertConfig
     ops: Ops
+    shifts: NormShifts = NormShifts()
 
     @nn.compact
     def __call__(self, x, mask, rows=None):
         cfg = self.config
         attn = BertSelfAttention(cfg, self.ops, name="attention_self")(x, mask, rows)
-        x = BertSubLayerOutput(cfg, self.ops, name="attention_output")(attn, x[:, row_slice(rows)])  # [B, T', D]
+        x = BertSubLayerOutput(cfg, self.ops, self.shifts.get("attention_output/LayerNorm"), name="attention_output")(
+            attn, x[:, row_slice(rows)]
+        )  # [B, T', D]
         act = self.ops.activation(cfg.hidden_act)
-        inner = act(Linear(cfg.intermediate_size, name="intermediate_dense")(x))
-        return BertSubLayerOutput(cfg, self.ops, name="output")(inner, x)
+        h = Linear(cfg.intermediate_size, name="intermediate_dense")(x)
+        record(self, "activation_input", h)
+        x = BertSubLayerOutput(cfg, self.ops, self.shifts.get("output/LayerNorm"), name="output")(act(h), x)
+        record(self, "residual", x)
+        return x
 
 
 class BertModel(nn.Module):
@@ -183,6 +193,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
     ops: Ops = EXACT
+    shifts: NormShifts = NormShifts()
     causal: ClassVar[bool] = False
 
     def setup(self):
@@ -190,8 +201,11 @@ class BertModel(nn.Module):
         self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.embeddings_LayerNorm = LayerNorm(cfg.layer_norm_eps, self.ops)
-        self.layer = [BertLayer(cfg, self.ops, name=f"layer_{i}") for i in range(cfg.num_hidden_layers)]
+        self.embeddings_LayerNorm = LayerNorm(cfg.layer_norm_eps, self.ops, self.shifts.get("embeddings_LayerNorm"))
+        self.layer = [
+            BertLayer(cfg, self.ops, self.shifts.under(f"layer_{i}"), name=f"layer_{i}")
+            for i in range(cfg.num_hidden_layers)
+        ]
         self.pooler = Linear(cfg.hidden_size)
         if cfg.has_classifier:
             self.classifier = Linear(cfg.num_labels)
@@ -229,10 +243,10 @@ class BertModel(nn.Module):
         )
         return self.embeddings_LayerNorm(x)
 
-    def block(self, x, attention_mask, rows: str | None = None):
-        """One encoder layer on x [B, T, D], its weights bound as ``layer_0``; ``rows`` as for
-        :func:`~puma.models.layers.row_slice`."""
-        return self.layer[0](x, padding_mask(attention_mask, x.shape[1]), rows)
+    def block(self, x, attention_mask, rows: str | None = None, layer: int = 0):
+        """Encoder layer ``layer`` on x [B, T, D] (its weights under its own name); ``rows`` as
+        for :func:`~puma.models.layers.row_slice`."""
+        return self.layer[layer](x, padding_mask(attention_mask, x.shape[1]), rows)
 
     def block_rows(self, head: str) -> str | None:
         """The rows the last layer must compute for ``head``: only [CLS] for pooled and

@@ -73,7 +73,81 @@ def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
     return unpermute_rotary_rows(data, heads) if heads else data
 
 
+def _byte_level(digits: bool):
+    """GPT-2's byte-level pre-tokenizer, after splitting every digit apart when ``digits``."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if not digits:
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+
+
+#: llama.cpp's pre-tokenizer names (``tokenizer.ggml.pre``) for byte-level BPE vocabularies
+#: puma reads, and the pre-tokenizer each stands for (as in the model's original tokenizer.json:
+#: SmolLM's splits digits one by one before GPT-2's byte-level split).
+BPE_PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(digits=False),
+    "gpt-2": lambda: _byte_level(digits=False),
+    "smollm": lambda: _byte_level(digits=True),
+}
+
+#: GGUF token type of control tokens (``<|im_start|>``, ...): matched whole in text, never split.
+CONTROL = 3
+
+
+def _bpe_tokenizer(info: dict):
+    """A byte-level BPE tokenizer from the GGUF's own tokens, merges and pre-tokenizer name;
+    BOS prepended only when the file says so (``tokenizer.ggml.add_bos_token``); its chat
+    template kept. None (with a warning) for a pre-tokenizer puma does not know."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = info.get("pre", "default")
+    if pre not in BPE_PRE_TOKENIZERS:
+        log.warning(
+            "GGUF BPE pre-tokenizer %r is not supported (%s): text needs token ids instead",
+            pre,
+            ", ".join(sorted(BPE_PRE_TOKENIZERS)),
+        )
+        return None
+    tokens = info["tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in info["merges"]]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = BPE_PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    kinds = info.get("token_type", [])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == CONTROL]
+    )
+    special = _special_tokens(info, tokens)
+    if info.get("add_bos_token") and "bos_token" in special:
+        bos = special["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, info["bos_token_id"])]
+        )
+    with _quiet_transformers():
+        return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=info.get("chat_template"), **special)
+
+
+def _special_tokens(info: dict, tokens: list) -> dict:
+    """``bos_token`` and friends by the ids the file names."""
+    special = {}
+    for key, arg in (
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("unk_token_id", "unk_token"),
+        ("pad_token_id", "pad_token"),
+    ):
+        idx = info.get(key)
+        if idx is not None and 0 <= idx < len(tokens):
+            special[arg] = tokens[idx]
+    return special
+
+
 def _gguf_tokenizer(reader):
+    """The file's tokenizer: SentencePiece (``tokenizer.ggml.model = llama``) or byte-level BPE
+    (``gpt2``); None if it has neither."""
     from transformers import LlamaTokenizerFast
     from transformers.integrations.ggml import convert_gguf_tokenizer
 
@@ -88,26 +162,22 @@ def _gguf_tokenizer(reader):
         "tokenizer.ggml.unknown_token_id": "unk_token_id",
         "tokenizer.ggml.padding_token_id": "pad_token_id",
         "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+        "tokenizer.ggml.add_bos_token": "add_bos_token",
+        "tokenizer.ggml.pre": "pre",
+        "tokenizer.chat_template": "chat_template",
     }
     info = {name: _gguf_field(reader, key) for key, name in keys.items() if key in reader.fields}
-    if info.get("tokenizer_type") != "llama" or "tokens" not in info:
+    if "tokens" not in info:
+        return None
+    if info.get("tokenizer_type") == "gpt2":
+        return _bpe_tokenizer(info)
+    if info.get("tokenizer_type") != "llama":
         return None
     with _quiet_transformers():
         backend, extra = convert_gguf_tokenizer("llama", info)
-    tokens = info["tokens"]
-    special = {}
-    for key, arg in (
-        ("bos_token_id", "bos_token"),
-        ("eos_token_id", "eos_token"),
-        ("unk_token_id", "unk_token"),
-        ("pad_token_id", "pad_token"),
-    ):
-        idx = info.get(key)
-        if idx is not None and 0 <= idx < len(tokens):
-            special[arg] = tokens[idx]
-    special.update(extra)
+    special = {**_special_tokens(info, info["tokens"]), **extra}
     with _quiet_transformers():
-        return LlamaTokenizerFast(tokenizer_object=backend, **special)
+        return LlamaTokenizerFast(tokenizer_object=backend, chat_template=info.get("chat_template"), **special)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,10 @@ from puma.models.layers import (
     Embedding,
     LayerNorm,
     Linear,
+    NormShifts,
     Stages,
     attend,
+    record,
     row_slice,
     update_cache,
 )
@@ -43,6 +45,7 @@ class GPT2Config(ConfigFields):
         "num_layers": "n_layer",
         "hidden": "n_embd",
         "heads": "n_head",
+        "activation": "activation_function",
     }
 
     vocab_size: int = 50257
@@ -82,7 +85,7 @@ class GPT2Attention(nn.Module):
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, H, Dh]
         keep = row_slice(rows)
-        out = attend(q[:, keep], k, v, mask[:, :, keep], self.ops)  # [B, T', D]
+        out = attend(q[:, keep], k, v, mask[:, :, keep], self.ops, self)  # [B, T', D]
         return Linear(cfg.n_embd, name="c_proj")(out), layer_cache
 
 
@@ -95,21 +98,26 @@ class GPT2MLP(nn.Module):
         cfg = self.config
         inner = cfg.n_inner or 4 * cfg.n_embd
         act = self.ops.activation(cfg.activation_function)
-        return Linear(cfg.n_embd, name="c_proj")(act(Linear(inner, name="c_fc")(x)))
+        h = Linear(inner, name="c_fc")(x)
+        record(self, "activation_input", h)
+        return Linear(cfg.n_embd, name="c_proj")(act(h))
 
 
 class GPT2Block(nn.Module):
     config: GPT2Config
     ops: Ops
+    shifts: NormShifts = NormShifts()
 
     @nn.compact
     def __call__(self, x, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
+        eps, shifts = cfg.layer_norm_epsilon, self.shifts
         h, layer_cache = GPT2Attention(cfg, self.ops, name="attn")(
-            LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_1")(x), mask, layer_cache, cache_index, rows
+            LayerNorm(eps, self.ops, shifts.get("ln_1"), name="ln_1")(x), mask, layer_cache, cache_index, rows
         )
         x = x[:, row_slice(rows)] + h  # [B, T', D]
-        x = x + GPT2MLP(cfg, self.ops, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, self.ops, name="ln_2")(x))
+        x = x + GPT2MLP(cfg, self.ops, name="mlp")(LayerNorm(eps, self.ops, shifts.get("ln_2"), name="ln_2")(x))
+        record(self, "residual", x)
         return x, layer_cache
 
 
@@ -118,13 +126,14 @@ class GPT2LMHeadModel(CausalLM):
 
     config: GPT2Config
     ops: Ops = EXACT
+    shifts: NormShifts = NormShifts()
 
     def setup(self):
         cfg = self.config
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = Embedding(cfg.n_positions, cfg.n_embd, std=0.01)
-        self.blocks = [GPT2Block(cfg, self.ops, name=f"h_{i}") for i in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.ops)
+        self.blocks = [GPT2Block(cfg, self.ops, self.shifts.under(f"h_{i}"), name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.ops, self.shifts.get("ln_f"))
 
     # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
 

@@ -19,10 +19,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from puma.protocols import Ops
+from puma.protocols.base import prescale
 
 Array = Any
 #: A key/value cache: one ``{"k": [B, S, Hkv, Dh], "v": [B, S, Hkv, Dh]}`` dict per layer.
 KVCache = tuple
+
+#: The Flax collection calibration sows activation statistics into (:func:`record`).
+RANGES = "ranges"
+
+
+@dataclasses.dataclass(frozen=True)
+class NormShifts:
+    """Public power-of-two pre-scales of the norms' inputs, by the norm's parameter path
+    (``"layers_11/input_layernorm"``): a norm with shift k normalises x 2^-k with eps 4^-k, the
+    same function with 4^k times smaller squares (:func:`puma.protocols.base.prescale`).
+    :mod:`puma.calibration` chooses them from the model's activation ranges; they are public,
+    like the config. Empty: every shift 0."""
+
+    sites: tuple[tuple[str, int], ...] = ()
+
+    def get(self, path: str) -> int:
+        return dict(self.sites).get(path, 0)
+
+    def under(self, prefix: str) -> "NormShifts":
+        """The shifts inside ``prefix`` (a block's name), by their path relative to it."""
+        start = prefix + "/"
+        return NormShifts(tuple((p[len(start) :], k) for p, k in self.sites if p.startswith(start)))
+
+    def nonzero(self) -> dict[str, int]:
+        return {p: k for p, k in self.sites if k}
+
+
+def record(module: nn.Module, site: str, value: Array, center: bool = False) -> None:
+    """Sow the magnitudes of ``value`` at ``module``'s path + ``site`` while calibrating (the
+    :data:`RANGES` collection is mutable); nothing otherwise, so secure programs carry no op.
+
+    Statistics: the largest |value| and the smallest and largest mean square of a row (the last
+    axis; with ``center`` of the row minus its mean, as LayerNorm squares it), which
+    :mod:`puma.calibration` checks against the fixed-point bounds.
+    """
+    if module.is_mutable_collection(RANGES):
+        rows = value.reshape(-1, value.shape[-1])  # [R, n]
+        if center:
+            rows = rows - jnp.mean(rows, axis=-1, keepdims=True)
+        squares = jnp.mean(rows * rows, axis=-1)  # [R]
+        stats = jnp.stack([jnp.max(jnp.abs(rows)), jnp.min(squares), jnp.max(squares), rows.shape[-1]])
+        module.sow(RANGES, site, stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +117,9 @@ class FamilyModule(Protocol):
     ``causal`` modules are called ``(input_ids, attention_mask, position_ids, cache,
     cache_index, last_only) -> (logits, cache)`` and have ``init_cache(batch, max_len)``; an
     encoder is called ``(input_ids, attention_mask, token_type_ids, position_ids, head)``.
-    ``embed``/``block``/``head`` are the stages, ``stages()`` names each stage's weights.
+    ``embed``/``block``/``head`` are the stages, ``stages()`` names each stage's weights;
+    ``block(..., layer=i)`` runs block i with its weights under its own name and its own norm
+    shifts (:class:`NormShifts`).
     """
 
     config: ModelConfig
@@ -111,7 +156,8 @@ class Family:
 class ConfigFields:
     """The family-independent views of :class:`ModelConfig`, written once: each family's
     config names its Hugging Face fields in ``FIELDS`` (``max_positions``, ``num_layers``,
-    ``hidden``, ``heads`` and optionally ``kv_heads``) and its transformers class in ``HF_CLASS``."""
+    ``hidden``, ``heads``, ``activation`` and optionally ``kv_heads``) and its transformers class
+    in ``HF_CLASS``."""
 
     FIELDS: ClassVar[dict[str, str]]
     HF_CLASS: ClassVar[str]
@@ -135,6 +181,11 @@ class ConfigFields:
     @property
     def head_dim(self) -> int:
         return getattr(self, self.FIELDS["hidden"]) // self.num_heads
+
+    @property
+    def activation(self) -> str:
+        """The feed-forward activation's Hugging Face name (``gelu``, ``gelu_new``, ``silu``)."""
+        return getattr(self, self.FIELDS["activation"])
 
     @classmethod
     def from_hf(cls, hf_config):
@@ -197,13 +248,22 @@ class CausalLM(nn.Module):
         only the last logits are wanted and the set saves on the last layer, else all."""
         return "last" if last_only and self.ops.last_layer_rows else None
 
-    def block(self, x, attention_mask, position_ids, layer_cache=None, cache_index=0, rows: str | None = None):
-        """One block on x [B, T, D], its weights bound as block 0's; the mask (and any block
-        inputs) are rebuilt from the public inputs. ``rows`` (see :func:`row_slice`) keeps only
-        those rows of the output. Returns (x, layer_cache)."""
+    def block(
+        self,
+        x,
+        attention_mask,
+        position_ids,
+        layer_cache=None,
+        cache_index=0,
+        rows: str | None = None,
+        layer: int = 0,
+    ):
+        """Block ``layer`` on x [B, T, D] (its weights under its own name); the mask (and any
+        block inputs) are rebuilt from the public inputs. ``rows`` (see :func:`row_slice`) keeps
+        only those rows of the output. Returns (x, layer_cache)."""
         cache = None if layer_cache is None else (layer_cache,)
         position_ids, mask = causal_inputs(x, attention_mask, position_ids, cache, cache_index)  # mask [B,1,T,S]
-        return self.blocks[0](x, *self.block_inputs(position_ids), mask, layer_cache, cache_index, rows)
+        return self.blocks[layer](x, *self.block_inputs(position_ids), mask, layer_cache, cache_index, rows)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
@@ -225,6 +285,7 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", normal_init(self.std), (x.shape[-1], self.features), jnp.float32)
         y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, out] -> [..., out]
+        record(self, "output", y)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
@@ -250,32 +311,46 @@ class Embedding(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """Tied output projection: [..., dim] -> [..., num]."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding)
+        logits = jnp.einsum("...d,vd->...v", x, self.embedding)
+        record(self, "logits", logits)
+        return logits
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm parameters (``weight``, ``bias``) applied through ``ops.layer_norm``."""
+    """LayerNorm parameters (``weight``, ``bias``) applied through ``ops.layer_norm`` to the
+    input pre-scaled by 2^-``shift`` (:func:`~puma.protocols.base.prescale`)."""
 
     eps: float
     ops: Ops
+    shift: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-        return self.ops.layer_norm(x, weight, bias, self.eps)
+        record(self, "layer_norm_input", x, center=True)
+        x, eps = prescale(x, self.eps, self.shift)
+        y = self.ops.layer_norm(x, weight, bias, eps)
+        record(self, "output", y)
+        return y
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm parameter (``weight``) applied through ``ops.rms_norm``."""
+    """RMSNorm parameter (``weight``) applied through ``ops.rms_norm`` to the input pre-scaled
+    by 2^-``shift`` (:func:`~puma.protocols.base.prescale`)."""
 
     eps: float
     ops: Ops
+    shift: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        return self.ops.rms_norm(x, weight, self.eps)
+        record(self, "rms_norm_input", x)
+        x, eps = prescale(x, self.eps, self.shift)
+        y = self.ops.rms_norm(x, weight, eps)
+        record(self, "output", y)
+        return y
 
 
 def init_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int) -> KVCache:
@@ -357,17 +432,20 @@ def row_slice(rows: str | None) -> slice:
 FUSED_HEADS_MAX_MACS = 2**30
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops, module: nn.Module | None = None) -> Array:
     """Scaled dot-product attention with grouped key/value heads.
 
     q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: [B, 1, T, S].
     Returns [B, T, H * Dh]. With ``ops.fused_heads`` the heads go through one product each way
-    (:func:`_attend_fused`), which SPU runs in one round instead of one per head.
+    (:func:`_attend_fused`), which SPU runs in one round instead of one per head. The scores
+    are recorded at ``module``'s path while calibrating (:func:`record`).
     """
     batch, length, heads, head_dim = q.shape
     kv_heads, keys = k.shape[2], k.shape[1]
     group = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))  # [B, T, Hkv, G, Dh]
+    if module is not None:
+        record(module, "scores", jnp.einsum("btkgd,bskd->bkgts", q, k))
     if ops.fused_heads and length * keys * heads * heads * head_dim <= FUSED_HEADS_MAX_MACS:
         return _attend_fused(q, k, v, mask, ops)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]

@@ -21,10 +21,12 @@ from puma.models.layers import (
     ConfigFields,
     Embedding,
     Linear,
+    NormShifts,
     RMSNorm,
     Stages,
     attend,
     hf_fields,
+    record,
     row_slice,
     update_cache,
 )
@@ -46,6 +48,7 @@ class LlamaConfig(ConfigFields):
         "hidden": "hidden_size",
         "heads": "num_attention_heads",
         "kv_heads": "num_key_value_heads",
+        "activation": "hidden_act",
     }
 
     vocab_size: int = 32000
@@ -153,7 +156,7 @@ class LlamaAttention(nn.Module):
         if layer_cache is not None:
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
-        out = attend(q, k, v, mask[:, :, keep], self.ops)  # [B, T', H * Dh]
+        out = attend(q, k, v, mask[:, :, keep], self.ops, self)  # [B, T', H * Dh]
         return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
 
 
@@ -167,18 +170,22 @@ class LlamaMLP(nn.Module):
         act = self.ops.activation(cfg.hidden_act)
         gate = Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
         up = Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
-        return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(act(gate) * up)
+        record(self, "activation_input", gate)
+        gated = act(gate) * up
+        record(self, "gated_product", gated)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(gated)
 
 
 class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     ops: Ops
+    shifts: NormShifts = NormShifts()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
         h, layer_cache = LlamaAttention(cfg, self.ops, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, self.ops, name="input_layernorm")(x),
+            RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("input_layernorm"), name="input_layernorm")(x),
             cos,
             sin,
             mask,
@@ -187,9 +194,11 @@ class LlamaDecoderLayer(nn.Module):
             rows,
         )
         x = x[:, row_slice(rows)] + h  # [B, T', D]
+        post = self.shifts.get("post_attention_layernorm")
         x = x + LlamaMLP(cfg, self.ops, name="mlp")(
-            RMSNorm(cfg.rms_norm_eps, self.ops, name="post_attention_layernorm")(x)
+            RMSNorm(cfg.rms_norm_eps, self.ops, post, name="post_attention_layernorm")(x)
         )
+        record(self, "residual", x)
         return x, layer_cache
 
 
@@ -198,12 +207,16 @@ class LlamaForCausalLM(CausalLM):
 
     config: LlamaConfig
     ops: Ops = EXACT
+    shifts: NormShifts = NormShifts()
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = [LlamaDecoderLayer(cfg, self.ops, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.ops)
+        self.blocks = [
+            LlamaDecoderLayer(cfg, self.ops, self.shifts.under(f"layers_{i}"), name=f"layers_{i}")
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("norm"))
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False)
 

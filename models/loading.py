@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from puma.models import bert, gguf, gpt2, llama
-from puma.models.layers import Family
+from puma.models.layers import Family, NormShifts
 
 from puma.errors import PumaError
 from puma.runtime.params import LazyParams, TensorRef, unflatten
@@ -66,16 +66,22 @@ class LoadedModel:
     tokenizer: Any
     source: str
     lazy: "LazyParams | None" = None  # the weights, read tensor by tensor (``load(lazy=True)``)
+    shifts: NormShifts = NormShifts()  # the norms' input pre-scales (public; puma.calibration)
 
     @property
     def causal(self) -> bool:
         return FAMILIES[self.family].causal
 
+    @property
+    def program_key(self) -> tuple:
+        """What a compiled program of this model depends on besides the set and shapes."""
+        return (self.source, self.shifts)
+
     def module(self, ops="exact"):
-        """The Flax module for this config with the named approximation set."""
+        """The Flax module for this config with the named approximation set and its norm shifts."""
         from puma import protocols
 
-        return FAMILIES[self.family].module_cls(self.config, protocols.get(ops))
+        return FAMILIES[self.family].module_cls(self.config, protocols.get(ops), self.shifts)
 
     def variables(self) -> dict:
         return {"params": self.params}

@@ -39,6 +39,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from puma.protocols import fast
+from puma.protocols.base import variance_domain
 
 #: GeLU: gelu(x) = relu(x) - p(|x|) for |x| < GELU_T, with p(t) = sum_k GELU_P[k] t^k. Fitted
 #: by least squares weighted by the distribution of |x| at MiniLM's FFN inputs on 128 SST-2
@@ -176,6 +177,7 @@ def softmax(x, where=None):
     return fast.clipped_softmax(x, where, lambda total, n: reciprocal(total, high=float(n)))
 
 
+@variance_domain(RSQRT_LOW, RSQRT_HIGH)
 def layer_norm(x, weight, bias, eps):
     """puma-fast's LayerNorm (accurate row means, Gram-matrix variance) with the binned rsqrt.
 
@@ -184,6 +186,7 @@ def layer_norm(x, weight, bias, eps):
     return fast.normalized(x, weight, bias, eps, rsqrt)
 
 
+@variance_domain(RSQRT_LOW, RSQRT_HIGH)
 def rms_norm(x, weight, eps):
     """puma-fast's RMSNorm with the binned rsqrt: x * rsqrt(mean(x^2) + eps) * weight.
 

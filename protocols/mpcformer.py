@@ -12,6 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 from puma.protocols import puma as puma_set
+from puma.protocols.base import input_limit, square_limit
 
 #: Quad GeLU: 0.125 x^2 + 0.25 x + 0.5 (constant first).
 QUAD_GELU = (0.5, 0.25, 0.125)
@@ -19,11 +20,13 @@ QUAD_GELU = (0.5, 0.25, 0.125)
 QUAD_SHIFT = 5.0
 
 
+@input_limit(square_limit)
 def gelu(x):
     """Quad GeLU: 0.125 x^2 + 0.25 x + 0.5 (MPCFormer §3.2).
 
     Not an approximation of GeLU: max |difference| on [-10, 10] is 10.5 (at x = -10), mean 2.4.
-    One multiplication, no comparison.
+    One multiplication, no comparison. Domain under SPU: |x| below the square root of the
+    product limit.
     """
     return QUAD_GELU[0] + QUAD_GELU[1] * x + QUAD_GELU[2] * (x * x)
 

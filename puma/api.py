@@ -19,10 +19,10 @@ from typing import Sequence
 
 import numpy as np
 
-from puma import progress, protocols, tasks
+from puma import calibration, progress, protocols, tasks
 from puma.errors import PumaError
 from puma.models import LoadedModel, load, loading
-from puma.runtime import budget, get_backend, memory, open_session
+from puma.runtime import budget, get_backend, memory, open_session, resolve_topology
 from puma.runtime.base import Session
 from puma.runtime.roles import OwnerSpec
 
@@ -44,6 +44,25 @@ def _plan(model: LoadedModel, session: Session, mode: str, memory_budget: int | 
     return budget.plan(shapes, stages, per_weight, memory_budget, mode)
 
 
+def preflight(
+    source: str, model: LoadedModel, ops, backend_options: dict, overrides: dict | None = None
+) -> calibration.Plan:
+    """The fixed-point format and norm shifts a secure run of ``model`` needs (see
+    :mod:`puma.calibration`): the format asked for (``field``/``fxp_bits`` in ``backend_options``,
+    or a topology file's) if the calibrated ranges fit it, else a one-line refusal; the first
+    safe format when none is asked for. Sets ``model.shifts`` and the options' format."""
+    ranges = calibration.ranges_for(source, overrides)
+    field, bits, config = backend_options.get("field"), backend_options.get("fxp_bits"), backend_options.get("config")
+    if config:
+        _, proto = resolve_topology(config, backend_options.get("protocol"), bits, field)
+        field, bits = proto.field, proto.fxp_bits
+    chosen = calibration.choose(ranges, ops, model.config.activation, field, bits, locked=bool(config))
+    model.shifts = chosen.shifts
+    backend_options.update(field=chosen.fixed.field, fxp_bits=chosen.fixed.fxp_bits)
+    log.info("fixed point: %s", chosen.describe())
+    return chosen
+
+
 def default_approx(backend: str) -> str:
     """The approximation set used when none is named: exact in plaintext, ``puma-fast`` under
     MPC (cheaper and more accurate than ``puma`` on every function measured: bench-results)."""
@@ -60,6 +79,7 @@ class SecureModel:
         self.session = session
         self.ops = protocols.get(ops)
         self.weight_plan: budget.WeightPlan | None = None
+        self.fixed_plan: calibration.Plan | None = None
 
     @classmethod
     def from_pretrained(
@@ -74,6 +94,7 @@ class SecureModel:
         staged: bool | None = None,
         share_store: str | None = None,
         network: str | None = None,
+        calibrate: bool = True,
         **backend_options,
     ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
@@ -95,6 +116,12 @@ class SecureModel:
         the set's embedding by the one of :mod:`puma.protocols.embeddings` that is cheapest on
         that network for this model's table (``ops.name`` then says which, e.g.
         ``puma-fast+gather``).
+
+        On a secure backend the model's activation ranges are calibrated first (once per model,
+        cached; :mod:`puma.calibration`): ``field``/``fxp_bits`` left out pick the first format
+        that computes the model right, given ones are refused in one line if they would not;
+        :attr:`fixed_plan` says which format and norm pre-scales run. ``calibrate=False`` skips
+        this (random presets only ever need FM64/18 unscaled; a real LLM may then be wrong).
         """
         approx = default_approx(backend) if approx is None else approx
         ops = protocols.get(approx)
@@ -112,7 +139,10 @@ class SecureModel:
             hidden = getattr(config, config.FIELDS["hidden"])
             ops = embeddings.for_network(ops, config.vocab_size, hidden, net)
             log.info("embedding for %s: %s (set %s)", net.describe(), embeddings.kind_of(ops), ops.name)
-        if backend != "plaintext":
+        fixed_plan = None
+        if get_backend(backend).module is not None:
+            if calibrate:
+                fixed_plan = preflight(source, model, ops, backend_options, overrides)
             progress.status("opening a %s session (%s)", backend, ops.name)
         session = open_session(backend, spu_settings=ops.spu, **backend_options)
         try:
@@ -137,6 +167,7 @@ class SecureModel:
                 session.load_from_owner(spec, model.param_avals(), streamed=streamed)
             secure = cls(model, session, ops)
             secure.weight_plan = plan
+            secure.fixed_plan = fixed_plan
             return secure
         except BaseException:
             session.close()
@@ -154,17 +185,21 @@ class SecureModel:
         temperature: float = 0.0,
         top_k: int = 0,
         seed: int | None = None,
+        chat: bool = False,
         progress=None,
+        stream=None,
     ) -> tasks.GenerationResult:
         """Continue each prompt (one batch); returns tokens, texts and the cost report.
 
         Greedy by default; ``temperature > 0`` samples (with ``top_k``, from client randomness
         ``seed``). ``reveal="token"`` (default) computes the choice under MPC and reveals only the
         token id; ``reveal="logits"`` hands the client the logits. ``use_cache`` keeps a secret
-        key/value cache at the parties between steps.
+        key/value cache at the parties between steps. ``chat`` puts each prompt through the
+        tokenizer's chat template as a user message. ``stream(tokens)`` is called after every
+        step with each prompt's tokens so far.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = tasks.encode_prompts(self.model, prompts)
+        ids = tasks.encode_prompts(self.model, prompts, chat)
         return self.generate_ids(
             ids,
             max_new_tokens,
@@ -174,6 +209,7 @@ class SecureModel:
             top_k=top_k,
             seed=seed,
             progress=progress,
+            stream=stream,
         )
 
     def generate_ids(
@@ -189,6 +225,7 @@ class SecureModel:
         prompt_bucket: int = 8,
         slot_bucket: int = 16,
         progress=None,
+        stream=None,
     ) -> tasks.GenerationResult:
         """Like :meth:`generate` for token-id prompts. ``prompt_bucket``/``slot_bucket`` round
         the static shapes (1 measures exactly the given lengths)."""
@@ -205,6 +242,7 @@ class SecureModel:
             prompt_bucket=prompt_bucket,
             slot_bucket=slot_bucket,
             progress=progress,
+            stream=stream,
         )
 
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:

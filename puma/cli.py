@@ -1,4 +1,5 @@
-"""The ``puma`` command line: ``demo``, ``generate``, ``embed``, ``classify``, ``bench``, ``node``.
+"""The ``puma`` command line: ``demo``, ``generate``, ``embed``, ``classify``, ``calibrate``,
+``bench``, ``node``.
 
 Every failure a user can cause ends in one line ``puma: error: <what to fix>`` on stderr and a
 non-zero exit status (1 for errors found while running, 2 for bad arguments).
@@ -187,7 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = gen.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
     _add_ids_arg(inputs)
-    gen.add_argument("--max-new-tokens", "-n", type=int, default=16)
+    gen.add_argument(
+        "--max-new-tokens", "-n", type=_positive, default=16, help="tokens to generate (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="put each prompt through the model's chat template as a user message (GGUF or tokenizer_config.json)",
+    )
     gen.add_argument(
         "--reveal",
         choices=("token", "logits"),
@@ -222,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(demo)
     _add_approx_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    cal = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="the model's activation ranges per layer and the fixed-point format and norm pre-scales they need",
+    )
+    cal.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file, preset name or 'minilm'")
+    cal.add_argument("--approx", default="puma-fast", help="approximation set to check for (default: %(default)s)")
+    cal.add_argument("--field", choices=("FM64", "FM128"), help="check this ring (default: the first safe format)")
+    cal.add_argument("--fxp-bits", type=int, help="check these fraction bits (default: the first safe format)")
+    cal.add_argument("--refresh", action="store_true", help="calibrate again instead of reading the cache")
+    cal.add_argument("--json", action="store_true", help="print the ranges, the plan and the table as JSON")
+    cal.set_defaults(func=cmd_calibrate)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -371,11 +392,11 @@ def _open(args):
     return args.secure_model
 
 
-def _progress(total: int, what: str, unit: str = "tok"):
-    """A tqdm bar on stderr when it is a terminal, else nothing."""
+def _progress(total: int, what: str, unit: str = "tok", disable: bool = False):
+    """A tqdm bar on stderr when it is a terminal (and not ``disable``), else nothing."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=what, unit=unit, disable=disable or not sys.stderr.isatty(), leave=False)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -404,7 +425,8 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
     if args.json:
         print(json.dumps(payload))
         return
-    print("\n".join(text_lines))
+    if text_lines:
+        print("\n".join(text_lines))
     if cost is not None and args.backend != "plaintext":
         print(cost.summary(), file=sys.stderr)
     model = getattr(args, "secure_model", None)
@@ -413,6 +435,12 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
     plan = getattr(model, "weight_plan", None)
     if plan is not None:
         print(f"puma: {plan.describe()}", file=sys.stderr)
+    fixed = getattr(model, "fixed_plan", None)
+    if fixed is not None:
+        print(
+            f"puma: fixed point {fixed.describe()} (calibrated ranges; puma calibrate -m MODEL shows them)",
+            file=sys.stderr,
+        )
 
 
 def _ran_on(args, model) -> str:
@@ -453,11 +481,18 @@ def cmd_generate(args) -> int:
         top_k=top_k,
         seed=args.seed,
     )
-    with _open(args) as m, _progress(args.max_new_tokens, "generating") as bar:
-        if args.ids:
-            result = m.generate_ids(args.ids, progress=bar.update, **options)
-        else:
-            result = m.generate(args.prompt, progress=bar.update, **options)
+    if args.chat and args.ids:
+        raise PumaError("--chat applies the chat template to text: give --prompt, not --ids")
+    with _open(args) as m:
+        shown = _Shown(m.model, args) if _streams(args) else None
+        with _progress(args.max_new_tokens, "generating", disable=shown is not None) as bar:
+            if args.ids:
+                result = m.generate_ids(args.ids, progress=bar.update, **options)
+            else:
+                stream = shown.update if shown else None
+                result = m.generate(args.prompt, progress=bar.update, chat=args.chat, stream=stream, **options)
+        if shown:
+            shown.finish()
     prompts = args.prompt or args.ids
     single = len(prompts) == 1
     payload = {
@@ -476,10 +511,45 @@ def cmd_generate(args) -> int:
             f"{','.join(map(str, p))} -> {' '.join(map(str, t))}" + (f"  {text!r}" if text else "")
             for p, t, text in zip(args.ids, result.tokens, result.texts)
         ]
+    elif shown:
+        lines = []  # already printed token by token
+    elif args.chat:
+        lines = list(result.texts)
     else:
         lines = [prompt + text for prompt, text in zip(args.prompt, result.texts)]
     _emit(args, payload, lines, result.cost)
     return 0
+
+
+def _streams(args) -> bool:
+    """Whether generated text is printed as each token is revealed: one text prompt, not JSON."""
+    return not args.json and not args.ids and len(args.prompt) == 1
+
+
+class _Shown:
+    """Prints a generation as it grows: the prompt (unless it went through the chat template),
+    then what each revealed token adds to the decoded text. A byte-level token that ends inside
+    a character waits for the token that completes it."""
+
+    def __init__(self, model, args):
+        from puma import tasks
+
+        self.tokenizer = model.tokenizer
+        self.prompt_ids = tasks.encode_prompts(model, args.prompt, args.chat)[0]
+        self.printed = ""
+        if not args.chat:
+            print(args.prompt[0], end="", flush=True)
+
+    def update(self, generated: list[list[int]]) -> None:
+        from puma.tasks import continuation
+
+        text = continuation(self.tokenizer, self.prompt_ids, generated[0])
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            print(text[len(self.printed) :], end="", flush=True)
+            self.printed = text
+
+    def finish(self) -> None:
+        print(flush=True)
 
 
 def _cmd_encode(args, task: str) -> int:
@@ -527,6 +597,39 @@ def cmd_demo(args) -> int:
         print(json.dumps(result))
     else:
         print(demo.render(result))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from puma import calibration, protocols
+    from puma.models import load
+    from puma.protocols.base import FixedPoint
+
+    ops = protocols.get(args.approx)
+    ranges = calibration.ranges_for(args.model, refresh=args.refresh)
+    activation = load(args.model, weights=False).config.activation
+    if args.field or args.fxp_bits is not None:
+        fixed = FixedPoint(args.field or "FM64", 18 if args.fxp_bits is None else args.fxp_bits)
+        chosen = calibration.plan(ranges, ops, fixed, activation)
+    else:
+        chosen = calibration.choose(ranges, ops, activation)
+    if args.json:
+        doc = {
+            "model": args.model,
+            "approx": ops.name,
+            "format": chosen.fixed.describe(),
+            "ok": chosen.ok,
+            "shifts": chosen.shifts.nonzero(),
+            "findings": [f.line() for f in chosen.findings],
+            "margin": calibration.MARGIN,
+            "table": calibration.table(ranges, chosen),
+            "ranges": ranges.to_json(),
+        }
+        print(json.dumps(doc))
+    else:
+        print(calibration.render(ranges, chosen))
+    if not chosen.ok:  # the one line: which site, and a format that works
+        calibration.choose(ranges, ops, activation, chosen.fixed.field, chosen.fixed.fxp_bits)
     return 0
 
 

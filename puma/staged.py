@@ -9,7 +9,8 @@ memory stays bounded by the largest stage whatever the depth of the model.
 What passes between stages: the hidden state ``h`` [B, T, D], a secret state entry of the
 run's slot at the parties (never revealed, never sent to the driver); each block's key/value
 cache stays in the slot as ``cache_<i>``. Every block of a model has the same shapes, so one
-compiled block program serves all of them: a run binds it to layer i's weights
+compiled block program serves all blocks with the same norm shifts (usually all of them, at
+most a few variants: :mod:`puma.calibration`): a run binds it to layer i's weights
 (``bind={"layer": "layers_<i>"}``) and to layer i's cache.
 
 Each stage calls the model's own ``embed`` / ``block`` / ``head`` methods, which its
@@ -54,65 +55,45 @@ def _embed_program(model: LoadedModel, ops, module, stages) -> Program:
             )
             return {}, {"h": x}
 
-    return Program(f"{model.family}_stage_embed", fn, key=(ops.name, model.source), param_keys=stages.embed)
+    return Program(f"{model.family}_stage_embed", fn, key=(ops.name, model.program_key), param_keys=stages.embed)
 
 
 def _block_program(
-    model: LoadedModel, ops, module, stages, phase: str, max_len: int = 0, rows: str | None = None
+    model: LoadedModel, ops, module, stages, layer: int, phase: str, max_len: int = 0, rows: str | None = None
 ) -> Program:
-    """One block's program; ``rows`` (the last block's, see ``Ops.last_layer_rows``) keeps only
-    the rows the head reads."""
-    block0 = stages.layer_key(0)
+    """Block ``layer``'s program, keyed by the block's norm shifts (blocks with the same shifts
+    share it); ``rows`` (the last block's, see ``Ops.last_layer_rows``) keeps only the rows the
+    head reads."""
+    name = stages.layer_key(layer)
+    key = (ops.name, model.source, model.shifts.under(name), max_len, rows)
     if not model.causal:
 
         def fn(params, state, secret, public):
             x = module.apply(
-                {"params": {block0: params["layer"]}}, state["h"], public["attention_mask"], rows, method="block"
+                {"params": {name: params["layer"]}}, state["h"], public["attention_mask"], rows, layer, method="block"
             )
             return {}, {"h": x}
 
-        return Program(
-            f"{model.family}_stage_block",
-            fn,
-            key=(ops.name, model.source, rows),
-            param_keys=("layer",),
-            state_reads=("h",),
-        )
+        return Program(f"{model.family}_stage_block", fn, key=key, param_keys=("layer",), state_reads=("h",))
 
     def fn(params, state, secret, public):
-        variables = {"params": {block0: params["layer"]}}
-        h = state["h"]
+        variables = {"params": {name: params["layer"]}}
+        h, mask, positions = state["h"], public["attention_mask"], public["position_ids"]
         if phase == "prefill":
             cfg = model.config
             layer_cache = init_cache(1, h.shape[0], max_len, cfg.num_kv_heads, cfg.head_dim)[0]
-            x, layer_cache = module.apply(
-                variables, h, public["attention_mask"], public["position_ids"], layer_cache, 0, rows, method="block"
-            )
+            x, layer_cache = module.apply(variables, h, mask, positions, layer_cache, 0, rows, layer, method="block")
             return {}, {"h": x, "cache": layer_cache}
         if phase == "decode":
             x, layer_cache = module.apply(
-                variables,
-                h,
-                public["attention_mask"],
-                public["position_ids"],
-                state["cache"],
-                public["cache_index"],
-                method="block",
+                variables, h, mask, positions, state["cache"], public["cache_index"], None, layer, method="block"
             )
             return {}, {"h": x, "cache": layer_cache}
-        x, _ = module.apply(
-            variables, h, public["attention_mask"], public["position_ids"], None, 0, rows, method="block"
-        )
+        x, _ = module.apply(variables, h, mask, positions, None, 0, rows, layer, method="block")
         return {}, {"h": x}
 
     reads = ("h", "cache") if phase == "decode" else ("h",)
-    return Program(
-        f"{model.family}_stage_block_{phase}",
-        fn,
-        key=(ops.name, model.source, max_len, rows),
-        param_keys=("layer",),
-        state_reads=reads,
-    )
+    return Program(f"{model.family}_stage_block_{phase}", fn, key=key, param_keys=("layer",), state_reads=reads)
 
 
 def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
@@ -124,7 +105,7 @@ def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
     return Program(
         f"{model.family}_stage_head",
         fn,
-        key=(ops.name, model.source, head.key),
+        key=(ops.name, model.program_key, head.key),
         param_keys=stages.head,
         state_reads=("h",),
     )
@@ -199,16 +180,15 @@ def run(
         )
         session.release_params(list(stages.embed))
         block_phase = phase if model.causal else "forward"
-        block = _block_program(model, ops, module, stages, block_phase, max_len)
         last_rows = None if phase == "decode" else module.block_rows(head.reads)
-        last = _block_program(model, ops, module, stages, block_phase, max_len, last_rows) if last_rows else block
         block_public = dict(public)
         if model.causal and phase != "decode":
             block_public.pop("cache_index", None)
         for i in range(stages.layers):
             key = stages.layer_key(i)
             session.hold_params([key])
-            program = last if i == stages.layers - 1 else block
+            rows = last_rows if i == stages.layers - 1 else None
+            program = _block_program(model, ops, module, stages, i, block_phase, max_len, rows)
             session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
             session.release_params([key])
         session.hold_params(list(stages.head))

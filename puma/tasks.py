@@ -85,7 +85,7 @@ def forward_program(model: LoadedModel, ops, reveal: str = "logits", sampling: S
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {}
 
-    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.source, sampling.key()))
+    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.program_key, sampling.key()))
 
 
 def full_logits_program(model: LoadedModel, ops) -> Program:
@@ -98,7 +98,7 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
         )
         return {"logits": logits}, {}
 
-    return Program(f"{model.family}_logits", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_logits", fn, key=(ops.name, model.program_key))
 
 
 def prefill_program(
@@ -121,7 +121,7 @@ def prefill_program(
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.source, max_len, sampling.key()))
+    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.program_key, max_len, sampling.key()))
 
 
 def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sampling = GREEDY) -> Program:
@@ -140,7 +140,7 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.source, sampling.key()))
+    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.program_key, sampling.key()))
 
 
 def encoder_program(model: LoadedModel, ops, head: str) -> Program:
@@ -158,7 +158,7 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
         )
         return {"output": out}, {}
 
-    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.program_key))
 
 
 def causal_step(
@@ -201,15 +201,25 @@ def client_ids(ops, ids: np.ndarray, vocab: int) -> np.ndarray:
     return (ids[..., None] == np.arange(vocab, dtype=np.int32)).astype(np.float32)
 
 
-def encode_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
-    """Tokenize prompts (with the tokenizer's BOS convention); refuses empty ones."""
+def encode_prompts(model: LoadedModel, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+    """Tokenize prompts (with the tokenizer's BOS convention); refuses empty ones. With ``chat``
+    each prompt is a user message put through the tokenizer's chat template, with the
+    assistant's turn opened (the template's own special tokens, no BOS added twice)."""
     if not prompts:
         raise PumaError("no prompt given")
     if any(not text or not text.strip() for text in prompts):
         raise PumaError("empty prompt: give some text to continue")
-    if model.tokenizer is None:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
         raise PumaError(f"{model.source} has no tokenizer: pass token ids instead of text")
-    return [list(model.tokenizer(text)["input_ids"]) for text in prompts]
+    if not chat:
+        return [list(tokenizer(text)["input_ids"]) for text in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise PumaError(f"{model.source} has no chat template: leave out --chat and write the prompt yourself")
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        for text in prompts
+    ]
 
 
 def left_pad(batch: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,6 +299,7 @@ def generate(
     prompt_bucket: int = 8,
     slot_bucket: int = 16,
     progress: Callable[[int], Any] | None = None,
+    stream: Callable[[list[list[int]]], Any] | None = None,
 ) -> GenerationResult:
     """Decoding of a batch of prompts (left-padded together: one secure run per step).
 
@@ -298,7 +309,8 @@ def generate(
     a multiple of ``prompt_bucket`` and the cache to a multiple of ``slot_bucket`` slots, so the
     prefill and decode programs compile once per bucket and are reused across steps and calls.
     ``reveal`` chooses what the client receives per step: the token id (argmax or sampling under
-    MPC) or the last-position logits (the client then picks the token itself).
+    MPC) or the last-position logits (the client then picks the token itself). ``stream`` is
+    called after every step with each prompt's tokens so far, as the client receives them.
     """
     if reveal not in REVEAL_CHOICES:
         raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
@@ -343,6 +355,8 @@ def generate(
                     finished[i] = True
         if progress:
             progress(1)
+        if stream:
+            stream(generated)
         return stop_at_eos and bool(finished.all())
 
     prompt_len = min(bucket(longest, prompt_bucket), model.config.max_positions - max_new_tokens + 1)

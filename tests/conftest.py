@@ -14,6 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Calibrated ranges (puma.calibration) go to a folder of this test session, not ~/.cache."""
+    if "PUMA_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["PUMA_CACHE"] = tempfile.mkdtemp(prefix="puma-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = os.environ.get("PUMA_CACHE", "")
+    if os.path.basename(folder).startswith("puma-test-cache-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     if not SHARED.is_dir():

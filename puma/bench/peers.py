@@ -309,7 +309,7 @@ def _last_logits_and_token(model, ops) -> Program:
         last = logits[:, -1]  # [B, V]
         return {"logits": last, "token": module.ops.argmax(last)}, {}
 
-    return Program(f"{model.family}_peer_logits_token", fn, key=(ops.name, model.source))
+    return Program(f"{model.family}_peer_logits_token", fn, key=(ops.name, model.program_key))
 
 
 def cell(path: str, row: PeerRow, folder: str, layers: int | None) -> dict:
