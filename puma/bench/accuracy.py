@@ -8,6 +8,10 @@
 - ``greedy``: greedy continuation of the stories prompt, token agreement.
 - ``fxp``: a fraction-bits sweep (FM64 12..24 bits, FM128 beyond) of accuracy against cost,
   the fixed-point analogue of a bit-width sweep.
+- ``real``: a real modern LLM (default SmolLM2-135M-Instruct, whose residual stream carries
+  massive activations): greedy continuations of :data:`PROMPTS` under MPC against the same set's
+  plaintext run, and WikiText-2 top-1 agreement and perplexity against plaintext exact, at the
+  format the calibration preflight chooses (:mod:`puma.calibration`).
 
 Everything is stored per batch in a resumable JSON (:class:`~puma.bench.report.CellStore`).
 """
@@ -25,10 +29,13 @@ from tqdm import tqdm
 from puma.api import SecureModel
 from puma.bench import data, fidelity
 from puma.bench.report import CellStore, profiled
+from puma.errors import PumaError
 
 log = logging.getLogger(__name__)
 
 BATCH = 16
+#: WikiText-2 test lines (up to 128 tokens each) of the real-LLM suite.
+REAL_LINES = 8
 #: Test sentences are processed in chunks of this many (file order): a longer run reuses the
 #: chunks a shorter one measured.
 CHUNK = 64
@@ -138,6 +145,41 @@ def wikitext_lm(
     return out
 
 
+#: Prompts of the real-LLM greedy check: a fact, a story, code, science, a list.
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "def add(a, b):\n    return",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+)
+
+
+def real_lm(
+    store: CellStore, sets, backend: str, connect: dict, folder, model: str, new_tokens: int, lines: int, tokens: int
+) -> dict:
+    """A real causal LM: greedy continuations of :data:`PROMPTS` (one batch) under MPC against the
+    same set in plaintext, and WikiText-2 top-1 agreement and perplexity against plaintext exact."""
+    exact = SecureModel.from_pretrained(model)
+    chosen = [t for t in data.wikitext2(folder, "test") if len(t.split()) >= 20][:lines]
+    texts = [exact.model.tokenizer(t)["input_ids"][:tokens] for t in chosen]
+    base = os.path.basename(model)
+    out = {}
+    for name in sets:
+        plain = SecureModel.from_pretrained(model, approx=name)
+        with SecureModel.from_pretrained(model, approx=name, backend=backend, **connect) as m:
+            fixed = m.fixed_plan.describe()
+            greedy = store.measure(
+                f"real-greedy/{base}/{name}/{new_tokens}",
+                lambda: fidelity.greedy_prompts(m, plain, PROMPTS, new_tokens),
+            )
+            wiki = store.measure(
+                f"real-wikitext/{base}/{name}/{lines}x{tokens}", lambda: fidelity.lm_agreement(m, exact, texts)
+            )
+        out[name] = {"format": fixed, "greedy": greedy, **wiki}
+    return out
+
+
 FXP_POINTS = (
     ("FM64", 12),
     ("FM64", 14),
@@ -162,6 +204,12 @@ def fxp_sweep(store: CellStore, name: str, backend: str, connect: dict, folder, 
     for field, bits in tqdm(FXP_POINTS, desc=f"fxp sweep {name}", unit="point", leave=False):
 
         def measure():
+            try:
+                return measured()
+            except PumaError as err:  # the calibration preflight refuses a format that would be wrong
+                return {"field": field, "fxp_bits": bits, "refused": str(err)}
+
+        def measured():
             with SecureModel.from_pretrained(
                 "minilm", approx=name, backend=backend, **connect, field=field, fxp_bits=bits
             ) as m:
@@ -197,13 +245,19 @@ def run(
     wikitext_model: str | None = None,
     resume: bool = True,
     connect: dict | None = None,
+    real_model: str = "smollm2",
 ) -> dict:
     """Run the accuracy ``suites``; ``connect`` (``config``, ``ray_address``) says where the
     ``nodes``/``ray`` parties are."""
     connect = connect or {}
     folder = data.data_dir(data_path)
     wikitext_model = wikitext_model or str(folder / "stories260K.gguf")
-    config = {"backend": backend, "protocol": "aby3/FM64/18", "wikitext_model": wikitext_model}  # sets choose cells
+    config = {  # sets choose cells
+        "backend": backend,
+        "protocol": "aby3/FM64/18",
+        "wikitext_model": wikitext_model,
+        "real_model": real_model,
+    }
     store = CellStore(out, config, resume=resume)
     results = {}
     if "stories" in suites:
@@ -214,6 +268,10 @@ def run(
         results["fxp"] = fxp_sweep(store, sets[-1], backend, connect, folder, sentences=8, tokens=128)
     if "sst2" in suites:
         results["sst2"] = sst2(store, sets, backend, connect, folder, sst2_limit)
+    if "real" in suites:
+        results["real"] = real_lm(
+            store, sets, backend, connect, folder, real_model, new_tokens=32, lines=REAL_LINES, tokens=128
+        )
     store.data.setdefault("results", {}).update(results)  # suites run separately add up
     store.save()
     return store.data
@@ -267,6 +325,28 @@ def markdown(result: dict) -> str:
                 f"{100 * r['perplexity_change']:+.2f}% | {r['top1_agreement']:.4f} |"
             )
         lines.append("")
+    if res.get("real"):
+        model = os.path.basename(result["config"].get("real_model", "smollm2"))
+        lines += [
+            f"A real LLM, {model} (massive activations in its residual stream), under MPC at the format "
+            f"the calibration preflight chose: greedy continuations of {len(PROMPTS)} prompts (one batch, "
+            "32 new tokens) against the same set in plaintext, and WikiText-2 test "
+            f"({REAL_LINES} lines, up to 128 tokens) against plaintext exact:",
+            "",
+            "| set | format | greedy 32 tokens identical | perplexity (exact) | change | top-1 agreement |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in res["real"].items():
+            g = r["greedy"]
+            same = sum(g["match"])
+            greedy = f"{same} of {len(g['match'])}" + (
+                "" if same == len(g["match"]) else f" (first difference at {min(g['matching_prefix'])})"
+            )
+            lines.append(
+                f"| {name} | {r['format']} | {greedy} | {r['perplexity']:.3f} ({r['perplexity_exact']:.3f}) | "
+                f"{100 * r['perplexity_change']:+.2f}% | {r['top1_agreement']:.4f} |"
+            )
+        lines.append("")
     if "fxp" in res:
         lines += [
             "Fraction-bits sweep: accuracy against cost:",
@@ -275,6 +355,11 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for key, r in res["fxp"].items():
+            if "refused" in r:
+                lines.append(
+                    f"| {key} | refused by the calibration preflight: {r['refused'].split(': ', 2)[1]} | | | |"
+                )
+                continue
             ppl = f"{r['stories_perplexity']:.3f}" if r["stories_perplexity"] else "diverged"
             lines.append(
                 f"| {key} | {r['minilm_cosine_min']:.5f} | {ppl} ({r['stories_perplexity_exact']:.3f}) | "

@@ -28,7 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from puma import network, protocols, tasks
+from puma import calibration, network, protocols, tasks
 from puma.api import SecureModel
 from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
@@ -48,13 +48,19 @@ PAPER = {
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """A model shape and the input sizes it is measured at."""
+    """A model shape (a preset, or a real checkpoint measured whole only) and the input sizes
+    it is measured at."""
 
     name: str
-    preset: str
+    preset: str  # a preset name, or a checkpoint (path or installed model such as "smollm2")
     sizes: tuple  # sequence lengths (encoders) or (prompt, new tokens) pairs (causal)
     whole: tuple = ()  # sizes measured as one full run (the rest are composed)
     overrides: tuple = ()
+    fixed: tuple = ()  # (field, fxp_bits) asked for; empty: the format the calibration preflight picks
+
+    @property
+    def checkpoint(self) -> bool:
+        return self.preset not in presets()
 
 
 ROWS = {
@@ -65,6 +71,9 @@ ROWS = {
     "gpt2-medium": Row("gpt2-medium", "gpt2-medium", ((16, 1), (32, 1), (64, 1))),
     "gpt2-large": Row("gpt2-large", "gpt2-large", ((16, 1), (32, 1), (64, 1)), whole=((32, 1),)),
     "llama-7b": Row("llama-7b", "llama-7b", ((4, 1), (8, 1), (8, 2)), whole=((4, 1), (8, 1), (8, 2))),
+    # a real LLM with massive activations: FM64/18 with calibrated norm pre-scales, and FM128/26
+    "smollm2-135m": Row("smollm2-135m", "smollm2", ((32, 4),), whole=((32, 4),)),
+    "smollm2-135m-fm128": Row("smollm2-135m-fm128", "smollm2", ((32, 4),), whole=((32, 4),), fixed=("FM128", 26)),
 }
 
 
@@ -79,9 +88,11 @@ def _infer(m: SecureModel, size):
     vocab = m.model.config.vocab_size
     if isinstance(size, tuple):
         prompt, new = size
-        result = m.generate_ids(
-            [rng.integers(10, min(vocab, 500), prompt).tolist()], new, prompt_bucket=1, slot_bucket=1
-        )
+        if m.model.tokenizer is not None:  # a real model: real text (random ids may end it at once)
+            ids = m.model.tokenizer(" ".join(calibration.TEXTS))["input_ids"][:prompt]
+        else:
+            ids = rng.integers(10, min(vocab, 500), prompt).tolist()
+        result = m.generate_ids([ids], new, prompt_bucket=1, slot_bucket=1)
         if sum(len(t) for t in result.tokens) < new:
             raise RuntimeError("generation stopped at end-of-text")
         return result.cost, result.step_costs
@@ -111,6 +122,7 @@ def run_once(
     memory: dict | None = None,
     connect: dict | None = None,
     quiet: bool = False,
+    fixed: tuple = (),
 ) -> dict:
     """One secure run of ``preset`` (with ``overrides``) at ``size`` under the set ``approx`` (a
     name or an ``Ops``; the parts of a composed cell are middle layers, ``Ops.as_middle_layer``):
@@ -119,19 +131,22 @@ def run_once(
     this machine. ``memory`` holds ``weights``/``memory_budget`` for both (default: auto);
     ``connect`` says where the parties are (``config``: a topology file, ``ray_address``).
     ``quiet``: wait (up to 10 minutes) for the machine to be quiet first, or refuse. The cell
-    records the machine's load while it ran (:mod:`puma.bench.load`)."""
+    records the machine's load while it ran (:mod:`puma.bench.load`). ``fixed`` (field, fraction
+    bits) asks for a format; by default the calibration preflight picks it (the cell says which)."""
     from puma.runtime import memory as mem
 
     memory = memory or {}
+    fmt = dict(zip(("field", "fxp_bits"), fixed))
     if quiet and not wait_quiet(600):
         raise PumaError("the machine stayed busy for 10 minutes: other processes take CPU time (see top)")
     for attempt in range(3):
         mem.reset_peak()
         start = time.perf_counter()
         with SecureModel.from_pretrained(
-            preset, approx=approx, backend=backend, overrides=overrides, **memory, **(connect or {})
+            preset, approx=approx, backend=backend, overrides=overrides, **memory, **(connect or {}), **fmt
         ) as m:
             plan = m.weight_plan
+            fixed_plan = m.fixed_plan
             heaps = m.session.mesh.party_heaps_kept()
             with LoadMonitor(getattr(m.session.mesh, "pids", ())) as machine:
                 cost, steps = _infer(m, size)
@@ -154,6 +169,7 @@ def run_once(
         "plaintext_s": round(plaintext_s, 4),
         "plaintext_synced": True,  # stage outputs waited for (see PlaintextSession._run)
         "weights": plan.mode,
+        "format": fixed_plan.describe() if fixed_plan else None,
         "heap_kept": {"process": mem.heap_kept(), "parties": heaps},
         "load": machine.report(),
         "weight_bytes": report["weight_bytes"],
@@ -227,10 +243,21 @@ def measure_row(
     connect: dict | None = None,
     quiet: bool = False,
 ) -> dict:
-    """The cell for ``row`` at ``size``: measured whole or composed (with its parts)."""
+    """The cell for ``row`` at ``size``: measured whole or composed (with its parts); a
+    checkpoint's row is measured whole only."""
+    tag = f"{row.name}/{_size_tag(size)}/{approx}"
+    if row.checkpoint:
+        whole = store.measure(
+            f"parts/{row.name}/{_size_tag(size)}/{approx}/whole",
+            lambda: run_once(row.preset, size, approx, backend, {}, memory, connect, quiet, row.fixed),
+        )
+        result = {"how": "measured whole", **whole}
+        result["secure_over_plaintext"] = result["compute_s"] / max(result["plaintext_s"], 1e-9)
+        result["network_s"] = {k: round(v, 2) for k, v in network.cell_times(result, network.NETWORKS).items()}
+        store.put(tag, result)
+        return result
     layers_key = presets()[row.preset][1].FIELDS["num_layers"]  # the HF field a cut-down run overrides
     layers = full_layers(row.preset)
-    tag = f"{row.name}/{_size_tag(size)}/{approx}"
 
     used = []
 
@@ -335,7 +362,8 @@ def run(
                 plan += [(row, size, s) for s in sets]
     for row, size, approx in tqdm(plan, desc="cost table", unit="cell"):
         key = f"{row.name}/{_size_tag(size)}/{approx}"
-        if key not in store.cells or (validate and "validation_4_layers" not in store.cells[key]):
+        unvalidated = validate and not row.checkpoint and "validation_4_layers" not in store.cells.get(key, {})
+        if key not in store.cells or unvalidated:
             measure_row(
                 store,
                 row,
@@ -377,6 +405,8 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
             seconds = "-" if paper["seconds"] is None else f"{paper['seconds']:.1f}"
             paper_text = f"{paper['gigabytes']:.3f} / {seconds}"
         how = cell["how"]
+        if cell.get("format") and "no norm pre-scaling" not in cell["format"]:
+            how += f" at {cell['format']}"
         if "composition_error" in cell:
             how += f" (composed: {cell['composition_error']:+.2%})"
         weights = cell.get("weights", "resident" if cell["how"] == "measured whole" else "-")

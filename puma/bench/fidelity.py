@@ -4,6 +4,7 @@
 - ``embedding_cosines``: MiniLM sentence embeddings, cosine with the exact ones per sentence.
 - ``lm_agreement``: next-token top-1 agreement and perplexity on texts (stories260K, GPT-2).
 - ``greedy_match``: greedy continuation identical to the exact one?
+- ``greedy_prompts``: greedy continuations of several prompts (one batch) against a reference.
 
 Each takes an open :class:`~puma.api.SecureModel` for the set under test and the plaintext
 reference model, so callers control the backend.
@@ -111,6 +112,28 @@ def greedy_match(secure: SecureModel, reference: SecureModel, prompt: str, new_t
             min(len(got.tokens[0]), len(want.tokens[0])),
         ),
         "text": got.texts[0],
+        "bytes_sent": profiled(got.cost).total_bytes_sent,
+        "wall_s": round(got.cost.wall_s, 2),
+    }
+
+
+def greedy_prompts(secure: SecureModel, reference: SecureModel, prompts: Sequence[str], new_tokens: int) -> dict:
+    """Greedy continuations of ``prompts`` (one left-padded batch) under MPC against
+    ``reference`` run the same way: per prompt, the tokens, whether they are identical and the
+    length of the common prefix; and the cost."""
+    got = secure.generate(list(prompts), new_tokens)
+    want = reference.generate(list(prompts), new_tokens)
+    prefixes = [
+        next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+        for g, w in zip(got.tokens, want.tokens)
+    ]
+    return {
+        "prompts": list(prompts),
+        "tokens": got.tokens,
+        "reference_tokens": want.tokens,
+        "match": [g == w for g, w in zip(got.tokens, want.tokens)],
+        "matching_prefix": prefixes,
+        "texts": got.texts,
         "bytes_sent": profiled(got.cost).total_bytes_sent,
         "wall_s": round(got.cost.wall_s, 2),
     }

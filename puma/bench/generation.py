@@ -13,11 +13,12 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from puma import protocols
+from puma import calibration, protocols
 from puma.api import SecureModel
 from puma.bench import data
 from puma.bench.report import CellStore, profiled
 from puma.errors import PumaError
+from puma.models import load
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 MODELS = {
     "gpt2": ("gpt2", None, "GPT-2 base shapes (124M, random weights)"),
     "stories260K": ("stories260K.gguf", None, "stories260K (trained LLaMA, GQA)"),
+    "smollm2-135m": (
+        "smollm2",
+        None,
+        "SmolLM2-135M-Instruct (trained LLaMA, 30 layers, massive activations; calibrated FM64/18)",
+    ),
     "llama-7b-layer": (
         "llama-7b",
         {"num_hidden_layers": 1, "vocab_size": 512},
@@ -33,11 +39,14 @@ MODELS = {
 }
 
 
-def _prompt(name: str, source: str, length: int, folder) -> list[int]:
-    if name == "stories260K":
-        model = SecureModel.from_pretrained(source)
-        return model.model.tokenizer(" ".join(data.tinystories(folder)))["input_ids"][:length]
-    return np.random.default_rng(0).integers(10, 500, length).tolist()
+def _prompt(source: str, length: int, folder) -> list[int]:
+    """TinyStories text for a model with a tokenizer (the built-in calibration texts without the
+    data folder), random ids for a preset."""
+    tokenizer = load(source, weights=False).tokenizer
+    if tokenizer is None:
+        return np.random.default_rng(0).integers(10, 500, length).tolist()
+    text = " ".join(data.tinystories(folder) if folder is not None else calibration.TEXTS)
+    return tokenizer(text)["input_ids"][:length]
 
 
 def measure(
@@ -48,7 +57,7 @@ def measure(
         if folder is None:
             raise PumaError("stories260K needs the data folder")
         source = str(folder / source)
-    prompt = _prompt(name, source, prompt_len, folder)
+    prompt = _prompt(source, prompt_len, folder)
     ops = protocols.get(approx)
     if overrides:  # a one-layer cut stands for a middle layer: no last-layer saving
         ops = ops.as_middle_layer()

@@ -67,9 +67,12 @@ def bytes_by_op(costs: dict, cell_prefix: str, path: str) -> str | None:
 
 def fxp_series(sweep: dict) -> dict[str, list[dict]]:
     """The fraction-bits sweep split by ring, each sorted by bits: a line never joins FM64 to
-    FM128 (the ring changes more than the bits)."""
+    FM128 (the ring changes more than the bits); points the calibration preflight refused have
+    no measurement and are left out."""
     series: dict[str, list[dict]] = {}
     for point in sweep.values():
+        if "refused" in point:
+            continue
         series.setdefault(point["field"], []).append(point)
     return {field: sorted(points, key=lambda p: p["fxp_bits"]) for field, points in sorted(series.items())}
 
@@ -81,7 +84,7 @@ def accuracy_vs_bits(accuracy: dict, path: str) -> str | None:
     if not sweep:
         return None
     series = fxp_series(sweep)
-    exact = next(iter(sweep.values()))["stories_perplexity_exact"]
+    exact = next(p for p in sweep.values() if "refused" not in p)["stories_perplexity_exact"]
     fig, left = plt.subplots(figsize=(7.5, 4.2))
     right = left.twinx()
     markers = dict(zip(series, "os^D"))

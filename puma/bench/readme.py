@@ -68,6 +68,21 @@ def _targets(cost: dict | None, acc: dict | None) -> list[str]:
     return lines
 
 
+def _real_targets(real: dict | None) -> list[str]:
+    """Issue 22's targets for the real LLM: greedy tokens identical to the same set in
+    plaintext, WikiText-2 perplexity within 1 % of plaintext exact."""
+    lines = []
+    for name, r in (real or {}).get("results", {}).get("real", {}).items():
+        same, total = sum(r["greedy"]["match"]), len(r["greedy"]["match"])
+        change = r["perplexity_change"]
+        lines.append(
+            f"- SmolLM2-135M with `{name}` at {r['format'].split(',')[0]}: greedy 32 tokens identical to plaintext on "
+            f"{same} of {total} prompts, WikiText-2 perplexity {100 * change:+.2f}% (targets: all, within 1%): "
+            f"{'met' if same == total and abs(change) <= 0.01 else 'missed'}"
+        )
+    return lines
+
+
 #: The sections: JSON file, heading, the command that makes it, the module that renders it.
 SECTIONS = (
     ("costs.json", "Cost tables beside the PUMA paper", "puma bench costs", costs),
@@ -103,6 +118,12 @@ SECTIONS = (
         "--out bench-results/accuracy-lean.json",
         accuracy,
     ),
+    (
+        "accuracy-smollm2.json",
+        "A real LLM under MPC: SmolLM2-135M",
+        "puma bench accuracy --suites real --sets puma-fast puma-lean puma --out bench-results/accuracy-smollm2.json",
+        accuracy,
+    ),
     ("faults.json", "Deployment drills: faults and soak", "python scripts/fault_drills.py", faults),
     ("network.json", "The network model against rate-limited namespaces", "python scripts/netns_bandwidth.py", netns),
 )
@@ -120,7 +141,7 @@ def render(folder: str = "bench-results", base: str = ".") -> tuple[str, list[st
     missing = [name for name, value in data.items() if value is None]
     cost, acc = data["costs.json"], data["accuracy.json"]
     out = [START, ""]
-    targets = _targets(cost, acc)
+    targets = _targets(cost, acc) + _real_targets(data["accuracy-smollm2.json"])
     if targets:
         out += ["### Targets", "", *targets, ""]
     for name, heading, command, module in SECTIONS:
