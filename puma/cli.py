@@ -371,11 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-dir", default="runs/parties", help="where the party's log goes (default: %(default)s)")
     start.set_defaults(func=cmd_node_start)
     certs = node_sub.add_parser(
-        "certs", parents=[common], help="make a CA and a certificate per party host for the topology's tls paths"
+        "certs",
+        parents=[common],
+        help="make the per-role certificates (parties, owner, clients) in the topology's tls folder",
     )
-    certs.add_argument("--config", "-c", required=True, help="topology file with a tls: {cert, key, ca} section")
+    certs.add_argument("--config", "-c", required=True, help="topology file with a tls: {dir: FOLDER} section")
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
-    certs.add_argument("--force", action="store_true", help="replace existing certificate files")
+    certs.add_argument("--force", action="store_true", help="replace the existing certificate files")
+    certs.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also make a certificate for client NAME (repeatable; the topology's clients get one anyway)",
+    )
     certs.set_defaults(func=cmd_node_certs)
     return parser
 
@@ -792,12 +801,25 @@ def cmd_node_start(args) -> int:
 
 def cmd_node_certs(args) -> int:
     from puma.runtime import certs
+    from puma.runtime.config import Topology
 
     if args.days < 1:
         raise PumaError(f"--days must be at least 1 (got {args.days})")
-    for path in certs.make(args.config, args.days, args.force):
+    clients = tuple(args.client)
+    for path in certs.make(args.config, args.days, args.force, clients):
         print(path)
-    print(f"puma: certificates for {args.config} written; keep the CA key off the party hosts", file=sys.stderr)
+    topology = Topology.from_yaml(args.config)
+    folder = topology.tls.dir
+    print(f"puma: certificates for {args.config} written to {folder}; each host needs (from there):", file=sys.stderr)
+    for who, paths in certs.needs(topology, clients):
+        print(f"  {who}: {' '.join(os.path.relpath(p, folder) for p in paths)}", file=sys.stderr)
+    print("puma: ca.key and links-ca.key only make certificates: keep them off every host", file=sys.stderr)
+    unlisted = [name for name in clients if name not in topology.clients]
+    if unlisted:
+        print(
+            f"puma: the parties admit {', '.join(unlisted)} only once listed in the topology's clients",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -35,12 +35,17 @@ class Program:
     """A named function ``fn(params, state, secret, public) -> (reveal, new_state)``.
 
     ``key`` distinguishes programs that share a name but not a trace (for example the
-    approximation set); compiled forms are cached per (key, input shapes).
+    approximation set); compiled forms are cached per (key, input shapes). ``spec`` says how
+    to build the program again from the model and the set: ``(builder, arguments)`` with a
+    builder of :data:`puma.tasks.BUILDERS` and JSON arguments; computing parties that compile
+    their own programs (the ``nodes`` backend) receive the spec, never code. A program without
+    one (a benchmark's function) runs only where the driver may install code (``sim``, ``ray``).
     """
 
     name: str
     fn: Callable[[dict, dict, dict, dict], tuple[dict, dict]]
     key: tuple = ()
+    spec: tuple | None = None
     param_keys: tuple[str, ...] | None = None  # top-level weight subtrees it takes (None: all)
     state_reads: tuple[str, ...] | None = None  # state entries it reads (None: the whole slot)
 

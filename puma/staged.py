@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from puma.models.layers import init_cache
+from puma.models.layers import Stages, init_cache
 from puma.models.loading import LoadedModel
 from puma.program import Program
 from puma.runtime.base import Session
@@ -36,7 +36,10 @@ PHASES = ("forward", "logits", "prefill", "decode")
 _slots = itertools.count()
 
 
-def _embed_program(model: LoadedModel, ops, module, stages) -> Program:
+def embed_program(model: LoadedModel, ops) -> Program:
+    """The embedding stage's program."""
+    module = model.module(ops)
+    stages = _stages(model, module)
     if model.causal:
 
         def fn(params, state, secret, public):
@@ -55,16 +58,24 @@ def _embed_program(model: LoadedModel, ops, module, stages) -> Program:
             )
             return {}, {"h": x}
 
-    return Program(f"{model.family}_stage_embed", fn, key=(ops.name, model.program_key), param_keys=stages.embed)
+    return Program(
+        f"{model.family}_stage_embed",
+        fn,
+        key=(ops.name, model.program_key),
+        param_keys=stages.embed,
+        spec=("stage_embed", {}),
+    )
 
 
-def _block_program(
-    model: LoadedModel, ops, module, stages, layer: int, phase: str, max_len: int = 0, rows: str | None = None
+def block_program(
+    model: LoadedModel, ops, layer: int, phase: str, max_len: int = 0, rows: str | None = None
 ) -> Program:
     """Block ``layer``'s program, keyed by the block's norm shifts (blocks with the same shifts
     share it); ``rows`` (the last block's, see ``Ops.last_layer_rows``) keeps only the rows the
     head reads."""
-    name = stages.layer_key(layer)
+    module = model.module(ops)
+    name = _stages(model, module).layer_key(layer)
+    spec = ("stage_block", {"layer": layer, "phase": phase, "max_len": max_len, "rows": rows})
     key = (ops.name, model.source, model.shifts.under(name), max_len, rows)
     if not model.causal:
 
@@ -74,7 +85,7 @@ def _block_program(
             )
             return {}, {"h": x}
 
-        return Program(f"{model.family}_stage_block", fn, key=key, param_keys=("layer",), state_reads=("h",))
+        return Program(f"{model.family}_stage_block", fn, key=key, param_keys=("layer",), state_reads=("h",), spec=spec)
 
     def fn(params, state, secret, public):
         variables = {"params": {name: params["layer"]}}
@@ -93,11 +104,15 @@ def _block_program(
         return {}, {"h": x}
 
     reads = ("h", "cache") if phase == "decode" else ("h",)
-    return Program(f"{model.family}_stage_block_{phase}", fn, key=key, param_keys=("layer",), state_reads=reads)
+    return Program(
+        f"{model.family}_stage_block_{phase}", fn, key=key, param_keys=("layer",), state_reads=reads, spec=spec
+    )
 
 
-def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
-    """``head`` is a function (module, params, h, secret, public) -> reveal dict."""
+def head_program(model: LoadedModel, ops, head: "_Head") -> Program:
+    """The head stage's program; ``head`` is a function (module, params, h, secret, public) ->
+    reveal dict with its spec."""
+    module = model.module(ops)
 
     def fn(params, state, secret, public):
         return head(module, params, state["h"], secret, public), {}
@@ -105,41 +120,50 @@ def _head_program(model: LoadedModel, ops, module, stages, head) -> Program:
     return Program(
         f"{model.family}_stage_head",
         fn,
-        key=(ops.name, model.program_key, head.key),
-        param_keys=stages.head,
+        key=(ops.name, model.program_key, repr(sorted(head.spec.items()))),
+        param_keys=_stages(model, module, head.reads).head,
         state_reads=("h",),
+        spec=("stage_head", head.spec),
     )
 
 
 class _Head:
-    """A head stage's reveal function with a cache key (what it computes) and what it reads
+    """A head stage's reveal function with its spec (what it computes, JSON) and what it reads
     (``reads``: a causal head's ``last_only``, an encoder head's name), which the model's
     ``block_rows`` turns into the rows its last block computes."""
 
-    def __init__(self, fn, key: tuple, reads):
-        self.fn, self.key, self.reads = fn, key, reads
+    def __init__(self, fn, spec: dict, reads):
+        self.fn, self.spec, self.reads = fn, spec, reads
 
     def __call__(self, *args):
         return self.fn(*args)
 
 
-def causal_head(reveal_fn, last_only: bool, key: tuple) -> _Head:
-    """The head of a causal LM: logits (of the last position with ``last_only``) passed to
-    ``reveal_fn(ops, logits, secret) -> reveal dict``."""
+def causal_head(reveal_fn, spec: dict) -> _Head:
+    """The head of a causal LM: logits (of the last position with ``spec["last_only"]``) passed
+    to ``reveal_fn(ops, logits, secret) -> reveal dict``."""
+    last_only = spec["last_only"]
 
     def fn(module, params, h, secret, public):
         x = h[:, -1:] if last_only else h  # [B, 1, D] or [B, T, D]
         logits = module.apply({"params": params}, x, method="head")
         return reveal_fn(module.ops, logits, secret)
 
-    return _Head(fn, ("causal", last_only, *key), last_only)
+    return _Head(fn, spec, last_only)
 
 
 def encoder_head(head: str) -> _Head:
     def fn(module, params, h, secret, public):
         return {"output": module.apply({"params": params}, h, public["attention_mask"], head, method="head")}
 
-    return _Head(fn, ("encoder", head), head)
+    return _Head(fn, {"head": head}, head)
+
+
+def _stages(model: LoadedModel, module, head_name: str | bool | None = None) -> Stages:
+    """The model's stages (an encoder's for the head it runs)."""
+    if model.causal:
+        return module.stages()
+    return module.stages(head_name if isinstance(head_name, str) else "hidden")
 
 
 def run(
@@ -152,7 +176,6 @@ def run(
     head: _Head,
     slot: str | None = None,
     max_len: int = 0,
-    head_name: str = "hidden",
 ) -> dict:
     """One forward pass stage by stage; returns what the head reveals.
 
@@ -164,7 +187,7 @@ def run(
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
     module = model.module(ops)
-    stages = module.stages(head_name) if not model.causal else module.stages()
+    stages = _stages(model, module, head.reads)
     own_slot = slot is None
     slot = slot or f"staged-{next(_slots)}"
     embed_secret = {k: secret[k] for k in ("input_ids", "token_type_ids") if k in secret}
@@ -173,7 +196,7 @@ def run(
     try:
         session.hold_params(list(stages.embed))
         session.run(
-            _embed_program(model, ops, module, stages),
+            embed_program(model, ops),
             embed_secret,
             {"position_ids": public["position_ids"]},
             state=slot,
@@ -188,12 +211,12 @@ def run(
             key = stages.layer_key(i)
             session.hold_params([key])
             rows = last_rows if i == stages.layers - 1 else None
-            program = _block_program(model, ops, module, stages, i, block_phase, max_len, rows)
+            program = block_program(model, ops, i, block_phase, max_len, rows)
             session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
             session.release_params([key])
         session.hold_params(list(stages.head))
         head_public = {"attention_mask": public["attention_mask"]} if not model.causal else {}
-        out = session.run(_head_program(model, ops, module, stages, head), head_secret, head_public, state=slot)
+        out = session.run(head_program(model, ops, head), head_secret, head_public, state=slot)
         session.release_params(list(stages.head))
     finally:
         if own_slot:

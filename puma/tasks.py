@@ -56,6 +56,10 @@ class Sampling:
     def key(self) -> tuple:
         return (self.temperature, self.top_k)
 
+    def spec(self) -> list:
+        """What a program depends on (the seed stays with the client): [temperature, top_k]."""
+        return [float(self.temperature), int(self.top_k)]
+
 
 GREEDY = Sampling()
 
@@ -85,7 +89,12 @@ def forward_program(model: LoadedModel, ops, reveal: str = "logits", sampling: S
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {}
 
-    return Program(f"{model.family}_forward_{reveal}", fn, key=(ops.name, model.program_key, sampling.key()))
+    return Program(
+        f"{model.family}_forward_{reveal}",
+        fn,
+        key=(ops.name, model.program_key, sampling.key()),
+        spec=("forward", {"reveal": reveal, "sampling": sampling.spec()}),
+    )
 
 
 def full_logits_program(model: LoadedModel, ops) -> Program:
@@ -98,7 +107,7 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
         )
         return {"logits": logits}, {}
 
-    return Program(f"{model.family}_logits", fn, key=(ops.name, model.program_key))
+    return Program(f"{model.family}_logits", fn, key=(ops.name, model.program_key), spec=("logits", {}))
 
 
 def prefill_program(
@@ -121,7 +130,12 @@ def prefill_program(
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_prefill_{reveal}", fn, key=(ops.name, model.program_key, max_len, sampling.key()))
+    return Program(
+        f"{model.family}_prefill_{reveal}",
+        fn,
+        key=(ops.name, model.program_key, max_len, sampling.key()),
+        spec=("prefill", {"max_len": max_len, "reveal": reveal, "sampling": sampling.spec()}),
+    )
 
 
 def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sampling = GREEDY) -> Program:
@@ -140,7 +154,12 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
-    return Program(f"{model.family}_decode_{reveal}", fn, key=(ops.name, model.program_key, sampling.key()))
+    return Program(
+        f"{model.family}_decode_{reveal}",
+        fn,
+        key=(ops.name, model.program_key, sampling.key()),
+        spec=("decode", {"reveal": reveal, "sampling": sampling.spec()}),
+    )
 
 
 def encoder_program(model: LoadedModel, ops, head: str) -> Program:
@@ -158,7 +177,7 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
         )
         return {"output": out}, {}
 
-    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.program_key))
+    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.program_key), spec=("encoder", {"head": head}))
 
 
 def causal_step(
@@ -176,9 +195,7 @@ def causal_step(
     """One causal-LM pass (``forward``, ``prefill`` or ``decode``) revealing the next token or
     logits: one program, or stage by stage when the session is staged (:mod:`puma.staged`)."""
     if session.staged:
-        head = staged.causal_head(
-            lambda o, logits, sec: _next_token_outputs(o, logits, reveal, sampling, sec), True, (reveal, sampling.key())
-        )
+        head = causal_head({"last_only": True, "reveal": reveal, "sampling": sampling.spec()})
         return staged.run(session, model, ops, phase, secret, public, head, slot, max_len)
     if phase == "prefill":
         program = prefill_program(model, ops, max_len, reveal, sampling)
@@ -187,6 +204,69 @@ def causal_step(
     else:
         program = forward_program(model, ops, reveal, sampling)
     return session.run(program, secret, public, state=slot)
+
+
+def causal_head(spec: dict):
+    """A causal LM's head stage for ``spec``: ``last_only`` with ``reveal`` (``token`` or
+    ``logits``) and ``sampling`` reveals the next token or last logits; without ``last_only``
+    every position's logits."""
+    if not spec["last_only"]:
+        return staged.causal_head(lambda o, logits, sec: {"logits": logits}, spec)
+    reveal, sampling = spec["reveal"], Sampling(*spec["sampling"])
+    return staged.causal_head(lambda o, logits, sec: _next_token_outputs(o, logits, reveal, sampling, sec), spec)
+
+
+def _stage_head(model: LoadedModel, ops, spec: dict) -> Program:
+    head = causal_head(spec) if model.causal else staged.encoder_head(spec["head"])
+    return staged.head_program(model, ops, head)
+
+
+#: Programs computing parties build themselves from a spec (:attr:`puma.program.Program.spec`):
+#: builder -> function(model, ops, **arguments). Adding a task program is a line here.
+BUILDERS = {
+    "forward": lambda model, ops, reveal, sampling: forward_program(model, ops, reveal, Sampling(*sampling)),
+    "logits": lambda model, ops: full_logits_program(model, ops),
+    "prefill": lambda model, ops, max_len, reveal, sampling: prefill_program(
+        model, ops, max_len, reveal, Sampling(*sampling)
+    ),
+    "decode": lambda model, ops, reveal, sampling: decode_program(model, ops, reveal, Sampling(*sampling)),
+    "encoder": lambda model, ops, head: encoder_program(model, ops, head),
+    "stage_embed": lambda model, ops: staged.embed_program(model, ops),
+    "stage_block": lambda model, ops, layer, phase, max_len, rows: staged.block_program(
+        model, ops, layer, phase, max_len, rows
+    ),
+    "stage_head": lambda model, ops, **spec: _stage_head(model, ops, spec),
+}
+
+
+def build(model: LoadedModel, ops, spec) -> Program:
+    """The program ``spec`` (``[builder, arguments]``) names, built for ``model`` and ``ops``;
+    a ``ValueError`` for a builder or arguments that do not exist."""
+    builder, arguments = spec
+    if builder not in BUILDERS or not isinstance(arguments, dict):
+        raise ValueError(f"no program {builder!r}")
+    try:
+        return BUILDERS[builder](model, ops, **arguments)
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"program {builder!r}: bad arguments ({err})") from None
+
+
+def reveals(model: LoadedModel, spec) -> tuple[str, str | None]:
+    """The task a program serves and what it reveals to the client, for the owner's policy:
+    (``generate``, ``token``/``logits``), (``logits``, ``logits``) for every position's logits,
+    (``embed``/``classify``/``encode``, ``outputs``), or (``stage``, None) for stages that
+    reveal nothing."""
+    builder, arguments = spec
+    if builder in ("stage_embed", "stage_block"):
+        return "stage", None
+    if builder in ("forward", "prefill", "decode") or (builder == "stage_head" and model.causal):
+        if builder == "stage_head" and not arguments.get("last_only"):
+            return "logits", "logits"
+        return "generate", arguments.get("reveal")
+    if builder == "logits":
+        return "logits", "logits"
+    head = arguments.get("head")
+    return {"mean": "embed", "classify": "classify"}.get(head, "encode"), "outputs"
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -481,8 +561,7 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     public = {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
     with session.measure() as cost:
         if session.staged:
-            head = staged.causal_head(lambda o, logits, sec: {"logits": logits}, False, ("logits",))
-            out = staged.run(session, model, ops, "logits", secret, public, head)
+            out = staged.run(session, model, ops, "logits", secret, public, causal_head({"last_only": False}))
         else:
             out = session.run(full_logits_program(model, ops), secret, public)
     return EncodingResult(np.asarray(out["logits"]), cost)
@@ -545,7 +624,7 @@ def _encoded(
     }
     public = {"attention_mask": mask, "position_ids": positions}
     if session.staged:
-        out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head), head_name=head)
+        out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head))
     else:
         out = session.run(encoder_program(model, ops, head), secret, public)
     return np.asarray(out["output"])

@@ -1,15 +1,18 @@
 """Declarative configuration: the MPC protocol and the party topology.
 
 A topology file (YAML, see ``configs/3pc.yaml``) lists the computing parties with the address
-of their MPC link and of their control port (where a driver submits jobs), the protocol and its
-fixed-point settings, timeouts and optional TLS. Everything is validated on load; a mistake
-ends in a :class:`~puma.errors.PumaError` naming the file and the field.
+of their MPC link and of their control port (where owner and clients submit work), the protocol
+and its fixed-point settings, timeouts, the folder of per-role certificates (``tls``), the model
+owner's and the clients' names, and where parties keep their shares (``store``). Everything is
+validated on load; a mistake ends in a :class:`~puma.errors.PumaError` naming the file and the
+field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 from puma.errors import PumaError
@@ -120,41 +123,90 @@ class PartySpec:
 
 @dataclasses.dataclass(frozen=True)
 class TLSConfig:
-    """Certificates for TLS on the party links and control connections (PEM files)."""
+    """The folder of per-role certificates ``puma node certs`` makes (PEM files).
 
-    cert: str
-    key: str
-    ca: str
+    ``ca.crt`` signs every identity (parties, owner, clients) on the control connections;
+    ``links-ca.crt`` signs only the parties' MPC-link certificates, so that no owner or client
+    certificate can open an MPC link. The methods give the paths of each role's files.
+    """
+
+    dir: str
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _pair(self, stem: str) -> tuple[str, str]:
+        return self._path(stem + ".crt"), self._path(stem + ".key")
+
+    @property
+    def ca(self) -> str:
+        """The control CA's certificate (trusted for party, owner and client identities)."""
+        return self._path("ca.crt")
+
+    @property
+    def links_ca(self) -> str:
+        """The links CA's certificate (trusted only on the parties' MPC links)."""
+        return self._path("links-ca.crt")
+
+    def party(self, party_id: str) -> tuple[str, str]:
+        """(certificate, key) of party ``party_id``'s control identity."""
+        return self._pair(f"party-{party_id}")
+
+    def party_link(self, party_id: str) -> tuple[str, str]:
+        """(certificate, key) of party ``party_id``'s MPC link."""
+        return self._pair(f"party-{party_id}-link")
+
+    def owner(self, name: str) -> tuple[str, str]:
+        """(certificate, key) of the model owner ``name`` (a topology has one owner: the files are
+        ``owner.crt``/``owner.key``, its name is in the certificate's subject)."""
+        return self._pair("owner")
+
+    def client(self, name: str) -> tuple[str, str]:
+        """(certificate, key) of client ``name``."""
+        return self._pair(f"client-{name}")
 
 
-#: How long parties and drivers retry connecting to a peer that is not up yet (seconds).
+#: How long parties, owner and clients retry connecting to a peer that is not up yet (seconds).
 CONNECT_TIMEOUT_S = 30.0
 #: How long a party waits for a peer's message before it gives up (seconds).
 RECV_TIMEOUT_S = 60.0
+#: How long a client may wait in the parties' queue for its turn (seconds).
+QUEUE_TIMEOUT_S = 600.0
+
+#: Party ids, owner and client names: they name certificate files and subjects.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: Hosts that mean this machine.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 #: What a party waiting for its links to connect should check (they retry each failing
 #: handshake for a while, so the wait ends before SPU says why).
 LINKS_DID_NOT_CONNECT = (
     "the parties' links did not connect: check that each party's link address is reachable "
-    "from the others and, with TLS, that all their certificates come from one CA"
+    "from the others and, with TLS, that their link certificates come from one run of puma node certs"
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """The computing parties of one deployment and how they talk.
+    """The computing parties of one deployment, who may talk to them, and how.
 
     ``recv_timeout_s`` bounds how long a party waits for a peer's message before it gives up
-    (a dead party is detected within it); ``connect_timeout_s`` bounds how long parties and
-    drivers retry connecting to a peer that is not up yet.
+    (a dead party is detected within it); ``connect_timeout_s`` bounds how long parties, owner
+    and clients retry connecting to a peer that is not up yet; ``queue_timeout_s`` how long a
+    client may wait in the parties' queue. ``owner`` and ``clients`` are the identities (names
+    in their certificates) the parties admit; each party keeps its shares under
+    ``<store>/<party id>/`` (``store`` is made absolute, relative to the topology file).
     """
 
     parties: tuple[PartySpec, ...]
     protocol: ProtocolConfig = ProtocolConfig()
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     recv_timeout_s: float = RECV_TIMEOUT_S
+    queue_timeout_s: float = QUEUE_TIMEOUT_S
     tls: TLSConfig | None = None
-    auth_key: str = "puma-local"
+    owner: str = "owner"
+    clients: tuple[str, ...] = ("client",)
+    store: str = "store"
     source: str = "<memory>"
 
     def __post_init__(self):
@@ -172,17 +224,51 @@ class Topology:
                 if addr in seen:
                     raise PumaError(f"{self.source}: parties {seen[addr]} and {p.id} share the {what} address {addr}")
                 seen[addr] = p.id
+        for p in self.parties:
+            check_name(p.id, f"{self.source}: party id")
+        check_name(self.owner, f"{self.source}: owner")
+        if not self.clients:
+            raise PumaError(f"{self.source}: 'clients' is empty: list the client names the parties admit")
+        for name in self.clients:
+            check_name(name, f"{self.source}: client")
+        if len(set(self.clients)) != len(self.clients):
+            raise PumaError(f"{self.source}: 'clients' lists a name twice: {', '.join(self.clients)}")
+        if not self.store:
+            raise PumaError(f"{self.source}: 'store' is empty: name the folder the parties keep their shares in")
+        if not os.path.isabs(self.store):
+            object.__setattr__(self, "store", os.path.join(_base(self.source), os.path.expanduser(self.store)))
 
     @property
     def world_size(self) -> int:
         return len(self.parties)
 
+    @property
+    def loopback(self) -> bool:
+        """True when every party's link and control address is on this machine."""
+        return all(
+            _split_address(address, "")[0].strip("[]") in LOOPBACK_HOSTS
+            for p in self.parties
+            for address in (p.link, p.control)
+        )
+
     def with_protocol(self, protocol: ProtocolConfig) -> "Topology":
         return dataclasses.replace(self, protocol=protocol)
 
+    def require_tls(self) -> TLSConfig:
+        """The certificate folder, refused in one line when the topology has none or it is empty."""
+        make = f"puma node certs -c {self.source}"
+        if self.tls is None:
+            raise PumaError(
+                f"{self.source}: the nodes backend needs per-role certificates: add `tls: {{dir: certs}}` "
+                f"and run {make}"
+            )
+        if not all(os.path.isfile(path) for path in (self.tls.ca, self.tls.links_ca)):
+            raise PumaError(f"{self.source}: no certificates in {self.tls.dir}: run {make}")
+        return self.tls
+
     @classmethod
-    def from_yaml(cls, path: str, tls_files: bool = True) -> "Topology":
-        """Read and validate a topology file (``tls_files=False``: TLS files may not exist yet)."""
+    def from_yaml(cls, path: str) -> "Topology":
+        """Read and validate a topology file."""
         import yaml
 
         if not os.path.exists(path):
@@ -194,13 +280,32 @@ class Topology:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise PumaError(f"{path}: not valid YAML{where}") from err
-        return cls.from_dict(doc, source=path, tls_files=tls_files)
+        return cls.from_dict(doc, source=path)
 
     @classmethod
-    def from_dict(cls, doc: Any, source: str = "<dict>", tls_files: bool = True) -> "Topology":
+    def from_dict(cls, doc: Any, source: str = "<dict>") -> "Topology":
+        """Validate a topology given as a mapping; relative paths are relative to the folder of
+        ``source`` when it is a file, else to the working directory."""
         if not isinstance(doc, dict):
             raise PumaError(f"{source}: expected a mapping with 'parties', 'protocol', ...")
-        known = {"protocol", "field", "fxp_bits", "runtime", "compiler", "parties", "timeouts", "tls", "auth_key"}
+        if "auth_key" in doc:
+            raise PumaError(
+                f"{source}: auth_key is gone: owner, clients and parties identify each other by certificate "
+                f"(tls: {{dir: ...}}); make them with puma node certs -c {source}"
+            )
+        known = {
+            "protocol",
+            "field",
+            "fxp_bits",
+            "runtime",
+            "compiler",
+            "parties",
+            "timeouts",
+            "tls",
+            "owner",
+            "clients",
+            "store",
+        }
         _check_keys(doc, known, source, "")
         parties_doc = doc.get("parties")
         if not isinstance(parties_doc, list) or not parties_doc:
@@ -230,8 +335,8 @@ class Topology:
             raise PumaError(f"{source}: bad protocol settings ({err})") from err
         timeouts = doc.get("timeouts") or {}
         if not isinstance(timeouts, dict):
-            raise PumaError(f"{source}: 'timeouts' must be a mapping with connect_s and recv_s")
-        _check_keys(timeouts, {"connect_s", "recv_s"}, source, "timeouts.")
+            raise PumaError(f"{source}: 'timeouts' must be a mapping with connect_s, recv_s and queue_s")
+        _check_keys(timeouts, {"connect_s", "recv_s", "queue_s"}, source, "timeouts.")
         for key, value in timeouts.items():
             try:
                 ok = float(value) > 0
@@ -239,31 +344,53 @@ class Topology:
                 ok = False
             if not ok:
                 raise PumaError(f"{source}: timeouts.{key} must be a positive number of seconds, not {value!r}")
-        if "auth_key" in doc and not str(doc["auth_key"] or "").strip():
-            raise PumaError(f"{source}: auth_key is empty: give the parties a shared secret (or leave the key out)")
-        tls = None
-        if doc.get("tls"):
-            t = doc["tls"]
-            if not isinstance(t, dict) or not {"cert", "key", "ca"} <= set(t):
-                raise PumaError(f"{source}: 'tls' needs 'cert', 'key' and 'ca' (PEM file paths)")
-            _check_keys(t, {"cert", "key", "ca"}, source, "tls.")
-            base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
-            tls = TLSConfig(*(os.path.join(base, os.path.expanduser(str(t[k]))) for k in ("cert", "key", "ca")))
-            for path in (tls.cert, tls.key, tls.ca) if tls_files else ():
-                if not os.path.exists(path):
-                    raise PumaError(f"{source}: TLS file {path} not found (puma node certs -c {source} makes them)")
+        clients = doc.get("clients", ["client"])
+        if not isinstance(clients, list):
+            raise PumaError(f"{source}: 'clients' must be a list of names, e.g. clients: [alice, bob]")
         try:
             return cls(
                 tuple(parties),
                 protocol,
                 connect_timeout_s=float(timeouts.get("connect_s", CONNECT_TIMEOUT_S)),
                 recv_timeout_s=float(timeouts.get("recv_s", RECV_TIMEOUT_S)),
-                tls=tls,
-                auth_key=str(doc.get("auth_key", "puma-local")),
+                queue_timeout_s=float(timeouts.get("queue_s", QUEUE_TIMEOUT_S)),
+                tls=_tls(doc.get("tls"), source),
+                owner=str(doc.get("owner", "owner") or ""),
+                clients=tuple(str(name) for name in clients),
+                store=str(doc.get("store", "store") or ""),
                 source=source,
             )
         except (TypeError, ValueError) as err:
             raise PumaError(f"{source}: bad timeouts ({err})") from err
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it can name a certificate file and subject, else a one-line refusal."""
+    if not NAME.fullmatch(name):
+        raise PumaError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    return name
+
+
+def _base(source: str) -> str:
+    """The folder relative paths in the topology ``source`` are relative to."""
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
+
+
+def _tls(t: Any, source: str) -> TLSConfig | None:
+    """The ``tls`` section: ``{dir: FOLDER}`` or just ``FOLDER`` (relative to the topology file)."""
+    if t is None:
+        return None
+    if isinstance(t, dict):
+        if {"cert", "key", "ca"} & set(t):
+            raise PumaError(
+                f"{source}: tls now names a folder of per-role certificates: tls: {{dir: certs}}; "
+                f"make them with puma node certs -c {source}"
+            )
+        _check_keys(t, {"dir"}, source, "tls.")
+        t = t.get("dir")
+    if not isinstance(t, str) or not t.strip():
+        raise PumaError(f"{source}: 'tls' must name the certificate folder: tls: {{dir: certs}}")
+    return TLSConfig(os.path.join(_base(source), os.path.expanduser(t)))
 
 
 def _check_keys(doc: dict, known: set[str], source: str, where: str) -> None:

@@ -93,7 +93,11 @@ def receive(read) -> Message:
         header = json.loads(bytes(read(size)).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MessageError(f"header is not JSON: {err}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("op"), str) or not isinstance(header.get("args"), dict):
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("op"), str)
+        or not isinstance(header.get("args"), dict)
+    ):
         raise MessageError("header must be an object with 'op' (a string) and 'args' (an object)")
     (count,) = _COUNT.unpack(bytes(read(_COUNT.size)))
     if count > MAX_BUFFERS:
@@ -237,6 +241,8 @@ def get_profile(doc):
         return None
     try:
         ops = {str(k): OpCost(**v) for k, v in doc["ops"].items()}
-        return RunProfile(str(doc["name"]), float(doc["exec_seconds"]), PartyCost(**doc["link"]), ops, int(doc["peak_rss"]))
+        return RunProfile(
+            str(doc["name"]), float(doc["exec_seconds"]), PartyCost(**doc["link"]), ops, int(doc["peak_rss"])
+        )
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise MessageError(f"not a run profile: {err}") from None

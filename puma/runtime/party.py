@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 import threading
 import time
@@ -110,6 +109,7 @@ class ComputeParty:
         self.runtime = spu.Runtime(link, config)
         self.programs: dict[str, tuple[str, bytes]] = {}
         self.pieces = sharing.Assembler()
+        self._names: set[str] = set()
 
     def receive(self, bundle: PartyShares) -> None:
         """Store a bundle of shares (weights, inputs, state) under their names; a weight sent in
@@ -121,7 +121,7 @@ class ComputeParty:
                 share = self.pieces.add(name, share)
                 if share is None:
                     continue
-            self.runtime.set_var(name, share)
+            self.set(name, share)
 
     def install(self, key: str, name: str, code: bytes) -> None:
         self.programs[key] = (name, code)
@@ -133,6 +133,7 @@ class ComputeParty:
         executable = libspu.Executable(name=f"{name}@r{self.rank}", input_names=inputs, output_names=outputs, code=code)
         start = time.perf_counter()
         self.runtime.run(executable)
+        self._names.update(outputs)
         return time.perf_counter() - start
 
     def run_profiled(
@@ -157,42 +158,20 @@ class ComputeParty:
 
     def drop(self, names: list[str]) -> None:
         for name in names:
-            self.runtime.del_var(name)
+            if name in self._names:
+                self.runtime.del_var(name)
+                self._names.discard(name)
 
-    # -- share store: this party's own shares on its own disk -----------------------------------
+    def names(self) -> list[str]:
+        """Names of the values this party holds."""
+        return list(self._names)
 
-    def _store_path(self, directory: str, name: str) -> str:
-        return os.path.join(directory, f"party{self.rank}", name.replace("/", "~") + ".share")
+    def get(self, name: str):
+        return self.runtime.get_var(name)
 
-    def store(self, names: list[str], directory: str) -> int:
-        """Write this party's shares of ``names`` under ``directory`` (only its own shares, so a
-        stolen store reveals nothing); returns the bytes written."""
-        os.makedirs(os.path.join(directory, f"party{self.rank}"), exist_ok=True)
-        written = 0
-        for name in names:
-            share = self.runtime.get_var(name)
-            path = self._store_path(directory, name)
-            with open(path + ".tmp", "wb") as f:
-                pickle.dump((share.meta, list(share.share_chunks)), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(path + ".tmp", path)
-            written += os.path.getsize(path)
-        return written
-
-    def restore(self, names: list[str], directory: str) -> int:
-        """Load ``names`` from this party's store; returns the bytes read, or -1 (and loads
-        nothing) when any of them is not stored."""
-        paths = [self._store_path(directory, n) for n in names]
-        if not all(os.path.exists(p) for p in paths):
-            return -1
-        read = 0
-        for name, path in zip(names, paths):
-            with open(path, "rb") as f:
-                meta, chunks = pickle.load(f)
-            share = libspu.Share()
-            share.meta, share.share_chunks = meta, chunks
-            self.runtime.set_var(name, share)
-            read += os.path.getsize(path)
-        return read
+    def set(self, name: str, share) -> None:
+        self.runtime.set_var(name, share)
+        self._names.add(name)
 
     def close(self) -> None:
         """End the session: stop the link and let the runtime (and every share it holds) go."""

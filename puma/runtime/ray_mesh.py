@@ -26,9 +26,8 @@ import warnings
 from puma.errors import PumaError
 from puma.runtime import certs, memory
 from puma.runtime.config import CONNECT_TIMEOUT_S, LINKS_DID_NOT_CONNECT, RECV_TIMEOUT_S, ProtocolConfig
-from puma.runtime.cost import RunProfile
 from puma.runtime.fanout import fan_out, first_line
-from puma.runtime.roles import CHUNK_BYTES, PartyShares
+from puma.runtime.roles import CHUNK_BYTES
 from puma.runtime.secure import Mesh
 
 log = logging.getLogger(__name__)
@@ -68,12 +67,19 @@ class PartyActor:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def open(
-        self, addresses: list[str], runtime_config_bytes: bytes, recv_timeout_s: float, connect_s: float, tls=None
+        self,
+        addresses: list[str],
+        runtime_config_bytes: bytes,
+        recv_timeout_s: float,
+        connect_s: float,
+        tls=None,
+        compiler_options=None,
     ) -> int:
         import os
 
         import spu.libspu as libspu
 
+        from puma.runtime.commands import PartyService
         from puma.runtime.party import ComputeParty, ProcessLog, link_desc
 
         self.process_log = ProcessLog.get()
@@ -83,29 +89,18 @@ class PartyActor:
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
         memory.reset_peak()
-        self.party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
+        party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
+        self.service = PartyService(
+            self.rank, len(addresses), lambda: party, compiler_options=compiler_options, process_log=self.process_log
+        )
         return os.getpid()
 
-    def receive(self, bundle: PartyShares) -> None:
-        self.party.receive(bundle)
+    def call(self, command: str, **kwargs):
+        """One command of :data:`puma.runtime.commands.COMMANDS`, given by the session's driver
+        (Ray is one organization's cluster: one trust domain, the driver holds every role)."""
+        from puma.runtime.commands import CLIENT, OPERATOR, OWNER
 
-    def install(self, key: str, name: str, code: bytes) -> None:
-        self.party.install(key, name, code)
-
-    def run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
-        return self.party.run_profiled(key, inputs, outputs, self.process_log)
-
-    def send(self, names: list[str]) -> PartyShares:
-        return self.party.send(names)
-
-    def drop(self, names: list[str]) -> None:
-        self.party.drop(names)
-
-    def store(self, names: list[str], directory: str) -> int:
-        return self.party.store(names, directory)
-
-    def restore(self, names: list[str], directory: str) -> int:
-        return self.party.restore(names, directory)
+        return self.service.handle(frozenset({OPERATOR, OWNER, CLIENT}), command, kwargs)
 
 
 class OwnerActor:
@@ -147,7 +142,7 @@ class OwnerActor:
         refs = []
         while bundles:
             refs.append(ray.put(bundles.pop(0)))
-        return refs, nbytes
+        return refs, nbytes  # each party's bundle goes from this actor to that party only
 
 
 def _actor_env() -> dict:
@@ -338,8 +333,12 @@ class RayMesh(Mesh):
             self.hosts = [(name, free) for name, free, _ in hosts]
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
+            options = protocol.compiler_options()
             self._get(
-                [a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls) for a in self.actors],
+                [
+                    a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls, options)
+                    for a in self.actors
+                ],
                 "open links",
                 timeout=connect_timeout_s + 30,
                 timeout_hint=LINKS_DID_NOT_CONNECT,
@@ -405,7 +404,9 @@ class RayMesh(Mesh):
         self._get([owner.start.remote(names, chunk_bytes)], "share weights", who=["the model owner"])
         while chunk := self._get([owner.next_chunk.remote()], "share weights", who=["the model owner"])[0]:
             refs, nbytes = chunk
-            self._get([a.receive.remote(ref) for a, ref in zip(self.actors, refs)], "receive weight shares")
+            self._get(
+                [a.call.remote("weights", bundle=ref) for a, ref in zip(self.actors, refs)], "receive weight shares"
+            )
             total += nbytes
         return total
 
@@ -427,31 +428,16 @@ class RayMesh(Mesh):
             ray.kill(owner)
         return peak
 
-    def deliver(self, bundles: list[PartyShares]) -> None:
+    def call(self, command: str, per_party: list[dict]) -> list:
         import ray
 
-        self._get([a.receive.remote(ray.put(b)) for a, b in zip(self.actors, bundles)], "receive shares")
-
-    def install(self, key: str, name: str, code: bytes) -> None:
-        import ray
-
-        ref = ray.put(code)
-        self._get([a.install.remote(key, name, ref) for a in self.actors], "install a program")
-
-    def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
-        return self._get([a.run.remote(key, inputs, outputs) for a in self.actors], "run")
-
-    def collect(self, names: list[str]) -> list[PartyShares]:
-        return self._get([a.send.remote(names) for a in self.actors], "send output shares")
-
-    def drop(self, names: list[str]) -> None:
-        self._get([a.drop.remote(names) for a in self.actors], "drop values")
-
-    def store(self, names: list[str], directory: str) -> list[int]:
-        return self._get([a.store.remote(names, directory) for a in self.actors], "store shares")
-
-    def restore(self, names: list[str], directory: str) -> list[int]:
-        return self._get([a.restore.remote(names, directory) for a in self.actors], "read stored shares")
+        refs = []
+        while per_party:
+            kwargs = per_party.pop(0)
+            if "bundle" in kwargs:  # shares go to the object store, their party gets the reference
+                kwargs["bundle"] = ray.put(kwargs["bundle"])
+            refs.append(self.actors[len(refs)].call.remote(command, **kwargs))
+        return self._get(refs, command)
 
     def close(self) -> None:
         import ray

@@ -24,12 +24,11 @@ import jax
 import numpy as np
 import spu
 import spu.libspu as libspu
-from spu.utils import frontend as spu_fe
 
 from puma import progress
 from puma.errors import PumaError
 from puma.program import Program
-from puma.runtime import memory, sharing
+from puma.runtime import memory, messages, programs, sharing
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.cost import RunProfile
@@ -40,9 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class Mesh(abc.ABC):
-    """The computing parties of one session, wherever they run.
+    """The computing parties of one session, wherever they run: every operation is a command of
+    :data:`puma.runtime.commands.COMMANDS`, given to all parties by :meth:`call`.
 
-    Every method acts on all parties; a party failure raises :class:`PumaError` naming it.
+    A party failure raises :class:`PumaError` naming it.
     """
 
     backend: str = ""
@@ -50,11 +50,26 @@ class Mesh(abc.ABC):
     #: Per party, what it reported when the mesh opened (None: the parties are this process).
     hosts: list[tuple[str, int]] | None = None  # (host name, available bytes)
     heaps: list[bool] | None = None  # keeps freed memory (puma.runtime.memory)
+    #: The parties build and compile their own programs from specs (``nodes``): the driver is
+    #: a client there, never the operator that installs code.
+    remote_compile: bool = False
 
     @abc.abstractmethod
+    def call(self, command: str, per_party: list[dict]) -> list:
+        """Give party r ``command`` with the arguments ``per_party[r]`` and return every
+        party's reply. The list is emptied as the arguments are handed over, so shares are freed
+        here once their party holds them."""
+
+    def broadcast(self, command: str, **kwargs) -> list:
+        """:meth:`call` with the same arguments for every party."""
+        return self.call(command, [dict(kwargs) for _ in range(self.world_size)])
+
     def deliver(self, bundles: list[PartyShares]) -> None:
-        """Give party r ``bundles[r]`` (and nothing else). The list is emptied as the bundles
-        are handed over, so a party's shares are freed here once it holds them."""
+        """Give party r ``bundles[r]`` (and nothing else) as the operator's weights or inputs;
+        the list is emptied as the bundles are handed over."""
+        per_party = [{"bundle": b} for b in bundles]
+        bundles.clear()
+        self.call("weights", per_party)
 
     def open_owner(self, spec: OwnerSpec, runtime_config: bytes) -> None:
         """Start the model owner: it opens its weights lazily and shares nothing yet.
@@ -82,30 +97,30 @@ class Mesh(abc.ABC):
         """Peak RSS of a running owner in a process of its own (0 here: it is this process)."""
         return 0
 
-    @abc.abstractmethod
     def install(self, key: str, name: str, code: bytes) -> None:
         """Make compiled program ``code`` available at every party under ``key``."""
+        self.broadcast("install", key=key, name=name, code=code)
 
-    @abc.abstractmethod
     def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
         """Run program ``key`` on every party at once, binding inputs/outputs by name."""
+        return self.broadcast("run", key=key, inputs=inputs, outputs=outputs)
 
-    @abc.abstractmethod
     def collect(self, names: list[str]) -> list[PartyShares]:
         """Every party's shares of ``names`` (for the client to reconstruct)."""
+        return self.broadcast("collect", names=names)
 
-    @abc.abstractmethod
     def drop(self, names: list[str]) -> None:
         """Delete ``names`` at every party."""
+        self.broadcast("drop", names=names)
 
-    @abc.abstractmethod
     def store(self, names: list[str], directory: str) -> list[int]:
         """Every party writes its own shares of ``names`` to ``directory`` on its own disk
         (bytes written per party)."""
+        return self.broadcast("store", names=names, folder=directory)
 
-    @abc.abstractmethod
     def restore(self, names: list[str], directory: str) -> list[int]:
         """Every party loads ``names`` from its store (bytes read per party; -1 where missing)."""
+        return self.broadcast("restore", names=names, folder=directory)
 
     def close(self) -> None:
         """Stop the parties of this session."""
@@ -131,43 +146,6 @@ def deliver_weights(
     return total
 
 
-@dataclasses.dataclass
-class _Compiled:
-    key: str
-    inputs: list[tuple[str, str]]  # (kind, local name): kinds "p" weights, "s" state, "i" secret, "u" public
-    outputs: list[tuple[str, str]]  # ("o", index) revealed, ("s", local name) new state
-    reveal_tree: object
-    reveal_count: int
-    state_avals: object  # dict of ShapeDtypeStruct trees for the new state entries, or None
-
-
-def _bound(kind: str, local: str, slot: str, bind: dict) -> str:
-    """The party-side name of a program input/output: local top-level names bound per run."""
-    if kind in ("i", "u", "o"):
-        return f"{kind}:{local}"
-    top, sep, rest = local.partition("/")
-    name = bind.get(top, top) + sep + rest
-    return f"p:{name}" if kind == "p" else f"s:{slot}:{name}"
-
-
-def _avals(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype), tree
-    )
-
-
-def _leaf_names(prefix: str, tree) -> list[str]:
-    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [prefix + "/".join(_key_str(k) for k in path) for path, _ in paths]
-
-
-def _key_str(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 class SecureSession(Session):
     """Runs programs under MPC on a :class:`Mesh` with the given protocol settings."""
 
@@ -187,6 +165,15 @@ class SecureSession(Session):
         self._installed: set[str] = set()
         self.owner_peak_rss = 0
         self.share_store: str | None = None  # per-party store folder (see use_share_store)
+        self.published: str | None = None  # the model id parties serve from their stores (open_published)
+
+    def open_published(self, model_id: str, param_avals: dict, approx: str) -> None:
+        """Run on a model the owner published to the parties' own stores (``nodes``): the
+        parties hold its shares and build every program themselves with the approximation set
+        ``approx``; this session is a client."""
+        self.published = model_id
+        self.approx = approx
+        self._param_avals = param_avals
 
     # -- model owner ---------------------------------------------------------------------------
 
@@ -194,7 +181,7 @@ class SecureSession(Session):
         """Act as the model owner here: secret-share ``params`` to the parties, once."""
         owner = ModelOwner(params)
         share = share_function(self.protocol_config.runtime_config(profile=False), self.world_size)
-        self._param_avals = _avals(params)
+        self._param_avals = programs.avals(params)
         self.params_io_bytes = self._share_weights(
             lambda names: deliver_weights(self.mesh, owner, share, names), self._flat_names(list(params))
         )
@@ -236,27 +223,22 @@ class SecureSession(Session):
 
     def _flat_names(self, keys: list[str]) -> list[str]:
         """The flat weight paths under the top-level subtrees ``keys``."""
-        return _leaf_names("", {k: self._param_avals[k] for k in keys})
+        return programs.leaf_names("", {k: self._param_avals[k] for k in keys})
 
-    def use_share_store(self, directory: str, spec: OwnerSpec) -> None:
+    def use_share_store(self, directory: str, model_id: str) -> None:
         """Keep streamed weight shares in per-party stores under ``directory`` (each party on
         its own disk, its own shares only): a stage's weights are shared by the owner the first
-        time and read back from the stores afterwards, so repeated queries need no re-sharing."""
+        time and read back from the stores afterwards, so repeated queries need no re-sharing.
+        ``model_id`` identifies the weights by their content (:func:`puma.deploy.model_id`), so
+        a changed file at the same path gets stores of its own."""
         ident = repr(
-            (
-                spec.source,
-                spec.overrides,
-                spec.seed,
-                self.protocol_config.protocol,
-                self.protocol_config.field,
-                self.protocol_config.fxp_bits,
-            )
+            (model_id, self.protocol_config.protocol, self.protocol_config.field, self.protocol_config.fxp_bits)
         )
         self.share_store = os.path.join(directory, hashlib.sha1(ident.encode()).hexdigest()[:16])
 
     def hold_params(self, keys: list[str]) -> None:
-        if self.weights_mode != "streamed":
-            return
+        if self.weights_mode != "streamed" or self.published:
+            return  # published models: the parties load from their own stores what a run needs
         start = time.perf_counter()
         names = self._flat_names(keys)
         at_parties = [ModelOwner.PREFIX + n for n in names]
@@ -308,76 +290,41 @@ class SecureSession(Session):
 
     def _install(self, name: str, fn, flat_args: list, visibility: list) -> tuple[str, bytes]:
         """Compile ``fn`` on ``flat_args`` (with their visibilities) for SPU and install it at the
-        parties once; its key (name and code hash) and code."""
-        executable, _ = spu_fe.compile(
-            spu_fe.Kind.JAX,
-            fn,
-            flat_args,
-            {},
-            [f"in{i}" for i in range(len(flat_args))],
-            visibility,
-            lambda outs: [f"out{i}" for i in range(len(outs))],
-            copts=self.protocol_config.compiler_options(),
-        )
-        key = f"{name}-{hashlib.sha1(executable.code).hexdigest()[:12]}"
+        parties once (as the operator of a ``sim`` or ``ray`` session); its key and code."""
+        if self.mesh.remote_compile:
+            raise PumaError(
+                f"program {name} is not one the parties build themselves: programs of your own run on "
+                "the sim and ray backends only"
+            )
+        code = programs.compile_code(fn, flat_args, visibility, self.protocol_config.compiler_options())
+        key = programs.code_key(name, code)
         if key not in self._installed:
-            self.mesh.install(key, name, executable.code)
+            self.mesh.install(key, name, code)
             self._installed.add(key)
-        return key, executable.code
+        return key, code
 
     def release_params(self, keys: list[str]) -> None:
-        if self.weights_mode == "streamed":
+        if self.weights_mode == "streamed" and not self.published:
             self.mesh.drop([ModelOwner.PREFIX + n for n in self._flat_names(keys)])
 
     # -- runs ----------------------------------------------------------------------------------
 
     def _compile(self, program: Program, param_avals, state_avals, secret: dict, public: dict) -> _Compiled:
-        cache_key = program.cache_key(param_avals, state_avals, _avals(secret), _avals(public))
+        """Lower ``program`` for these input shapes (and, as the operator, compile and install
+        it), once per signature."""
+        cache_key = program.cache_key(param_avals, state_avals, programs.avals(secret), programs.avals(public))
         if cache_key in self._compiled:
             return self._compiled[cache_key]
         started = time.perf_counter()
-        progress.status("compiling %s for SPU (once per input shape)", program.name)
-        args = (param_avals, state_avals, _avals(secret), _avals(public))
-        flat_args, in_tree = jax.tree_util.tree_flatten(args)
-        reveal_avals, new_state_avals = jax.eval_shape(program.fn, *args)
-        reveal_leaves, reveal_tree = jax.tree_util.tree_flatten(reveal_avals)
-
-        def flat_fn(*flat):
-            p, s, sec, pub = jax.tree_util.tree_unflatten(in_tree, flat)
-            reveal, new_state = program.fn(p, s, sec, pub)
-            return jax.tree_util.tree_leaves(reveal) + jax.tree_util.tree_leaves(new_state)
-
-        inputs = (
-            [("p", n) for n in _leaf_names("", param_avals)]
-            + [("s", n) for n in _leaf_names("", state_avals)]
-            + [("i", n) for n in _leaf_names("", secret)]
-            + [("u", n) for n in _leaf_names("", public)]
-        )
-        outputs = [("o", str(i)) for i in range(len(reveal_leaves))] + [
-            ("s", n) for n in _leaf_names("", new_state_avals)
-        ]
-        n_secret = len(jax.tree_util.tree_leaves((param_avals, state_avals, secret)))
-        visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
-            len(flat_args) - n_secret
-        )
-        key, code = self._install(program.name, flat_fn, flat_args, visibility)
-        compiled = _Compiled(
-            key,
-            inputs,
-            outputs,
-            reveal_tree,
-            len(reveal_leaves),
-            dict(new_state_avals) if jax.tree_util.tree_leaves(new_state_avals) else None,
-        )
+        lowered = programs.lower(program, param_avals, state_avals, programs.avals(secret), programs.avals(public))
+        key = None
+        if not self.published:
+            progress.status("compiling %s for SPU (once per input shape)", program.name)
+            key, code = self._install(program.name, lowered.fn, lowered.flat_args, lowered.visibility)
+            log.info("compiled %s (%d inputs, %d KB of pphlo)", program.name, len(lowered.inputs), len(code) // 1024)
+        compiled = _Compiled(key, lowered)
         self._compiled[cache_key] = compiled
         self._compile_s += time.perf_counter() - started
-        log.info(
-            "compiled %s (%d inputs, %d outputs, %d KB of pphlo)",
-            program.name,
-            len(inputs),
-            len(outputs),
-            len(code) // 1024,
-        )
         return compiled
 
     def _run(self, program, secret, public, state, bind):
@@ -387,33 +334,65 @@ class SecureSession(Session):
         param_avals = program.select_params(self._param_avals, bind)
         state_avals = program.select_state(slot_avals, bind)
         compiled = self._compile(program, param_avals, state_avals, secret, public)
+        lowered = compiled.lowered
         slot = state or "-"
-        if compiled.state_avals is not None and not state:
+        if lowered.state_avals is not None and not state:
             raise PumaError(f"program {program.name} keeps state: run it with a state slot")
-        inputs = [_bound(kind, n, slot, bind) for kind, n in compiled.inputs]
-        outputs = [_bound(kind, n, slot, bind) for kind, n in compiled.outputs]
-
         bundles = self.client.share(
-            {f"i:{k}": v for k, v in _flat_named(secret).items()}, {f"u:{k}": v for k, v in _flat_named(public).items()}
+            {f"i:{k}": v for k, v in programs.flat_named(secret).items()},
+            {f"u:{k}": v for k, v in programs.flat_named(public).items()},
         )
         upload = sum(b.nbytes for b in bundles)
-        self.mesh.deliver(bundles)
-        profiles = self.mesh.run(compiled.key, inputs, outputs)
-        reveal_names = outputs[: compiled.reveal_count]
-        shares = self.mesh.collect(reveal_names)
-        self.mesh.drop([n for n in inputs if n[:2] in ("i:", "u:")] + reveal_names)
+        reveal_names = [f"o:{i}" for i in range(lowered.reveal_count)]
+        if self.published:
+            profiles = self._run_task(program, bundles, secret, public, slot, bind)
+            shares = self.mesh.call("outputs", [{"names": reveal_names} for _ in range(self.world_size)])
+        else:
+            inputs = [programs.bound(kind, n, slot, bind) for kind, n in lowered.inputs]
+            outputs = [programs.bound(kind, n, slot, bind) for kind, n in lowered.outputs]
+            self.mesh.deliver(bundles)
+            profiles = self.mesh.run(compiled.key, inputs, outputs)
+            shares = self.mesh.collect(reveal_names)
+            self.mesh.drop([n for n in inputs if n[:2] in ("i:", "u:")] + reveal_names)
         plain = self.client.reconstruct(shares)
-        reveal = jax.tree_util.tree_unflatten(compiled.reveal_tree, [plain[n] for n in reveal_names])
-        if compiled.state_avals is not None:
+        reveal = jax.tree_util.tree_unflatten(lowered.reveal_tree, [plain[n] for n in reveal_names])
+        if lowered.state_avals is not None:
             current = self._states.setdefault(state, {})
-            for k, v in compiled.state_avals.items():
+            for k, v in lowered.state_avals.items():
                 current[bind.get(k, k)] = v
         return reveal, profiles, (upload, sum(b.nbytes for b in shares))
 
+    def _run_task(self, program: Program, bundles: list, secret: dict, public: dict, slot: str, bind: dict) -> list:
+        """A client's run on a published model: its input shares, then the program's spec; each
+        party builds and compiles the program itself (its compile time is reported apart)."""
+        if program.spec is None:
+            raise PumaError(
+                f"program {program.name} is not one the parties build themselves: programs of your own run on "
+                "the sim and ray backends only"
+            )
+        self.mesh.call("inputs", [{"bundle": b} for b in bundles])
+        bundles.clear()
+        task = {
+            "model": self.published,
+            "approx": self.approx,
+            "spec": [program.spec[0], program.spec[1]],
+            "slot": slot,
+            "bind": bind,
+            "secret": programs.avals(secret),
+            "public": programs.avals(public),
+        }
+        replies = self.mesh.call("run_task", [dict(task) for _ in range(self.world_size)])
+        self._compile_s += max(r["compile_s"] for r in replies)
+        return [messages.get_profile(r["profile"]) if isinstance(r["profile"], dict) else None for r in replies]
+
     def free(self, state: str) -> None:
         avals = self._states.pop(state, None)
-        if avals is not None:
-            self.mesh.drop(_leaf_names(f"s:{state}:", avals))
+        if avals is None:
+            return
+        if self.published:
+            self.mesh.broadcast("free", slot=state)
+        else:
+            self.mesh.drop(programs.leaf_names(f"s:{state}:", avals))
 
     def close(self) -> None:
         if self.weights_mode == "streamed":
@@ -421,7 +400,7 @@ class SecureSession(Session):
         self.mesh.close()
 
 
-def _flat_named(tree: dict) -> dict[str, np.ndarray]:
-    """{"a": x, "b": {"c": y}} -> {"a": x, "b/c": y} in the order :func:`_leaf_names` uses."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_str(k) for k in path): np.asarray(v) for path, v in leaves}
+@dataclasses.dataclass
+class _Compiled:
+    key: str | None  # the installed code's key (None: the parties compile it themselves)
+    lowered: programs.Lowered

@@ -15,15 +15,20 @@ be told apart is reported as unprofiled rather than guessed.
 from __future__ import annotations
 
 import logging
+import os
 
 import spu.libspu as libspu
 
+from puma.runtime import messages
+from puma.runtime.commands import CLIENT, COMMANDS, OPERATOR, OWNER, PartyService
 from puma.runtime.config import RECV_TIMEOUT_S
 from puma.runtime.cost import RunProfile, parse_profiles
 from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.party import ComputeParty, ProcessLog, rank_of
-from puma.runtime.roles import PartyShares
 from puma.runtime.secure import Mesh
+
+#: The driver of a sim session holds every role: one process, one trust domain.
+ROLES = frozenset({OPERATOR, OWNER, CLIENT})
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,15 @@ class SimMesh(Mesh):
 
     backend = "sim"
 
-    def __init__(self, world_size: int, config: libspu.RuntimeConfig, recv_timeout_s: float = RECV_TIMEOUT_S):
+    def __init__(
+        self,
+        world_size: int,
+        config: libspu.RuntimeConfig,
+        recv_timeout_s: float = RECV_TIMEOUT_S,
+        compiler_options=None,
+        store: str | None = None,
+    ):
+        """``store``: a folder the parties keep published models in (``<store>/party<r>``)."""
         self.world_size = world_size
         self.log = ProcessLog.get()
         desc = libspu.link.Desc()
@@ -79,24 +92,44 @@ class SimMesh(Mesh):
             return ComputeParty(rank, libspu.link.create_mem(desc, rank), config)
 
         self.parties: list[ComputeParty] = _all([(make, (r,)) for r in range(world_size)])
+        self.services = [
+            PartyService(
+                p.rank,
+                world_size,
+                lambda p=p: p,
+                compiler_options=compiler_options,
+                store=os.path.join(store, f"party{p.rank}") if store else None,
+                code_hook=staggered,
+            )
+            for p in self.parties
+        ]
 
-    def deliver(self, bundles: list[PartyShares]) -> None:
-        while bundles:
-            bundle = bundles.pop(0)
-            self.parties[bundle.rank].receive(bundle)
-            del bundle
-
-    def install(self, key: str, name: str, code: bytes) -> None:
-        for party in self.parties:
-            party.install(key, name, staggered(code, party.rank))
-
-    def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
+    def call(self, command: str, per_party: list[dict]) -> list:
+        """The command at every party thread, as the session's operator (sim is one trust
+        domain: the driver plays owner and client too); collective commands at once, in one
+        thread per party, their profiles read from the shared log."""
+        if not COMMANDS[command].collective:
+            replies = []
+            for service in self.services:
+                kwargs = per_party.pop(0)
+                replies.append(service.handle(ROLES, command, kwargs))
+                del kwargs
+            return replies
         start = self.log.mark()
-        seconds = _all([(p.run, (key, inputs, outputs)) for p in self.parties])
+        replies = _all([(s.handle, (ROLES, command, kw)) for s, kw in zip(self.services, per_party)])
+        per_party.clear()
+        seconds = [r if command == "run" else r["profile"] for r in replies]
+        profiles = self._profiles(start, seconds)
+        if command == "run":
+            return profiles
+        return [{**r, "profile": messages.put_profile(p)} for r, p in zip(replies, profiles)]
+
+    def _profiles(self, start: int, seconds: list[float]) -> list[RunProfile | None]:
+        """Each party's profile block of the run that wrote the log after ``start``."""
         try:
             blocks = parse_profiles(self.log.read_from(start), accept=names_its_party)
         except ValueError as err:
-            log.warning("sim: run %s not profiled per party (%s)", key, err)
+            log.warning("sim: a run not profiled per party (%s)", err)
             return [None] * self.world_size
         profiles: list[RunProfile | None] = [None] * self.world_size
         for block in blocks:
@@ -107,23 +140,12 @@ class SimMesh(Mesh):
             profiles[rank] = block
         return profiles
 
-    def collect(self, names: list[str]) -> list[PartyShares]:
-        return [p.send(names) for p in self.parties]
-
-    def drop(self, names: list[str]) -> None:
-        for p in self.parties:
-            p.drop(names)
-
-    def store(self, names: list[str], directory: str) -> list[int]:
-        return [p.store(names, directory) for p in self.parties]
-
-    def restore(self, names: list[str], directory: str) -> list[int]:
-        return [p.restore(names, directory) for p in self.parties]
-
     def close(self) -> None:
         self.parties = []
+        self.services = []
 
 
 def open_mesh(request) -> SimMesh:
     """The sim backend's mesh for a :class:`puma.runtime.MeshRequest`."""
-    return SimMesh(request.protocol.world_size, request.protocol.runtime_config(), request.recv_timeout_s)
+    protocol = request.protocol
+    return SimMesh(protocol.world_size, protocol.runtime_config(), request.recv_timeout_s, protocol.compiler_options())

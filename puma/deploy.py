@@ -1,0 +1,314 @@
+"""Deploying a model to parties that are separate trust domains: the owner's manifest and model
+id, publishing shares into each party's own store, and what a party builds programs from.
+
+The **manifest** is public and signed by the owner. Its body says what the model is and what
+clients may do with it:
+
+- ``model_id``: a hash of the config and the weights files' bytes (a changed file gets a new id,
+  whatever its path);
+- ``family`` and ``config`` (Hugging Face field names), the weights' names and shapes;
+- ``format``: the ring and fraction bits of the parties' topology, and per approximation set the
+  norm shifts the calibration preflight chose for it (:mod:`puma.calibration`);
+- ``policy``: the tasks clients may run (``generate``, ``logits``, ``embed``, ``classify``,
+  ``encode``), what they may receive (``token``; ``logits`` only if the owner allows it, since
+  logits help extract a model), and the approximation sets the parties compile;
+- ``tokenizer_sha256``: the hash of the tokenizer files, which travel beside the body (clients
+  need them, parties do not).
+
+The manifest file is ``{"body": ..., "signature": hex, "tokenizer": {file: text}}``; the
+signature is the owner's ECDSA signature of the body's canonical JSON (:func:`canonical`).
+Parties verify it with the owner's certificate from their own configuration before they
+store anything; clients verify it before they trust a manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from puma import calibration, protocols, tasks
+from puma.errors import PumaError
+from puma.models import load, loading
+from puma.models.layers import NormShifts
+from puma.models.loading import FAMILIES, LoadedModel
+from puma.protocols.base import FixedPoint
+from puma.runtime import sharing
+
+log = logging.getLogger(__name__)
+
+FORMAT = "puma-manifest/1"
+#: Tasks a policy may allow, by family kind; what each reveals (see :func:`puma.tasks.reveals`).
+TASKS = {"causal": ("generate", "logits"), "encoder": ("embed", "classify", "encode")}
+REVEALS = ("token", "logits", "outputs")
+#: Sets published by default: each is compiled by the parties only if a client asks for it.
+DEFAULT_SETS = ("puma-fast", "puma-lean", "puma")
+
+
+def canonical(body: dict) -> bytes:
+    """The bytes a manifest's signature covers: sorted keys, no whitespace."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def model_id(source: str, overrides: dict | None = None, seed: int = 0) -> str:
+    """The model's id: SHA-256 of its config and its weights files' bytes (for a preset: its
+    name, seed and overrides, which make its weights)."""
+    digest = hashlib.sha256()
+    if source in loading.ALIASES:
+        source = loading.ALIASES[source]()
+    if source in loading.presets():
+        digest.update(json.dumps(["preset", source, seed, sorted((overrides or {}).items())]).encode())
+        return digest.hexdigest()[:32]
+    path = os.path.realpath(os.path.expanduser(source))
+    if not os.path.exists(path):
+        raise PumaError(f"model {source!r} not found")
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    for file in files:
+        name = os.path.basename(file)
+        if os.path.isfile(file) and (
+            name == "config.json" or name.endswith((".safetensors", ".bin", ".gguf")) or file == path
+        ):
+            digest.update(name.encode() + b"\0")
+            with open(file, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer as the text files ``save_pretrained`` writes (empty without one)."""
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        out = {}
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                out[name] = f.read()
+        return out
+
+
+def _files_sha256(files: dict[str, str]) -> str:
+    return hashlib.sha256(canonical(files)).hexdigest()
+
+
+def default_policy(model: LoadedModel, sets) -> dict:
+    """What clients may do unless the owner says otherwise: the family's tasks, tokens (and an
+    encoder's outputs) but no logits, the given sets."""
+    kind = "causal" if model.causal else "encoder"
+    tasks_allowed = [t for t in TASKS[kind] if t != "logits"]
+    if kind == "encoder" and not model.config.has_classifier:
+        tasks_allowed.remove("classify")
+    return {"tasks": tasks_allowed, "reveal": ["token", "outputs"], "approx": list(sets)}
+
+
+def manifest_body(
+    source: str,
+    fixed: FixedPoint,
+    sets=DEFAULT_SETS,
+    policy: dict | None = None,
+    owner: str = "owner",
+    overrides: dict | None = None,
+) -> tuple[dict, dict[str, str]]:
+    """The manifest body for ``source`` published at format ``fixed``, and the tokenizer files.
+
+    Calibrates the model (cached) and keeps the sets whose plan holds at ``fixed``; a set that
+    would compute the model wrong there is left out with a warning (none left: refused).
+    """
+    model = load(source, overrides=overrides, weights=False)
+    ranges = calibration.ranges_for(source, overrides)
+    plans, refused = {}, []
+    for name in sets:
+        plan = calibration.plan(ranges, protocols.get(name), fixed, model.config.activation)
+        if plan.ok:
+            plans[name] = {"shifts": [list(site) for site in plan.shifts.sites]}
+        else:
+            refused.append(f"{name}: {plan.findings[0].line()}")
+    for line in refused:
+        log.warning("not published with %s", line)
+    if not plans:
+        raise PumaError(f"no approximation set computes this model right at {fixed.describe()}: {refused[0]}")
+    policy = dict(policy or default_policy(model, list(plans)))
+    policy["approx"] = [s for s in policy.get("approx", list(plans)) if s in plans]
+    files = tokenizer_files(model.tokenizer)
+    body = {
+        "format": FORMAT,
+        "model_id": model_id(source, overrides),
+        "family": model.family,
+        "config": _config_json(model.config),
+        "weights": {k: list(v) for k, v in loading.param_shapes(model.family, model.config).items()},
+        "fixed_point": {"field": fixed.field, "fxp_bits": fixed.fxp_bits, "plans": plans},
+        "policy": policy,
+        "tokenizer_sha256": _files_sha256(files) if files else None,
+        "owner": owner,
+        "issued": int(time.time()),
+    }
+    return body, files
+
+
+def _config_json(config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+@dataclasses.dataclass
+class ModelView:
+    """A published model as a party (or a client) sees it: no weights, the public config, the
+    owner's policy, and per set the program builder's inputs."""
+
+    body: dict
+    model_id: str
+    family: str
+    config: object
+    policy: dict
+    fixed: FixedPoint
+    shifts: dict  # set -> NormShifts
+    param_avals: dict
+    weight_names: list[str]
+    weights_prefix: str
+    streamed: bool = False
+
+    def model(self, approx: str, tokenizer=None) -> LoadedModel:
+        """The model (no weights) with the norm shifts of ``approx``."""
+        return LoadedModel(self.family, self.config, None, tokenizer, self.model_id, shifts=self.shifts[approx])
+
+    def program(self, approx: str, spec) -> object:
+        """The program ``spec`` names for set ``approx``, if the owner's policy allows it."""
+        if approx not in self.policy.get("approx", []):
+            raise PumaError(
+                f"model {self.model_id}: set {approx!r} is not published (allowed: {', '.join(self.policy['approx'])})"
+            )
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict)):
+            raise PumaError("a program spec is [builder, arguments]")
+        model = self.model(approx)
+        task, reveal = tasks.reveals(model, spec)
+        if task != "stage" and task not in self.policy.get("tasks", []):
+            raise PumaError(f"model {self.model_id}: the owner's policy does not allow the task {task!r}")
+        if reveal is not None and reveal not in self.policy.get("reveal", []):
+            raise PumaError(f"model {self.model_id}: the owner's policy does not let clients receive {reveal}")
+        try:
+            return tasks.build(model, protocols.get(approx), spec)
+        except ValueError as err:
+            raise PumaError(f"model {self.model_id}: {err}") from None
+
+
+def view(body: dict) -> ModelView:
+    """The :class:`ModelView` of a manifest body, checked field by field."""
+    try:
+        if body.get("format") != FORMAT:
+            raise ValueError(f"format {body.get('format')!r}, expected {FORMAT!r}")
+        family = FAMILIES[body["family"]]
+        config = family.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in body["config"].items()})
+        fixed = FixedPoint(body["fixed_point"]["field"], int(body["fixed_point"]["fxp_bits"]))
+        shifts = {
+            name: NormShifts(tuple((str(site), int(k)) for site, k in plan["shifts"]))
+            for name, plan in body["fixed_point"]["plans"].items()
+        }
+        policy = body["policy"]
+        model_key = str(body["model_id"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise PumaError(f"not a puma manifest: {err}") from None
+    shapes = loading.param_shapes(family.name, config)
+    if {k: list(v) for k, v in shapes.items()} != body.get("weights"):
+        raise PumaError(f"manifest of {model_key}: its weights do not match its config")
+    import jax
+
+    avals = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
+    from puma.runtime.params import unflatten
+
+    return ModelView(
+        body, model_key, family.name, config, policy, fixed, shifts, unflatten(avals), list(shapes), f"p:{model_key}:"
+    )
+
+
+# -- the owner ------------------------------------------------------------------------------------
+
+
+def write_manifest(path: str, body: dict, signature: bytes, files: dict[str, str]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({"body": body, "signature": signature.hex(), "tokenizer": files}, f)
+    os.replace(path + ".tmp", path)
+
+
+def read_manifest(path: str) -> tuple[dict, bytes, dict[str, str]]:
+    """(body, signature, tokenizer files) of a manifest file, the tokenizer checked against the
+    body's hash."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        body, signature, files = doc["body"], bytes.fromhex(doc["signature"]), doc.get("tokenizer") or {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PumaError(f"{path}: not a puma manifest ({err})") from None
+    if files and _files_sha256(files) != body.get("tokenizer_sha256"):
+        raise PumaError(f"{path}: its tokenizer files do not match the hash the owner signed")
+    return body, signature, files
+
+
+def is_manifest(path: str) -> bool:
+    """Whether ``path`` is a manifest file (a JSON file with a signed body)."""
+    if not (isinstance(path, str) and path.endswith(".json") and os.path.isfile(path)):
+        return False
+    try:
+        with open(path) as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.lstrip().startswith('{"body"')
+
+
+def tokenizer_from(files: dict[str, str]):
+    """The tokenizer the manifest's files describe (None without any)."""
+    if not files:
+        return None
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            if os.sep in name or name.startswith("."):
+                raise PumaError(f"manifest tokenizer file {name!r} is not a plain file name")
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def publish(mesh, source: str, body: dict, signature: bytes, overrides: dict | None = None) -> dict:
+    """Share the weights of ``source`` into every party's own store under the manifest
+    ``body``: ``publish``, the weights tensor by tensor and chunk by chunk (each party gets
+    only its own pieces), ``publish_end``. Returns what the parties stored."""
+    from puma.runtime.roles import PartyShares
+
+    fixed = FixedPoint(body["fixed_point"]["field"], int(body["fixed_point"]["fxp_bits"]))
+    model = load(source, overrides=overrides, lazy=True)
+    mesh.broadcast("publish", manifest=body, signature=signature)
+    mid = body["model_id"]
+    sent = 0
+    names = model.lazy.names()
+    for i, name in enumerate(names):
+        for parts in _pieces(model.lazy.get(name), fixed, mesh.world_size):
+            sent += sum(p.nbytes if isinstance(p, sharing.Piece) else _share_bytes(p) for p in parts)
+            mesh.call(
+                "publish_weights",
+                [{"model": mid, "bundle": PartyShares(r, {f"p:{name}": parts[r]})} for r in range(mesh.world_size)],
+            )
+        if (i + 1) % 50 == 0:
+            log.info("published %d of %d tensors", i + 1, len(names))
+    ends = mesh.broadcast("publish_end", model=mid)
+    return {"model_id": mid, "owner_sent_bytes": sent, "parties": ends}
+
+
+def _pieces(value: np.ndarray, fixed: FixedPoint, world_size: int):
+    """The owner's shares of one tensor, chunk by chunk: ABY3's compact pieces where they apply
+    (:func:`puma.runtime.sharing.pieces`), else whole shares."""
+    if world_size == 3 and fixed.field in ("FM64", "FM128"):
+        yield from sharing.pieces(value, fixed.field, fixed.fxp_bits)
+        return
+    raise PumaError("publishing needs ABY3 with three parties and FM64 or FM128")
+
+
+def _share_bytes(share) -> int:
+    return len(share.meta) + sum(len(c) for c in share.share_chunks)
