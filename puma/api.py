@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from puma import calibration, progress, protocols, tasks
+from puma import calibration, deploy, progress, protocols, tasks
 from puma.errors import PumaError
 from puma.models import LoadedModel, load, loading
 from puma.runtime import budget, get_backend, memory, open_session, resolve_topology
@@ -124,6 +124,8 @@ class SecureModel:
         this (random presets only ever need FM64/18 unscaled; a real LLM may then be wrong).
         """
         approx = default_approx(backend) if approx is None else approx
+        if deploy.is_manifest(source):
+            return cls._from_manifest(source, approx, backend, backend_options)
         ops = protocols.get(approx)
         progress.status("loading %s", source)
         model = load(source, overrides=overrides, weights=False)
@@ -168,6 +170,33 @@ class SecureModel:
             secure = cls(model, session, ops)
             secure.weight_plan = plan
             secure.fixed_plan = fixed_plan
+            return secure
+        except BaseException:
+            session.close()
+            raise
+
+    @classmethod
+    def _from_manifest(cls, manifest: str, approx: str, backend: str, backend_options: dict) -> "SecureModel":
+        """A client's session on a model the owner published to the parties (``nodes``): the
+        manifest gives the config, tokenizer and format; no weights file is opened."""
+        from puma.runtime import resolve_topology
+
+        if backend != "nodes":
+            raise PumaError(f"{manifest} is a published model's manifest: run it with --backend nodes -c TOPOLOGY")
+        topology, _ = resolve_topology(backend_options.get("config"))
+        if topology is None:
+            raise PumaError("--backend nodes needs the parties' topology: pass --config configs/3pc.yaml")
+        view, model = deploy.client_model(manifest, approx, topology)
+        ops = protocols.get(approx)
+        options = {k: backend_options.get(k) for k in ("config", "ray_address", "ray_token", "identity")}
+        options.update(field=view.fixed.field, fxp_bits=view.fixed.fxp_bits)
+        progress.status("opening a job on %s at the parties (%s)", view.model_id, approx)
+        session = open_session(backend, spu_settings=ops.spu, model=view.model_id, **options)
+        try:
+            session.open_published(view.model_id, view.param_avals, approx)
+            session.weights_mode = "published"
+            secure = cls(model, session, ops)
+            secure.fixed_plan = calibration.Plan(view.fixed, view.shifts[approx], ())
             return secure
         except BaseException:
             session.close()

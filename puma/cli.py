@@ -41,6 +41,10 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
     p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
+    p.add_argument(
+        "--identity",
+        help="nodes: the client whose certificate to use (default: the topology's first client)",
+    )
     _add_memory_args(p)
     _add_store_arg(p)
 
@@ -357,6 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bg.set_defaults(func=cmd_bench_generation)
 
+    owner = sub.add_parser("owner", help="the model owner: publish a model to the parties' own stores, or remove it")
+    owner_sub = owner.add_subparsers(dest="owner_command", required=True)
+    pub = owner_sub.add_parser(
+        "publish",
+        parents=[common],
+        help="calibrate, sign the manifest, share the weights into every party's store, write the manifest",
+    )
+    pub.add_argument("--model", "-m", required=True, help=MODEL_HELP)
+    pub.add_argument("--config", "-c", required=True, help="the parties' topology (with tls: {dir: ...})")
+    pub.add_argument("--out", "-o", required=True, help="where to write the manifest (public: give it to clients)")
+    pub.add_argument(
+        "--approx",
+        nargs="+",
+        default=["puma-fast", "puma-lean", "puma"],
+        help="approximation sets clients may use (default: %(default)s)",
+    )
+    pub.add_argument("--allow-logits", action="store_true", help="let clients receive logits (default: tokens only)")
+    pub.set_defaults(func=cmd_owner_publish)
+    unpub = owner_sub.add_parser("unpublish", parents=[common], help="remove a published model from every party")
+    unpub.add_argument("--model", "-m", required=True, help="the model's manifest")
+    unpub.add_argument("--config", "-c", required=True, help="the parties' topology")
+    unpub.set_defaults(func=cmd_owner_unpublish)
+
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
     node_sub = node.add_subparsers(dest="node_command", required=True)
     up = node_sub.add_parser(
@@ -400,6 +427,7 @@ def _backend_options(args) -> dict:
         "field": args.field,
         "ray_address": args.ray_address,
         "ray_token": args.ray_token,
+        "identity": getattr(args, "identity", None),
         "network": getattr(args, "network", None),
     }
 
@@ -772,6 +800,36 @@ def cmd_bench_generation(args) -> int:
     return _wrote(args, generation.markdown(result))
 
 
+def cmd_owner_publish(args) -> int:
+    from puma import deploy, protocols
+    from puma.models import load
+
+    unknown = [a for a in args.approx if a not in protocols.names()]
+    if unknown:
+        raise PumaError(f"unknown approximation set {unknown[0]!r}; choose from {', '.join(protocols.names())}")
+    policy = deploy.default_policy(load(args.model, weights=False), args.approx)
+    if args.allow_logits:
+        policy["reveal"].append("logits")
+        if "generate" in policy["tasks"]:
+            policy["tasks"].append("logits")
+    done = deploy.publish_to(args.config, args.model, args.out, args.approx, policy)
+    print(json.dumps({k: v for k, v in done.items() if k != "parties"}))
+    print(
+        f"puma: published {done['model_id']} to {len(done['parties'])} parties in {done['seconds']:.0f} s; "
+        f"manifest {args.out} (give it to clients; the weights file is no longer needed by anyone)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_owner_unpublish(args) -> int:
+    from puma import deploy
+
+    removed = deploy.unpublish_from(args.config, args.model)
+    print(f"puma: removed from {sum(bool(r['removed']) for r in removed)} of {len(removed)} parties", file=sys.stderr)
+    return 0
+
+
 def cmd_node_up(args) -> int:
     from puma.runtime.config import Topology
     from puma.runtime.nodes import supervise
@@ -784,7 +842,9 @@ def cmd_node_up(args) -> int:
         flush=True,
     )
     ranks = list(range(topology.world_size))
-    return _report_parties(supervise(topology, ranks, args.log_dir, args.verbose, _ready_line(topology, ranks)))
+    return _report_parties(
+        supervise(topology, ranks, args.log_dir, args.verbose, _ready_line(topology, ranks), _announce)
+    )
 
 
 def cmd_node_start(args) -> int:
@@ -795,7 +855,7 @@ def cmd_node_start(args) -> int:
     if not 0 <= args.rank < topology.world_size:
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
     return _report_parties(
-        supervise(topology, [args.rank], args.log_dir, args.verbose, _ready_line(topology, [args.rank]))
+        supervise(topology, [args.rank], args.log_dir, args.verbose, _ready_line(topology, [args.rank]), _announce)
     )
 
 
@@ -830,10 +890,16 @@ def _ready_line(topology, ranks: list[int]):
     return lambda: print(f"puma: ready: {line}", file=sys.stderr, flush=True)
 
 
+def _announce(line: str) -> None:
+    print(f"puma: {line}", file=sys.stderr, flush=True)
+
+
 def _report_parties(outcome: tuple[int, str | None]) -> int:
     status, message = outcome
     if message:
         print(f"puma: error: {message}", file=sys.stderr, flush=True)
+    elif status == 0:
+        print("puma: parties stopped", file=sys.stderr, flush=True)
     return status
 
 

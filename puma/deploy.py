@@ -173,6 +173,10 @@ class ModelView:
     weights_prefix: str
     streamed: bool = False
 
+    def spu_settings(self, approx: str):
+        """The SPU settings set ``approx`` is compiled with."""
+        return protocols.get(approx).spu
+
     def model(self, approx: str, tokenizer=None) -> LoadedModel:
         """The model (no weights) with the norm shifts of ``approx``."""
         return LoadedModel(self.family, self.config, None, tokenizer, self.model_id, shifts=self.shifts[approx])
@@ -312,3 +316,67 @@ def _pieces(value: np.ndarray, fixed: FixedPoint, world_size: int):
 
 def _share_bytes(share) -> int:
     return len(share.meta) + sum(len(c) for c in share.share_chunks)
+
+
+def publish_to(
+    topology_path: str,
+    source: str,
+    out: str,
+    sets=DEFAULT_SETS,
+    policy: dict | None = None,
+) -> dict:
+    """``puma owner publish``: calibrate ``source``, sign its manifest with the owner's key,
+    share its weights into the stores of the parties of ``topology_path`` and write the
+    manifest to ``out``. Returns what the parties stored and the seconds it took."""
+    from puma.runtime import certs
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import OWNER, NodesMesh
+
+    topology = Topology.from_yaml(topology_path)
+    protocol = topology.protocol
+    if protocol.protocol != "aby3" or topology.world_size != 3:
+        raise PumaError(f"{topology_path}: publishing needs ABY3 with three parties ({protocol.describe()} given)")
+    tls = topology.require_tls()
+    key = tls.owner(topology.owner)[1]
+    start = time.perf_counter()
+    body, files = manifest_body(source, FixedPoint(protocol.field, protocol.fxp_bits), sets, policy, topology.owner)
+    signature = certs.sign(key, canonical(body))
+    mesh = NodesMesh(topology, OWNER)
+    try:
+        stored = publish(mesh, source, body, signature)
+    finally:
+        mesh.close()
+    write_manifest(out, body, signature, files)
+    return {**stored, "seconds": round(time.perf_counter() - start, 2), "manifest": out}
+
+
+def unpublish_from(topology_path: str, manifest: str) -> list:
+    """``puma owner unpublish``: remove the manifest's model from every party's store."""
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import OWNER, NodesMesh
+
+    body, _, _ = read_manifest(manifest)
+    mesh = NodesMesh(Topology.from_yaml(topology_path), OWNER)
+    try:
+        return mesh.broadcast("unpublish", model=body["model_id"])
+    finally:
+        mesh.close()
+
+
+def client_model(manifest: str, approx: str, topology=None) -> tuple[ModelView, LoadedModel]:
+    """What a client runs on: the manifest's view and the model (config, tokenizer, the norm
+    shifts of ``approx``; no weights). With a ``topology``, the owner's signature is checked
+    against the owner's certificate from it."""
+    from puma.runtime import certs
+
+    body, signature, files = read_manifest(manifest)
+    if topology is not None and topology.tls is not None:
+        cert = topology.tls.owner(topology.owner)[0]
+        if os.path.exists(cert) and not certs.verify(cert, canonical(body), signature):
+            raise PumaError(f"{manifest} is not signed by the owner of {topology.source}")
+    model_view = view(body)
+    if approx not in model_view.policy.get("approx", []):
+        raise PumaError(
+            f"{manifest}: the owner published the sets {', '.join(model_view.policy['approx'])}, not {approx!r}"
+        )
+    return model_view, model_view.model(approx, tokenizer_from(files))

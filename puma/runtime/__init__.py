@@ -52,6 +52,8 @@ class MeshRequest:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     address: str | None = None
     token: str | None = None
+    identity: str | None = None  # nodes: the client name whose certificate the driver uses
+    model: str | None = None  # nodes: the published model the job runs on
 
 
 def get_backend(name: str) -> Backend:
@@ -87,12 +89,16 @@ def open_session(
     recv_timeout_s: float | None = None,
     ray_address: str | None = None,
     ray_token: str | None = None,
+    identity: str | None = None,
+    model: str | None = None,
 ) -> Session:
     """Open a session on ``backend`` (a key of :data:`BACKENDS`).
 
     ``config`` is a topology file (required where the backend ``needs_topology``; optional
     elsewhere, where it supplies protocol settings and timeouts). ``spu_settings`` are the
-    approximation set's SPU settings.
+    approximation set's SPU settings. On ``nodes`` the session is a client's job on the
+    published ``model`` (its id), with the certificate of client ``identity`` (default: the
+    topology's first client).
     """
     chosen = get_backend(backend)
     if chosen.module is None:
@@ -113,6 +119,8 @@ def open_session(
         topology.connect_timeout_s if topology else CONNECT_TIMEOUT_S,
         ray_address,
         ray_token,
+        identity,
+        model,
     )
     mesh = importlib.import_module(chosen.module).open_mesh(request)
     return SecureSession(mesh, proto)

@@ -63,7 +63,8 @@ COMMANDS: dict[str, Command] = {
         _command("publish_weights", {OWNER}, model="name", bundle="bundle"),
         _command("publish_end", {OWNER}, model="name"),
         _command("unpublish", {OWNER}, model="name"),
-        # a client's job on a published model
+        # a client's job on a published model (nodes admit a job first: see puma.runtime.nodes)
+        _command("job", {CLIENT}, model="name", ticket="json"),
         _command("inputs", {OPERATOR, CLIENT}, bundle="bundle"),
         _command(
             "run_task",
@@ -196,8 +197,7 @@ class PartyService:
         world_size: int,
         open_party: Callable[[], object],
         *,
-        field: str = "FM64",
-        compiler_options=None,
+        protocol=None,
         models: Callable[[dict], object] | None = None,
         store: str | None = None,
         process_log=None,
@@ -208,10 +208,9 @@ class PartyService:
     ):
         self.rank = rank
         self.world_size = world_size
-        self.protocol_field = field
+        self.protocol = protocol  # the party's ProtocolConfig: its ring, and what it compiles with
         self._open_party = open_party
         self._party = None
-        self.compiler_options = compiler_options
         self._models_from = models or _published_view
         self.store = store
         self.process_log = process_log
@@ -244,6 +243,14 @@ class PartyService:
     # -- anyone -----------------------------------------------------------------------------
 
     def _on_hello(self, protocol: dict, world_size: int, rank: int) -> dict:
+        mine = self.protocol
+        asked = (protocol.get("protocol"), protocol.get("field")) if isinstance(protocol, dict) else None
+        if mine is not None and (asked != (mine.protocol, mine.field) or world_size != self.world_size):
+            name = self._info().get("id", f"rank {self.rank}")
+            raise PumaError(
+                f"party {name} runs {mine.protocol}/{mine.field} with {self.world_size} parties; "
+                f"the job asked for {asked and asked[0]}/{asked and asked[1]} with {world_size}"
+            )
         if rank != self.rank or world_size != self.world_size:
             raise PumaError(
                 f"party rank {self.rank} of {self.world_size}: the caller expected rank {rank} of {world_size}"
@@ -335,7 +342,7 @@ class PartyService:
             manifest, _ = read_manifest(folder)
             view = self._view_of(manifest)
             budget = self.budget if self.budget is not None else int(0.8 * memory.host()[1])
-            view.streamed = share_bytes(view, self.protocol_field) > budget
+            view.streamed = share_bytes(view, self.protocol.field) > budget
             self.views[model] = view
         return self.views[model]
 
@@ -345,6 +352,10 @@ class PartyService:
             self._party.drop(sorted(names))
 
     # -- a client's job ------------------------------------------------------------------------
+
+    def _on_job(self, model: str, ticket) -> dict:
+        self.published_view(model)  # refused unless the model is published here
+        return {"model": model}
 
     def _on_inputs(self, bundle) -> None:
         bad = [n for n in bundle.values if n[:2] not in ("i:", "u:")]
@@ -361,7 +372,8 @@ class PartyService:
             messages.name(target, "bind target")
         params = program.select_params(view.param_avals, bind)
         state = program.select_state(self._slots.get(slot, {}), bind)
-        compiled = self._compile(program, view.model_id, params, state, secret, public)
+        options = self.protocol.with_settings(view.spu_settings(approx)).compiler_options()
+        compiled = self._compile(program, view.model_id, params, state, secret, public, options)
         lowered = compiled.lowered
         weights = view.weights_prefix
         inputs = [programs.bound(k, n, slot, bind, weights) for k, n in lowered.inputs]
@@ -383,12 +395,12 @@ class PartyService:
             profile = messages.put_profile(profile)
         return {"profile": profile, "compile_s": compiled.seconds, "outputs": lowered.reveal_count}
 
-    def _compile(self, program, model: str, params, state, secret, public) -> _Compiled:
+    def _compile(self, program, model: str, params, state, secret, public, options) -> _Compiled:
         cache_key = (model, program.cache_key(params, state, secret, public))
         if cache_key not in self._compiled:
             start = time.perf_counter()
             lowered = programs.lower(program, params, state, secret, public)
-            code = programs.compile_code(lowered.fn, lowered.flat_args, lowered.visibility, self.compiler_options)
+            code = programs.compile_code(lowered.fn, lowered.flat_args, lowered.visibility, options)
             key = programs.code_key(program.name, code)
             self.party.install(key, program.name, self.code_hook(code, self.rank) if self.code_hook else code)
             self._compiled[cache_key] = _Compiled(key, lowered, time.perf_counter() - start)

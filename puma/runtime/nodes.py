@@ -1,29 +1,37 @@
-"""The ``nodes`` backend: one OS process per computing party, linked by SPU's brpc links.
+"""The ``nodes`` backend: the computing parties as their own processes, each its own trust domain.
 
 A party (:class:`PartyServer`, started by ``puma node start -c TOPOLOGY --rank N`` on its host,
-or all local parties at once by ``puma node up -c TOPOLOGY``) listens on its control address.
-A driver (:class:`NodesMesh`, the client and model-owner side) connects to every party, and
-for the length of that job session each party runs a job process (:class:`PartyJob`) that
-opens the MPC links to its peers, receives shares and programs, runs, and hands output shares
-back. When the driver leaves, the job process exits and the server serves the next job.
+or all local parties at once by ``puma node up -c TOPOLOGY``) listens on its control address
+for mutual-TLS connections. Who connects is read from the peer's certificate
+(:mod:`puma.runtime.certs`), and what each identity may ask is the command table
+(:mod:`puma.runtime.commands`):
 
-Faults end in one clear error naming the party and the cause, within a bounded time:
+- the **model owner** publishes a model into the party's own store (``<store>/<party id>``, from
+  the party's own topology) after the party has checked the owner's signature on its manifest,
+  and may remove it; it can read nothing back;
+- an admitted **client** (the topology's ``clients``) runs a **job** on a published model: it
+  queues at the first party (first come, first served; while it waits it is told its position,
+  never who is ahead), receives a ticket that party signs, and presents it to the others, so
+  every party serves the same job next. During the job the client sends its input shares and
+  program specs; each party builds and compiles the program itself from the manifest, if the
+  owner's policy allows it, and returns only that program's output shares to that client;
+- other parties never use the control port (their link certificates come from another CA);
+  anything else (an unknown identity, an unknown or malformed message) is one log line and a
+  closed connection.
 
-- a party that is not up: the driver retries its control address for ``connect_s`` seconds;
-- a party that dies: its control connection drops (the driver fails at once); its peers' job
-  processes stop after ``recv_s`` seconds (yacl may ``exit(-1)`` them: they are only job
-  processes), their servers log which link failed and serve the next job; a restarted party
-  rejoins without restarting the others;
-- a second driver while a job runs: told the party is busy, by whom and for how long;
-- ``node up`` / ``node start`` check their party servers' exit status and report a death;
-- a job for another protocol, a port already in use, a malformed topology: refused with a
-  message.
+A party keeps its SPU runtime, links, the shares of the models it serves and its compiled
+programs across jobs, so a second query pays neither sharing nor compilation. Links open with
+the first job. yacl ends a party's process when a link fails: its supervisor logs why and starts
+it again (the store survives; shares reload on the next job), so the survivors of a dead peer
+serve the next job once it is back.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import errno
+import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -33,57 +41,87 @@ import socket
 import sys
 import threading
 import time
-from multiprocessing import reduction
 
 from puma import progress
 from puma.errors import PumaError
-from puma.runtime import certs, memory, wire
+from puma.runtime import certs, commands, memory, wire
 from puma.runtime.children import die_with
-from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, ProtocolConfig, Topology
-from puma.runtime.cost import RunProfile
+from puma.runtime.commands import CLIENT, OWNER
+from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, Topology
 from puma.runtime.fanout import fan_out, first_line
-from puma.runtime.party import link_desc
-from puma.runtime.roles import PartyShares
+from puma.runtime.messages import Message, MessageError
 from puma.runtime.secure import Mesh
 
 log = logging.getLogger(__name__)
 
-#: Bytes of shares above which a delivery goes to one party at a time (bounds the driver's
-#: pickled copies in flight).
-BIG_DELIVERY = 256 << 20
+#: Commands that belong to a client's job (they need the runtime the job holds).
+JOB_COMMANDS = {"inputs", "run_task", "outputs", "free"}
+#: Seconds between the position messages a queued client receives.
+QUEUE_TICK_S = 2.0
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 # -- party side ------------------------------------------------------------------------------
 
 
+class _Queue:
+    """First come, first served admission to the party's runtime (one job at a time)."""
+
+    def __init__(self):
+        self._waiting: collections.deque = collections.deque()
+        self._busy = False
+        self._cond = threading.Condition()
+        self._tickets = itertools.count(1)
+
+    def wait(self, on_position, timeout_s: float) -> int:
+        """Block until this caller holds the runtime; ``on_position(position, waited_s)`` every
+        few seconds meanwhile. Returns the job number; TimeoutError after ``timeout_s``."""
+        me = object()
+        start = time.monotonic()
+        with self._cond:
+            self._waiting.append(me)
+            try:
+                while self._busy or self._waiting[0] is not me:
+                    waited = time.monotonic() - start
+                    if waited >= timeout_s:
+                        raise TimeoutError(self._waiting.index(me) + (1 if self._busy else 0))
+                    on_position(self._waiting.index(me) + (1 if self._busy else 0), waited)
+                    self._cond.wait(min(QUEUE_TICK_S, timeout_s - waited))
+                self._busy = True
+                return next(self._tickets)
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()
+
+    def done(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+
 class PartyServer:
-    """Computing party ``rank`` of ``topology``: a server that runs each job in a child process.
-
-    The server itself never loads SPU. It keeps one job process ready (started in advance,
-    its imports done) and hands it the connection of the next driver; the job process
-    authenticates the driver, opens the MPC links and serves the session (:class:`PartyJob`),
-    then exits. A job that fails in any way, yacl's ``exit(-1)`` on a broken link included,
-    ends only that process: the server logs why and serves the next job, so a restarted peer
-    rejoins without restarting the others. While a job runs, another driver is told the party
-    is busy (by whom, for how long) instead of waiting.
-    """
-
-    #: Seconds between the server's checks of its job processes.
-    POLL_S = 0.2
+    """Computing party ``rank`` of ``topology``: accepts owners and clients, runs one job at a
+    time on its runtime (see the module doc)."""
 
     def __init__(self, topology: Topology, rank: int, log_path: str | None = None, verbose: int = 0):
         if not 0 <= rank < topology.world_size:
             raise PumaError(f"rank {rank} is not in the topology (0..{topology.world_size - 1})")
+        from puma.runtime.party import ProcessLog
+
         self.topology = topology
         self.rank = rank
         self.spec: PartySpec = topology.parties[rank]
-        self.log_path = log_path
-        self.verbose = verbose
-        self.job: _Job | None = None
-        self.standby: _Job | None = None
+        tls = topology.require_tls()
+        self.tls = tls
+        cert, key = tls.party(self.spec.id)
+        certs.check(cert, key, tls.ca, f"party {self.spec.id}")
+        certs.check(*tls.party_link(self.spec.id), tls.links_ca, f"party {self.spec.id} (link)")
+        self.context = certs.server_context(cert, key, tls.ca)
+        self.key = key
         self._check_link_port()
-        if topology.tls is not None:
-            certs.check(topology.tls, f"party {self.spec.id}")
         host, port = self.spec.control_host_port
         try:
             self.server = wire.listen(host, port)
@@ -91,6 +129,19 @@ class PartyServer:
             if err.errno == errno.EADDRINUSE:
                 raise PumaError(f"party {self.spec.id}: control port {port} is already in use") from err
             raise PumaError(f"party {self.spec.id}: cannot listen on {self.spec.control}: {err}") from err
+        self.service = commands.PartyService(
+            rank,
+            topology.world_size,
+            self._open_party,
+            protocol=topology.protocol,
+            store=os.path.join(topology.store, self.spec.id),
+            process_log=ProcessLog.get(log_path),
+            info=lambda: {"id": self.spec.id, "server_pid": os.getpid()},
+            verify=self._verify_owner,
+        )
+        self.queue = _Queue()
+        self.last_job = 0  # the highest ticket served (ranks after the first)
+        self._runtime = threading.Lock()  # the runtime serves one job or one owner at a time
 
     def _check_link_port(self) -> None:
         """Refuse to start when the MPC link port is taken (SPU would only fail at job time)."""
@@ -102,255 +153,163 @@ class PartyServer:
                 raise PumaError(f"party {self.spec.id}: link port {port} ({self.spec.link}) is already in use") from err
             log.debug("party %s: link address %s not checked here: %s", self.spec.id, self.spec.link, err)
 
+    def _open_party(self):
+        """The SPU runtime over the MPC links (the first job opens them; peers are waited for
+        up to ``connect_s``)."""
+        import spu.libspu as libspu
+
+        from puma.runtime.party import ComputeParty, link_desc
+
+        t = self.topology
+        memory.reset_peak()
+        link_tls = (*self.tls.party_link(self.spec.id), self.tls.links_ca)
+        desc = link_desc([(p.id, p.link) for p in t.parties], t.connect_timeout_s, t.recv_timeout_s, link_tls)
+        try:
+            link = libspu.link.create_brpc(desc, self.rank)
+            return ComputeParty(self.rank, link, t.protocol.runtime_config())
+        except RuntimeError as err:
+            raise PumaError(f"party {self.spec.id}: {LINKS_DID_NOT_CONNECT} ({first_line(err)})") from err
+
+    def _verify_owner(self, manifest: dict, signature: bytes) -> None:
+        cert, _ = self.tls.owner(self.topology.owner)
+        if not certs.verify(cert, _canonical(manifest), signature):
+            raise PermissionError("the manifest is not signed by this deployment's model owner")
+
     def serve_forever(self, on_ready=None) -> None:
-        """Serve jobs until killed; ``on_ready()`` is called once the party accepts jobs."""
+        """Serve until killed; ``on_ready()`` once the party accepts connections."""
         log.info(
             "party %s (rank %d) ready: control %s, link %s", self.spec.id, self.rank, self.spec.control, self.spec.link
         )
-        self.server.settimeout(self.POLL_S)
-        try:
-            self._reap()
-            if on_ready is not None:
-                on_ready()
-            while True:
-                self._reap()
-                try:
-                    sock, address = self.server.accept()
-                except (TimeoutError, socket.timeout):
-                    continue
-                except OSError as err:
-                    log.debug("party %s: accept failed: %s", self.spec.id, err)
-                    continue
-                sock.settimeout(None)
-                if self.job is not None:
-                    threading.Thread(target=self._refuse, args=(sock, address), daemon=True).start()
-                    continue
-                self._start_job(sock, address)
-        finally:
-            for job in (self.job, self.standby):
-                if job is not None and job.proc.is_alive():
-                    job.proc.terminate()
-
-    def _spawn(self) -> "_Job":
-        ctx = multiprocessing.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(
-            target=_job_main,
-            args=(theirs, self.topology, self.rank, self.log_path, self.verbose, os.getpid()),
-            name=f"puma-job-{self.rank}",
-        )
-        proc.start()
-        theirs.close()
-        return _Job(proc, ours)
-
-    def _start_job(self, sock: socket.socket, address) -> None:
-        job = self.standby if self.standby is not None and self.standby.proc.is_alive() else self._spawn()
-        self.standby = None
-        try:
-            reduction.send_handle(job.pipe, sock.fileno(), job.proc.pid)
-        except OSError as err:
-            log.error("party %s: could not hand a job to its process: %s", self.spec.id, err)
-            job.proc.terminate()
-            return
-        finally:
-            sock.close()
-        job.driver, job.started = f"{address[0]}:{address[1]}", time.monotonic()
-        self.job = job
-
-    def _reap(self) -> None:
-        """Notice a finished job (say why it failed, if it did) and keep a job process ready."""
-        if self.job is not None and not self.job.proc.is_alive():
-            code = self.job.proc.exitcode
-            if code:
-                cause = exit_cause(self.topology, self.log_path) if self.log_path else "see the party's log"
-                log.warning(
-                    "party %s: the job from %s %s: %s; ready for the next job",
-                    self.spec.id,
-                    self.job.driver,
-                    _describe_status(code),
-                    cause,
-                )
-            self.job.pipe.close()
-            self.job = None
-        if self.standby is not None and not self.standby.proc.is_alive():
-            log.error("party %s: a job process ended before its job (%s)", self.spec.id, self.standby.proc.exitcode)
-            self.standby = None
-            time.sleep(1.0)  # do not spin if job processes cannot start
-        if self.standby is None and self.job is None:
-            self.standby = self._spawn()
-
-    def _refuse(self, sock: socket.socket, address) -> None:
-        """Tell a second driver that this party is busy, after authenticating it."""
-        job = self.job
-        try:
-            channel = wire.handshake(sock, self.topology.auth_key, self.topology.tls)
-            channel.sock.settimeout(wire.HANDSHAKE_TIMEOUT)
-            channel.recv()  # the driver's first command
-            running = time.monotonic() - job.started if job else 0.0
-            holder = job.driver if job else "another driver"
-            channel.send(
-                (
-                    "busy",
-                    f"party {self.spec.id} is busy with a job from {holder} (running {running:.0f} s); "
-                    "parties serve one job at a time: retry when it ends, or use another set of parties",
-                )
-            )
-            channel.close()
-            log.info("party %s: told %s:%s it is busy", self.spec.id, *address)
-        except PermissionError as err:
-            log.warning("party %s: rejected a connection: %s", self.spec.id, first_line(err))
-        except OSError as err:
-            log.debug("party %s: a refused connection closed: %s", self.spec.id, first_line(err))
-
-
-@dataclasses.dataclass
-class _Job:
-    """A job process of a party server and the pipe its driver's connection goes through."""
-
-    proc: multiprocessing.Process
-    pipe: object
-    driver: str = ""
-    started: float = 0.0
-
-
-def _job_main(pipe, topology: Topology, rank: int, log_path: str | None, verbose: int, server: int) -> None:
-    """A party's job process: wait for a driver's connection from the server, serve that one job."""
-    die_with(server)
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format=f"%(asctime)s party{rank} %(levelname)s: %(message)s"
-    )
-    job = PartyJob(topology, rank, log_path)  # imports SPU before the job arrives
-    try:
-        sock = socket.socket(fileno=reduction.recv_handle(pipe))
-    except (EOFError, OSError):
-        return  # the server stopped
-    try:
-        channel = wire.handshake(sock, topology.auth_key, topology.tls)
-    except PermissionError as err:
-        log.warning("party %s: rejected a connection: %s", job.spec.id, first_line(err))
-        return
-    except OSError as err:  # health checks and dropped connections
-        log.debug("party %s: connection closed before a session: %s", job.spec.id, first_line(err))
-        return
-    try:
-        job.serve(channel)
-    finally:
-        channel.close()
-        # a job process is disposable: no graceful SPU teardown, which can wait a long time on a
-        # peer that died (the driver closes sessions it ends cleanly with "close" first)
-        logging.shutdown()
-        os._exit(0)
-
-
-class PartyJob:
-    """One job of computing party ``rank``: an SPU runtime over the MPC links, driven by the
-    commands of one driver's session."""
-
-    def __init__(self, topology: Topology, rank: int, log_path: str | None = None):
-        from puma.runtime.party import ComputeParty, ProcessLog
-
-        self._party_cls = ComputeParty
-        self.topology = topology
-        self.rank = rank
-        self.spec: PartySpec = topology.parties[rank]
-        self.process_log = ProcessLog.get(log_path)
-        self.party = None
-
-    def serve(self, channel: wire.Channel) -> None:
+        if on_ready is not None:
+            on_ready()
         while True:
             try:
-                command, *args = channel.recv()
-            except wire.ChannelClosed:
-                log.info("party %s: driver left", self.spec.id)
-                return
-            try:
-                reply = getattr(self, f"_cmd_{command}")(*args)
-            except PumaError as err:
-                channel.send(("error", str(err)))
+                sock, address = self.server.accept()
+            except OSError as err:
+                log.debug("party %s: accept failed: %s", self.spec.id, err)
                 continue
-            except Exception as err:  # SPU/yacl errors surface as RuntimeError
-                log.error("party %s: %s failed: %s", self.spec.id, command, first_line(err))
-                self.end_session()
-                channel.send(("error", f"{command} failed: {first_line(err)}"))
-                continue
+            threading.Thread(target=self._connection, args=(sock, address), daemon=True).start()
+
+    def _connection(self, sock: socket.socket, address) -> None:
+        where = f"{address[0]}:{address[1]}"
+        try:
+            channel = wire.accept(sock, self.context)
+        except PermissionError as err:
+            log.warning("party %s: refused %s: %s", self.spec.id, where, first_line(err))
+            return
+        except OSError as err:  # handshakes that fail, health checks
+            log.info("party %s: connection from %s closed before a session: %s", self.spec.id, where, first_line(err))
+            return
+        who = channel.peer
+        try:
+            if who.role == "party" or (who.role == CLIENT and who.name not in self.topology.clients):
+                raise PermissionError(f"{who.describe()} is not admitted by this party's topology")
+            self._session(channel, frozenset({who.role}))
+        except PermissionError as err:
+            log.warning("party %s: refused %s from %s: %s", self.spec.id, who.describe(), where, first_line(err))
+            _try_send(channel, Message("error", {"message": f"party {self.spec.id} refused: {first_line(err)}"}))
+        except MessageError as err:
+            log.warning("party %s: malformed message from %s (%s): %s", self.spec.id, who.describe(), where, err)
+        except PumaError as err:  # a job not admitted (queue timeout, model not published)
+            log.info("party %s: %s", self.spec.id, first_line(err))
+            _try_send(channel, Message("error", {"message": str(err)}))
+        except wire.ChannelClosed:
+            log.info("party %s: %s left", self.spec.id, who.describe())
+        except Exception as err:  # this party's own failure (SPU errors are RuntimeErrors): one line
+            log.error("party %s: serving %s failed: %s", self.spec.id, who.describe(), first_line(err))
+            _try_send(channel, Message("error", {"message": f"party {self.spec.id} failed: {first_line(err)}"}))
+        finally:
+            channel.close()
+
+    def _session(self, channel: wire.Channel, roles: frozenset) -> None:
+        """Commands of one connection, until ``close`` or the peer leaves."""
+        held = False
+        try:
+            while True:
+                message = channel.recv()
+                if message.op == "job":
+                    if held:
+                        raise MessageError("a connection runs one job")
+                    self._admit(channel, roles, message)
+                    held = True
+                    continue
+                spec, kwargs = commands.decode(message)
+                if spec.name in JOB_COMMANDS and not held:
+                    raise PermissionError(f"{spec.name} belongs to a job: ask for one first")
+                try:
+                    if held or spec.name in ("hello", "close"):
+                        reply = self.service.handle(roles, spec.name, kwargs)
+                    else:
+                        with self._runtime:  # the owner waits for a running job to end
+                            reply = self.service.handle(roles, spec.name, kwargs)
+                except PumaError as err:
+                    channel.send(Message("error", {"message": f"party {self.spec.id}: {err}"}))
+                    continue
+                channel.send(commands.encode_reply(spec.reply, reply))
+                if spec.name == "close":
+                    return
+        finally:
+            if held:
+                try:
+                    self.service.end_job()
+                finally:
+                    self._runtime.release()
+                    if self.rank == 0:
+                        self.queue.done()
+
+    def _admit(self, channel: wire.Channel, roles: frozenset, message: Message) -> None:
+        """Start a client's job: queue (first party) or check its ticket (the others), then hold
+        the runtime. The reply carries the ticket."""
+        spec, kwargs = commands.decode(message)
+        self.service.handle(roles, "job", kwargs)  # the role may ask; the model is published here
+        limit = self.topology.queue_timeout_s
+        if self.rank == 0:
+
+            def tell(position: int, waited: float) -> None:
+                channel.send(Message("queued", {"position": position, "waited_s": round(waited, 1)}))
+
             try:
-                channel.send(("ok", reply))
-            except OSError:
-                return
+                job = self.queue.wait(tell, limit)
+            except TimeoutError as err:
+                raise PumaError(f"party {self.spec.id}: gave up after {limit:.0f} s in the queue at position {err}")
+            if not self._runtime.acquire(timeout=limit):
+                self.queue.done()
+                raise PumaError(f"party {self.spec.id}: the runtime stayed busy for {limit:.0f} s")
+            ticket = {"job": job, "client": channel.peer.name, "model": kwargs["model"], "issued": time.time()}
+            signature = certs.sign(self.key, _canonical(ticket)).hex()
+            channel.send(commands.encode_reply("json", {"ticket": ticket, "signature": signature}))
+            return
+        ticket = self._check_ticket(channel, kwargs)
+        if not self._runtime.acquire(timeout=limit):
+            raise PumaError(f"party {self.spec.id}: the runtime stayed busy for {limit:.0f} s")
+        self.last_job = max(self.last_job, ticket["job"])
+        channel.send(commands.encode_reply("json", {"ticket": ticket}))
 
-    def end_session(self) -> None:
-        if self.party is not None:
-            try:
-                self.party.close()
-            except Exception as err:  # the link may already be broken
-                log.debug("party %s: closing session: %s", self.spec.id, err)
-            self.party = None
+    def _check_ticket(self, channel: wire.Channel, kwargs: dict) -> dict:
+        """The first party's ticket for this client, this model and a job not served yet."""
+        doc = kwargs["ticket"]
+        try:
+            ticket, signature = doc["ticket"], bytes.fromhex(doc["signature"])
+            first = self.topology.parties[0].id
+            valid = certs.verify(self.tls.party(first)[0], _canonical(ticket), signature)
+        except (TypeError, KeyError, ValueError) as err:
+            raise PermissionError(f"not a ticket ({err})") from None
+        if not valid:
+            raise PermissionError("the ticket is not signed by the first party")
+        if ticket.get("client") != channel.peer.name or ticket.get("model") != kwargs["model"]:
+            raise PermissionError("the ticket is another client's or for another model")
+        if not isinstance(ticket.get("job"), int) or ticket["job"] <= self.last_job:
+            raise PermissionError(f"ticket for job {ticket.get('job')} was used already")
+        if time.time() - float(ticket.get("issued", 0)) > self.topology.queue_timeout_s:
+            raise PermissionError("the ticket expired")
+        return ticket
 
-    # commands ----------------------------------------------------------------------------
 
-    def _cmd_hello(self, protocol: ProtocolConfig, world_size: int, rank: int):
-        mine = self.topology.protocol
-        if (protocol.protocol, protocol.field) != (mine.protocol, mine.field) or world_size != self.topology.world_size:
-            raise PumaError(
-                f"party {self.spec.id} runs {mine.protocol}/{mine.field} with {self.topology.world_size} parties; "
-                f"the job asked for {protocol.protocol}/{protocol.field} with {world_size}"
-            )
-        if rank != self.rank:
-            raise PumaError(f"party {self.spec.id} is rank {self.rank}, the driver expected rank {rank}")
-        host, free = memory.host()
-        return {
-            "id": self.spec.id,
-            "pid": os.getpid(),
-            "server_pid": os.getppid(),
-            "host": host,
-            "available": free,
-            "heap_kept": memory.heap_kept(),
-        }
-
-    def _cmd_open(self, runtime_config_bytes: bytes):
-        import spu.libspu as libspu
-
-        self.end_session()
-        memory.reset_peak()  # this job's reports carry this job's peak
-        config = libspu.RuntimeConfig()
-        config.ParseFromString(runtime_config_bytes)
-        t = self.topology
-        desc = link_desc([(p.id, p.link) for p in t.parties], t.connect_timeout_s, t.recv_timeout_s, t.tls)
-        link = libspu.link.create_brpc(desc, self.rank)
-        self.party = self._party_cls(self.rank, link, config)
-        return None
-
-    def _require(self):
-        if self.party is None:
-            raise PumaError(f"party {self.spec.id}: no open session")
-        return self.party
-
-    def _cmd_deliver(self, bundle: PartyShares):
-        self._require().receive(bundle)
-
-    def _cmd_install(self, key: str, name: str, code: bytes):
-        self._require().install(key, name, code)
-
-    def _cmd_run(self, key: str, inputs: list[str], outputs: list[str]) -> RunProfile | None:
-        return self._require().run_profiled(key, inputs, outputs, self.process_log)
-
-    def _cmd_collect(self, names: list[str]) -> PartyShares:
-        return self._require().send(names)
-
-    def _cmd_drop(self, names: list[str]):
-        self._require().drop(names)
-
-    def _cmd_store(self, names: list[str], directory: str) -> int:
-        return self._require().store(names, directory)
-
-    def _cmd_restore(self, names: list[str], directory: str) -> int:
-        return self._require().restore(names, directory)
-
-    def _cmd_close(self):
-        self.end_session()
-
-    def _cmd_ping(self):
-        return None
+def _try_send(channel: wire.Channel, message: Message) -> None:
+    try:
+        channel.send(message)
+    except (wire.ChannelClosed, OSError):
+        pass
 
 
 def serve_party(topology: Topology, rank: int, log_path: str | None = None, verbose: int = 0, on_ready=None) -> None:
@@ -374,6 +333,8 @@ def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, pare
 
 
 _STARTUP_FAILED = 3
+#: Seconds before a party that died is started again.
+RESTART_DELAY_S = 1.0
 
 
 _LINK_ERROR = re.compile(r"\[error\].*?(Not connected to|Get data timeout|connect to mesh failed)(.*)")
@@ -410,30 +371,34 @@ def _describe_status(code: int) -> str:
 
 
 def supervise(
-    topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0, on_ready=None
+    topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0, on_ready=None, announce=None
 ) -> tuple[int, str | None]:
-    """Run parties ``ranks`` of ``topology`` as child processes and watch their exit codes;
-    ``on_ready()`` is called once every one of them accepts jobs.
+    """Run parties ``ranks`` of ``topology`` as child processes; ``on_ready()`` once every one of
+    them accepts connections.
 
-    yacl may ``exit(-1)`` a party whose link fails, so waiting is not enough: when a party ends,
-    the other local parties are stopped and (status, one line saying which party and why) is
-    returned; the line is None when the party printed its own (it failed to start).
+    A party that dies (yacl ends a party whose link fails) is started again after
+    :data:`RESTART_DELAY_S`, and ``announce(line)`` says which and why; a party that cannot
+    start (exit status 3, having printed its own line) stops the others: (3, None).
     SIGINT/SIGTERM stop every party cleanly: (0, None).
     """
     os.makedirs(log_dir, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     procs = {}
-    ready = {rank: ctx.Event() for rank in ranks}
-    for rank in ranks:
+
+    def start(rank: int):
         log_path = os.path.join(log_dir, f"party{rank}.spu.log")
+        event = ctx.Event()
         proc = ctx.Process(
             target=_party_main,
-            args=(topology, rank, log_path, verbose, os.getpid(), ready[rank]),
+            args=(topology, rank, log_path, verbose, os.getpid(), event),
             name=f"puma-party-{rank}",
         )
         with memory.heap_environ():
             proc.start()
-        procs[rank] = (proc, log_path)
+        procs[rank] = (proc, log_path, event)
+
+    for rank in ranks:
+        start(rank)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -444,27 +409,28 @@ def supervise(
     announced = on_ready is None
     try:
         while not stop.is_set():
-            if not announced and all(event.is_set() for event in ready.values()):
+            if not announced and all(event.is_set() for _, _, event in procs.values()):
                 announced = True
                 on_ready()
-            dead = [(rank, proc, path) for rank, (proc, path) in procs.items() if proc.exitcode is not None]
-            if dead:
-                rank, proc, path = dead[0]
+            for rank, (proc, path, _) in list(procs.items()):
+                if proc.exitcode is None:
+                    continue
+                if proc.exitcode == _STARTUP_FAILED:
+                    status = _STARTUP_FAILED
+                    stop.set()
+                    break
                 spec = topology.parties[rank]
-                status = proc.exitcode if proc.exitcode > 0 else 1
-                if proc.exitcode != _STARTUP_FAILED:  # a startup failure has printed its own line
-                    others = "; stopping the other parties" if len(procs) > 1 else ""
-                    message = (
-                        f"party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: "
-                        f"{exit_cause(topology, path)}{others}"
-                    )
-                break
+                line = f"party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: {exit_cause(topology, path)}"
+                (announce or log.warning)(f"{line}; starting it again")
+                stop.wait(RESTART_DELAY_S)
+                if not stop.is_set():
+                    start(rank)
             stop.wait(0.2)
     finally:
-        for proc, _ in procs.values():
+        for proc, _, _ in procs.values():
             if proc.exitcode is None:
                 proc.terminate()
-        for proc, _ in procs.values():
+        for proc, _, _ in procs.values():
             proc.join(5)
             if proc.exitcode is None:
                 proc.kill()
@@ -473,53 +439,61 @@ def supervise(
     return status, message
 
 
-# -- driver side -----------------------------------------------------------------------------
+# -- owner and client side ----------------------------------------------------------------------
 
 
 class NodesMesh(Mesh):
-    """The driver's view of party processes reachable at the topology's control addresses."""
+    """The parties at the topology's control addresses, as the model owner or as a client.
+
+    A client's mesh is one job on the published ``model``: it queues at the first party, then
+    presents that party's ticket to the others (:class:`PartyServer`). Each party's identity is
+    checked against the topology.
+    """
 
     backend = "nodes"
+    remote_compile = True
 
-    def __init__(self, topology: Topology):
+    def __init__(self, topology: Topology, role: str = CLIENT, name: str | None = None, model: str | None = None):
         self.topology = topology
         self.world_size = topology.world_size
-        self.channels: list[wire.Channel] = []
+        self.channels: list[wire.Channel | None] = []
         self.pids: list[int] = []
+        tls = topology.require_tls()
+        if role == OWNER:
+            name = topology.owner
+            cert, key = tls.owner(name)
+        else:
+            name = name or topology.clients[0]
+            cert, key = tls.client(name)
+            if model is None:
+                raise PumaError(
+                    "on nodes the parties serve published models: puma owner publish -m MODEL -c TOPOLOGY -o "
+                    "manifest.json, then run with --model manifest.json"
+                )
+        certs.check(cert, key, tls.ca, f"{role} {name}")
+        self.context = certs.client_context(cert, key, tls.ca)
+        self.role, self.name, self.model = role, name, model
         try:
-            hello = self._hello()
+            self.channels = [None] * self.world_size
+            self.channels[0] = self._connect(topology.parties[0])
+            hello = [self._hello(0)]
+            ticket = self._job(0, None) if role == CLIENT else None
+            for spec in topology.parties[1:]:
+                self.channels[spec.rank] = self._connect(spec)
+                hello.append(self._hello(spec.rank))
+                if role == CLIENT:
+                    self._job(spec.rank, ticket)
             self.pids = [h["pid"] for h in hello]
             self.server_pids = [h["server_pid"] for h in hello]
             self.hosts = [(h["host"], h["available"]) for h in hello]
             self.heaps = [bool(h.get("heap_kept")) for h in hello]
-            config = topology.protocol.runtime_config().SerializeToString()
-            self._all(
-                [("open", config)] * self.world_size,
-                timeout=topology.connect_timeout_s + 30,
-                timeout_hint=LINKS_DID_NOT_CONNECT,
-            )
         except BaseException:
             self.close()
             raise
 
-    def _hello(self) -> list[dict]:
-        """Connect to every party and greet it. A party busy with another job is asked again
-        until ``connect_s`` has passed (a job that is ending frees it within a second)."""
-        deadline = time.monotonic() + self.topology.connect_timeout_s
-        greeting = [("hello", self.topology.protocol, self.world_size, spec.rank) for spec in self.topology.parties]
-        told = False
-        while True:
-            self.channels = [self._connect(spec) for spec in self.topology.parties]
-            try:
-                return self._all(greeting)
-            except _Busy as err:
-                self.close()
-                if not told:
-                    told = True
-                    progress.status("%s; waiting up to %.0f s", str(err).split(";")[0], deadline - time.monotonic())
-                if time.monotonic() >= deadline:
-                    raise PumaError(f"{err} (waited {self.topology.connect_timeout_s:.0f} s)") from None
-                time.sleep(0.5)
+    def _party(self, rank: int) -> str:
+        spec = self.topology.parties[rank]
+        return f"party {spec.id} (rank {rank})"
 
     def _connect(self, spec: PartySpec) -> wire.Channel:
         host, port = spec.control_host_port
@@ -527,11 +501,11 @@ class NodesMesh(Mesh):
         waiting = False
         while True:
             try:
-                return wire.connect(host, port, self.topology.auth_key, self.topology.tls, timeout=5.0)
+                channel = wire.connect(host, port, self.context, timeout=5.0)
             except wire.HandshakeFailed as err:
                 raise PumaError(
-                    f"party {spec.id} at {spec.control} did not complete the handshake ({first_line(err)}): "
-                    f"the driver's TLS settings or auth_key differ from the party's"
+                    f"party {spec.id} at {spec.control} did not complete the TLS handshake ({first_line(err)}): "
+                    "its certificates and this one's come from different runs of puma node certs"
                 ) from err
             except OSError as err:
                 if not waiting:
@@ -549,71 +523,68 @@ class NodesMesh(Mesh):
                         "is it started (puma node up/start)?"
                     ) from err
                 time.sleep(0.3)
+                continue
+            if channel.peer != certs.Identity("party", spec.id):
+                channel.close()
+                raise PumaError(f"{spec.control} answered as {channel.peer.describe()}, not as party {spec.id}")
+            return channel
 
-    def _all(self, messages: list[tuple], timeout: float | None = None, timeout_hint: str | None = None) -> list:
-        """Send messages[r] to party r and wait for every reply; fail fast on the first error."""
+    def _exchange(self, rank: int, message: Message, reply: str):
+        channel = self.channels[rank]
+        channel.send(message)
+        while True:
+            answer = channel.recv()
+            if answer.op == "queued":
+                progress.status(
+                    "queued at %s: position %s (waited %s s)",
+                    self._party(rank),
+                    answer.args.get("position"),
+                    answer.args.get("waited_s"),
+                )
+                continue
+            try:
+                return commands.decode_reply(reply, answer)
+            except PumaError as err:
+                raise PumaError(f"{self._party(rank)}: {err}" if not str(err).startswith("party ") else str(err))
+
+    def _hello(self, rank: int) -> dict:
+        protocol = self.topology.protocol
+        args = {"protocol": {"protocol": protocol.protocol, "field": protocol.field}, "world_size": self.world_size}
+        return self._exchange(rank, commands.encode("hello", {**args, "rank": rank}), "json")
+
+    def _job(self, rank: int, ticket: dict | None) -> dict:
+        return self._exchange(rank, Message("job", {"model": self.model, "ticket": ticket}), "json")
+
+    def call(self, command: str, per_party: list[dict]) -> list:
+        reply = commands.COMMANDS[command].reply
+        frames = []
+        while per_party:
+            frames.append(commands.encode(command, per_party.pop(0)))
 
         def exchange(rank: int):
-            channel = self.channels[rank]
-            channel.send(messages[rank])
-            status, value = channel.recv()
-            if status == "busy":
-                raise _Busy(value)
-            if status != "ok":
-                raise PumaError(f"party {self.topology.parties[rank].id} (rank {rank}): {value}")
-            return value
+            return self._exchange(rank, frames[rank], reply)
 
-        who = [f"party {spec.id} (rank {spec.rank})" for spec in self.topology.parties]
         return fan_out(
             [lambda rank=rank: exchange(rank) for rank in range(self.world_size)],
-            who,
-            f"answer {messages[0][0]!r}",
-            timeout,
+            [self._party(rank) for rank in range(self.world_size)],
+            f"answer {command!r}",
             explain=lambda err: f"died or dropped the connection ({first_line(err)})",
-            timeout_hint=timeout_hint,
         )
 
-    def deliver(self, bundles: list[PartyShares]) -> None:
-        if sum(b.nbytes for b in bundles) <= BIG_DELIVERY:
-            self._all([("deliver", b) for b in bundles])
-            bundles.clear()
-            return
-        while bundles:  # large weight shares: one party at a time, so one pickled copy is in flight
-            bundle = bundles.pop(0)
-            messages = [("ping",)] * self.world_size
-            messages[bundle.rank] = ("deliver", bundle)
-            del bundle
-            self._all(messages)
-            messages = None
-
-    def install(self, key: str, name: str, code: bytes) -> None:
-        self._all([("install", key, name, code)] * self.world_size)
-
-    def run(self, key: str, inputs: list[str], outputs: list[str]) -> list[RunProfile | None]:
-        return self._all([("run", key, inputs, outputs)] * self.world_size)
-
-    def collect(self, names: list[str]) -> list[PartyShares]:
-        return self._all([("collect", names)] * self.world_size)
-
-    def drop(self, names: list[str]) -> None:
-        self._all([("drop", names)] * self.world_size)
-
-    def store(self, names: list[str], directory: str) -> list[int]:
-        return self._all([("store", names, directory)] * self.world_size)
-
-    def restore(self, names: list[str], directory: str) -> list[int]:
-        return self._all([("restore", names, directory)] * self.world_size)
-
     def close(self) -> None:
-        for ch in self.channels:
-            ch.close()
+        for channel in self.channels:
+            if channel is None:
+                continue
+            try:
+                channel.settimeout(5.0)
+                channel.send(commands.encode("close", {}))
+                channel.recv()
+            except (wire.ChannelClosed, MessageError, OSError):
+                pass
+            channel.close()
         self.channels = []
 
 
-class _Busy(PumaError):
-    """A party answered that it serves another driver's job."""
-
-
 def open_mesh(request) -> NodesMesh:
-    """The nodes backend's mesh for a :class:`puma.runtime.MeshRequest` (it has a topology)."""
-    return NodesMesh(request.topology)
+    """The nodes backend's mesh for a :class:`puma.runtime.MeshRequest`: a client's job."""
+    return NodesMesh(request.topology, CLIENT, request.identity, request.model)

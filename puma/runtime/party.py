@@ -63,11 +63,14 @@ class ProcessLog:
             return f.read().decode("utf-8", errors="replace")
 
 
-def link_desc(parties: list[tuple[str, str]], connect_s: float, recv_s: float, tls=None) -> libspu.link.Desc:
+def link_desc(
+    parties: list[tuple[str, str]], connect_s: float, recv_s: float, tls: tuple[str, str, str] | None = None
+) -> libspu.link.Desc:
     """SPU's brpc link description for ``parties`` ((id, host:port) per rank): connection retries
     for ``connect_s``, receives bounded by ``recv_s``, sends to a dead peer retried for about
-    ``recv_s`` (then yacl ``exit()``s the process: job processes and actors only), optional
-    mutual TLS (a :class:`~puma.runtime.config.TLSConfig`). Used by ``nodes`` and ``ray``."""
+    ``recv_s`` (then yacl ``exit()``s the process: a party process is restarted by its
+    supervisor), optional mutual TLS with this party's link certificate, key and the links CA
+    (``tls``; only parties hold link certificates). Used by ``nodes`` and ``ray``."""
     desc = libspu.link.Desc()
     for party_id, address in parties:
         desc.add_party(party_id, address)
@@ -81,11 +84,12 @@ def link_desc(parties: list[tuple[str, str]], connect_s: float, recv_s: float, t
     desc.retry_opts.max_retry_interval_ms = 1000
     desc.retry_opts.max_retry = max(1, int(recv_s / 2))
     if tls is not None:
+        cert, key, ca = tls
         desc.enable_ssl = True
         for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
-            opts.cert.certificate_path = tls.cert
-            opts.cert.private_key_path = tls.key
-            opts.verify.ca_file_path = tls.ca
+            opts.cert.certificate_path = cert
+            opts.cert.private_key_path = key
+            opts.verify.ca_file_path = ca
             opts.verify.verify_depth = 1
     return desc
 

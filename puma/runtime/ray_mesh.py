@@ -57,14 +57,16 @@ class PartyActor:
     def host(self) -> tuple[str, int, bool]:
         return (*memory.host(), memory.heap_kept())
 
-    def address(self) -> str:
-        """A free TCP port on this actor's node for the party's MPC link."""
+    def address(self, loopback: bool) -> str:
+        """A free TCP port for the party's MPC link: on 127.0.0.1 for a local Ray (nothing
+        listens on the machine's network), on this node's address in a cluster."""
         import ray
 
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((host, 0))
             port = s.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        return f"{host}:{port}"
 
     def open(
         self,
@@ -73,7 +75,7 @@ class PartyActor:
         recv_timeout_s: float,
         connect_s: float,
         tls=None,
-        compiler_options=None,
+        protocol=None,
     ) -> int:
         import os
 
@@ -84,14 +86,14 @@ class PartyActor:
 
         self.process_log = ProcessLog.get()
         if tls is not None:
-            certs.check(tls, f"party {self.rank}")
+            certs.check(*tls, f"party {self.rank}")
         desc = link_desc([(f"party{r}", addr) for r, addr in enumerate(addresses)], connect_s, recv_timeout_s, tls)
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config_bytes)
         memory.reset_peak()
         party = ComputeParty(self.rank, libspu.link.create_brpc(desc, self.rank), config)
         self.service = PartyService(
-            self.rank, len(addresses), lambda: party, compiler_options=compiler_options, process_log=self.process_log
+            self.rank, len(addresses), lambda: party, protocol=protocol, process_log=self.process_log
         )
         return os.getpid()
 
@@ -279,9 +281,11 @@ class RayMesh(Mesh):
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         tls=None,
         token: str | None = None,
+        party_ids: list[str] | None = None,
     ):
         """Parties for ``protocol``; links honour the timeouts and, with ``tls`` (a topology's
-        :class:`~puma.runtime.config.TLSConfig`, its files present on every node), mutual TLS.
+        :class:`~puma.runtime.config.TLSConfig`, its files present on every node), mutual TLS
+        with each party's link certificate (``party_ids``: the topology's ids).
         ``token`` authenticates to a cluster with Ray's token authentication (the default of
         ``ray start --head`` since Ray 2.59; ``RAY_AUTH_TOKEN`` in the environment works too)."""
         token = token or os.environ.get("RAY_AUTH_TOKEN")
@@ -296,6 +300,7 @@ class RayMesh(Mesh):
             check_token(address, token, connect_timeout_s)
             check_registers(address, connect_timeout_s)
         self.world_size = protocol.world_size
+        party_ids = party_ids or [f"party{r}" for r in range(self.world_size)]
         self.timeout = recv_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._started_ray = False
@@ -328,12 +333,11 @@ class RayMesh(Mesh):
                 options["resources"] = {tag: 0.001}
             self.actors.append(actor_cls.options(**options).remote(rank))
         try:
-            addresses = self._started([a.address.remote() for a in self.actors])
+            addresses = self._started([a.address.remote(not address) for a in self.actors])
             hosts = self._started([a.host.remote() for a in self.actors])
             self.hosts = [(name, free) for name, free, _ in hosts]
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
-            options = protocol.compiler_options()
             self._get(
                 [
                     a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls, options)
@@ -461,4 +465,5 @@ def open_mesh(request) -> RayMesh:
         request.connect_timeout_s,
         topology and topology.tls,
         request.token,
+        topology and [p.id for p in topology.parties],
     )

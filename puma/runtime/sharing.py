@@ -50,7 +50,7 @@ BLOCK_BYTES = 256 << 20
 _DT_F32 = 11
 _VIS_SECRET = 1
 _RING_BITS = {"FM32": 32, "FM64": 64, "FM128": 128}
-_KEY_BYTES = 16
+KEY_BYTES = 16
 
 
 def _varint(n: int) -> bytes:
@@ -168,7 +168,7 @@ class Piece:
     @property
     def nbytes(self) -> int:
         """Bytes the owner sends for this piece."""
-        return len(self.meta) + len(self.data or b"") + sum(_KEY_BYTES for k in self.keys if k)
+        return len(self.meta) + len(self.data or b"") + sum(KEY_BYTES for k in self.keys if k)
 
     def expand(self) -> bytes:
         """This chunk of the party's share as a ValueChunkProto."""
@@ -195,7 +195,7 @@ def pieces(value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUN
     total = flat.size * elem
     per_chunk = max(1, chunk_bytes // elem)
     meta = _meta(x.shape, field)
-    k0, k1 = os.urandom(_KEY_BYTES), os.urandom(_KEY_BYTES)
+    k0, k1 = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
     starts = range(0, flat.size, per_chunk) if flat.size else [0]
     with np.errstate(over="ignore"):
         for index, start in enumerate(starts):

@@ -77,7 +77,7 @@ class SimMesh(Mesh):
         world_size: int,
         config: libspu.RuntimeConfig,
         recv_timeout_s: float = RECV_TIMEOUT_S,
-        compiler_options=None,
+        protocol=None,
         store: str | None = None,
     ):
         """``store``: a folder the parties keep published models in (``<store>/party<r>``)."""
@@ -97,7 +97,7 @@ class SimMesh(Mesh):
                 p.rank,
                 world_size,
                 lambda p=p: p,
-                compiler_options=compiler_options,
+                protocol=protocol,
                 store=os.path.join(store, f"party{p.rank}") if store else None,
                 code_hook=staggered,
             )
@@ -148,4 +148,4 @@ class SimMesh(Mesh):
 def open_mesh(request) -> SimMesh:
     """The sim backend's mesh for a :class:`puma.runtime.MeshRequest`."""
     protocol = request.protocol
-    return SimMesh(protocol.world_size, protocol.runtime_config(), request.recv_timeout_s, protocol.compiler_options())
+    return SimMesh(protocol.world_size, protocol.runtime_config(), request.recv_timeout_s, protocol)

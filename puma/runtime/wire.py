@@ -1,25 +1,21 @@
-"""The driver <-> party control channel: length-prefixed pickled messages over TCP.
+"""Control connections between owners, clients and parties: mutual TLS, typed frames.
 
-Both ends prove knowledge of the topology's ``auth_key`` with an HMAC challenge before any
-pickle is read (pickles are only ever loaded from an authenticated peer). With TLS configured in
-the topology the socket is wrapped in mutual TLS using the same certificates as the party links.
-The channel carries shares, programs and results; the MPC traffic itself goes over SPU's links.
+Every end holds its own certificate (:mod:`puma.runtime.certs`: the role and name are in its
+subject), so each side knows who it talks to (``Channel.peer``) and nothing is shared by all
+roles. What travels is :mod:`puma.runtime.messages` frames: JSON headers and raw buffers, never
+pickle. The MPC traffic itself goes over SPU's links, which use the parties' link certificates.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
-import pickle
 import socket
 import ssl
-import struct
 
-from puma.runtime.config import TLSConfig
+from puma.runtime import certs, messages
+from puma.runtime.messages import Message
 
-_HEADER = struct.Struct("!Q")
-_CHALLENGE = 32
+#: Seconds a TLS handshake may take before the connection is dropped.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class ChannelClosed(ConnectionError):
@@ -27,23 +23,24 @@ class ChannelClosed(ConnectionError):
 
 
 class HandshakeFailed(ConnectionError):
-    """TCP connected but TLS or authentication did not complete (settings differ)."""
+    """TCP connected but TLS did not complete (certificates from another CA, or none)."""
 
 
 class Channel:
-    """One authenticated, framed connection."""
+    """One mutually authenticated, framed connection; ``peer`` is who is at the other end."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, peer: certs.Identity):
         self.sock = sock
+        self.peer = peer
 
-    def send(self, obj) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self.sock.sendall(_HEADER.pack(len(data)))
-        self.sock.sendall(data)
+    def send(self, message: Message) -> None:
+        try:
+            messages.send(self.sock, message)
+        except (ssl.SSLError, OSError) as err:
+            raise ChannelClosed(str(err)) from err
 
-    def recv(self):
-        (size,) = _HEADER.unpack(self._read(_HEADER.size))
-        return pickle.loads(self._read(size))
+    def recv(self) -> Message:
+        return messages.receive(self._read)
 
     def _read(self, n: int) -> bytearray:
         """Exactly ``n`` bytes, read into one buffer (no second copy of large messages)."""
@@ -60,6 +57,9 @@ class Channel:
             got += count
         return buf
 
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -67,84 +67,43 @@ class Channel:
             pass
 
 
-def _server_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls.cert, tls.key)
-    ctx.load_verify_locations(tls.ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _client_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_cert_chain(tls.cert, tls.key)
-    ctx.load_verify_locations(tls.ca)
-    ctx.check_hostname = False  # parties are identified by the shared CA, not by host names
-    return ctx
-
-
-def _answer(sock_recv, sock_send, key: bytes) -> None:
-    challenge = os.urandom(_CHALLENGE)
-    sock_send(challenge)
-    digest = sock_recv(32)
-    if not hmac.compare_digest(digest, hmac.new(key, challenge, hashlib.sha256).digest()):
-        raise PermissionError("peer failed authentication (auth_key mismatch)")
-
-
-def _prove(sock_recv, sock_send, key: bytes) -> None:
-    challenge = sock_recv(_CHALLENGE)
-    sock_send(hmac.new(key, challenge, hashlib.sha256).digest())
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket; raises ``OSError`` (errno EADDRINUSE) when the port is taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(8)
+    sock.listen(16)
     return sock
 
 
-#: Seconds a TLS handshake plus authentication may take before the connection is dropped.
-HANDSHAKE_TIMEOUT = 10.0
-
-
-def handshake(sock: socket.socket, auth_key: str, tls: TLSConfig | None) -> Channel:
-    """The party's side of a driver's connection: TLS (if configured), then mutual
-    authentication; raises ``PermissionError`` for a wrong ``auth_key``."""
+def accept(sock: socket.socket, context: ssl.SSLContext) -> Channel:
+    """The party's side of a new connection: TLS with a certificate of the deployment's CA, the
+    peer's identity read from it. Raises ``OSError``/``ssl.SSLError``/``PermissionError``."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        if tls is not None:
-            sock = _server_context(tls).wrap_socket(sock, server_side=True)
-        ch = Channel(sock)
-        key = auth_key.encode()
-        _answer(ch._read, sock.sendall, key)
-        _prove(ch._read, sock.sendall, key)
+        tls = context.wrap_socket(sock, server_side=True)
+        peer = certs.peer_identity(tls)
     except BaseException:
         sock.close()
         raise
-    sock.settimeout(None)
-    return ch
+    tls.settimeout(None)
+    return Channel(tls, peer)
 
 
-def connect(host: str, port: int, auth_key: str, tls: TLSConfig | None, timeout: float) -> Channel:
-    """Connect to a party and authenticate both ways."""
+def connect(host: str, port: int, context: ssl.SSLContext, timeout: float) -> Channel:
+    """Connect to a party with this end's certificate; the party's identity is in ``peer``."""
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        if tls is not None:
-            sock = _client_context(tls).wrap_socket(sock)
-        ch = Channel(sock)
-        key = auth_key.encode()
-        _prove(ch._read, sock.sendall, key)
-        _answer(ch._read, sock.sendall, key)
-    except (socket.timeout, ssl.SSLError, ChannelClosed, PermissionError) as err:
+        tls = context.wrap_socket(sock)
+        peer = certs.peer_identity(tls)
+    except (socket.timeout, ssl.SSLError, PermissionError) as err:
         sock.close()
         raise HandshakeFailed(str(err) or type(err).__name__) from err
     except BaseException:
         sock.close()
         raise
-    sock.settimeout(None)
-    return ch
+    tls.settimeout(None)
+    return Channel(tls, peer)
