@@ -124,8 +124,21 @@ class SecureModel:
         this (random presets only ever need FM64/18 unscaled; a real LLM may then be wrong).
         """
         approx = default_approx(backend) if approx is None else approx
+        by_stage = weights == "streamed" if staged is None else staged  # on a published model
+        if share_store and backend == "nodes":
+            raise PumaError("on nodes the parties keep published models in their own stores: leave out --share-store")
         if deploy.is_manifest(source):
-            return cls._from_manifest(source, approx, backend, backend_options)
+            return cls._from_manifest(source, approx, backend, backend_options, by_stage)
+        if backend == "nodes" and backend_options.get("config"):
+            resolve_topology(
+                backend_options["config"],
+                backend_options.get("protocol"),
+                backend_options.get("fxp_bits"),
+                backend_options.get("field"),
+            )  # a protocol that does not fit the topology is refused before anything connects
+            progress.status("publishing %s to the parties as the model owner (unless they hold it)", source)
+            manifest = deploy.ensure_published(backend_options["config"], source, approx, overrides)
+            return cls._from_manifest(manifest, approx, backend, backend_options, by_stage)
         ops = protocols.get(approx)
         progress.status("loading %s", source)
         model = load(source, overrides=overrides, weights=False)
@@ -163,7 +176,7 @@ class SecureModel:
                 if share_store:
                     if not streamed:
                         raise PumaError("a share store keeps streamed weights: use it with --weights streamed or auto")
-                    session.use_share_store(share_store, spec)
+                    session.use_share_store(share_store, deploy.model_id(source, overrides))
                 if not streamed:
                     progress.status("sharing the weights with the parties (%s)", plan.describe())
                 session.load_from_owner(spec, model.param_avals(), streamed=streamed)
@@ -176,9 +189,13 @@ class SecureModel:
             raise
 
     @classmethod
-    def _from_manifest(cls, manifest: str, approx: str, backend: str, backend_options: dict) -> "SecureModel":
+    def _from_manifest(
+        cls, manifest: str, approx: str, backend: str, backend_options: dict, staged: bool
+    ) -> "SecureModel":
         """A client's session on a model the owner published to the parties (``nodes``): the
-        manifest gives the config, tokenizer and format; no weights file is opened."""
+        manifest gives the config, tokenizer and format; no weights file is opened. ``staged``
+        runs stage by stage (parties that cannot hold the model read each stage's shares from
+        their stores while it runs)."""
         from puma.runtime import resolve_topology
 
         if backend != "nodes":
@@ -195,8 +212,12 @@ class SecureModel:
         try:
             session.open_published(view.model_id, view.param_avals, approx)
             session.weights_mode = "published"
+            session.staged = staged
             secure = cls(model, session, ops)
             secure.fixed_plan = calibration.Plan(view.fixed, view.shifts[approx], ())
+            secure.weight_plan = budget.WeightPlan(
+                "published", 0, 0, ("", 0), f"the parties hold {view.model_id} in their own stores"
+            )
             return secure
         except BaseException:
             session.close()

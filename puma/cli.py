@@ -360,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--data", help="offline data folder (default: ../shared/data)")
     bg.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
     bg.set_defaults(func=cmd_bench_generation)
+    bsv = bench_sub.add_parser(
+        "serving",
+        parents=[common],
+        help="a published model on nodes: first vs second query of a client, clients queued at once",
+    )
+    bsv.add_argument("--models", nargs="+", default=["stories260K", "gpt2"], help="default: %(default)s")
+    bsv.add_argument("--clients", type=_positive, default=3, help="clients queued at once (default: %(default)s)")
+    bsv.add_argument("--out", default="bench-results/serving.json", help="default: %(default)s")
+    bsv.add_argument("--data", help="offline data folder (default: ../shared/data)")
+    bsv.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
+    bsv.set_defaults(func=cmd_bench_serving)
 
     owner = sub.add_parser("owner", help="the model owner: publish a model to the parties' own stores, or remove it")
     owner_sub = owner.add_subparsers(dest="owner_command", required=True)
@@ -828,6 +839,13 @@ def cmd_owner_unpublish(args) -> int:
     removed = deploy.unpublish_from(args.config, args.model)
     print(f"puma: removed from {sum(bool(r['removed']) for r in removed)} of {len(removed)} parties", file=sys.stderr)
     return 0
+
+
+def cmd_bench_serving(args) -> int:
+    from puma.bench import serving
+
+    result = serving.run(args.models, args.clients, args.out, args.data, resume=not args.fresh)
+    return _wrote(args, serving.markdown(result))
 
 
 def cmd_node_up(args) -> int:

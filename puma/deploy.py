@@ -74,7 +74,8 @@ def model_id(source: str, overrides: dict | None = None, seed: int = 0) -> str:
         if os.path.isfile(file) and (
             name == "config.json" or name.endswith((".safetensors", ".bin", ".gguf")) or file == path
         ):
-            digest.update(name.encode() + b"\0")
+            if os.path.isdir(path):  # a folder's files are told apart by name; a file is its bytes
+                digest.update(name.encode() + b"\0")
             with open(file, "rb") as f:
                 while block := f.read(1 << 24):
                     digest.update(block)
@@ -189,6 +190,10 @@ class ModelView:
             )
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict)):
             raise PumaError("a program spec is [builder, arguments]")
+        if spec[0] not in tasks.BUILDERS:
+            raise PumaError(
+                f"model {self.model_id}: no program {spec[0]!r} (the parties build {', '.join(tasks.BUILDERS)})"
+            )
         model = self.model(approx)
         task, reveal = tasks.reveals(model, spec)
         if task != "stage" and task not in self.policy.get("tasks", []):
@@ -324,6 +329,7 @@ def publish_to(
     out: str,
     sets=DEFAULT_SETS,
     policy: dict | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """``puma owner publish``: calibrate ``source``, sign its manifest with the owner's key,
     share its weights into the stores of the parties of ``topology_path`` and write the
@@ -339,15 +345,44 @@ def publish_to(
     tls = topology.require_tls()
     key = tls.owner(topology.owner)[1]
     start = time.perf_counter()
-    body, files = manifest_body(source, FixedPoint(protocol.field, protocol.fxp_bits), sets, policy, topology.owner)
+    fixed = FixedPoint(protocol.field, protocol.fxp_bits)
+    body, files = manifest_body(source, fixed, sets, policy, topology.owner, overrides)
     signature = certs.sign(key, canonical(body))
     mesh = NodesMesh(topology, OWNER)
     try:
-        stored = publish(mesh, source, body, signature)
+        stored = publish(mesh, source, body, signature, overrides)
     finally:
         mesh.close()
     write_manifest(out, body, signature, files)
     return {**stored, "seconds": round(time.perf_counter() - start, 2), "manifest": out}
+
+
+def ensure_published(topology_path: str, source: str, approx: str, overrides: dict | None = None) -> str:
+    """For a driver that holds the owner's key as well as a client's (one developer's machine):
+    publish ``source`` to the parties unless they hold it already, and return its manifest (kept
+    in the cache folder). The owner's own runs may use every task and receive logits."""
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import OWNER, NodesMesh
+
+    topology = Topology.from_yaml(topology_path)
+    key = hashlib.sha256(f"{os.path.realpath(topology_path)}:{model_id(source, overrides)}".encode()).hexdigest()[:20]
+    path = os.path.join(calibration.cache_dir(), "..", "manifests", f"{key}.json")
+    if os.path.exists(path):
+        body, _, _ = read_manifest(path)
+        sets_ok = approx in body["policy"]["approx"]
+        mesh = NodesMesh(topology, OWNER)
+        try:
+            if sets_ok and all(s["published"] for s in mesh.broadcast("status", model=body["model_id"])):
+                return path
+        finally:
+            mesh.close()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model = load(source, overrides=overrides, weights=False)
+    sets = list(dict.fromkeys([*DEFAULT_SETS, approx]))
+    kind = "causal" if model.causal else "encoder"
+    policy = {"tasks": list(TASKS[kind]), "reveal": list(REVEALS), "approx": sets}
+    publish_to(topology_path, source, path, sets, policy, overrides)
+    return path
 
 
 def unpublish_from(topology_path: str, manifest: str) -> list:

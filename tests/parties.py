@@ -11,6 +11,7 @@ import time
 
 import yaml
 
+from puma.runtime.children import parent_death_signal
 from puma.runtime.local import descendants, free_ports, wait_for_ready, write_topology  # noqa: F401 (re-exported)
 
 
@@ -65,6 +66,7 @@ def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         env=env,
+        preexec_fn=parent_death_signal,
     )
     try:
         wait_for_ready(proc, os.path.join(log_dir, "node-up.stderr"))

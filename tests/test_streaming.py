@@ -124,7 +124,9 @@ def test_staged_plaintext_equals_one_program(preset):
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory):
-    return write_topology(tmp_path_factory.mktemp("topo") / "3pc.yaml")
+    """Parties that keep no model resident (a 1 KiB budget): they read each stage's shares from
+    their stores while it runs."""
+    return write_topology(tmp_path_factory.mktemp("topo") / "3pc.yaml", memory_budget="1K")
 
 
 @pytest.fixture(scope="module", params=["sim", "nodes", "ray"])
@@ -170,7 +172,10 @@ def test_streamed_equals_resident(backend, preset):
         cost = (m.generate_ids(PROMPTS[:1], 2).cost if causal else _encode(m).cost).to_dict()
         heaps = m.session.mesh.party_heaps_kept()
     _compare(streamed, resident, STREAM_ATOL, f"{preset} on {name}")
-    assert cost["weights"] == "streamed" and cost["weight_bytes"] > 0
+    if name == "nodes":  # published: the parties stream from their own stores, the owner is gone
+        assert cost["weights"] == "published" and cost["weight_bytes"] == 0
+    else:
+        assert cost["weights"] == "streamed" and cost["weight_bytes"] > 0
     block = f"{m.model.family}_stage_block" + ("_prefill" if causal else "")
     assert cost["runs_by_program"][block] == m.model.module().stages().layers  # one compiled block, bound per layer
     if name in ("nodes", "ray"):
@@ -185,6 +190,8 @@ def test_big_weights_travel_as_row_blocks_joined_at_the_parties(backend, monkeyp
     name, options = backend
     if name == "ray":
         pytest.skip("the Ray owner is its own process: limits patched here do not reach it")
+    if name == "nodes":
+        pytest.skip("publishing streams each tensor's pieces into the parties' stores: no row blocks to join")
     resident = _resident("llama-debug", "puma", _outputs)
     monkeypatch.setattr(sharing, "SPLIT_BYTES", 1 << 14)  # every matrix of the debug preset
     monkeypatch.setattr(sharing, "BLOCK_BYTES", 1 << 12)
@@ -205,7 +212,7 @@ def test_stories260k_streamed_equals_resident(backend, stories_gguf):
     with SecureModel.from_pretrained(stories_gguf, approx="puma", backend=name, weights="streamed", **options) as m:
         streamed = m.generate("Once upon a time", count)
     assert streamed.tokens[0] == resident.tokens[0][:count]
-    assert streamed.cost.weight_bytes > 0 and resident.cost.weight_bytes == 0
+    assert (streamed.cost.weight_bytes > 0) == (name != "nodes") and resident.cost.weight_bytes == 0
 
 
 def test_minilm_streamed_equals_resident(backend, minilm_dir):

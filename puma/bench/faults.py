@@ -1,23 +1,25 @@
 """Deployment drills for the ``nodes`` backend: a fault matrix and a soak, written as JSON.
 
 **Fault matrix.** For each layout (``up``: one supervisor for all parties; ``start``: one per
-party, as on separate hosts), each rank and each phase of a job, one party is killed at that
-moment and the driver's error is recorded: how long after the kill it came, its text (one
-line?), and whether the parties then served the next job — without restarts when the killed
-process was a job process, after restarting only the killed party's supervisor (``start``) or
-the one supervisor (``up``) when it was a party server. Phases:
+party, as on separate hosts), each rank and each phase of a client's job on a published model,
+one party is killed at that moment and the client's error is recorded: how long after the kill
+it came, its text (one line?), and whether the parties then served the next job. Phases:
 
-- ``connect``: the party's server is killed before the driver connects;
-- ``upload``: its job process is killed as the owner's weight shares are delivered;
-- ``run``: its job process is killed as a program is started;
-- ``collect``: its job process is killed as output shares are collected.
+- ``connect``: the party's supervisor (its host) is killed before the client connects; it is
+  started again before the next job;
+- ``upload``: the party's process is killed as the client's input shares are delivered;
+- ``run``: the party's process is killed as a program is started;
+- ``collect``: the party's process is killed as output shares are collected.
 
-Plus a link port held by another process when a party starts, and a second driver while a job
-runs. A case passes when the error is one line naming the party or the cause within
-``connect_s + recv_s + 10`` seconds and the next job succeeds.
+In the last three the supervisors start the dead party again by themselves (and the survivors
+whose links broke). Plus a link port held by another process when a party starts, and a second
+client while a job runs (it queues, then gives up after ``queue_s``). A case passes when the
+error is one line naming the party or the cause within ``connect_s + recv_s + 10`` seconds and
+the next job succeeds within ``2 (connect_s + recv_s) + 20``.
 
-**Soak.** ``jobs`` consecutive small jobs on the same parties; each party server's RSS and open
-file descriptors after the warm-up and at the end (job processes are new for every job).
+**Soak.** ``jobs`` consecutive small jobs on the same parties; each party process's RSS and open
+file descriptors after the warm-up and at the end (the processes serve every job; the model's
+shares stay resident).
 """
 
 from __future__ import annotations
@@ -38,28 +40,27 @@ from puma.runtime.nodes import NodesMesh
 PRESET = "llama-debug"
 PHASES = ("connect", "upload", "run", "collect")
 LAYOUTS = ("up", "start")
-CONNECT_S, RECV_S = 5.0, 6.0
+CONNECT_S, RECV_S, QUEUE_S = 5.0, 6.0, 3.0
 IDS = [[5, 6, 7, 8]]
 
 
 @contextlib.contextmanager
-def _kill_on(method: str, victim):
-    """Kill ``victim()``'s process the first time the driver calls ``NodesMesh.<method>``."""
-    original = getattr(NodesMesh, method)
+def _kill_on(command: str, victim):
+    """Kill ``victim()``'s process the first time the client gives ``command``."""
+    original = NodesMesh.call
     fired: dict = {}
 
-    def patched(self, *args, **kwargs):
-        if not fired:
-            pid = victim(self)
-            os.kill(pid, signal.SIGKILL)
+    def patched(self, name, *args, **kwargs):
+        if name == command and not fired:
+            os.kill(victim(self), signal.SIGKILL)
             fired["at"] = time.monotonic()
-        return original(self, *args, **kwargs)
+        return original(self, name, *args, **kwargs)
 
-    setattr(NodesMesh, method, patched)
+    NodesMesh.call = patched
     try:
         yield fired
     finally:
-        setattr(NodesMesh, method, original)
+        NodesMesh.call = original
 
 
 def _job(topology: str) -> list[int]:
@@ -68,23 +69,26 @@ def _job(topology: str) -> list[int]:
 
 
 def _next_job(topology: str) -> dict:
-    """The next job on the same parties; while the survivors' failed jobs are still giving up on
-    the dead peer they answer "busy", so it is retried within connect_s + recv_s + 10 s."""
+    """The next job on the same parties, retried while the parties whose links broke are being
+    started again (within 2 (connect_s + recv_s) + 20 s)."""
     start = time.monotonic()
-    deadline = start + CONNECT_S + RECV_S + 10
+    deadline = start + 2 * (CONNECT_S + RECV_S) + 20
     while True:
         try:
             tokens = _job(topology)
             return {"served_next_job": len(tokens) == 2, "next_job_s": round(time.monotonic() - start, 2)}
         except PumaError as err:
-            if "busy" not in str(err) or time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 return {"served_next_job": False, "next_job_error": str(err)}
+            time.sleep(1.0)
 
 
 def _server_pids(topology: str) -> list[int]:
+    """The party processes' pids (asked as the owner: no job needed)."""
     from puma.runtime.config import Topology
+    from puma.runtime.nodes import OWNER
 
-    mesh = NodesMesh(Topology.from_yaml(topology))
+    mesh = NodesMesh(Topology.from_yaml(topology), OWNER)
     try:
         return list(mesh.server_pids)
     finally:
@@ -95,15 +99,16 @@ def _case(layout: str, rank: int, phase: str, folder: str) -> dict:
     topology = write_topology(os.path.join(folder, "t.yaml"), connect_s=CONNECT_S, recv_s=RECV_S)
     cell = {"layout": layout, "rank": rank, "phase": phase}
     with LocalParties(topology, os.path.join(folder, "logs"), layout) as parties:
+        _job(topology)  # published, warm
         kill_at = None
         try:
             if phase == "connect":
-                os.kill(_server_pids(topology)[rank], signal.SIGKILL)
+                LocalParties._kill(parties.procs[rank])
                 kill_at = time.monotonic()
                 _job(topology)
             else:
-                method = {"upload": "deliver", "run": "run", "collect": "collect"}[phase]
-                with _kill_on(method, lambda mesh: mesh.pids[rank]) as fired:
+                command = {"upload": "inputs", "run": "run_task", "collect": "outputs"}[phase]
+                with _kill_on(command, lambda mesh: mesh.pids[rank]) as fired:
                     try:
                         _job(topology)
                     finally:
@@ -113,10 +118,10 @@ def _case(layout: str, rank: int, phase: str, folder: str) -> dict:
             cell["error"] = str(err)
         cell["error_s"] = round(time.monotonic() - kill_at, 2) if kill_at else None
         cell["one_line"] = bool(cell["error"]) and "\n" not in cell["error"]
-        cell["supervisors_alive"] = parties.alive()
         if phase == "connect":
             time.sleep(0.5)
             parties.restart(rank)
+        cell["supervisors_alive"] = parties.alive()
         cell.update(_next_job(topology))
     limit = CONNECT_S + RECV_S + 10
     cell["passed"] = (
@@ -153,7 +158,7 @@ def _port_clash(folder: str) -> dict:
 
 
 def _busy(folder: str) -> dict:
-    topology = write_topology(os.path.join(folder, "t.yaml"), connect_s=CONNECT_S, recv_s=RECV_S)
+    topology = write_topology(os.path.join(folder, "t.yaml"), connect_s=CONNECT_S, recv_s=RECV_S, queue_s=QUEUE_S)
     with LocalParties(topology, os.path.join(folder, "logs"), "up"):
         first = SecureModel.from_pretrained(PRESET, approx="puma-fast", backend="nodes", config=topology)
         start = time.monotonic()
@@ -164,9 +169,9 @@ def _busy(folder: str) -> dict:
             error = str(err)
         seconds = round(time.monotonic() - start, 2)
         first.close()
-        cell = {"case": "second driver while a job runs", "error": error, "error_s": seconds}
+        cell = {"case": "second client while a job runs", "error": error, "error_s": seconds}
         cell.update(_next_job(topology))
-    cell["passed"] = bool(error and "busy" in error) and cell["served_next_job"]
+    cell["passed"] = bool(error and "in the queue" in error) and cell["served_next_job"]
     return cell
 
 
@@ -200,7 +205,7 @@ def soak(folder: str, jobs: int = 50, warmup: int = 5) -> dict:
         "servers_at_end": end_stats,
         "server_rss_growth": [round(g, 4) for g in growth],
         "fd_growth": [e["fds"] - s["fds"] for s, e in zip(start_stats, end_stats)],
-        "job_process_peak_rss": {"first": peaks[0], "last": peaks[-1]},
+        "party_peak_rss": {"first": peaks[0], "last": peaks[-1]},
         "passed": all(g < 0.10 for g in growth) and all(e["fds"] <= s["fds"] for s, e in zip(start_stats, end_stats)),
     }
 

@@ -21,6 +21,7 @@ import time
 import yaml
 
 from puma.errors import PumaError
+from puma.runtime.children import parent_death_signal
 from puma.runtime.local import wait_for_ready
 
 BRIDGE = "pumabr0"
@@ -102,9 +103,13 @@ def topology(path: str, world: int = 3, recv_s: float = 120) -> str:
             {"id": f"p{r}", "link": f"{SUBNET}.{r + 1}:{LINK_PORT}", "control": f"{SUBNET}.{r + 1}:{CONTROL_PORT}"}
             for r in range(world)
         ],
+        "tls": {"dir": "certs"},
     }
     with open(path, "w") as f:
         yaml.safe_dump(doc, f)
+    from puma.runtime import certs
+
+    certs.make(path, force=True)  # the parties are on a network: mutual TLS with their own identities
     return path
 
 
@@ -136,6 +141,7 @@ def parties(topology_path: str, log_dir: str, world: int = 3):
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=err,
+                    preexec_fn=parent_death_signal,
                 )
             )
         deadline = time.monotonic() + 90

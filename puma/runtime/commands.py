@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 OPERATOR, OWNER, CLIENT = "operator", "owner", "client"
 
 
+class LinksStale(PumaError):
+    """The party's links were opened with peers that have since restarted. Links cannot be
+    closed towards a dead peer (yacl ends the process trying), so the party restarts itself and
+    the client tries again."""
+
+
+class Retry(PumaError):
+    """A party asked the client to try again shortly (it is restarting)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """One operation: who may ask for it, its arguments (name -> kind, see :func:`decode`) and
@@ -63,8 +73,9 @@ COMMANDS: dict[str, Command] = {
         _command("publish_weights", {OWNER}, model="name", bundle="bundle"),
         _command("publish_end", {OWNER}, model="name"),
         _command("unpublish", {OWNER}, model="name"),
+        _command("status", {OWNER}, model="name"),
         # a client's job on a published model (nodes admit a job first: see puma.runtime.nodes)
-        _command("job", {CLIENT}, model="name", ticket="json"),
+        _command("job", {CLIENT}, model="name", ticket="json", peers="json"),
         _command("inputs", {OPERATOR, CLIENT}, bundle="bundle"),
         _command(
             "run_task",
@@ -123,7 +134,8 @@ def encode_reply(kind: str, value) -> Message:
 
 def decode_reply(kind: str, message: Message):
     if message.op == "error":
-        raise PumaError(str(message.args.get("message", "failed")))
+        error = Retry if message.args.get("retry") else PumaError
+        raise error(str(message.args.get("message", "failed")))
     if message.op == "busy":
         return ("busy", message.args)
     if message.op != "ok" or "value" not in message.args:
@@ -224,6 +236,7 @@ class PartyService:
         self._slots: dict[str, dict] = {}  # client state slot -> state avals
         self._outputs: set[str] = set()  # o: names the last run left for the client
         self._publishing: dict[str, dict] = {}
+        self._peers = None  # the parties' process ids when the links opened
 
     @property
     def party(self):
@@ -330,6 +343,9 @@ class PartyService:
         self._drop_model(model)
         return {"removed": existed}
 
+    def _on_status(self, model: str) -> dict:
+        return {"published": os.path.exists(os.path.join(self._model_dir(model), "complete"))}
+
     def _view_of(self, manifest: dict):
         return self._models_from(manifest)
 
@@ -353,9 +369,29 @@ class PartyService:
 
     # -- a client's job ------------------------------------------------------------------------
 
-    def _on_job(self, model: str, ticket) -> dict:
+    def _on_job(self, model: str, ticket, peers) -> dict:
+        """Admit a job on ``model``. ``peers``: the parties' process ids the client met; links
+        opened with other processes (a peer was restarted) are opened again."""
         self.published_view(model)  # refused unless the model is published here
+        if peers != self._peers and self._party is not None:
+            raise LinksStale(f"party rank {self.rank} restarts: a peer restarted since its links opened")
+        self._peers = peers
         return {"model": model}
+
+    def reset_links(self) -> None:
+        """Close the runtime and its links (after a peer restarted or a link failed); the next
+        command opens new ones, and shares reload from the store."""
+        if self._party is not None:
+            try:
+                self._party.close()
+            except Exception as err:  # the links may be broken already
+                log.debug("party rank %d: closing its links: %s", self.rank, err)
+        self._party = None
+        self.resident.clear()
+        self._compiled.clear()
+        self._slots.clear()
+        self._outputs.clear()
+        self._peers = None
 
     def _on_inputs(self, bundle) -> None:
         bad = [n for n in bundle.values if n[:2] not in ("i:", "u:")]

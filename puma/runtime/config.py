@@ -195,7 +195,9 @@ class Topology:
     and clients retry connecting to a peer that is not up yet; ``queue_timeout_s`` how long a
     client may wait in the parties' queue. ``owner`` and ``clients`` are the identities (names
     in their certificates) the parties admit; each party keeps its shares under
-    ``<store>/<party id>/`` (``store`` is made absolute, relative to the topology file).
+    ``<store>/<party id>/`` (``store`` is made absolute, relative to the topology file) and
+    holds a published model's shares in memory while they fit ``memory_budget`` (default 80% of
+    its available memory), else reads each stage's from the store when it runs.
     """
 
     parties: tuple[PartySpec, ...]
@@ -207,6 +209,7 @@ class Topology:
     owner: str = "owner"
     clients: tuple[str, ...] = ("client",)
     store: str = "store"
+    memory_budget: int | None = None  # bytes of shares a party keeps resident (None: 80% of its memory)
     source: str = "<memory>"
 
     def __post_init__(self):
@@ -305,6 +308,7 @@ class Topology:
             "owner",
             "clients",
             "store",
+            "memory_budget",
         }
         _check_keys(doc, known, source, "")
         parties_doc = doc.get("parties")
@@ -358,6 +362,7 @@ class Topology:
                 owner=str(doc.get("owner", "owner") or ""),
                 clients=tuple(str(name) for name in clients),
                 store=str(doc.get("store", "store") or ""),
+                memory_budget=_budget(doc.get("memory_budget"), source),
                 source=source,
             )
         except (TypeError, ValueError) as err:
@@ -391,6 +396,18 @@ def _tls(t: Any, source: str) -> TLSConfig | None:
     if not isinstance(t, str) or not t.strip():
         raise PumaError(f"{source}: 'tls' must name the certificate folder: tls: {{dir: certs}}")
     return TLSConfig(os.path.join(_base(source), os.path.expanduser(t)))
+
+
+def _budget(value, source: str) -> int | None:
+    """``memory_budget`` (``16G``, ``512M`` or bytes): the shares a party keeps resident."""
+    if value is None:
+        return None
+    from puma.runtime.memory import parse_size
+
+    try:
+        return parse_size(str(value))
+    except ValueError as err:
+        raise PumaError(f"{source}: memory_budget: {err}") from None
 
 
 def _check_keys(doc: dict, known: set[str], source: str, where: str) -> None:

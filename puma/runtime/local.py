@@ -18,6 +18,8 @@ import time
 
 import yaml
 
+from puma.runtime.children import parent_death_signal
+
 
 def free_ports(n: int) -> list[int]:
     """``n`` TCP ports free on 127.0.0.1 right now."""
@@ -40,24 +42,30 @@ def write_topology(
     recv_s: float = 10,
     tls: dict | None = None,
     ports: list[int] | None = None,
+    certificates: bool = True,
+    queue_s: float | None = None,
     **extra,
 ) -> str:
     """A topology file at ``path`` for ``world`` parties on 127.0.0.1 (link ports first, then
-    control ports); returns its path."""
+    control ports), its certificates in ``certs/`` beside it (``tls``: another folder; made
+    unless ``certificates`` is false), its parties' stores in ``store/``; returns its path."""
     ports = ports or free_ports(2 * world)
     doc = {
         "protocol": protocol,
-        "timeouts": {"connect_s": connect_s, "recv_s": recv_s},
+        "timeouts": {"connect_s": connect_s, "recv_s": recv_s, **({"queue_s": queue_s} if queue_s else {})},
         "parties": [
             {"id": f"p{r}", "link": f"127.0.0.1:{ports[r]}", "control": f"127.0.0.1:{ports[world + r]}"}
             for r in range(world)
         ],
         **extra,
     }
-    if tls:
-        doc["tls"] = tls
+    doc["tls"] = tls or {"dir": "certs"}
     with open(path, "w") as f:
         yaml.safe_dump(doc, f)
+    if certificates:
+        from puma.runtime import certs
+
+        certs.make(str(path), force=True)
     return str(path)
 
 
@@ -115,6 +123,7 @@ class LocalParties:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 env=self.env,
+                preexec_fn=parent_death_signal,
             )
         wait_for_ready(proc, self._stderr(key))
         for rank in ranks:

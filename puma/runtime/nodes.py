@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import itertools
 import json
 import logging
 import multiprocessing
@@ -56,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Commands that belong to a client's job (they need the runtime the job holds).
 JOB_COMMANDS = {"inputs", "run_task", "outputs", "free"}
+#: Owner commands that change what the runtime serves: they wait for a running job to end.
+EXCLUSIVE = {"publish", "publish_end", "unpublish"}
 #: Seconds between the position messages a queued client receives.
 QUEUE_TICK_S = 2.0
 
@@ -74,7 +75,7 @@ class _Queue:
         self._waiting: collections.deque = collections.deque()
         self._busy = False
         self._cond = threading.Condition()
-        self._tickets = itertools.count(1)
+        self._last = 0
 
     def wait(self, on_position, timeout_s: float) -> int:
         """Block until this caller holds the runtime; ``on_position(position, waited_s)`` every
@@ -91,7 +92,9 @@ class _Queue:
                     on_position(self._waiting.index(me) + (1 if self._busy else 0), waited)
                     self._cond.wait(min(QUEUE_TICK_S, timeout_s - waited))
                 self._busy = True
-                return next(self._tickets)
+                # job numbers grow across restarts of this party too (milliseconds since the epoch)
+                self._last = max(self._last + 1, int(time.time() * 1000))
+                return self._last
             finally:
                 self._waiting.remove(me)
                 self._cond.notify_all()
@@ -138,6 +141,7 @@ class PartyServer:
             process_log=ProcessLog.get(log_path),
             info=lambda: {"id": self.spec.id, "server_pid": os.getpid()},
             verify=self._verify_owner,
+            budget=topology.memory_budget,
         )
         self.queue = _Queue()
         self.last_job = 0  # the highest ticket served (ranks after the first)
@@ -210,6 +214,12 @@ class PartyServer:
             _try_send(channel, Message("error", {"message": f"party {self.spec.id} refused: {first_line(err)}"}))
         except MessageError as err:
             log.warning("party %s: malformed message from %s (%s): %s", self.spec.id, who.describe(), where, err)
+        except commands.LinksStale as err:
+            log.warning("party %s: %s", self.spec.id, err)
+            _try_send(channel, Message("error", {"message": f"party {self.spec.id}: {err}", "retry": True}))
+            channel.close()
+            logging.shutdown()
+            os._exit(RESTART_STATUS)  # the supervisor starts it again, with no links
         except PumaError as err:  # a job not admitted (queue timeout, model not published)
             log.info("party %s: %s", self.spec.id, first_line(err))
             _try_send(channel, Message("error", {"message": str(err)}))
@@ -237,11 +247,11 @@ class PartyServer:
                 if spec.name in JOB_COMMANDS and not held:
                     raise PermissionError(f"{spec.name} belongs to a job: ask for one first")
                 try:
-                    if held or spec.name in ("hello", "close"):
-                        reply = self.service.handle(roles, spec.name, kwargs)
-                    else:
+                    if spec.name in EXCLUSIVE and not held:
                         with self._runtime:  # the owner waits for a running job to end
                             reply = self.service.handle(roles, spec.name, kwargs)
+                    else:
+                        reply = self.service.handle(roles, spec.name, kwargs)
                 except PumaError as err:
                     channel.send(Message("error", {"message": f"party {self.spec.id}: {err}"}))
                     continue
@@ -261,7 +271,9 @@ class PartyServer:
         """Start a client's job: queue (first party) or check its ticket (the others), then hold
         the runtime. The reply carries the ticket."""
         spec, kwargs = commands.decode(message)
-        self.service.handle(roles, "job", kwargs)  # the role may ask; the model is published here
+        if not roles & spec.roles:
+            raise PermissionError("job is not a command this identity may give")
+        self.service.published_view(kwargs["model"])  # refused unless the model is published here
         limit = self.topology.queue_timeout_s
         if self.rank == 0:
 
@@ -276,6 +288,7 @@ class PartyServer:
                 self.queue.done()
                 raise PumaError(f"party {self.spec.id}: the runtime stayed busy for {limit:.0f} s")
             ticket = {"job": job, "client": channel.peer.name, "model": kwargs["model"], "issued": time.time()}
+            self._start_job(roles, kwargs)
             signature = certs.sign(self.key, _canonical(ticket)).hex()
             channel.send(commands.encode_reply("json", {"ticket": ticket, "signature": signature}))
             return
@@ -283,7 +296,18 @@ class PartyServer:
         if not self._runtime.acquire(timeout=limit):
             raise PumaError(f"party {self.spec.id}: the runtime stayed busy for {limit:.0f} s")
         self.last_job = max(self.last_job, ticket["job"])
+        self._start_job(roles, kwargs)
         channel.send(commands.encode_reply("json", {"ticket": ticket}))
+
+    def _start_job(self, roles: frozenset, kwargs: dict) -> None:
+        """The admitted job's command (the client holds the runtime now); releases it on failure."""
+        try:
+            self.service.handle(roles, "job", kwargs)
+        except BaseException:
+            self._runtime.release()
+            if self.rank == 0:
+                self.queue.done()
+            raise
 
     def _check_ticket(self, channel: wire.Channel, kwargs: dict) -> dict:
         """The first party's ticket for this client, this model and a job not served yet."""
@@ -333,6 +357,8 @@ def _party_main(topology: Topology, rank: int, log_path: str, verbose: int, pare
 
 
 _STARTUP_FAILED = 3
+#: Exit status of a party that restarts itself (its links were opened with a peer that restarted).
+RESTART_STATUS = 75
 #: Seconds before a party that died is started again.
 RESTART_DELAY_S = 1.0
 
@@ -420,7 +446,12 @@ def supervise(
                     stop.set()
                     break
                 spec = topology.parties[rank]
-                line = f"party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: {exit_cause(topology, path)}"
+                cause = (
+                    "a peer restarted, its links open anew"
+                    if proc.exitcode == RESTART_STATUS
+                    else exit_cause(topology, path)
+                )
+                line = f"party {spec.id} (rank {rank}) {_describe_status(proc.exitcode)}: {cause}"
                 (announce or log.warning)(f"{line}; starting it again")
                 stop.wait(RESTART_DELAY_S)
                 if not stop.is_set():
@@ -473,23 +504,39 @@ class NodesMesh(Mesh):
         certs.check(cert, key, tls.ca, f"{role} {name}")
         self.context = certs.client_context(cert, key, tls.ca)
         self.role, self.name, self.model = role, name, model
+        deadline = time.monotonic() + topology.connect_timeout_s
+        while True:
+            try:
+                hello = self._open(role)
+                break
+            except commands.Retry as err:  # a party restarts to open its links anew: try again
+                self.close()
+                if time.monotonic() >= deadline:
+                    raise PumaError(f"{err} (retried for {topology.connect_timeout_s:.0f} s)") from None
+                progress.status("%s; trying again", err)
+                time.sleep(1.0)
+            except BaseException:
+                self.close()
+                raise
         try:
-            self.channels = [None] * self.world_size
-            self.channels[0] = self._connect(topology.parties[0])
-            hello = [self._hello(0)]
-            ticket = self._job(0, None) if role == CLIENT else None
-            for spec in topology.parties[1:]:
-                self.channels[spec.rank] = self._connect(spec)
-                hello.append(self._hello(spec.rank))
-                if role == CLIENT:
-                    self._job(spec.rank, ticket)
-            self.pids = [h["pid"] for h in hello]
             self.server_pids = [h["server_pid"] for h in hello]
             self.hosts = [(h["host"], h["available"]) for h in hello]
             self.heaps = [bool(h.get("heap_kept")) for h in hello]
         except BaseException:
             self.close()
             raise
+
+    def _open(self, role: str) -> list[dict]:
+        """Connect and greet every party; a client then queues at the first party and takes its
+        ticket to the others. The parties' greetings."""
+        self.channels = [self._connect(spec) for spec in self.topology.parties]
+        hello = [self._hello(rank) for rank in range(self.world_size)]
+        self.pids = [h["pid"] for h in hello]
+        if role == CLIENT:
+            ticket = self._job(0, None)
+            for rank in range(1, self.world_size):
+                self._job(rank, ticket)
+        return hello
 
     def _party(self, rank: int) -> str:
         spec = self.topology.parties[rank]
@@ -530,6 +577,12 @@ class NodesMesh(Mesh):
             return channel
 
     def _exchange(self, rank: int, message: Message, reply: str):
+        try:
+            return self._exchanged(rank, message, reply)
+        except (wire.ChannelClosed, MessageError) as err:
+            raise PumaError(f"{self._party(rank)} died or dropped the connection ({first_line(err)})") from err
+
+    def _exchanged(self, rank: int, message: Message, reply: str):
         channel = self.channels[rank]
         channel.send(message)
         while True:
@@ -544,6 +597,8 @@ class NodesMesh(Mesh):
                 continue
             try:
                 return commands.decode_reply(reply, answer)
+            except commands.Retry:
+                raise
             except PumaError as err:
                 raise PumaError(f"{self._party(rank)}: {err}" if not str(err).startswith("party ") else str(err))
 
@@ -553,7 +608,8 @@ class NodesMesh(Mesh):
         return self._exchange(rank, commands.encode("hello", {**args, "rank": rank}), "json")
 
     def _job(self, rank: int, ticket: dict | None) -> dict:
-        return self._exchange(rank, Message("job", {"model": self.model, "ticket": ticket}), "json")
+        job = {"model": self.model, "ticket": ticket, "peers": self.pids}
+        return self._exchange(rank, Message("job", job), "json")
 
     def call(self, command: str, per_party: list[dict]) -> list:
         reply = commands.COMMANDS[command].reply

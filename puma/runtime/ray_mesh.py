@@ -338,10 +338,11 @@ class RayMesh(Mesh):
             self.hosts = [(name, free) for name, free, _ in hosts]
             self.heaps = [kept for _, _, kept in hosts]
             config = protocol.runtime_config().SerializeToString()
+            links = [tls and (*tls.party_link(party_ids[r]), tls.links_ca) for r in range(self.world_size)]
             self._get(
                 [
-                    a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, tls, options)
-                    for a in self.actors
+                    a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, link, protocol)
+                    for a, link in zip(self.actors, links)
                 ],
                 "open links",
                 timeout=connect_timeout_s + 30,
