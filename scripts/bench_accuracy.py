@@ -3,7 +3,7 @@
     python scripts/bench_accuracy.py [--suites stories wikitext fxp sst2] [--sets puma puma-fast]
 
 Same as ``puma bench accuracy``. Needs ../shared/data (or --data). Writes bench-results/accuracy.json
-(resumable per batch) and prints Markdown tables.
+(--resume reuses its cells) and prints Markdown tables.
 """
 
 import sys

@@ -3,7 +3,7 @@
     python scripts/bench_costs.py [--rows bert-base gpt2 ...] [--sets puma-fast puma] [--sizes 128 32+1]
 
 Same as ``puma bench costs``. Models too large for this machine are composed from exact per-layer
-runs (see puma/bench/costs.py). Writes bench-results/costs.json (resumable), prints Markdown.
+runs (see puma/bench/costs.py). Writes bench-results/costs.json (--resume reuses its cells), prints Markdown.
 """
 
 import sys

@@ -2,7 +2,7 @@
 
     python scripts/bench_generation.py [--models gpt2 stories260K llama-7b-layer] [--sets puma puma-fast]
 
-Same as ``puma bench generation``. Writes bench-results/generation.json (resumable) and prints a
+Same as ``puma bench generation``. Writes bench-results/generation.json (--resume reuses its cells) and prints a
 Markdown table.
 """
 

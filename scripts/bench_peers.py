@@ -3,7 +3,7 @@
     python scripts/bench_peers.py [--rows gpt2 bert-base llama-7b-layer] [--sets puma puma-fast]
 
 Same as ``puma bench peers`` (see puma/bench/peers.py). Writes bench-results/peers.json
-(resumable per row), prints Markdown.
+(--resume reuses its rows), prints Markdown.
 """
 
 import sys

@@ -124,6 +124,7 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
     assert "![accuracy vs fraction bits](results/plots/accuracy_vs_bits.png)" in text  # relative to the README
     expected = [
         "accuracy-lean.json",
+        "accuracy-smollm2.json",
         "costs-nodes.json",
         "costs.json",
         "embeddings.json",
@@ -134,6 +135,7 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
         "peers-lean.json",
         "peers.json",
         "protocols.json",
+        "serving.json",
     ]
     assert sorted(missing) == expected
     assert "Not shown (no JSON yet): `costs.json` (`puma bench costs`)" in text

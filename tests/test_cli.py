@@ -8,6 +8,7 @@ names the problem.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -300,7 +301,7 @@ def test_extension_points_are_one_registry_entry_each(capsys, monkeypatch):
     assert len(out.split("->")[1].split()) == 2
 
 
-def test_progress_lines_only_on_a_terminal(capsys, monkeypatch):
+def test_progress_lines_on_a_terminal_and_few_elsewhere(capsys, monkeypatch):
     argv = ["generate", "-m", "gpt2-debug", "--ids", "5,6", "-n", "1", "--approx", "puma"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     code, _, err = _run(capsys, *argv)
@@ -313,9 +314,16 @@ def test_progress_lines_only_on_a_terminal(capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     code, out, err = _run(capsys, *argv, "--json")
     assert code == 0 and "compiling" not in err and json.loads(out)["tokens"]
+    assert "puma: ran under MPC on sim" in err  # --json says on stderr what ran too
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     code, _, err = _run(capsys, *argv)
-    assert code == 0 and "loading" not in err
+    assert code == 0 and "loading" not in err  # a short run into a file: no progress lines
+    now = [0.0]
+    lines = cli._ProgressLines(cli.QUIET_PROGRESS_S, clock=lambda: now[0])
+    for t, message in ((1, "a"), (31, "b"), (40, "c"), (62, "d")):
+        now[0] = t
+        lines.emit(logging.LogRecord("puma.progress", logging.INFO, "", 0, message, (), None))
+    assert capsys.readouterr().err.split() == ["puma:", "b", "...", "puma:", "d", "..."]
 
 
 @pytest.mark.parametrize(

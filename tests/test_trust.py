@@ -23,6 +23,7 @@ from puma.errors import PumaError
 from puma.runtime import certs, commands, messages, wire
 from puma.runtime.config import Topology
 from puma.runtime.messages import Message
+from puma.runtime.nodes import OWNER, NodesMesh
 from tests.parties import local_parties, write_topology
 
 PRESET = "llama-debug"
@@ -60,13 +61,25 @@ def _ask(channel: wire.Channel, message: Message) -> Message:
     return channel.recv()
 
 
+def _peers(topology: Topology) -> list[int]:
+    """The parties' process ids, as a client learns them (asked as the owner: no job)."""
+    mesh = NodesMesh(topology, OWNER)
+    try:
+        return mesh.pids
+    finally:
+        mesh.close()
+
+
 def _job(topology: Topology, manifest: str, name: str = "client") -> wire.Channel:
     """A client's job at the first party, opened by hand."""
     body, _, _ = deploy.read_manifest(manifest)
+    peers = _peers(topology)
     channel = _channel(topology, "client", name)
     hello = {"protocol": {"protocol": "aby3", "field": "FM64"}, "world_size": 3, "rank": 0}
     assert _ask(channel, commands.encode("hello", hello)).op == "ok"
-    assert _ask(channel, Message("job", {"model": body["model_id"], "ticket": None, "peers": []})).op == "ok"
+    reply = _ask(channel, Message("job", {"model": body["model_id"], "ticket": None, "peers": peers}))
+    assert reply.op == "ok", reply
+    channel.ticket = reply.args["value"]
     return channel
 
 
@@ -207,18 +220,30 @@ def test_a_ticket_cannot_be_forged_or_reused(deployment):
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
     body, _, _ = deploy.read_manifest(manifest)
+    peers = _peers(topology)
     first = _job(topology, manifest)
-    channel = _channel(topology, "client", "client", rank=1)
-    hello = {"protocol": {"protocol": "aby3", "field": "FM64"}, "world_size": 3, "rank": 1}
-    assert _ask(channel, commands.encode("hello", hello)).op == "ok"
-    ticket = {"job": 10**6, "client": "client", "model": body["model_id"], "issued": 0}
-    own = certs.sign(topology.tls.client("client")[1], deploy.canonical(ticket)).hex()
-    _refused(
-        channel,
-        Message("job", {"model": body["model_id"], "ticket": {"ticket": ticket, "signature": own}}),
-        "not signed by the first party",
-    )
-    first.close()
+    real = first.ticket
+
+    def present(ticket: dict) -> wire.Channel:
+        channel = _channel(topology, "client", "client", rank=1)
+        hello = {"protocol": {"protocol": "aby3", "field": "FM64"}, "world_size": 3, "rank": 1}
+        assert _ask(channel, commands.encode("hello", hello)).op == "ok"
+        channel.send(Message("job", {"model": body["model_id"], "ticket": ticket, "peers": peers}))
+        return channel
+
+    forged = dict(real["ticket"], job=real["ticket"]["job"] + 10**6)
+    own = certs.sign(topology.tls.client("client")[1], deploy.canonical(forged)).hex()
+    channel = present({"ticket": forged, "signature": own})
+    reply = channel.recv()
+    assert reply.op == "error" and "not signed by the first party" in reply.args["message"]
+    channel.close()
+    used = present(real)
+    assert used.recv().op == "ok"  # the real ticket, once
+    again = present(real)
+    reply = again.recv()
+    assert reply.op == "error" and "was used already" in reply.args["message"]
+    for channel in (again, used, first):
+        channel.close()
     _honest_job_still_served(deployment)
 
 

@@ -277,6 +277,48 @@ def run(
     return store.data
 
 
+SUITES = ("stories", "wikitext", "fxp", "sst2", "real")
+
+
+def add_arguments(p) -> None:
+    from puma import options
+
+    p.add_argument(
+        "--suites",
+        nargs="+",
+        default=["stories", "wikitext", "fxp", "sst2"],
+        choices=SUITES,
+        help="suites to run; real: a real LLM's greedy tokens and WikiText-2 (default: %(default)s)",
+    )
+    p.add_argument("--real-model", default="smollm2", help="the real LLM of the 'real' suite (default: %(default)s)")
+    options.add_sets_arg(p, ["puma", "puma-fast"])
+    options.add_bench_backend_args(p)
+    p.add_argument(
+        "--sst2-limit",
+        type=int,
+        help="evaluate the first N SST-2 test sentences, rounded up to chunks of 64 (default: all 436)",
+    )
+    p.add_argument("--model", help="causal LM for the WikiText-2 suite (default: stories260K)")
+    options.add_data_arg(p)
+
+
+def main(args) -> dict:
+    from puma import options
+
+    return run(
+        args.suites,
+        args.sets,
+        args.backend,
+        args.data,
+        args.out,
+        args.sst2_limit,
+        args.model,
+        resume=args.resume,
+        connect=options.connect(args),
+        real_model=args.real_model,
+    )
+
+
 def markdown(result: dict) -> str:
     res = result.get("results", {})
     lines = []

@@ -378,7 +378,46 @@ def run(
     return store.data
 
 
+def add_arguments(p) -> None:
+    from puma import options
+
+    p.add_argument(
+        "--rows", nargs="+", default=["bert-base", "gpt2"], choices=list(ROWS), help="rows (default: %(default)s)"
+    )
+    options.add_sets_arg(p, ["puma-fast", "puma"])
+    p.add_argument("--sizes", nargs="+", help="only these sizes (128, 32+1, ...) (default: every size of each row)")
+    options.add_bench_backend_args(p)
+    p.add_argument(
+        "--network", type=options.network, help="also model the time under BANDWIDTH,RTT, e.g. 1G,10ms (default: none)"
+    )
+    options.add_quiet_arg(p)
+    p.add_argument(
+        "--no-validate", action="store_true", help="skip the 4-layer check of the composition (default: check it)"
+    )
+    options.add_memory_args(p)
+
+
+def main(args) -> dict:
+    from puma import options
+
+    result = run(
+        args.rows,
+        args.sets,
+        args.backend,
+        args.sizes,
+        args.out,
+        not args.no_validate,
+        resume=args.resume,
+        weights=args.weights,
+        memory_budget=args.memory_budget,
+        connect=options.connect(args),
+        quiet=args.require_quiet,
+    )
+    return {**result, "extra_network": args.network}  # a column of the printed table, not of the JSON
+
+
 def markdown(result: dict, extra_network: str | None = None) -> str:
+    extra_network = extra_network or result.get("extra_network")
     nets = {"lan": network.NETWORKS["lan"], "wan": network.NETWORKS["wan"]}
     if extra_network:
         nets["custom"] = network.parse(extra_network)
@@ -433,7 +472,7 @@ def markdown(result: dict, extra_network: str | None = None) -> str:
     lines += [
         "",
         "Seconds marked † were measured before cells recorded the machine's load: they may be contended "
-        "(re-measure with `--fresh --require-quiet`); unmarked ones ran on a quiet machine.",
+        "(re-measure with `--require-quiet`); unmarked ones ran on a quiet machine.",
     ]
     stepped = {k: c for k, c in result["cells"].items() if not k.startswith("parts/") and len(c.get("steps", [])) > 1}
     if stepped:

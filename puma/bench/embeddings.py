@@ -136,6 +136,18 @@ def _cheapest(row: dict) -> dict:
     return {key: min(row, key=lambda kind: row[kind]["seconds"][key]) for key in network.NETWORKS}
 
 
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--no-models",
+        action="store_true",
+        help="only the small shapes the cost model is fitted to (default: the models' shapes too)",
+    )
+
+
+def main(args) -> dict:
+    return run(args.out, resume=args.resume, models=not args.no_models)
+
+
 def markdown(result: dict) -> str:
     res = result.get("results", {})
     nets = network.NETWORKS

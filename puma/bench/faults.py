@@ -227,6 +227,14 @@ def run(out: str = "bench-results/faults.json", jobs: int = 50, resume: bool = T
     return store.data
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--jobs", type=int, default=50, help="jobs of the soak (default: %(default)s)")
+
+
+def main(args) -> dict:
+    return run(args.out, args.jobs, resume=args.resume)
+
+
 def markdown(result: dict) -> str:
     cells = result["cells"]
     lines = [

@@ -125,6 +125,43 @@ def run(
     return store.data
 
 
+def add_arguments(p) -> None:
+    from puma import options
+
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["gpt2", "stories260K", "llama-7b-layer"],
+        choices=list(MODELS),
+        help="default: %(default)s",
+    )
+    options.add_sets_arg(p, ["puma", "puma-fast"])
+    options.add_bench_backend_args(p)
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated with the cache (default: %(default)s)")
+    p.add_argument(
+        "--nocache-steps", type=int, default=3, help="steps measured without the cache (default: %(default)s)"
+    )
+    options.add_data_arg(p)
+
+
+def main(args) -> dict:
+    from puma import options
+
+    return run(
+        args.models,
+        args.sets,
+        args.backend,
+        args.prompt_len,
+        args.new_tokens,
+        args.nocache_steps,
+        args.out,
+        args.data,
+        resume=args.resume,
+        connect=options.connect(args),
+    )
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [

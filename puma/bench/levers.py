@@ -179,6 +179,14 @@ def run(out: str = "bench-results/levers.json", resume: bool = True) -> dict:
     return store.data
 
 
+def add_arguments(p) -> None:
+    """No options of its own."""
+
+
+def main(args) -> dict:
+    return run(args.out, resume=args.resume)
+
+
 def markdown(result: dict) -> str:
     lines = [
         "Levers one at a time (sim, ABY3/FM64/18; bytes and send actions summed over the three parties, "

@@ -200,6 +200,32 @@ def validate(preset: str = "bert-base", size=128, approx: str = "puma-fast", rat
     }
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="bert-base", help="model preset (default: %(default)s)")
+    p.add_argument("--size", type=int, default=128, help="tokens (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the cut model (default: %(default)s)")
+    p.add_argument("--rate-mbit", type=int, default=200, help="each party's egress limit (default: %(default)s)")
+    p.add_argument("--approx", default="puma-fast", help="approximation set (default: %(default)s)")
+
+
+def main(args) -> dict:
+    """Needs root (namespaces, tc): unlimited then rate-limited runs, the model's prediction beside."""
+    import json
+
+    from puma.bench.report import environment
+    from puma.errors import PumaError
+
+    reason = available()
+    if reason:
+        raise PumaError(f"network namespaces are not available here: {reason}")
+    result = validate(args.preset, args.size, args.approx, args.rate_mbit, args.layers)
+    data = {"environment": environment(), "result": result}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1)
+    return data
+
+
 def markdown(data: dict) -> str:
     r = data["result"]
     return (

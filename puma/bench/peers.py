@@ -499,6 +499,21 @@ def _measure_row(row: PeerRow, peers, sets, quiet: bool) -> dict:
     }
 
 
+def add_arguments(p) -> None:
+    from puma import options
+
+    p.add_argument("--rows", nargs="+", default=["gpt2", "bert-base"], choices=list(ROWS), help="default: %(default)s")
+    p.add_argument(
+        "--peers", nargs="+", default=["puma-code", "spu-example"], choices=list(PEERS), help="default: %(default)s"
+    )
+    options.add_sets_arg(p, ["puma", "puma-fast"])
+    options.add_quiet_arg(p)
+
+
+def main(args) -> dict:
+    return run(args.rows, args.peers, args.sets, args.out, resume=args.resume, quiet=args.require_quiet)
+
+
 def markdown(result: dict) -> str:
     """The peer table and the ratios, from one run's JSON."""
     lines = [

@@ -133,6 +133,33 @@ def _story_tokens(reference: SecureModel, folder, length: int) -> list[list[int]
     return [tok(story)["input_ids"][:length] for story in data.tinystories(folder)]
 
 
+def add_arguments(p) -> None:
+    from puma import options
+
+    options.add_sets_arg(p, ["puma", "puma-fast", "mpcformer", "spu"])
+    options.add_bench_backend_args(p)
+    options.add_data_arg(p)
+    p.add_argument(
+        "--sentences", type=int, default=32, help="SST-2 sentences for the MiniLM cosines (default: %(default)s)"
+    )
+    p.add_argument("--story-tokens", type=int, default=64, help="tokens per TinyStories story (default: %(default)s)")
+
+
+def main(args) -> dict:
+    from puma import options
+
+    return run(
+        args.sets,
+        args.backend,
+        args.out,
+        args.data,
+        args.sentences,
+        args.story_tokens,
+        args.resume,
+        options.connect(args),
+    )
+
+
 def markdown(result: dict) -> str:
     """Tables of the benchmark JSON: function errors and costs, and model fidelity per set."""
     cells, backend = result["cells"], result["config"]["backend"]

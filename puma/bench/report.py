@@ -55,7 +55,12 @@ def profiled(cost):
 
 
 class CellStore:
-    """A JSON results file of named cells, written atomically after each new cell."""
+    """A JSON results file of named cells, written atomically after each new cell.
+
+    ``reused`` counts, per file (absolute path), the cells this process took from the file
+    instead of measuring them (the command reports it)."""
+
+    reused: dict[str, int] = {}
 
     def __init__(self, path: str, config: dict, resume: bool = True):
         self.path = path
@@ -79,6 +84,8 @@ class CellStore:
     def measure(self, key: str, fn: Callable[[], Any]) -> Any:
         """The cell ``key``: from the file if it was measured before, else ``fn()`` (then saved)."""
         if key in self.cells:
+            where = os.path.abspath(self.path)
+            CellStore.reused[where] = CellStore.reused.get(where, 0) + 1
             return self.cells[key]
         value = fn()
         self.cells[key] = value

@@ -118,6 +118,20 @@ def run(
     return store.data
 
 
+def add_arguments(p) -> None:
+    from puma import options
+
+    p.add_argument(
+        "--models", nargs="+", default=["stories260K", "gpt2"], choices=list(MODELS), help="default: %(default)s"
+    )
+    p.add_argument("--clients", type=options.positive, default=3, help="clients queued at once (default: %(default)s)")
+    options.add_data_arg(p)
+
+
+def main(args) -> dict:
+    return run(args.models, args.clients, args.out, args.data, resume=args.resume)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Serving a published model on nodes (three parties on this machine; {result['config']['clients']} "
