@@ -221,7 +221,7 @@ class BertModel(nn.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, length), jnp.int32)
-            if self.ops.client_onehot:
+            if self.ops.plan.client_onehot:
                 token_type_ids = jax.nn.one_hot(token_type_ids, cfg.type_vocab_size, dtype=jnp.float32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -251,7 +251,7 @@ class BertModel(nn.Module):
     def block_rows(self, head: str) -> str | None:
         """The rows the last layer must compute for ``head``: only [CLS] for pooled and
         classifier heads when the set saves on the last layer, else all."""
-        return "first" if self.ops.last_layer_rows and head in ("pooled", "classify") else None
+        return "first" if self.ops.plan.last_layer_rows and head in ("pooled", "classify") else None
 
     def head(self, x, attention_mask, head: str = "hidden"):
         """The output of ``head`` (see the class doc) from the last hidden state x [B, T, D]."""

@@ -246,7 +246,7 @@ class CausalLM(nn.Module):
     def block_rows(self, last_only: bool) -> str | None:
         """The rows the last block must compute (:func:`row_slice`): only the last position when
         only the last logits are wanted and the set saves on the last layer, else all."""
-        return "last" if last_only and self.ops.last_layer_rows else None
+        return "last" if last_only and self.ops.plan.last_layer_rows else None
 
     def block(
         self,
@@ -436,7 +436,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops, module: nn.Modul
     """Scaled dot-product attention with grouped key/value heads.
 
     q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: [B, 1, T, S].
-    Returns [B, T, H * Dh]. With ``ops.fused_heads`` the heads go through one product each way
+    Returns [B, T, H * Dh]. With ``ops.plan.fused_heads`` the heads go through one product each way
     (:func:`_attend_fused`), which SPU runs in one round instead of one per head. The scores
     are recorded at ``module``'s path while calibrating (:func:`record`).
     """
@@ -446,7 +446,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops, module: nn.Modul
     q = q.reshape(batch, length, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))  # [B, T, Hkv, G, Dh]
     if module is not None:
         record(module, "scores", jnp.einsum("btkgd,bskd->bkgts", q, k))
-    if ops.fused_heads and length * keys * heads * heads * head_dim <= FUSED_HEADS_MAX_MACS:
+    if ops.plan.fused_heads and length * keys * heads * heads * head_dim <= FUSED_HEADS_MAX_MACS:
         return _attend_fused(q, k, v, mask, ops)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]
     probs = ops.softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, S]

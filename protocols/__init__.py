@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib
 
-from puma.protocols.base import MASK_FILL, Ops, SpuSettings
+from puma.protocols.base import MASK_FILL, ExecutionPlan, Ops, SpuSettings
 
-__all__ = ["MASK_FILL", "REGISTRY", "Ops", "SpuSettings", "get", "names"]
+__all__ = ["MASK_FILL", "REGISTRY", "ExecutionPlan", "Ops", "SpuSettings", "get", "names"]
 
 
 #: The approximation sets: name -> (module in ``puma.protocols``, attribute holding its ``Ops``).

@@ -124,6 +124,32 @@ class SpuSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How a model runs besides its functions: input encoding, attention layout and the rows of
+    the last block. A set carries one (:attr:`Ops.plan`); benchmarks compose others.
+
+    Attributes:
+        client_onehot: the client one-hot encodes token ids (it knows them) and shares the
+            rows, instead of the parties building the one-hot from shared ids.
+        fused_heads: attention multiplies all heads in one matrix product against block-diagonal
+            keys and values (same outputs and bytes, one round instead of one per head).
+        last_layer_rows: the last block computes queries, attention outputs and the feed-forward
+            only for the rows the head reads (the last position when only the last logits are
+            wanted, the [CLS] row for pooled and classifier heads); keys and values still come
+            from every row, so outputs and caches are unchanged.
+    """
+
+    client_onehot: bool = False
+    fused_heads: bool = False
+    last_layer_rows: bool = False
+
+    def as_middle_layer(self) -> "ExecutionPlan":
+        """This plan with every block computed in full, as a middle layer is: per-layer cost cuts
+        (the difference of a 1- and a 0-layer run) measure a middle layer, not the last."""
+        return dataclasses.replace(self, last_layer_rows=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Ops:
     """A named set of the non-linear functions a Transformer needs.
 
@@ -143,15 +169,8 @@ class Ops:
         embed: ``embed(ids, table)``: rows of ``table`` for integer ``ids`` (the ids may be secret);
             with ``client_onehot`` it receives one-hot rows ``[..., V]`` instead of ids.
         argmax: ``argmax(x)`` over the last axis as an int32 index (greedy decoding under MPC).
-        client_onehot: the client one-hot encodes token ids (it knows them) and shares the
-            rows, instead of the parties building the one-hot from shared ids.
-        fused_heads: attention multiplies all heads in one matrix product against block-diagonal
-            keys and values (same outputs and bytes, one round instead of one per head).
-        last_layer_rows: the last block computes queries, attention outputs and the feed-forward
-            only for the rows the head reads (the last position when only the last logits are
-            wanted, the [CLS] row for pooled and classifier heads); keys and values still come
-            from every row, so outputs and caches are unchanged.
-        spu: SPU runtime/compiler settings the set is designed for.
+        plan: how the model runs besides the functions (:class:`ExecutionPlan`).
+        spu: SPU runtime/compiler settings the functions are designed for.
         description: one line for listings and reports.
     """
 
@@ -165,16 +184,17 @@ class Ops:
     rms_norm: Callable[[Array, Array, float], Array]
     embed: Callable[[Array, Array], Array]
     argmax: Callable[[Array], Array]
-    client_onehot: bool = False
-    fused_heads: bool = False
-    last_layer_rows: bool = False
+    plan: ExecutionPlan = ExecutionPlan()
     spu: SpuSettings = SpuSettings()
     description: str = ""
 
+    def with_plan(self, **changes) -> "Ops":
+        """This set with its execution plan changed (``fused_heads=True``, ...)."""
+        return dataclasses.replace(self, plan=dataclasses.replace(self.plan, **changes))
+
     def as_middle_layer(self) -> "Ops":
-        """This set with every block computed in full, as a middle layer is: per-layer cost cuts
-        (the difference of a 1- and a 0-layer run) measure a middle layer, not the last."""
-        return dataclasses.replace(self, last_layer_rows=False) if self.last_layer_rows else self
+        """This set run as a middle layer (:meth:`ExecutionPlan.as_middle_layer`)."""
+        return self.with_plan(last_layer_rows=False) if self.plan.last_layer_rows else self
 
     def activation(self, hf_name: str) -> Callable[[Array], Array]:
         """The function for a Hugging Face activation name (``hidden_act`` and friends)."""

@@ -97,16 +97,16 @@ def with_embedding(ops: Ops, kind: str) -> Ops:
     if kind not in functions:
         raise ValueError(f"unknown embedding {kind!r}; choose one of {', '.join(KINDS)}")
     embed, client_onehot = functions[kind]
-    if ops.embed is embed and ops.client_onehot == client_onehot:
+    if ops.embed is embed and ops.plan.client_onehot == client_onehot:
         return ops
-    return dataclasses.replace(ops, name=f"{ops.name}+{kind}", embed=embed, client_onehot=client_onehot)
+    return dataclasses.replace(ops, name=f"{ops.name}+{kind}", embed=embed).with_plan(client_onehot=client_onehot)
 
 
 def kind_of(ops: Ops) -> str:
     """Which of the three embeddings ``ops`` uses."""
     from puma.protocols import exact, fast, puma
 
-    if ops.client_onehot:
+    if ops.plan.client_onehot:
         return "client-onehot"
     return {exact.embed: "gather", puma.embed: "equality", fast.embed: "client-onehot"}.get(ops.embed, "custom")
 

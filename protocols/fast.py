@@ -33,7 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 from puma.protocols import puma as puma_set
-from puma.protocols.base import MASK_FILL, input_limit, square_limit
+from puma.protocols.base import MASK_FILL, ExecutionPlan, input_limit, square_limit
 
 #: |x| below which the polynomial is used for GeLU.
 GELU_T = 2.8
@@ -233,6 +233,6 @@ OPS = dataclasses.replace(
     layer_norm=layer_norm,
     rms_norm=rms_norm,
     embed=embed,
-    client_onehot=True,
+    plan=ExecutionPlan(client_onehot=True),
     description="ours: even-polynomial GeLU/SiLU, cubic-base clipped softmax, Gram-matrix norms, client one-hot rows",
 )

@@ -39,7 +39,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from puma.protocols import fast
-from puma.protocols.base import variance_domain
+from puma.protocols.base import ExecutionPlan, variance_domain
 
 #: GeLU: gelu(x) = relu(x) - p(|x|) for |x| < GELU_T, with p(t) = sum_k GELU_P[k] t^k. Fitted
 #: by least squares weighted by the distribution of |x| at MiniLM's FFN inputs on 128 SST-2
@@ -204,7 +204,6 @@ OPS = dataclasses.replace(
     softmax=softmax,
     layer_norm=layer_norm,
     rms_norm=rms_norm,
-    fused_heads=True,
-    last_layer_rows=True,
+    plan=ExecutionPlan(client_onehot=True, fused_heads=True, last_layer_rows=True),
     description="ours: relu-minus-cubic GeLU/SiLU, binned Newton reciprocal/rsqrt, all heads in one product",
 )

@@ -71,7 +71,7 @@ def block_program(
     model: LoadedModel, ops, layer: int, phase: str, max_len: int = 0, rows: str | None = None
 ) -> Program:
     """Block ``layer``'s program, keyed by the block's norm shifts (blocks with the same shifts
-    share it); ``rows`` (the last block's, see ``Ops.last_layer_rows``) keeps only the rows the
+    share it); ``rows`` (the last block's, see ``ExecutionPlan.last_layer_rows``) keeps only the rows the
     head reads."""
     module = model.module(ops)
     name = _stages(model, module).layer_key(layer)

@@ -274,9 +274,9 @@ def reveals(model: LoadedModel, spec) -> tuple[str, str | None]:
 
 def client_ids(ops, ids: np.ndarray, vocab: int) -> np.ndarray:
     """Token ids as the client shares them: as they are, or one-hot rows [..., V] when the
-    approximation set has the client encode them (``ops.client_onehot``)."""
+    approximation set has the client encode them (``ops.plan.client_onehot``)."""
     ids = np.asarray(ids, np.int32)
-    if not ops.client_onehot:
+    if not ops.plan.client_onehot:
         return ids
     return (ids[..., None] == np.arange(vocab, dtype=np.int32)).astype(np.float32)
 

@@ -49,7 +49,7 @@ def test_the_choice_follows_the_network(monkeypatch):
     assert E.cheapest(32, 30000, 768, lan) == "equality"
     assert E.cheapest(32, 30000, 768, Network("custom", 5e9, 1e-6)) == "gather"  # no latency: rounds are free
     ops = E.for_network(protocols.get("puma-fast"), 30000, 768, lan)
-    assert ops.name == "puma-fast+equality" and not ops.client_onehot and E.kind_of(ops) == "equality"
+    assert ops.name == "puma-fast+equality" and not ops.plan.client_onehot and E.kind_of(ops) == "equality"
     assert E.with_embedding(protocols.get("puma-fast"), "client-onehot") is protocols.get("puma-fast")
     with pytest.raises(ValueError, match="unknown embedding"):
         E.with_embedding(protocols.get("puma"), "hash")

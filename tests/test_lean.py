@@ -8,8 +8,6 @@ float64 over each function's domain.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from puma.models import layers
@@ -42,7 +40,7 @@ def test_fused_heads_equal_per_head(shape):
     mask = rng.random((batch, 1, length, keys)) > 0.3
     mask[..., 0] = True
     exact = protocols.get("exact")
-    fused = dataclasses.replace(exact, fused_heads=True)
+    fused = exact.with_plan(fused_heads=True)
     _check(layers.attend(q, k, v, mask, fused), layers.attend(q, k, v, mask, exact), 1e-5, f"fused {shape}")
 
 
@@ -72,8 +70,8 @@ def _outputs(preset: str, ops, **options) -> dict:
 def test_last_layer_rows_change_no_output(preset, weights):
     """Plaintext, one program and stage by stage: the last block computing only the rows the
     head reads gives the same last logits, greedy tokens (with the cache) and [CLS] outputs."""
-    full = dataclasses.replace(protocols.get("exact"), fused_heads=True)
-    saving = dataclasses.replace(full, last_layer_rows=True)
+    full = protocols.get("exact").with_plan(fused_heads=True)
+    saving = full.with_plan(last_layer_rows=True)
     want, got = _outputs(preset, full, weights=weights), _outputs(preset, saving, weights=weights)
     for key, value in want.items():
         if key == "tokens":
@@ -103,8 +101,8 @@ def test_lean_last_layer_saving_under_spu():
 def test_as_middle_layer_keeps_the_set_otherwise():
     lean_ops = protocols.get("puma-lean")
     middle = lean_ops.as_middle_layer()
-    assert lean_ops.last_layer_rows and not middle.last_layer_rows
-    assert dataclasses.replace(middle, last_layer_rows=True) == lean_ops
+    assert lean_ops.plan.last_layer_rows and not middle.plan.last_layer_rows
+    assert middle.with_plan(last_layer_rows=True) == lean_ops
     assert protocols.get("puma-fast").as_middle_layer() is protocols.get("puma-fast")
 
 

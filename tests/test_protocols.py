@@ -207,7 +207,7 @@ def test_sets_are_registered_and_carry_spu_settings():
     for name in ("puma", "puma-fast", "puma-lean", "mpcformer"):
         compiler = dict(protocols.get(name).spu.compiler)
         assert compiler["enable_optimize_denominator_with_broadcast"] is True
-    assert protocols.get("puma-fast").client_onehot and not protocols.get("puma").client_onehot
+    assert protocols.get("puma-fast").plan.client_onehot and not protocols.get("puma").plan.client_onehot
 
 
 def test_spu_settings_layer_defaults_then_set_then_explicit():

@@ -40,7 +40,7 @@ def measure(session, kind: str, tokens: int, vocab: int, dim: int) -> dict:
     rng = np.random.default_rng(0)
     table = rng.normal(0, 1, (vocab, dim)).astype(np.float32)
     ids = rng.integers(0, vocab, (1, tokens)).astype(np.int32)
-    x = (ids[..., None] == np.arange(vocab)).astype(np.float32) if ops.client_onehot else ids
+    x = (ids[..., None] == np.arange(vocab)).astype(np.float32) if ops.plan.client_onehot else ids
     session.load_params({"table": table})
 
     def fn(params, state, secret, public):

@@ -42,7 +42,9 @@ class Lever:
 
 
 def _attention(fused: bool) -> Callable:
-    ops = dataclasses.replace(exact.OPS, name="attention-only", softmax=lambda x, where=None: x, fused_heads=fused)
+    ops = dataclasses.replace(exact.OPS, name="attention-only", softmax=lambda x, where=None: x).with_plan(
+        fused_heads=fused
+    )
     return lambda s: layers.attend(s["q"], s["k"], s["v"], jnp.ones((1, 1) + s["q"].shape[1:2] * 2, bool), ops)
 
 
