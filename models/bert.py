@@ -243,6 +243,26 @@ class BertModel(nn.Module):
         )
         return self.embeddings_LayerNorm(x)
 
+    # -- the programs tasks call (FamilyModule) --------------------------------------------------
+
+    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, head: str):
+        """The output of ``head`` (see the class doc)."""
+        return self(input_ids, attention_mask, token_type_ids, position_ids, head=head)
+
+    def stage_embed(self, secret: dict, public: dict):
+        return self.embed(secret["input_ids"], secret["token_type_ids"], public["position_ids"])
+
+    def stage_block(self, h, public: dict, layer_cache, layer: int, phase: str, max_len: int, rows: str | None):
+        """Encoder layer ``layer`` (encoders keep no cache: every phase is one pass)."""
+        return self.block(h, public["attention_mask"], rows, layer), None
+
+    def stage_head(self, h, public: dict, head: str | None = None):
+        """The output of ``head`` (None: the widest head this checkpoint has)."""
+        return self.head(h, public["attention_mask"], head or self.widest_head())
+
+    def widest_head(self) -> str:
+        return "classify" if self.config.has_classifier else "pooled"
+
     def block(self, x, attention_mask, rows: str | None = None, layer: int = 0):
         """Encoder layer ``layer`` on x [B, T, D] (its weights under its own name); ``rows`` as
         for :func:`~puma.models.layers.row_slice`."""
@@ -263,7 +283,9 @@ class BertModel(nn.Module):
         pooled = self.ops.tanh(self.pooler(x[:, 0]))  # [B, D]
         return pooled if head == "pooled" else self.classifier(pooled)
 
-    def stages(self, head: str = "hidden") -> Stages:
+    def stages(self, head: str | None = None) -> Stages:
+        """The stages' weights for ``head`` (None: the widest this checkpoint has)."""
+        head = head or self.widest_head()
         embed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "embeddings_LayerNorm")
         head_keys = {"hidden": (), "mean": (), "pooled": ("pooler",), "classify": ("pooler", "classifier")}[head]
         return Stages(embed, "layer_{}", self.config.num_hidden_layers, head_keys)

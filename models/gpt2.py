@@ -145,7 +145,7 @@ class GPT2LMHeadModel(CausalLM):
         """Final LayerNorm and the tied LM head: [B, T, D] -> logits [B, T, V]."""
         return self.wte.attend(self.ln_f(x))
 
-    def stages(self) -> Stages:
+    def stages(self, head: str | None = None) -> Stages:
         return Stages(("wte", "wpe"), "h_{}", self.config.n_layer, ("ln_f", "wte"))
 
 

@@ -72,8 +72,9 @@ def record(module: nn.Module, site: str, value: Array, center: bool = False) -> 
 class Stages:
     """How a model runs as stages (see :mod:`puma.staged`): the top-level weight subtrees of
     the embedding stage, the name pattern of block i's subtree (``"layers_{}"``) and the number
-    of blocks, and the subtrees of the head stage. A model's ``block`` method reads its block's
-    weights under the name of block 0, so one compiled block serves every layer."""
+    of blocks, and the subtrees of the head stage. A model's ``stage_block`` reads block i's
+    weights under block i's name; programs are keyed by the block's norm shifts, so one compiled
+    block serves every layer with the same shifts."""
 
     embed: tuple[str, ...]
     layer: str
@@ -112,28 +113,35 @@ class ModelConfig(Protocol):
 
 
 class FamilyModule(Protocol):
-    """The contract of a family's Flax module (see :mod:`puma.staged` for how stages run).
+    """The contract of a family's Flax module: the programs puma's tasks and stages call, by
+    name, with these signatures (``secret`` and ``public`` are the program's input dicts), so no
+    caller branches on the family. Causal LMs get them from :class:`CausalLM`.
 
-    ``causal`` modules are called ``(input_ids, attention_mask, position_ids, cache,
-    cache_index, last_only) -> (logits, cache)`` and have ``init_cache(batch, max_len)``; an
-    encoder is called ``(input_ids, attention_mask, token_type_ids, position_ids, head)``.
-    ``embed``/``block``/``head`` are the stages, ``stages()`` names each stage's weights;
-    ``block(..., layer=i)`` runs block i with its weights under its own name and its own norm
-    shifts (:class:`NormShifts`).
+    Whole-model calls: a causal LM's ``forward(input_ids, attention_mask, position_ids,
+    last_only)``, ``prefill(input_ids, attention_mask, position_ids, max_len)`` and
+    ``decode(input_ids, attention_mask, position_ids, cache, cache_index)`` -> (logits, cache);
+    an encoder's ``encode(input_ids, attention_mask, token_type_ids, position_ids, head)``.
+
+    Stages (:mod:`puma.staged`): ``stage_embed(secret, public) -> h``, ``stage_block(h,
+    public, layer_cache, layer, phase, max_len, rows) -> (h, layer_cache or None)`` and
+    ``stage_head(h, public, head) -> output``; ``stages(head)`` names each stage's weights and
+    ``block_rows(reads)`` the rows the last block computes.
     """
 
     config: ModelConfig
     causal: ClassVar[bool]
 
-    def embed(self, *args): ...
+    def stage_embed(self, secret: dict, public: dict) -> Array: ...
 
-    def block(self, *args, **kwargs): ...
+    def stage_block(
+        self, h: Array, public: dict, layer_cache, layer: int, phase: str, max_len: int, rows: str | None
+    ) -> tuple[Array, dict | None]: ...
+
+    def stage_head(self, h: Array, public: dict, head: str | None) -> Array: ...
 
     def block_rows(self, reads) -> str | None: ...
 
-    def head(self, *args, **kwargs): ...
-
-    def stages(self, *args) -> Stages: ...
+    def stages(self, head: str | None = None) -> Stages: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +246,43 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
         return self.head(x), (None if cache is None else tuple(new_cache))
+
+    # -- the programs tasks call (FamilyModule) --------------------------------------------------
+
+    def forward(self, input_ids, attention_mask, position_ids, last_only: bool = False):
+        """Logits of a window without a cache: ([B, T or 1, V], None)."""
+        return self(input_ids, attention_mask, position_ids, last_only=last_only)
+
+    def prefill(self, input_ids, attention_mask, position_ids, max_len: int):
+        """The prompt once, the last logits and a new cache of ``max_len`` slots."""
+        cache = self.init_cache(input_ids.shape[0], max_len)
+        return self(input_ids, attention_mask, position_ids, cache, 0, last_only=True)
+
+    def decode(self, input_ids, attention_mask, position_ids, cache, cache_index):
+        """New tokens against ``cache`` at slot ``cache_index``: the last logits and the cache."""
+        return self(input_ids, attention_mask, position_ids, cache, cache_index, last_only=True)
+
+    def stage_embed(self, secret: dict, public: dict):
+        return self.embed(secret["input_ids"], public["position_ids"])
+
+    def stage_block(self, h, public: dict, layer_cache, layer: int, phase: str, max_len: int, rows: str | None):
+        """Block ``layer`` in a pass of ``phase``: ``prefill`` starts its cache of ``max_len``
+        slots, ``decode`` continues ``layer_cache`` at ``public["cache_index"]``, ``forward`` and
+        ``logits`` keep none."""
+        if phase == "prefill":
+            cfg = self.config
+            layer_cache = init_cache(1, h.shape[0], max_len, cfg.num_kv_heads, cfg.head_dim)[0]
+            return self.block(h, public["attention_mask"], public["position_ids"], layer_cache, 0, rows, layer)
+        if phase == "decode":
+            return self.block(
+                h, public["attention_mask"], public["position_ids"], layer_cache, public["cache_index"], None, layer
+            )
+        x, _ = self.block(h, public["attention_mask"], public["position_ids"], None, 0, rows, layer)
+        return x, None
+
+    def stage_head(self, h, public: dict, head: str | None = None):
+        """Logits [B, T, V] of hidden states [B, T, D]."""
+        return self.head(h)
 
     def block_inputs(self, position_ids) -> tuple:
         """Arrays every block takes before the mask (none by default)."""

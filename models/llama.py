@@ -238,7 +238,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.norm(x)
         return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
-    def stages(self) -> Stages:
+    def stages(self, head: str | None = None) -> Stages:
         cfg = self.config
         head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
         return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head)

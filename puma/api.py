@@ -39,8 +39,7 @@ def _plan(model: LoadedModel, session: Session, mode: str, memory_budget: int | 
         one_process = get_backend(session.backend).in_process  # every party (or none) in this process
         memory_budget = budget.default_budget([memory.host()] if one_process else session.mesh.party_hosts())
     shapes = loading.param_shapes(model.family, model.config)
-    module = model.module()
-    stages = module.stages() if model.causal else module.stages("classify" if model.config.has_classifier else "pooled")
+    stages = model.module().stages()  # an encoder's: for its widest head
     return budget.plan(shapes, stages, per_weight, memory_budget, mode)
 
 

@@ -126,8 +126,7 @@ def measure(model: LoadedModel, batches: list[list[int]]) -> dict[str, Stats]:
     """Run ``model`` (with ``model.lazy`` weights) in plaintext, stage by stage, over each token
     list and collect the statistics every site records; weights are read one stage at a time."""
     module = model.module("exact")
-    head = None if model.causal else ("classify" if model.config.has_classifier else "pooled")
-    stages = module.stages() if model.causal else module.stages(head)
+    stages = module.stages()  # an encoder's for its widest head
     lazy = model.lazy
     sites: dict[str, list] = {}
 
@@ -144,28 +143,20 @@ def measure(model: LoadedModel, batches: list[list[int]]) -> dict[str, Stats]:
     inputs = []
     for ids in batches:
         ids = np.asarray([ids], np.int32)  # [1, T]
-        positions = np.arange(ids.shape[1], dtype=np.int32)[None]
-        inputs.append((ids, positions, np.ones_like(ids)))
+        secret = {"input_ids": ids, "token_type_ids": np.zeros_like(ids)}
+        public = {"position_ids": np.arange(ids.shape[1], dtype=np.int32)[None], "attention_mask": np.ones_like(ids)}
+        inputs.append((secret, public))
     params = weights(stages.embed)
-    if model.causal:
-        hidden = [run(params, ids, pos, method="embed") for ids, pos, _ in inputs]
-    else:
-        hidden = [run(params, ids, np.zeros_like(ids), pos, method="embed") for ids, pos, _ in inputs]
+    hidden = [run(params, secret, public, method="stage_embed") for secret, public in inputs]
     for layer in range(stages.layers):
         params = weights([stages.layer_key(layer)])
-        if model.causal:
-            hidden = [
-                run(params, h, mask, pos, None, 0, None, layer, method="block")[0]
-                for h, (_, pos, mask) in zip(hidden, inputs)
-            ]
-        else:
-            hidden = [run(params, h, mask, None, layer, method="block") for h, (_, _, mask) in zip(hidden, inputs)]
+        hidden = [
+            run(params, h, public, None, layer, "forward", 0, None, method="stage_block")[0]
+            for h, (_, public) in zip(hidden, inputs)
+        ]
     params = weights(stages.head)
-    for h, (_, _, mask) in zip(hidden, inputs):
-        if model.causal:
-            run(params, h, method="head")
-        else:
-            run(params, h, mask, head, method="head")
+    for h, (_, public) in zip(hidden, inputs):
+        run(params, h, public, None, method="stage_head")
     return {
         name: (
             float(max(v[0] for v in values)),

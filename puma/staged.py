@@ -25,7 +25,6 @@ import logging
 
 import numpy as np
 
-from puma.models.layers import Stages, init_cache
 from puma.models.loading import LoadedModel
 from puma.program import Program
 from puma.runtime.base import Session
@@ -37,32 +36,17 @@ _slots = itertools.count()
 
 
 def embed_program(model: LoadedModel, ops) -> Program:
-    """The embedding stage's program."""
+    """The embedding stage's program (the family's ``stage_embed``)."""
     module = model.module(ops)
-    stages = _stages(model, module)
-    if model.causal:
 
-        def fn(params, state, secret, public):
-            x = module.apply({"params": params}, secret["input_ids"], public["position_ids"], method="embed")
-            return {}, {"h": x}
-
-    else:
-
-        def fn(params, state, secret, public):
-            x = module.apply(
-                {"params": params},
-                secret["input_ids"],
-                secret["token_type_ids"],
-                public["position_ids"],
-                method="embed",
-            )
-            return {}, {"h": x}
+    def fn(params, state, secret, public):
+        return {}, {"h": module.apply({"params": params}, secret, public, method="stage_embed")}
 
     return Program(
         f"{model.family}_stage_embed",
         fn,
         key=(ops.name, model.program_key),
-        param_keys=stages.embed,
+        param_keys=module.stages().embed,
         spec=("stage_embed", {}),
     )
 
@@ -70,42 +54,37 @@ def embed_program(model: LoadedModel, ops) -> Program:
 def block_program(
     model: LoadedModel, ops, layer: int, phase: str, max_len: int = 0, rows: str | None = None
 ) -> Program:
-    """Block ``layer``'s program, keyed by the block's norm shifts (blocks with the same shifts
-    share it); ``rows`` (the last block's, see ``ExecutionPlan.last_layer_rows``) keeps only the rows the
-    head reads."""
+    """Block ``layer``'s program in a pass of ``phase`` (the family's ``stage_block``), keyed by
+    the block's norm shifts (blocks with the same shifts share it); ``rows`` (the last block's,
+    see ``ExecutionPlan.last_layer_rows``) keeps only the rows the head reads. A block that keeps
+    a cache reads it (decode) and writes it (prefill, decode) as state ``cache``."""
     module = model.module(ops)
-    name = _stages(model, module).layer_key(layer)
+    name = module.stages().layer_key(layer)
     spec = ("stage_block", {"layer": layer, "phase": phase, "max_len": max_len, "rows": rows})
-    key = (ops.name, model.source, model.shifts.under(name), max_len, rows)
-    if not model.causal:
-
-        def fn(params, state, secret, public):
-            x = module.apply(
-                {"params": {name: params["layer"]}}, state["h"], public["attention_mask"], rows, layer, method="block"
-            )
-            return {}, {"h": x}
-
-        return Program(f"{model.family}_stage_block", fn, key=key, param_keys=("layer",), state_reads=("h",), spec=spec)
+    key = (ops.name, model.source, model.shifts.under(name), phase, max_len, rows)
 
     def fn(params, state, secret, public):
-        variables = {"params": {name: params["layer"]}}
-        h, mask, positions = state["h"], public["attention_mask"], public["position_ids"]
-        if phase == "prefill":
-            cfg = model.config
-            layer_cache = init_cache(1, h.shape[0], max_len, cfg.num_kv_heads, cfg.head_dim)[0]
-            x, layer_cache = module.apply(variables, h, mask, positions, layer_cache, 0, rows, layer, method="block")
-            return {}, {"h": x, "cache": layer_cache}
-        if phase == "decode":
-            x, layer_cache = module.apply(
-                variables, h, mask, positions, state["cache"], public["cache_index"], None, layer, method="block"
-            )
-            return {}, {"h": x, "cache": layer_cache}
-        x, _ = module.apply(variables, h, mask, positions, None, 0, rows, layer, method="block")
-        return {}, {"h": x}
+        x, layer_cache = module.apply(
+            {"params": {name: params["layer"]}},
+            state["h"],
+            public,
+            state.get("cache"),
+            layer,
+            phase,
+            max_len,
+            rows,
+            method="stage_block",
+        )
+        return {}, {"h": x} if layer_cache is None else {"h": x, "cache": layer_cache}
 
     reads = ("h", "cache") if phase == "decode" else ("h",)
     return Program(
-        f"{model.family}_stage_block_{phase}", fn, key=key, param_keys=("layer",), state_reads=reads, spec=spec
+        f"{model.family}_stage_block_{phase}",
+        fn,
+        key=key,
+        param_keys=("layer",),
+        state_reads=reads,
+        spec=spec,
     )
 
 
@@ -121,19 +100,20 @@ def head_program(model: LoadedModel, ops, head: "_Head") -> Program:
         f"{model.family}_stage_head",
         fn,
         key=(ops.name, model.program_key, repr(sorted(head.spec.items()))),
-        param_keys=_stages(model, module, head.reads).head,
+        param_keys=module.stages(head.name).head,
         state_reads=("h",),
         spec=("stage_head", head.spec),
     )
 
 
 class _Head:
-    """A head stage's reveal function with its spec (what it computes, JSON) and what it reads
+    """A head stage's reveal function with its spec (what it computes, JSON), what it reads
     (``reads``: a causal head's ``last_only``, an encoder head's name), which the model's
-    ``block_rows`` turns into the rows its last block computes."""
+    ``block_rows`` turns into the rows its last block computes, and the family head it runs
+    (``name``: None for a causal LM's logits)."""
 
-    def __init__(self, fn, spec: dict, reads):
-        self.fn, self.spec, self.reads = fn, spec, reads
+    def __init__(self, fn, spec: dict, reads, name: str | None = None):
+        self.fn, self.spec, self.reads, self.name = fn, spec, reads, name
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -146,7 +126,7 @@ def causal_head(reveal_fn, spec: dict) -> _Head:
 
     def fn(module, params, h, secret, public):
         x = h[:, -1:] if last_only else h  # [B, 1, D] or [B, T, D]
-        logits = module.apply({"params": params}, x, method="head")
+        logits = module.apply({"params": params}, x, public, None, method="stage_head")
         return reveal_fn(module.ops, logits, secret)
 
     return _Head(fn, spec, last_only)
@@ -154,16 +134,9 @@ def causal_head(reveal_fn, spec: dict) -> _Head:
 
 def encoder_head(head: str) -> _Head:
     def fn(module, params, h, secret, public):
-        return {"output": module.apply({"params": params}, h, public["attention_mask"], head, method="head")}
+        return {"output": module.apply({"params": params}, h, public, head, method="stage_head")}
 
-    return _Head(fn, {"head": head}, head)
-
-
-def _stages(model: LoadedModel, module, head_name: str | bool | None = None) -> Stages:
-    """The model's stages (an encoder's for the head it runs)."""
-    if model.causal:
-        return module.stages()
-    return module.stages(head_name if isinstance(head_name, str) else "hidden")
+    return _Head(fn, {"head": head}, head, head)
 
 
 def run(
@@ -187,7 +160,7 @@ def run(
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
     module = model.module(ops)
-    stages = _stages(model, module, head.reads)
+    stages = module.stages(head.name)
     own_slot = slot is None
     slot = slot or f"staged-{next(_slots)}"
     embed_secret = {k: secret[k] for k in ("input_ids", "token_type_ids") if k in secret}
@@ -202,20 +175,19 @@ def run(
             state=slot,
         )
         session.release_params(list(stages.embed))
-        block_phase = phase if model.causal else "forward"
         last_rows = None if phase == "decode" else module.block_rows(head.reads)
         block_public = dict(public)
-        if model.causal and phase != "decode":
+        if phase != "decode":
             block_public.pop("cache_index", None)
         for i in range(stages.layers):
             key = stages.layer_key(i)
             session.hold_params([key])
             rows = last_rows if i == stages.layers - 1 else None
-            program = block_program(model, ops, i, block_phase, max_len, rows)
+            program = block_program(model, ops, i, phase, max_len, rows)
             session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
             session.release_params([key])
         session.hold_params(list(stages.head))
-        head_public = {"attention_mask": public["attention_mask"]} if not model.causal else {}
+        head_public = {"attention_mask": public["attention_mask"]}
         out = session.run(head_program(model, ops, head), head_secret, head_public, state=slot)
         session.release_params(list(stages.head))
     finally:

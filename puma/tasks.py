@@ -85,7 +85,12 @@ def forward_program(model: LoadedModel, ops, reveal: str = "logits", sampling: S
 
     def fn(params, state, secret, public):
         logits, _ = module.apply(
-            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"], last_only=True
+            {"params": params},
+            secret["input_ids"],
+            public["attention_mask"],
+            public["position_ids"],
+            last_only=True,
+            method="forward",
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {}
 
@@ -103,7 +108,7 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
 
     def fn(params, state, secret, public):
         logits, _ = module.apply(
-            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"]
+            {"params": params}, secret["input_ids"], public["attention_mask"], public["position_ids"], method="forward"
         )
         return {"logits": logits}, {}
 
@@ -117,16 +122,13 @@ def prefill_program(
     module = model.module(ops)
 
     def fn(params, state, secret, public):
-        ids = secret["input_ids"]
-        cache = module.init_cache(ids.shape[0], max_len)
         logits, cache = module.apply(
             {"params": params},
-            ids,
+            secret["input_ids"],
             public["attention_mask"],
             public["position_ids"],
-            cache=cache,
-            cache_index=0,
-            last_only=True,
+            max_len,
+            method="prefill",
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
@@ -148,9 +150,9 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
             secret["input_ids"],
             public["attention_mask"],
             public["position_ids"],
-            cache=state.get("cache", ()),
-            cache_index=public["cache_index"],
-            last_only=True,
+            state.get("cache", ()),
+            public["cache_index"],
+            method="decode",
         )
         return _next_token_outputs(module.ops, logits, reveal, sampling, secret), {"cache": cache}
 
@@ -173,7 +175,8 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
             public["attention_mask"],
             secret["token_type_ids"],
             public["position_ids"],
-            head=head,
+            head,
+            method="encode",
         )
         return {"output": out}, {}
 
@@ -217,7 +220,7 @@ def causal_head(spec: dict):
 
 
 def _stage_head(model: LoadedModel, ops, spec: dict) -> Program:
-    head = causal_head(spec) if model.causal else staged.encoder_head(spec["head"])
+    head = staged.encoder_head(spec["head"]) if "head" in spec else causal_head(spec)
     return staged.head_program(model, ops, head)
 
 
@@ -259,7 +262,7 @@ def reveals(model: LoadedModel, spec) -> tuple[str, str | None]:
     builder, arguments = spec
     if builder in ("stage_embed", "stage_block"):
         return "stage", None
-    if builder in ("forward", "prefill", "decode") or (builder == "stage_head" and model.causal):
+    if builder in ("forward", "prefill", "decode") or (builder == "stage_head" and "head" not in arguments):
         if builder == "stage_head" and not arguments.get("last_only"):
             return "logits", "logits"
         return "generate", arguments.get("reveal")

@@ -176,7 +176,7 @@ def test_streamed_equals_resident(backend, preset):
         assert cost["weights"] == "published" and cost["weight_bytes"] == 0
     else:
         assert cost["weights"] == "streamed" and cost["weight_bytes"] > 0
-    block = f"{m.model.family}_stage_block" + ("_prefill" if causal else "")
+    block = f"{m.model.family}_stage_block_" + ("prefill" if causal else "forward")
     assert cost["runs_by_program"][block] == m.model.module().stages().layers  # one compiled block, bound per layer
     if name in ("nodes", "ray"):
         assert all(p > 0 for p in cost["peak_rss"]["parties"]), cost["peak_rss"]
