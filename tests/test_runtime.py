@@ -209,7 +209,7 @@ def test_interleaved_profile_blocks_are_untangled_or_refused(start_after):
     their lines the parser recovers every party's block exactly or refuses (never a wrong split);
     once each block starts a few lines after the previous one, it always recovers them.
     Oracle: the blocks as written."""
-    from puma.runtime.cost import parse_profiles
+    from puma.runtime.profiles import parse_profiles
     from puma.runtime.sim import names_its_party
 
     rng = np.random.default_rng(0)

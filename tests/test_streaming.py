@@ -40,7 +40,7 @@ def _check(actual, expected, atol, what):
 
 def _encode(m: SecureModel, head: str = "classify"):
     mask = (ENC_IDS > 0).astype(np.int32)
-    return tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head)
+    return tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head, m.staged)
 
 
 def _outputs(m: SecureModel, nocache: bool = True) -> dict:
@@ -114,7 +114,7 @@ def test_staged_plaintext_equals_one_program(preset):
     whole = _outputs(SecureModel.from_pretrained(preset, weights="resident"))
     staged = _outputs(SecureModel.from_pretrained(preset, weights="resident", staged=True))
     streamed = SecureModel.from_pretrained(preset, weights="streamed")
-    assert streamed.session.staged and streamed.weight_plan.mode == "streamed"
+    assert streamed.staged and streamed.weight_plan.mode == "streamed"
     _compare(staged, whole, 1e-6, f"{preset} staged")
     _compare(_outputs(streamed), whole, 1e-6, f"{preset} streamed")
 
@@ -157,7 +157,7 @@ def _resident(source: str, approx: str, run):
     streamed run is compared with (the backends' resident runs agree: tests/test_runtime.py)."""
     if (source, approx) not in _RESIDENT:
         with SecureModel.from_pretrained(source, approx=approx, backend="sim", weights="resident") as m:
-            assert not m.session.staged
+            assert not m.staged
             _RESIDENT[source, approx] = run(m)
     return _RESIDENT[source, approx]
 
@@ -293,7 +293,7 @@ def test_budget_picks_the_mode_and_names_what_does_not_fit():
     model = models.load("llama-debug", weights=False)
     shapes = loading.param_shapes(model.family, model.config)
     stages = model.module().stages()
-    per_weight = budget.bytes_per_weight("sim", "aby3", "FM64", 3)
+    per_weight = budget.bytes_per_weight("aby3", "FM64", 3)
     assert per_weight == 48
     total = sum(int(np.prod(s)) for s in shapes.values()) * per_weight
     assert budget.plan(shapes, stages, per_weight, total).mode == "resident"

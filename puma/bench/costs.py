@@ -97,7 +97,9 @@ def _infer(m: SecureModel, size):
             raise RuntimeError("generation stopped at end-of-text")
         return result.cost, result.step_costs
     ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
-    return tasks.encode(m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled").cost, []
+    return tasks.encode(
+        m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled", m.staged
+    ).cost, []
 
 
 def _compute_s(cost) -> float:

@@ -32,8 +32,8 @@ def preset_logit_error(secure: SecureModel, reference: SecureModel, seed: int = 
     else:
         mask = np.ones_like(ids)
         types = np.zeros_like(ids)
-        got = tasks.encode(secure.session, model, secure.ops, ids, types, mask, "mean")
-        want = tasks.encode(reference.session, model, reference.ops, ids, types, mask, "mean")
+        got = tasks.encode(secure.session, model, secure.ops, ids, types, mask, "mean", secure.staged)
+        want = tasks.encode(reference.session, model, reference.ops, ids, types, mask, "mean", reference.staged)
     diff = np.abs(np.asarray(got.outputs, np.float64) - np.asarray(want.outputs, np.float64))
     return {
         "max_abs": float(diff.max()),

@@ -25,17 +25,27 @@ if TYPE_CHECKING:
 class Backend:
     """Where programs run. ``module`` holds ``open_mesh`` (None: plaintext, no parties);
     ``in_process``: every party (or none) lives in the driver's process, so memory budgets
-    count them together; ``needs_topology``: parties are found through a topology file."""
+    count them together; ``needs_topology``: parties are found through a topology file;
+    ``publishes``: parties are separate trust domains that keep published models in their
+    own stores (:mod:`puma.deploy`)."""
 
     module: str | None
     help: str
     in_process: bool = False
     needs_topology: bool = False
+    publishes: bool = False  # the owner publishes models into the parties' own stores; clients run on a manifest
+
+    @property
+    def secure(self) -> bool:
+        """Whether programs run under MPC (every backend but plaintext)."""
+        return self.module is not None
 
 
 BACKENDS: dict[str, Backend] = {
     "sim": Backend("puma.runtime.sim", "three parties as threads of this process", in_process=True),
-    "nodes": Backend("puma.runtime.nodes", "party processes at the topology's addresses", needs_topology=True),
+    "nodes": Backend(
+        "puma.runtime.nodes", "party processes at the topology's addresses", needs_topology=True, publishes=True
+    ),
     "ray": Backend("puma.runtime.ray_mesh", "parties as Ray actors (local Ray, or --ray-address)"),
     "plaintext": Backend(None, "no MPC: everything in the clear", in_process=True),
 }
@@ -101,7 +111,7 @@ def open_session(
     topology's first client).
     """
     chosen = get_backend(backend)
-    if chosen.module is None:
+    if not chosen.secure:
         from puma.runtime.base import PlaintextSession
 
         return PlaintextSession()
@@ -123,4 +133,4 @@ def open_session(
         model,
     )
     mesh = importlib.import_module(chosen.module).open_mesh(request)
-    return SecureSession(mesh, proto)
+    return SecureSession(mesh, proto, chosen.in_process, backend)

@@ -1,9 +1,12 @@
 """The :class:`Session` interface every backend implements, and the plaintext backend.
 
 A session holds one model's parameters and runs :class:`puma.program.Program` objects on them.
-Task code (generation, embeddings, classification) talks only to this interface, so the same
-loop runs in plaintext and under MPC. State slots hold values that stay inside the backend
-between runs (for secure backends: secret-shared at the computing parties).
+Task code (generation, embeddings, classification) and :class:`puma.api.SecureModel` talk only
+to this interface, so the same code runs in plaintext and under MPC: :meth:`Session.load_model`
+has the model owner's weights loaded (in plaintext: read here; under MPC: shared by the owner),
+:meth:`Session.weight_bytes` and :meth:`Session.weight_hosts` size the memory budget,
+:meth:`Session.describe` says where programs ran. State slots hold values that stay inside the
+backend between runs (for secure backends: secret-shared at the computing parties).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from puma.errors import PumaError
 from puma.program import Program
 from puma.runtime import memory
 from puma.runtime.cost import CostReport
 from puma.runtime.params import LazyParams, unflatten
+from puma.runtime.roles import OwnerSpec
 
 
 class Session(abc.ABC):
@@ -38,14 +43,31 @@ class Session(abc.ABC):
         """Give the session the model owner's parameters (secure backends: as shares)."""
 
     @abc.abstractmethod
+    def load_model(
+        self, spec: OwnerSpec, param_avals: dict, streamed: bool, share_store: str | None = None, model_id: str = ""
+    ) -> None:
+        """Have the model owner's weights ``spec`` loaded (shapes ``param_avals``): all now, or,
+        ``streamed``, each stage's when :meth:`hold_params` asks. ``share_store`` (secure
+        backends, streamed only) keeps shares at the parties under the weights' ``model_id``."""
+
+    @abc.abstractmethod
+    def weight_bytes(self) -> int:
+        """Memory one weight costs in one process of this backend."""
+
+    def weight_hosts(self) -> list[tuple[str, int]]:
+        """(host name, available bytes) per process holding weights, for the default memory budget."""
+        return [memory.host()]
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where programs run, for people: plaintext is never to be mistaken for MPC."""
+
+    @abc.abstractmethod
     def _run(
         self, program: Program, secret: dict, public: dict, state: str | None, bind: dict
     ) -> tuple[dict, list, tuple[int, int]]:
         """Run once; return (revealed outputs, per-party profiles, (bytes of the client's input
         shares, bytes of the output shares it received))."""
-
-    #: Run models stage by stage (:mod:`puma.staged`) instead of as one program.
-    staged: bool = False
 
     #: "resident" (every weight held for the session) or "streamed" (a stage's weights are held
     #: only while it runs: :meth:`hold_params` / :meth:`release_params`).
@@ -134,6 +156,26 @@ class PlaintextSession(Session):
 
     def load_params(self, params: dict) -> None:
         self._params = params
+
+    def load_model(
+        self, spec: OwnerSpec, param_avals: dict, streamed: bool, share_store: str | None = None, model_id: str = ""
+    ) -> None:
+        """Read the weights here (plaintext plays every role): all now, or lazily when streamed."""
+        from puma.models import load
+
+        if share_store:
+            raise PumaError("plaintext keeps no shares: leave out --share-store")
+        lazy = load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed, lazy=True).lazy
+        if streamed:
+            self.load_lazy(lazy)
+        else:
+            self.load_params(lazy.materialize())
+
+    def weight_bytes(self) -> int:
+        return 4  # float32
+
+    def describe(self) -> str:
+        return "in plaintext (no MPC: weights and inputs in the clear)"
 
     def load_lazy(self, lazy: LazyParams) -> None:
         """Stream weights from ``lazy``: nothing is read until a stage holds it."""

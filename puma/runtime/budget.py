@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from puma.errors import PumaError
-from puma.runtime import get_backend, memory
+from puma.runtime import memory
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,10 @@ class WeightPlan:
         return f"weights {self.mode}: {self.reason}"
 
 
-def bytes_per_weight(backend: str, protocol: str | None, field: str | None, world_size: int) -> int:
-    """Memory one weight costs in one process of ``backend`` (every party's shares where the
-    backend keeps its parties in one process)."""
-    chosen = get_backend(backend)
-    if chosen.module is None:
-        return 4
-    per_party = _SHARES_PER_PARTY[protocol] * _RING_BYTES[field]
-    return per_party * (world_size if chosen.in_process else 1)
+def bytes_per_weight(protocol: str, field: str, parties_per_process: int) -> int:
+    """Memory one secret-shared weight costs in one process holding ``parties_per_process``
+    parties' shares (all of them where a backend keeps its parties in one process)."""
+    return _SHARES_PER_PARTY[protocol] * _RING_BYTES[field] * parties_per_process
 
 
 def default_budget(hosts: list[tuple[str, int]]) -> int:

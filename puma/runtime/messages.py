@@ -229,13 +229,13 @@ def jsonable(value: Any) -> bool:
 
 
 def put_profile(profile) -> dict | None:
-    """A :class:`~puma.runtime.cost.RunProfile` as JSON (None stays None)."""
+    """A :class:`~puma.runtime.profiles.RunProfile` as JSON (None stays None)."""
     return None if profile is None else dataclasses.asdict(profile)
 
 
 def get_profile(doc):
-    """The :class:`~puma.runtime.cost.RunProfile` ``doc`` describes, checked field by field."""
-    from puma.runtime.cost import OpCost, PartyCost, RunProfile
+    """The :class:`~puma.runtime.profiles.RunProfile` ``doc`` describes, checked field by field."""
+    from puma.runtime.profiles import OpCost, PartyCost, RunProfile
 
     if doc is None:
         return None

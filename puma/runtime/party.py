@@ -20,7 +20,7 @@ import spu
 import spu.libspu as libspu
 
 from puma.runtime import memory, sharing
-from puma.runtime.cost import RunProfile, parse_profiles
+from puma.runtime.profiles import RunProfile, parse_profiles
 from puma.runtime.roles import PartyShares
 
 log = logging.getLogger(__name__)

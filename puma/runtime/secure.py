@@ -28,11 +28,11 @@ import spu.libspu as libspu
 from puma import progress
 from puma.errors import PumaError
 from puma.program import Program
-from puma.runtime import memory, messages, programs, sharing
+from puma.runtime import budget, memory, messages, programs, sharing
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
-from puma.runtime.cost import RunProfile
 from puma.runtime.params import flatten
+from puma.runtime.profiles import RunProfile
 from puma.runtime.roles import CHUNK_BYTES, Client, ModelOwner, OwnerSpec, PartyShares, share_function
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,14 @@ def deliver_weights(
 class SecureSession(Session):
     """Runs programs under MPC on a :class:`Mesh` with the given protocol settings."""
 
-    def __init__(self, mesh: Mesh, protocol: ProtocolConfig):
+    def __init__(self, mesh: Mesh, protocol: ProtocolConfig, in_process: bool = False, backend: str = ""):
+        """``in_process``: every party lives in this process (its memory holds all their shares);
+        ``backend``: the name it was opened under (default: the mesh's)."""
         super().__init__()
         self.mesh = mesh
+        self.in_process = in_process
         self.protocol_config = protocol
-        self.backend = mesh.backend
+        self.backend = backend or mesh.backend
         self.protocol = protocol.describe()
         self.world_size = mesh.world_size
         self.io = spu.Io(self.world_size, protocol.runtime_config(profile=False))
@@ -174,6 +177,17 @@ class SecureSession(Session):
         self.published = model_id
         self.approx = approx
         self._param_avals = param_avals
+        self.weights_mode = "published"
+
+    def weight_bytes(self) -> int:
+        proto = self.protocol_config
+        return budget.bytes_per_weight(proto.protocol, proto.field, self.world_size if self.in_process else 1)
+
+    def weight_hosts(self) -> list[tuple[str, int]]:
+        return [memory.host()] if self.in_process else self.mesh.party_hosts()
+
+    def describe(self) -> str:
+        return f"under MPC on {self.backend} ({self.protocol})"
 
     # -- model owner ---------------------------------------------------------------------------
 
@@ -192,14 +206,21 @@ class SecureSession(Session):
             self.world_size,
         )
 
-    def load_from_owner(self, spec: OwnerSpec, param_avals: dict, streamed: bool = False) -> None:
+    def load_model(
+        self, spec: OwnerSpec, param_avals: dict, streamed: bool, share_store: str | None = None, model_id: str = ""
+    ) -> None:
         """Let the model owner share its weights to the parties itself; the driver (client)
         knows only their shapes (``param_avals``) and never holds them.
 
-        Resident (default): every weight is shared now, once. ``streamed``: the owner stays
-        ready and shares a stage's weights when :meth:`hold_params` asks, tensor by tensor;
-        :meth:`release_params` drops them at the parties.
+        Resident: every weight is shared now, once. ``streamed``: the owner stays ready and
+        shares a stage's weights when :meth:`hold_params` asks, tensor by tensor;
+        :meth:`release_params` drops them at the parties (and ``share_store`` keeps them, see
+        :meth:`use_share_store`).
         """
+        if share_store:
+            if not streamed:
+                raise PumaError("a share store keeps streamed weights: use it with --weights streamed or auto")
+            self.use_share_store(share_store, model_id)
         self._param_avals = param_avals
         self.mesh.open_owner(spec, self.protocol_config.runtime_config(profile=False).SerializeToString())
         if streamed:

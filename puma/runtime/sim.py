@@ -7,7 +7,7 @@ therefore ends with r public-only marker ops (``pphlo.atan2`` on ``STAGGER_ELEME
 constants: no communication, a few milliseconds each). They usually delay its block until party
 r-1's is written, and whatever the timing they name the party inside its block: the parser
 untangles interleaved blocks by their link totals and accepts only the assignment in which the
-block named ``@r<r>`` ran r markers (:func:`puma.runtime.cost.parse_profiles`). The markers are
+block named ``@r<r>`` ran r markers (:func:`puma.runtime.profiles.parse_profiles`). The markers are
 removed from the reported op costs and from the party's seconds; a run whose blocks still cannot
 be told apart is reported as unprofiled rather than guessed.
 """
@@ -22,9 +22,9 @@ import spu.libspu as libspu
 from puma.runtime import messages
 from puma.runtime.commands import CLIENT, COMMANDS, OPERATOR, OWNER, PartyService
 from puma.runtime.config import RECV_TIMEOUT_S
-from puma.runtime.cost import RunProfile, parse_profiles
 from puma.runtime.fanout import fan_out, first_line
 from puma.runtime.party import ComputeParty, ProcessLog, rank_of
+from puma.runtime.profiles import RunProfile, parse_profiles
 from puma.runtime.secure import Mesh
 
 #: The driver of a sim session holds every role: one process, one trust domain.
@@ -32,7 +32,7 @@ ROLES = frozenset({OPERATOR, OWNER, CLIENT})
 
 log = logging.getLogger(__name__)
 
-STAGGER_ELEMENTS = 32768
+STAGGER_ELEMENTS = 65536
 MARKER_OP = "pphlo.atan2"
 
 
