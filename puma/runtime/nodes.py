@@ -396,6 +396,27 @@ def _describe_status(code: int) -> str:
     return f"exited with status {code}"
 
 
+class _Flag:
+    """A stop flag a signal handler may set: unlike ``threading.Event.set``, which takes a lock
+    the interrupted main thread may be holding inside ``Event.wait`` (a deadlock: the
+    supervisor then ignores SIGTERM), setting it is one assignment."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, in short naps, returning early once set."""
+        deadline = time.monotonic() + seconds
+        while not self._set and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
 def supervise(
     topology: Topology, ranks: list[int], log_dir: str, verbose: int = 0, on_ready=None, announce=None
 ) -> tuple[int, str | None]:
@@ -425,7 +446,7 @@ def supervise(
 
     for rank in ranks:
         start(rank)
-    stop = threading.Event()
+    stop = _Flag()
 
     def on_signal(signum, frame):
         stop.set()
@@ -584,23 +605,23 @@ class NodesMesh(Mesh):
 
     def _exchanged(self, rank: int, message: Message, reply: str):
         channel = self.channels[rank]
-        channel.send(message)
-        while True:
+        with channel.lock:
+            channel.send(message)
             answer = channel.recv()
-            if answer.op == "queued":
+            while answer.op == "queued":
                 progress.status(
                     "queued at %s: position %s (waited %s s)",
                     self._party(rank),
                     answer.args.get("position"),
                     answer.args.get("waited_s"),
                 )
-                continue
-            try:
-                return commands.decode_reply(reply, answer)
-            except commands.Retry:
-                raise
-            except PumaError as err:
-                raise PumaError(f"{self._party(rank)}: {err}" if not str(err).startswith("party ") else str(err))
+                answer = channel.recv()
+        try:
+            return commands.decode_reply(reply, answer)
+        except commands.Retry:
+            raise
+        except PumaError as err:
+            raise PumaError(f"{self._party(rank)}: {err}" if not str(err).startswith("party ") else str(err))
 
     def _hello(self, rank: int) -> dict:
         protocol = self.topology.protocol
@@ -628,16 +649,28 @@ class NodesMesh(Mesh):
         )
 
     def close(self) -> None:
+        """Say goodbye to every party. A channel a failed fan-out's thread still waits on (the
+        first failure ends the wait, :func:`fan_out`) is shut underneath first, so that thread
+        ends before the connection is closed: two threads on one TLS connection crash."""
         for channel in self.channels:
             if channel is None:
                 continue
-            try:
-                channel.settimeout(5.0)
-                channel.send(commands.encode("close", {}))
-                channel.recv()
-            except (wire.ChannelClosed, MessageError, OSError):
-                pass
-            channel.close()
+            idle = channel.lock.acquire(timeout=0.5)
+            if idle:
+                try:
+                    channel.settimeout(5.0)
+                    channel.send(commands.encode("close", {}))
+                    channel.recv()
+                except (wire.ChannelClosed, MessageError, OSError):
+                    pass
+            else:
+                channel.abort()
+                idle = channel.lock.acquire(timeout=30.0)
+            if idle:
+                channel.close()
+                channel.lock.release()
+            else:
+                log.warning("a thread still uses the connection to %s: left open", channel.peer.describe())
         self.channels = []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 
 from puma.runtime import certs, messages
 from puma.runtime.messages import Message
@@ -32,6 +33,9 @@ class Channel:
     def __init__(self, sock: socket.socket, peer: certs.Identity):
         self.sock = sock
         self.peer = peer
+        #: Held for one exchange (a send and its replies): an OpenSSL connection must not be used
+        #: by two threads at once (it crashes the process).
+        self.lock = threading.Lock()
 
     def send(self, message: Message) -> None:
         try:
@@ -59,6 +63,14 @@ class Channel:
 
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
+
+    def abort(self) -> None:
+        """Wake a thread blocked reading this channel (its read ends as closed) without touching
+        the TLS state that thread is using: a shutdown of the socket underneath."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:
