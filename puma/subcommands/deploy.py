@@ -27,13 +27,13 @@ def add_parsers(sub, common) -> None:
         "--config",
         "-c",
         required=True,
-        help="the parties' topology (with tls: {dir: ...})",
+        help="required: the parties' topology (with tls: {dir: ...})",
     )
     pub.add_argument(
         "--out",
         "-o",
         required=True,
-        help="where to write the manifest (public: give it to clients)",
+        help="required: where to write the manifest (public: give it to clients)",
     )
     pub.add_argument(
         "--approx",
@@ -48,8 +48,8 @@ def add_parsers(sub, common) -> None:
     )
     pub.set_defaults(func=cmd_owner_publish)
     unpub = owner_sub.add_parser("unpublish", parents=[common], help="remove a published model from every party")
-    unpub.add_argument("--model", "-m", required=True, help="the model's manifest")
-    unpub.add_argument("--config", "-c", required=True, help="the parties' topology")
+    unpub.add_argument("--model", "-m", required=True, help="required: the model's manifest")
+    unpub.add_argument("--config", "-c", required=True, help="required: the parties' topology")
     unpub.set_defaults(func=cmd_owner_unpublish)
 
     node = sub.add_parser("node", help="run computing parties for the nodes backend")
@@ -59,7 +59,7 @@ def add_parsers(sub, common) -> None:
         parents=[common],
         help="start every party of the topology on this machine and supervise them",
     )
-    up.add_argument("--config", "-c", required=True, help="topology file")
+    up.add_argument("--config", "-c", required=True, help="required: topology file")
     up.add_argument(
         "--log-dir",
         default="runs/parties",
@@ -67,8 +67,8 @@ def add_parsers(sub, common) -> None:
     )
     up.set_defaults(func=cmd_node_up)
     start = node_sub.add_parser("start", parents=[common], help="start one party (on its own host)")
-    start.add_argument("--config", "-c", required=True, help="topology file")
-    start.add_argument("--rank", type=int, required=True, help="which party of the topology this is")
+    start.add_argument("--config", "-c", required=True, help="required: topology file")
+    start.add_argument("--rank", type=int, required=True, help="required: which party of the topology this is")
     start.add_argument(
         "--log-dir",
         default="runs/parties",
@@ -84,7 +84,7 @@ def add_parsers(sub, common) -> None:
         "--config",
         "-c",
         required=True,
-        help="topology file with a tls: {dir: FOLDER} section",
+        help="required: topology file with a tls: {dir: FOLDER} section",
     )
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     certs.add_argument(
@@ -95,7 +95,8 @@ def add_parsers(sub, common) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="also make a certificate for client NAME (repeatable; the topology's clients get one anyway)",
+        help="also make a certificate for client NAME (repeatable; the topology's clients get one anyway; "
+        "default: none)",
     )
     certs.set_defaults(func=cmd_node_certs)
 
