@@ -50,7 +50,8 @@ def cmd_bench(args) -> int:
     reused = CellStore.reused.get(os.path.abspath(args.out), 0)
     if reused:
         print(
-            f"puma: reused {reused} cell(s) already in {args.out} (--resume)",
+            f"puma: reused {reused} cell(s) already in {args.out} "
+            + ("(--resume)" if args.resume else "(measured earlier in this run)"),
             file=sys.stderr,
         )
     print(f"puma: wrote {args.out}", file=sys.stderr)
