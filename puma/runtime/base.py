@@ -161,11 +161,9 @@ class PlaintextSession(Session):
         self, spec: OwnerSpec, param_avals: dict, streamed: bool, share_store: str | None = None, model_id: str = ""
     ) -> None:
         """Read the weights here (plaintext plays every role): all now, or lazily when streamed."""
-        from puma.models import load
-
         if share_store:
             raise PumaError("plaintext keeps no shares: leave out --share-store")
-        lazy = load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed, lazy=True).lazy
+        lazy = spec.open()
         if streamed:
             self.load_lazy(lazy)
         else:

@@ -77,6 +77,12 @@ class OwnerSpec:
     overrides: tuple = ()
     seed: int = 0
 
+    def open(self) -> LazyParams:
+        """The weights, opened lazily (nothing is read until a tensor is asked for)."""
+        from puma.models import load
+
+        return load(self.source, overrides=dict(self.overrides) or None, seed=self.seed, lazy=True).lazy
+
 
 def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFunction:
     """How the owner secret-shares one float32 tensor under ``config``: in pieces by the ABY3
@@ -125,9 +131,7 @@ class ModelOwner:
     @classmethod
     def from_spec(cls, spec: OwnerSpec) -> "ModelOwner":
         """Open the weights named by ``spec`` lazily (in the owner's own process)."""
-        from puma.models import load
-
-        return cls(load(spec.source, overrides=dict(spec.overrides) or None, seed=spec.seed, lazy=True).lazy)
+        return cls(spec.open())
 
     def names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Parameter names as the parties know them, with shapes and dtypes (public metadata)."""
