@@ -295,6 +295,22 @@ class SecureModel:
             self.session, self.model, self.ops, [list(map(int, r)) for r in input_ids], self.staged
         )
 
+    def encode_ids(
+        self,
+        input_ids: Sequence[Sequence[int]] | np.ndarray,
+        head: str = "mean",
+        token_type_ids: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> tasks.EncodingResult:
+        """An encoder's output per row of a padded token-id batch [B, T]: ``head`` ``hidden``
+        (every position), ``mean`` (hidden states mean-pooled over the mask), ``pooled`` (BERT's
+        pooler) or ``classify`` (the classifier's logits). Token types default to zeros, the mask
+        to ones."""
+        ids = np.asarray(input_ids, np.int32)
+        types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        return tasks.encode(self.session, self.model, self.ops, ids, types, mask, head, self.staged)
+
     def embed(
         self, texts: Sequence[str] | Sequence[Sequence[int]] | str, batch_size: int | None = None, progress=None
     ) -> tasks.EncodingResult:

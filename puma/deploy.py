@@ -16,7 +16,8 @@ clients may do with it:
   need them, parties do not).
 
 The manifest file is ``{"body": ..., "signature": hex, "tokenizer": {file: text}}``; the
-signature is the owner's ECDSA signature of the body's canonical JSON (:func:`canonical`).
+signature is the owner's ECDSA signature of the body's canonical JSON
+(:func:`puma.runtime.certs.canonical`).
 Parties verify it with the owner's certificate from their own configuration before they
 store anything; clients verify it before they trust a manifest.
 """
@@ -39,7 +40,7 @@ from puma.models import load, loading
 from puma.models.layers import NormShifts
 from puma.models.loading import FAMILIES, LoadedModel
 from puma.protocols.base import FixedPoint
-from puma.runtime import sharing
+from puma.runtime import certs, sharing
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ TASKS = {"causal": ("generate", "logits"), "encoder": ("embed", "classify", "enc
 REVEALS = ("token", "logits", "outputs")
 #: Sets published by default: each is compiled by the parties only if a client asks for it.
 DEFAULT_SETS = ("puma-fast", "puma-lean", "puma")
-
-
-def canonical(body: dict) -> bytes:
-    """The bytes a manifest's signature covers: sorted keys, no whitespace."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def model_id(source: str, overrides: dict | None = None, seed: int = 0) -> str:
@@ -96,7 +92,7 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
 
 
 def _files_sha256(files: dict[str, str]) -> str:
-    return hashlib.sha256(canonical(files)).hexdigest()
+    return hashlib.sha256(certs.canonical(files)).hexdigest()
 
 
 def default_policy(model: LoadedModel, sets) -> dict:
@@ -334,7 +330,6 @@ def publish_to(
     """``puma owner publish``: calibrate ``source``, sign its manifest with the owner's key,
     share its weights into the stores of the parties of ``topology_path`` and write the
     manifest to ``out``. Returns what the parties stored and the seconds it took."""
-    from puma.runtime import certs
     from puma.runtime.config import Topology
     from puma.runtime.nodes import OWNER, NodesMesh
 
@@ -347,7 +342,7 @@ def publish_to(
     start = time.perf_counter()
     fixed = FixedPoint(protocol.field, protocol.fxp_bits)
     body, files = manifest_body(source, fixed, sets, policy, topology.owner, overrides)
-    signature = certs.sign(key, canonical(body))
+    signature = certs.sign(key, certs.canonical(body))
     mesh = NodesMesh(topology, OWNER)
     try:
         stored = publish(mesh, source, body, signature, overrides)
@@ -402,12 +397,11 @@ def client_model(manifest: str, approx: str, topology=None) -> tuple[ModelView, 
     """What a client runs on: the manifest's view and the model (config, tokenizer, the norm
     shifts of ``approx``; no weights). With a ``topology``, the owner's signature is checked
     against the owner's certificate from it."""
-    from puma.runtime import certs
 
     body, signature, files = read_manifest(manifest)
     if topology is not None and topology.tls is not None:
         cert = topology.tls.owner(topology.owner)[0]
-        if os.path.exists(cert) and not certs.verify(cert, canonical(body), signature):
+        if os.path.exists(cert) and not certs.verify(cert, certs.canonical(body), signature):
             raise PumaError(f"{manifest} is not signed by the owner of {topology.source}")
     model_view = view(body)
     if approx not in model_view.policy.get("approx", []):

@@ -57,9 +57,7 @@ def _last_logits(m: SecureModel) -> np.ndarray:
 
 def _encode(m: SecureModel, head: str) -> np.ndarray:
     mask = (ENC_IDS > 0).astype(np.int32)
-    return np.asarray(
-        tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head, m.staged).outputs
-    )
+    return np.asarray(m.encode_ids(ENC_IDS, head, attention_mask=mask).outputs)
 
 
 def _outputs(preset: str, ops, **options) -> dict:

@@ -20,7 +20,7 @@ import spu
 import spu.libspu as libspu
 from puma.models import loading
 
-from puma import cli, models, tasks
+from puma import cli, models
 from puma.api import SecureModel
 from puma.errors import PumaError
 from puma.runtime import budget, memory, sharing
@@ -40,7 +40,7 @@ def _check(actual, expected, atol, what):
 
 def _encode(m: SecureModel, head: str = "classify"):
     mask = (ENC_IDS > 0).astype(np.int32)
-    return tasks.encode(m.session, m.model, m.ops, ENC_IDS, np.zeros_like(ENC_IDS), mask, head, m.staged)
+    return m.encode_ids(ENC_IDS, head, attention_mask=mask)
 
 
 def _outputs(m: SecureModel, nocache: bool = True) -> dict:

@@ -61,11 +61,19 @@ def _ask(channel: wire.Channel, message: Message) -> Message:
     return channel.recv()
 
 
-def _peers(topology: Topology) -> list[int]:
-    """The parties' process ids, as a client learns them (asked as the owner: no job)."""
+def _peers(topology: Topology) -> list[dict]:
+    """The parties' signed greetings, as a client learns them (asked as the owner: no job)."""
     mesh = NodesMesh(topology, OWNER)
     try:
-        return mesh.pids
+        return mesh.greetings
+    finally:
+        mesh.close()
+
+
+def _server_pids(topology: Topology) -> list[int]:
+    mesh = NodesMesh(topology, OWNER)
+    try:
+        return mesh.server_pids
     finally:
         mesh.close()
 
@@ -190,7 +198,7 @@ def test_a_manifest_not_signed_by_the_owner_is_refused(deployment):
     topology = Topology.from_yaml(topo)
     body, _, _ = deploy.read_manifest(manifest)
     forged = dict(body, policy=dict(body["policy"], reveal=["token", "logits"]))
-    signature = certs.sign(topology.tls.client("client")[1], deploy.canonical(forged))
+    signature = certs.sign(topology.tls.client("client")[1], certs.canonical(forged))
     channel = _channel(topology, "owner", topology.owner)
     _refused(channel, commands.encode("publish", {"manifest": forged, "signature": signature}), "not signed by")
     _honest_job_still_served(deployment)
@@ -232,7 +240,7 @@ def test_a_ticket_cannot_be_forged_or_reused(deployment):
         return channel
 
     forged = dict(real["ticket"], job=real["ticket"]["job"] + 10**6)
-    own = certs.sign(topology.tls.client("client")[1], deploy.canonical(forged)).hex()
+    own = certs.sign(topology.tls.client("client")[1], certs.canonical(forged)).hex()
     channel = present({"ticket": forged, "signature": own})
     reply = channel.recv()
     assert reply.op == "error" and "not signed by the first party" in reply.args["message"]
@@ -245,6 +253,47 @@ def test_a_ticket_cannot_be_forged_or_reused(deployment):
     for channel in (again, used, first):
         channel.close()
     _honest_job_still_served(deployment)
+
+
+def test_a_client_cannot_make_parties_restart_with_a_false_peers_list(deployment):
+    """A party opens its links anew (restarting itself) only when the job's greetings show a
+    peer really restarted: each greeting is signed by its party and none may come from a run
+    older than one the party met. A false pid, a missing greeting, or an earlier run's greeting
+    (signed here with the party's key, as that run would have) is refused, and no party restarts."""
+    topo, manifest, _ = deployment
+    topology = Topology.from_yaml(topo)
+    body, _, _ = deploy.read_manifest(manifest)
+    _honest_job_still_served(deployment)  # links open with the current runs
+    before = _server_pids(topology)
+    real = _peers(topology)
+
+    def ask(peers) -> Message:
+        channel = _channel(topology, "client", "client")
+        hello = {"protocol": {"protocol": "aby3", "field": "FM64"}, "world_size": 3, "rank": 0}
+        assert _ask(channel, commands.encode("hello", hello)).op == "ok"
+        reply = _ask(channel, Message("job", {"model": body["model_id"], "ticket": None, "peers": peers}))
+        channel.close()
+        return reply
+
+    def signed_by_party(run: dict) -> dict:
+        signature = certs.sign(topology.tls.party(run["party"])[1], certs.canonical(run)).hex()
+        return {**run, "signature": signature}
+
+    earlier = {key: real[2][key] for key in ("party", "pid", "started")}
+    earlier.update(pid=earlier["pid"] + 1, started=earlier["started"] - 60.0)
+    attempts = [
+        ([real[0], real[1], dict(real[2], pid=real[2]["pid"] + 1)], "the greeting of party p2 is not signed by it"),
+        ([real[0], real[1], real[1]], "the greeting of party p2 is not signed by it"),
+        (real[:2], "the job names 2 peers, not 3 parties' greetings"),
+        ([1, 2, 3], "not a party's greeting"),
+        ([real[0], real[1], signed_by_party(earlier)], "the greeting of party p2 comes from an earlier run of it"),
+    ]
+    for peers, fragment in attempts:
+        reply = ask(peers)
+        assert reply.op == "error" and fragment in reply.args["message"], reply
+    assert _server_pids(topology) == before  # no party restarted
+    _honest_job_still_served(deployment)
+    assert _server_pids(topology) == before
 
 
 def test_a_changed_model_file_gets_a_new_id(tmp_path, stories_gguf):

@@ -28,7 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from puma import calibration, network, protocols, tasks
+from puma import calibration, network, protocols
 from puma.api import SecureModel
 from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
@@ -97,9 +97,7 @@ def _infer(m: SecureModel, size):
             raise RuntimeError("generation stopped at end-of-text")
         return result.cost, result.step_costs
     ids = rng.integers(10, min(vocab, 1000), (1, size)).astype(np.int32)
-    return tasks.encode(
-        m.session, m.model, m.ops, ids, np.zeros_like(ids), np.ones_like(ids), "pooled", m.staged
-    ).cost, []
+    return m.encode_ids(ids, "pooled").cost, []
 
 
 def _compute_s(cost) -> float:

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 
-from puma import tasks
 from puma.api import SecureModel
 from puma.bench.report import profiled
 
@@ -30,10 +29,7 @@ def preset_logit_error(secure: SecureModel, reference: SecureModel, seed: int = 
     if model.causal:
         got, want = secure.logits(ids), reference.logits(ids)
     else:
-        mask = np.ones_like(ids)
-        types = np.zeros_like(ids)
-        got = tasks.encode(secure.session, model, secure.ops, ids, types, mask, "mean", secure.staged)
-        want = tasks.encode(reference.session, model, reference.ops, ids, types, mask, "mean", reference.staged)
+        got, want = secure.encode_ids(ids, "mean"), reference.encode_ids(ids, "mean")
     diff = np.abs(np.asarray(got.outputs, np.float64) - np.asarray(want.outputs, np.float64))
     return {
         "max_abs": float(diff.max()),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import json
 import os
 import ssl
 
@@ -135,6 +136,12 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     return _mutual(ctx, cert, key, ca)
+
+
+def canonical(doc: dict) -> bytes:
+    """A JSON document's canonical bytes (sorted keys, no whitespace): what a signature covers
+    and a content hash hashes, so both ends compute the same bytes from parsed JSON."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sign(key_path: str, data: bytes) -> bytes:

@@ -236,7 +236,7 @@ class PartyService:
         self._slots: dict[str, dict] = {}  # client state slot -> state avals
         self._outputs: set[str] = set()  # o: names the last run left for the client
         self._publishing: dict[str, dict] = {}
-        self._peers = None  # the parties' process ids when the links opened
+        self._peers = None  # the parties' runs when the links opened
 
     @property
     def party(self):
@@ -370,8 +370,9 @@ class PartyService:
     # -- a client's job ------------------------------------------------------------------------
 
     def _on_job(self, model: str, ticket, peers) -> dict:
-        """Admit a job on ``model``. ``peers``: the parties' process ids the client met; links
-        opened with other processes (a peer was restarted) are opened again."""
+        """Admit a job on ``model``. ``peers``: the runs of the parties the client met (their
+        greetings, which the server checked against each party's signature, so they are never
+        older than what it met); links opened with other runs (a peer restarted) are opened again."""
         self.published_view(model)  # refused unless the model is published here
         if peers != self._peers and self._party is not None:
             raise LinksStale(f"party rank {self.rank} restarts: a peer restarted since its links opened")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import logging
 import multiprocessing
 import os
@@ -59,10 +58,6 @@ JOB_COMMANDS = {"inputs", "run_task", "outputs", "free"}
 EXCLUSIVE = {"publish", "publish_end", "unpublish"}
 #: Seconds between the position messages a queued client receives.
 QUEUE_TICK_S = 2.0
-
-
-def _canonical(doc: dict) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 # -- party side ------------------------------------------------------------------------------
@@ -124,6 +119,9 @@ class PartyServer:
         certs.check(*tls.party_link(self.spec.id), tls.links_ca, f"party {self.spec.id} (link)")
         self.context = certs.server_context(cert, key, tls.ca)
         self.key = key
+        run = {"party": self.spec.id, "pid": os.getpid(), "started": time.time()}
+        self.greeting = {**run, "signature": certs.sign(key, certs.canonical(run)).hex()}
+        self.seen: dict[str, float] = {}  # party id -> start time of the newest run of it met
         self._check_link_port()
         host, port = self.spec.control_host_port
         try:
@@ -139,7 +137,7 @@ class PartyServer:
             protocol=topology.protocol,
             store=os.path.join(topology.store, self.spec.id),
             process_log=ProcessLog.get(log_path),
-            info=lambda: {"id": self.spec.id, "server_pid": os.getpid()},
+            info=lambda: {"id": self.spec.id, "server_pid": os.getpid(), "greeting": self.greeting},
             verify=self._verify_owner,
             budget=topology.memory_budget,
         )
@@ -176,7 +174,7 @@ class PartyServer:
 
     def _verify_owner(self, manifest: dict, signature: bytes) -> None:
         cert, _ = self.tls.owner(self.topology.owner)
-        if not certs.verify(cert, _canonical(manifest), signature):
+        if not certs.verify(cert, certs.canonical(manifest), signature):
             raise PermissionError("the manifest is not signed by this deployment's model owner")
 
     def serve_forever(self, on_ready=None) -> None:
@@ -289,7 +287,7 @@ class PartyServer:
                 raise PumaError(f"party {self.spec.id}: the runtime stayed busy for {limit:.0f} s")
             ticket = {"job": job, "client": channel.peer.name, "model": kwargs["model"], "issued": time.time()}
             self._start_job(roles, kwargs)
-            signature = certs.sign(self.key, _canonical(ticket)).hex()
+            signature = certs.sign(self.key, certs.canonical(ticket)).hex()
             channel.send(commands.encode_reply("json", {"ticket": ticket, "signature": signature}))
             return
         ticket = self._check_ticket(channel, kwargs)
@@ -302,12 +300,40 @@ class PartyServer:
     def _start_job(self, roles: frozenset, kwargs: dict) -> None:
         """The admitted job's command (the client holds the runtime now); releases it on failure."""
         try:
-            self.service.handle(roles, "job", kwargs)
+            self.service.handle(roles, "job", {**kwargs, "peers": self._check_peers(kwargs["peers"])})
         except BaseException:
             self._runtime.release()
             if self.rank == 0:
                 self.queue.done()
             raise
+
+    def _check_peers(self, peers) -> list[dict]:
+        """The parties' greetings the client met (one per party, in rank order), each checked
+        against that party's signature and none from a run of a party older than one this party
+        met: what the service compares with the runs its links were opened with. A client can
+        thus make a party open its links anew only when a peer really restarted."""
+        parties = self.topology.parties
+        if not isinstance(peers, list) or len(peers) != len(parties):
+            raise PermissionError(
+                f"the job names {len(peers) if isinstance(peers, list) else 'no'} peers, not "
+                f"{len(parties)} parties' greetings"
+            )
+        runs = []
+        for spec, greeting in zip(parties, peers):
+            try:
+                run = {key: greeting[key] for key in ("party", "pid", "started")}
+                signature = bytes.fromhex(greeting["signature"])
+                started = float(run["started"])
+            except (TypeError, KeyError, ValueError) as err:
+                raise PermissionError(f"not a party's greeting ({err})") from None
+            if run["party"] != spec.id or not certs.verify(self.tls.party(spec.id)[0], certs.canonical(run), signature):
+                raise PermissionError(f"the greeting of party {spec.id} is not signed by it")
+            if started < self.seen.get(spec.id, 0.0):
+                raise PermissionError(f"the greeting of party {spec.id} comes from an earlier run of it: connect again")
+            runs.append(run)
+        for run in runs:
+            self.seen[run["party"]] = float(run["started"])
+        return runs
 
     def _check_ticket(self, channel: wire.Channel, kwargs: dict) -> dict:
         """The first party's ticket for this client, this model and a job not served yet."""
@@ -315,7 +341,7 @@ class PartyServer:
         try:
             ticket, signature = doc["ticket"], bytes.fromhex(doc["signature"])
             first = self.topology.parties[0].id
-            valid = certs.verify(self.tls.party(first)[0], _canonical(ticket), signature)
+            valid = certs.verify(self.tls.party(first)[0], certs.canonical(ticket), signature)
         except (TypeError, KeyError, ValueError) as err:
             raise PermissionError(f"not a ticket ({err})") from None
         if not valid:
@@ -510,6 +536,7 @@ class NodesMesh(Mesh):
         self.world_size = topology.world_size
         self.channels: list[wire.Channel | None] = []
         self.pids: list[int] = []
+        self.greetings: list[dict] = []  # each party's signed greeting: who it is, which run
         tls = topology.require_tls()
         if role == OWNER:
             name = topology.owner
@@ -553,6 +580,7 @@ class NodesMesh(Mesh):
         self.channels = [self._connect(spec) for spec in self.topology.parties]
         hello = [self._hello(rank) for rank in range(self.world_size)]
         self.pids = [h["pid"] for h in hello]
+        self.greetings = [h["greeting"] for h in hello]
         if role == CLIENT:
             ticket = self._job(0, None)
             for rank in range(1, self.world_size):
@@ -629,7 +657,7 @@ class NodesMesh(Mesh):
         return self._exchange(rank, commands.encode("hello", {**args, "rank": rank}), "json")
 
     def _job(self, rank: int, ticket: dict | None) -> dict:
-        job = {"model": self.model, "ticket": ticket, "peers": self.pids}
+        job = {"model": self.model, "ticket": ticket, "peers": self.greetings}
         return self._exchange(rank, Message("job", job), "json")
 
     def call(self, command: str, per_party: list[dict]) -> list:
