@@ -46,6 +46,23 @@ def test_cell_store_resumes_and_restarts_on_new_config(tmp_path):
     assert data["environment"]["machine"]["cpus"] >= 1 and data["config"] == {"a": 1}
 
 
+def test_resuming_uncontended_cells_measures_contended_ones_again(tmp_path):
+    path = str(tmp_path / "r.json")
+    store = CellStore(path, {"a": 1})
+    store.measure("quiet", lambda: {"s": 1.0, "load": {"contended": False}})
+    store.measure("busy", lambda: {"s": 9.0, "load": {"contended": True}})
+    store.measure("old", lambda: {"s": 2.0})  # measured before cells recorded the load: kept
+    again = CellStore(path, {"a": 1}, resume="uncontended")
+    measured = []
+
+    def fresh(key):
+        return lambda: measured.append(key) or {"s": 0.5, "load": {"contended": False}}
+
+    assert [again.measure(k, fresh(k))["s"] for k in ("quiet", "busy", "old")] == [1.0, 0.5, 2.0]
+    assert measured == ["busy"]
+    assert json.load(open(path))["cells"]["busy"]["s"] == 0.5
+
+
 def test_logistic_head_separates_separable_data():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 5))

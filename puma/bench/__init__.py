@@ -6,7 +6,8 @@ Each benchmark is a module of this package with ``add_arguments(parser)`` (its o
 README's results it makes. Adding a benchmark is its module plus one entry here.
 
 Every benchmark measures by default; ``--resume`` reuses the cells its JSON already holds (and
-the command says how many it reused). Options several benchmarks share are in
+the command says how many it reused), ``--resume uncontended`` only those whose load record
+(:mod:`puma.bench.load`) shows no other process contended them. Options several benchmarks share are in
 :mod:`puma.options`.
 """
 

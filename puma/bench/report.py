@@ -57,13 +57,16 @@ def profiled(cost):
 class CellStore:
     """A JSON results file of named cells, written atomically after each new cell.
 
-    ``reused`` counts, per file (absolute path), the cells this process took from the file
-    instead of measuring them (the command reports it)."""
+    ``resume``: falsy measures every cell; ``"uncontended"`` reuses the file's cells except
+    those whose load record says other processes contended them; anything else truthy reuses
+    every cell of the file. ``reused`` counts, per file (absolute path), the cells this process
+    took from the file instead of measuring them (the command reports it)."""
 
     reused: dict[str, int] = {}
 
-    def __init__(self, path: str, config: dict, resume: bool = True):
+    def __init__(self, path: str, config: dict, resume: bool | str = True):
         self.path = path
+        self.redo_contended = resume == "uncontended"
         self.data = {"benchmark": os.path.basename(path), "config": config, "environment": environment(), "cells": {}}
         if resume and os.path.exists(path):
             with open(path) as f:
@@ -82,8 +85,9 @@ class CellStore:
         return self.data["cells"]
 
     def measure(self, key: str, fn: Callable[[], Any]) -> Any:
-        """The cell ``key``: from the file if it was measured before, else ``fn()`` (then saved)."""
-        if key in self.cells:
+        """The cell ``key``: from the file if it was measured before (and, when resuming
+        uncontended cells only, was not contended), else ``fn()`` (then saved)."""
+        if key in self.cells and not (self.redo_contended and _contended(self.cells[key])):
             where = os.path.abspath(self.path)
             CellStore.reused[where] = CellStore.reused.get(where, 0) + 1
             return self.cells[key]
@@ -104,6 +108,11 @@ class CellStore:
         with os.fdopen(fd, "w") as f:
             json.dump(self.data, f, indent=1, default=_jsonable)
         os.replace(tmp, self.path)
+
+
+def _contended(cell) -> bool:
+    """Whether a cell's load record (:mod:`puma.bench.load`) says others used the machine."""
+    return isinstance(cell, dict) and bool((cell.get("load") or {}).get("contended"))
 
 
 def _jsonable(value):

@@ -23,8 +23,11 @@ def add_parsers(sub, common) -> None:
         )
         p.add_argument(
             "--resume",
-            action="store_true",
-            help="reuse the cells --out already holds and measure only the rest (default: measure every cell)",
+            nargs="?",
+            const="all",
+            choices=("all", "uncontended"),
+            help="reuse the cells --out already holds and measure only the rest; '--resume uncontended' also "
+            "measures again the cells whose seconds other processes contended (default: measure every cell)",
         )
         benchmark.load().add_arguments(p)
         p.set_defaults(func=cmd_bench, benchmark=benchmark.name)
