@@ -63,6 +63,55 @@ def test_resuming_uncontended_cells_measures_contended_ones_again(tmp_path):
     assert json.load(open(path))["cells"]["busy"]["s"] == 0.5
 
 
+def test_divergences_name_where_and_by_how_much_a_greedy_run_left_the_reference(stories_gguf):
+    """A cell whose second prompt takes the reference's runner-up at token 3: that prompt only,
+    at that token, rank 1, and the margin numpy reads from the reference's logits there."""
+    from puma.api import SecureModel
+    from puma.bench import fidelity
+
+    reference = SecureModel.from_pretrained(stories_gguf)
+    prompts = ["Once upon a time", "The little dog"]
+    want = reference.generate(prompts, 6).tokens
+    prefix = reference.model.tokenizer(prompts[1])["input_ids"] + want[1][:3]
+    logits = np.asarray(reference.logits([prefix]).outputs, np.float64)[0, -1]
+    first, second = np.argsort(logits)[::-1][:2]
+    assert first == want[1][3]
+    got = [want[0], want[1][:3] + [int(second), 1, 1]]
+    cell = {"prompts": prompts, "tokens": got, "reference_tokens": want, "matching_prefix": [6, 3]}
+    found = fidelity.divergences(reference, cell)
+    margin = round(float(logits[first] - logits[second]), 4)
+    assert found == [
+        {
+            "prompt": 1,
+            "position": 3,
+            "reference_token": int(first),
+            "secure_token": int(second),
+            "secure_rank": 1,
+            "margin": margin,
+        }
+    ]
+    result = {
+        "config": {"real_model": "stories260K"},
+        "results": {
+            "real": {
+                "puma-fast": {
+                    "format": "FM64/18",
+                    "greedy": {"match": [True, False], "matching_prefix": [6, 3]},
+                    "divergences": found,
+                    "perplexity": 1.0,
+                    "perplexity_exact": 1.0,
+                    "perplexity_change": 0.0,
+                    "top1_agreement": 1.0,
+                }
+            }
+        },
+    }
+    assert (
+        f"1 of 2; prompt 2 differs at token 3, where the plaintext top logit leads the MPC run's token by {margin:.3f}"
+        in accuracy.markdown(result)
+    )
+
+
 def test_logistic_head_separates_separable_data():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 5))

@@ -176,7 +176,7 @@ def real_lm(
             wiki = store.measure(
                 f"real-wikitext/{base}/{name}/{lines}x{tokens}", lambda: fidelity.lm_agreement(m, exact, texts)
             )
-        out[name] = {"format": fixed, "greedy": greedy, **wiki}
+        out[name] = {"format": fixed, "greedy": greedy, "divergences": fidelity.divergences(plain, greedy), **wiki}
     return out
 
 
@@ -272,7 +272,9 @@ def run(
         results["real"] = real_lm(
             store, sets, backend, connect, folder, real_model, new_tokens=32, lines=REAL_LINES, tokens=128
         )
-    store.data.setdefault("results", {}).update(results)  # suites run separately add up
+    saved = store.data.setdefault("results", {})
+    for suite, value in results.items():  # suites, and the sets of a suite, run separately add up
+        saved[suite] = {**saved.get(suite, {}), **value}
     store.save()
     return store.data
 
@@ -381,8 +383,10 @@ def markdown(result: dict) -> str:
         for name, r in res["real"].items():
             g = r["greedy"]
             same = sum(g["match"])
-            greedy = f"{same} of {len(g['match'])}" + (
-                "" if same == len(g["match"]) else f" (first difference at {min(g['matching_prefix'])})"
+            greedy = f"{same} of {len(g['match'])}" + "".join(
+                f"; prompt {d['prompt'] + 1} differs at token {d['position']}, where the plaintext top logit "
+                f"leads the MPC run's token by {d['margin']:.3f}"
+                for d in r.get("divergences", [])
             )
             lines.append(
                 f"| {name} | {r['format']} | {greedy} | {r['perplexity']:.3f} ({r['perplexity_exact']:.3f}) | "

@@ -5,6 +5,7 @@
 - ``lm_agreement``: next-token top-1 agreement and perplexity on texts (stories260K, GPT-2).
 - ``greedy_match``: greedy continuation identical to the exact one?
 - ``greedy_prompts``: greedy continuations of several prompts (one batch) against a reference.
+- ``divergences``: where such continuations differ, how close the reference's choice was there.
 
 Each takes an open :class:`~puma.api.SecureModel` for the set under test and the plaintext
 reference model, so callers control the backend.
@@ -139,3 +140,28 @@ def greedy_prompts(secure: SecureModel, reference: SecureModel, prompts: Sequenc
         "bytes_sent": _bytes(got.cost),
         "wall_s": round(got.cost.wall_s, 2),
     }
+
+
+def divergences(reference: SecureModel, cell: dict) -> list[dict]:
+    """For each prompt of a :func:`greedy_prompts` cell whose tokens differ from the reference's,
+    the reference's next-token logits at the first difference (its prompt plus the common
+    prefix, in plaintext): the two tokens, the secure token's rank there and ``margin``, the
+    reference's top logit less the secure token's logit. A margin near zero is a near-tie, which
+    any rounding may flip."""
+    out = []
+    prompts = [reference.model.tokenizer(p)["input_ids"] for p in cell["prompts"]]
+    for i, (got, want, k) in enumerate(zip(cell["tokens"], cell["reference_tokens"], cell["matching_prefix"])):
+        if got == want or k >= min(len(got), len(want)):
+            continue
+        logits = np.asarray(reference.logits([prompts[i] + list(want[:k])]).outputs, np.float64)[0, -1]
+        out.append(
+            {
+                "prompt": i,
+                "position": k,
+                "reference_token": int(want[k]),
+                "secure_token": int(got[k]),
+                "secure_rank": int(np.sum(logits > logits[got[k]])),
+                "margin": round(float(logits[want[k]] - logits[got[k]]), 4),
+            }
+        )
+    return out
