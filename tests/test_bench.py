@@ -102,7 +102,8 @@ def test_divergences_name_where_and_by_how_much_a_greedy_run_left_the_reference(
                     "perplexity_exact": 1.0,
                     "perplexity_change": 0.0,
                     "top1_agreement": 1.0,
-                }
+                },
+                "puma": {"format": "FM64/18", "greedy": {"match": [True, True], "matching_prefix": [6, 6]}},
             }
         },
     }
@@ -110,6 +111,7 @@ def test_divergences_name_where_and_by_how_much_a_greedy_run_left_the_reference(
         f"1 of 2; prompt 2 differs at token 3, where the plaintext top logit leads the MPC run's token by {margin:.3f}"
         in accuracy.markdown(result)
     )
+    assert "| puma | FM64/18 | 2 of 2 | not measured | |  |" in accuracy.markdown(result)
 
 
 def test_logistic_head_separates_separable_data():
