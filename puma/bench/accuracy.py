@@ -309,7 +309,7 @@ def run(
         )
     saved = store.data.setdefault("results", {})
     for suite, value in results.items():  # suites, and the sets of a suite, run separately add up
-        saved[suite] = {**saved.get(suite, {}), **value}
+        saved[suite] = {**value, **{k: v for k, v in saved.get(suite, {}).items() if k not in value}}
     store.save()
     return store.data
 
