@@ -52,7 +52,9 @@ def test_resuming_uncontended_cells_measures_contended_ones_again(tmp_path):
     store.measure("quiet", lambda: {"s": 1.0, "load": {"contended": False}})
     store.measure("busy", lambda: {"s": 9.0, "load": {"contended": True}})
     store.measure("old", lambda: {"s": 2.0})  # measured before cells recorded the load: kept
+    store.put("row", {"paths": {"a": {"load": {"contended": False}}, "b": {"load": {"contended": True}}}})
     again = CellStore(path, {"a": 1}, resume="uncontended")
+    assert [again.holds(k) for k in ("quiet", "busy", "old", "row", "absent")] == [True, False, True, False, False]
     measured = []
 
     def fresh(key):

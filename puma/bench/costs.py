@@ -363,7 +363,7 @@ def run(
     for row, size, approx in tqdm(plan, desc="cost table", unit="cell"):
         key = f"{row.name}/{_size_tag(size)}/{approx}"
         unvalidated = validate and not row.checkpoint and "validation_4_layers" not in store.cells.get(key, {})
-        if key not in store.cells or unvalidated:
+        if not store.holds(key) or unvalidated:
             measure_row(
                 store,
                 row,

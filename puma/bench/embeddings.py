@@ -93,7 +93,7 @@ def run(out: str = "bench-results/embeddings.json", resume: bool = True, models:
 
     store = CellStore(out, {"backend": "sim", "protocol": "aby3/FM64/18"}, resume=resume)
     shapes = list(FIT_SHAPES) + (list(MODEL_SHAPES.values()) if models else [])
-    todo = [(kind, s) for s in shapes for kind in E.KINDS if _key(kind, s) not in store.cells]
+    todo = [(kind, s) for s in shapes for kind in E.KINDS if not store.holds(_key(kind, s))]
     with open_session("sim") as session:
         for kind, shape in tqdm(todo, desc="embeddings", unit="run"):
             store.put(_key(kind, shape), measure(session, kind, *shape))

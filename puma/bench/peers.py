@@ -453,7 +453,7 @@ def run(
         protocols.get(s)
     paths = [*peers, *sets]
     store = CellStore(out, {"backend": "sim", "protocol": "aby3/FM64/18", "paths": paths}, resume=resume)
-    todo = [name for name in rows if name not in store.cells]
+    todo = [name for name in rows if not store.holds(name)]
     for name in tqdm(todo, desc="peer table", unit="row"):
         store.put(name, _measure_row(ROWS[name], peers, sets, quiet))
     for row in store.cells.values():  # the network model applied to every cell, as it is now

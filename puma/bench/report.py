@@ -87,7 +87,7 @@ class CellStore:
     def measure(self, key: str, fn: Callable[[], Any]) -> Any:
         """The cell ``key``: from the file if it was measured before (and, when resuming
         uncontended cells only, was not contended), else ``fn()`` (then saved)."""
-        if key in self.cells and not (self.redo_contended and _contended(self.cells[key])):
+        if self.holds(key):
             where = os.path.abspath(self.path)
             CellStore.reused[where] = CellStore.reused.get(where, 0) + 1
             return self.cells[key]
@@ -95,6 +95,11 @@ class CellStore:
         self.cells[key] = value
         self.save()
         return value
+
+    def holds(self, key: str) -> bool:
+        """Whether the cell ``key`` is there to reuse (when resuming uncontended cells only: and
+        no run in it was contended); benchmarks that plan their work ask this."""
+        return key in self.cells and not (self.redo_contended and _contended(self.cells[key]))
 
     def put(self, key: str, value: Any) -> None:
         self.cells[key] = value
@@ -111,8 +116,16 @@ class CellStore:
 
 
 def _contended(cell) -> bool:
-    """Whether a cell's load record (:mod:`puma.bench.load`) says others used the machine."""
-    return isinstance(cell, dict) and bool((cell.get("load") or {}).get("contended"))
+    """Whether a load record (:mod:`puma.bench.load`) anywhere in a cell says others used the
+    machine (a row's cell may hold several runs, each with its own)."""
+    if isinstance(cell, dict):
+        load = cell.get("load")
+        if isinstance(load, dict) and load.get("contended"):
+            return True
+        return any(_contended(value) for value in cell.values())
+    if isinstance(cell, list):
+        return any(_contended(value) for value in cell)
+    return False
 
 
 def _jsonable(value):
