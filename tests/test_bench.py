@@ -110,7 +110,7 @@ def test_divergences_name_where_and_by_how_much_a_greedy_run_left_the_reference(
         },
     }
     assert (
-        f"1 of 2; prompt 2 differs at token 3, where the plaintext top logit leads the MPC run's token by {margin:.3f}"
+        f"1 of 2; prompt 2 differs at token 3, where the plaintext top logit leads the MPC run's token by {margin:.4f}"
         in accuracy.markdown(result)
     )
     assert "| puma | FM64/18 | 2 of 2 | not measured | |  |" in accuracy.markdown(result)

@@ -431,7 +431,7 @@ def markdown(result: dict) -> str:
                 match = r["greedy"]["match"]
                 greedy = f"{sum(match)} of {len(match)}" + "".join(
                     f"; prompt {d['prompt'] + 1} differs at token {d['position']}, where the plaintext top logit "
-                    f"leads the MPC run's token by {d['margin']:.3f}"
+                    f"leads the MPC run's token by {d['margin']:.4f}"
                     for d in r.get("divergences", [])
                 )
             if "perplexity" in r:
