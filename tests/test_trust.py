@@ -61,21 +61,20 @@ def _ask(channel: wire.Channel, message: Message) -> Message:
     return channel.recv()
 
 
-def _peers(topology: Topology) -> list[dict]:
-    """The parties' signed greetings, as a client learns them (asked as the owner: no job)."""
+def _met(topology: Topology) -> NodesMesh:
+    """What a client learns from the parties' greetings (asked as the owner: no job)."""
     mesh = NodesMesh(topology, OWNER)
-    try:
-        return mesh.greetings
-    finally:
-        mesh.close()
+    mesh.close()
+    return mesh
+
+
+def _peers(topology: Topology) -> list[dict]:
+    """The parties' signed greetings, as a client sends them with a job."""
+    return _met(topology).greetings
 
 
 def _server_pids(topology: Topology) -> list[int]:
-    mesh = NodesMesh(topology, OWNER)
-    try:
-        return mesh.server_pids
-    finally:
-        mesh.close()
+    return _met(topology).server_pids
 
 
 def _job(topology: Topology, manifest: str, name: str = "client") -> wire.Channel:

@@ -426,7 +426,7 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|",
         ]
         for name, r in res["real"].items():
-            greedy = wiki = "not measured"
+            greedy, wiki = "not measured", "not measured | | "
             if "greedy" in r:
                 match = r["greedy"]["match"]
                 greedy = f"{sum(match)} of {len(match)}" + "".join(
@@ -439,8 +439,6 @@ def markdown(result: dict) -> str:
                     f"{r['perplexity']:.3f} ({r['perplexity_exact']:.3f}) | {100 * r['perplexity_change']:+.2f}% | "
                     f"{r['top1_agreement']:.4f}"
                 )
-            else:
-                wiki = f"{wiki} | | "
             lines.append(f"| {name} | {r['format']} | {greedy} | {wiki} |")
         lines.append("")
     if "fxp" in res:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from puma import tasks
 from puma.api import SecureModel
 from puma.bench.report import profiled
 
@@ -149,7 +150,7 @@ def divergences(reference: SecureModel, cell: dict) -> list[dict]:
     reference's top logit less the secure token's logit. A margin near zero is a near-tie, which
     any rounding may flip."""
     out = []
-    prompts = [reference.model.tokenizer(p)["input_ids"] for p in cell["prompts"]]
+    prompts = tasks.encode_prompts(reference.model, cell["prompts"])  # the ids the generation ran on
     for i, (got, want, k) in enumerate(zip(cell["tokens"], cell["reference_tokens"], cell["matching_prefix"])):
         if got == want or k >= min(len(got), len(want)):
             continue

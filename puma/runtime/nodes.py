@@ -318,7 +318,7 @@ class PartyServer:
                 f"the job names {len(peers) if isinstance(peers, list) else 'no'} peers, not "
                 f"{len(parties)} parties' greetings"
             )
-        runs = []
+        runs, starts = [], {}
         for spec, greeting in zip(parties, peers):
             try:
                 run = {key: greeting[key] for key in ("party", "pid", "started")}
@@ -331,8 +331,8 @@ class PartyServer:
             if started < self.seen.get(spec.id, 0.0):
                 raise PermissionError(f"the greeting of party {spec.id} comes from an earlier run of it: connect again")
             runs.append(run)
-        for run in runs:
-            self.seen[run["party"]] = float(run["started"])
+            starts[spec.id] = started
+        self.seen.update(starts)
         return runs
 
     def _check_ticket(self, channel: wire.Channel, kwargs: dict) -> dict:
