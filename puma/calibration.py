@@ -182,10 +182,15 @@ def fingerprint(source: str, overrides: dict | None = None, seed: int = 0) -> st
     return hashlib.sha256(json.dumps([VERSION, parts], default=str).encode()).hexdigest()[:20]
 
 
+def cache_root() -> str:
+    """puma's cache folder: ``$PUMA_CACHE`` (default ``~/.cache/puma``), with a subfolder per
+    kind of entry (calibrated ranges, manifests, compiled programs)."""
+    return os.environ.get("PUMA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "puma")
+
+
 def cache_dir() -> str:
-    """Where calibrated ranges are kept: ``$PUMA_CACHE/calibration`` (default ``~/.cache/puma``)."""
-    root = os.environ.get("PUMA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "puma")
-    return os.path.join(root, "calibration")
+    """Where calibrated ranges are kept: ``<cache_root()>/calibration``."""
+    return os.path.join(cache_root(), "calibration")
 
 
 def ranges_for(source: str, overrides: dict | None = None, seed: int = 0, refresh: bool = False) -> Ranges:

@@ -80,6 +80,14 @@ class _ProgressLines(logging.Handler):
         print(f"puma: {record.getMessage()} ...", file=sys.stderr, flush=True)
 
 
+class _WarningLines(logging.Handler):
+    """Writes :func:`puma.progress.warn` lines (``puma: ...`` already) to whatever ``sys.stderr``
+    is at the time, each one, whatever else is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
+
+
 def _stopped(argv, what: str, status: int) -> int:
     """The one line for a run stopped by a signal. As a command, end at once: ``sim`` party
     threads may still be inside SPU, and interpreter shutdown under them can crash."""
@@ -100,7 +108,7 @@ def _on_sigterm(signum, frame):
 
 def _show_progress(on: bool, terminal: bool) -> None:
     """Progress lines on stderr: every one at a terminal, one per :data:`QUIET_PROGRESS_S` into
-    a file or pipe; none with --json (``on`` false)."""
+    a file or pipe; none with --json (``on`` false). Warnings always."""
     from puma import progress
 
     for handler in [h for h in progress.log.handlers if isinstance(h, _ProgressLines)]:
@@ -109,6 +117,9 @@ def _show_progress(on: bool, terminal: bool) -> None:
     if on:
         progress.log.addHandler(_ProgressLines(0.0 if terminal else QUIET_PROGRESS_S))
         progress.log.setLevel(logging.INFO)
+    if not any(isinstance(h, _WarningLines) for h in progress.warnings_log.handlers):
+        progress.warnings_log.addHandler(_WarningLines())
+        progress.warnings_log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import time
 from typing import Callable
 
 from puma.errors import PumaError
-from puma.runtime import memory, messages, programs, sharing
+from puma.runtime import compile_cache, memory, messages, programs, sharing
 from puma.runtime.messages import Message, MessageError
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,10 @@ class PartyService:
     ``open_party()`` makes the :class:`~puma.runtime.party.ComputeParty` (its links) when a
     command first needs it. ``models(manifest) -> view`` turns a published model's manifest into
     what the party builds programs from (see :mod:`puma.deploy`); ``store`` is this party's own
-    folder of published models (from its own configuration, never from a peer). An operator's
-    ``store``/``restore`` name their folder (one trust domain). ``code_hook(code, rank)`` rewrites
-    code before it is installed (``sim`` tags each party's profile).
+    folder of published models (from its own configuration, never from a peer), and of the
+    programs it compiled itself (``<store>/programs``, :mod:`puma.runtime.compile_cache`). An
+    operator's ``store``/``restore`` name their folder (one trust domain). ``code_hook(code,
+    rank)`` rewrites code before it is installed (``sim`` tags each party's profile).
     """
 
     def __init__(
@@ -294,6 +295,8 @@ class PartyService:
     def _model_dir(self, model: str) -> str:
         if self.store is None:
             raise PumaError(f"party rank {self.rank} keeps no store: models cannot be published to it")
+        if os.path.normpath(model).split(os.sep)[0] == compile_cache.FOLDER:
+            raise PumaError(f"{model!r} names party rank {self.rank}'s compile cache, not a model")
         return os.path.join(self.store, model)
 
     def _on_publish(self, manifest: dict, signature: bytes) -> dict:
@@ -437,7 +440,10 @@ class PartyService:
         if cache_key not in self._compiled:
             start = time.perf_counter()
             lowered = programs.lower(program, params, state, secret, public)
-            code = programs.compile_code(lowered.fn, lowered.flat_args, lowered.visibility, options)
+            cache = compile_cache.party_folder(self.store)  # its own programs only: built from the spec
+            code = programs.compile_code(
+                program.name, lowered.fn, lowered.flat_args, lowered.visibility, options, cache
+            )
             key = programs.code_key(program.name, code)
             self.party.install(key, program.name, self.code_hook(code, self.rank) if self.code_hook else code)
             self._compiled[cache_key] = _Compiled(key, lowered, time.perf_counter() - start)

@@ -42,7 +42,8 @@ class CostReport:
 
     ``wall_s`` is the driver's wall-clock time for those runs, sharing and reconstruction
     included, compilation excluded (``compile_s``: programs compile once per shape and are
-    reused); ``per_party[r].seconds`` is party r's own execution time.
+    reused, and a program an earlier process compiled costs only its lookup in the compile
+    cache); ``per_party[r].seconds`` is party r's own execution time.
     """
 
     backend: str

@@ -14,9 +14,11 @@ import hashlib
 import jax
 import numpy as np
 import spu.libspu as libspu
+from spu import api as spu_api
 from spu.utils import frontend as spu_fe
 
 from puma.program import Program
+from puma.runtime import compile_cache
 
 
 @dataclasses.dataclass
@@ -117,19 +119,33 @@ def lower(program: Program, param_avals, state_avals, secret_avals, public_avals
     return Lowered(flat_fn, flat_args, visibility, inputs, outputs, reveal_tree, len(reveal_leaves), new_state)
 
 
-def compile_code(fn, flat_args: list, visibility: list, compiler_options) -> bytes:
-    """SPU's pphlo code for ``fn`` on ``flat_args`` with their visibilities."""
-    executable, _ = spu_fe.compile(
-        spu_fe.Kind.JAX,
-        fn,
-        flat_args,
-        {},
-        [f"in{i}" for i in range(len(flat_args))],
-        visibility,
-        lambda outs: [f"out{i}" for i in range(len(outs))],
-        copts=compiler_options,
-    )
-    return executable.code
+def spu_lowering(fn, flat_args: list):
+    """``fn`` lowered the way SPU's frontend lowers it (under its lock and its patches of JAX, for
+    its interpreter platform, unused inputs kept). The key of the compile cache is read from this
+    same lowering: JAX reuses traces between lowerings of one function, so lowering it any other
+    way first would change what SPU compiles (a sort's float canonicalization, unpatched)."""
+    with spu_fe._jax_lock:
+        patches = spu_fe._patch_jax()
+        try:
+            return jax.jit(fn, keep_unused=True).trace(*flat_args).lower(lowering_platforms=("interpreter",))
+        finally:
+            spu_fe._restore_jax_patch(patches)
+
+
+def compile_code(name: str, fn, flat_args: list, visibility: list, compiler_options, cache: str | None) -> bytes:
+    """SPU's pphlo code for program ``name`` (``fn`` on ``flat_args`` with their visibilities);
+    from the compile cache folder ``cache`` when it holds this lowering's code, else compiled (and
+    kept there). ``cache`` None: always compiled (see :mod:`puma.runtime.compile_cache`)."""
+    lowered = spu_lowering(fn, flat_args)
+
+    def build() -> bytes:
+        hlo = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
+        return spu_api.compile(libspu.CompilationSource(libspu.SourceIRType.XLA, hlo, visibility), compiler_options)
+
+    if cache is None:
+        return build()
+    entry = compile_cache.key(lowered.as_text(), flat_args, visibility, compiler_options)
+    return compile_cache.code(cache, name, entry, build)
 
 
 def code_key(name: str, code: bytes) -> str:

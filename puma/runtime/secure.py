@@ -28,7 +28,7 @@ import spu.libspu as libspu
 from puma import progress
 from puma.errors import PumaError
 from puma.program import Program
-from puma.runtime import budget, memory, messages, programs, sharing
+from puma.runtime import budget, compile_cache, memory, messages, programs, sharing
 from puma.runtime.base import Session
 from puma.runtime.config import ProtocolConfig
 from puma.runtime.params import flatten
@@ -311,13 +311,15 @@ class SecureSession(Session):
 
     def _install(self, name: str, fn, flat_args: list, visibility: list) -> tuple[str, bytes]:
         """Compile ``fn`` on ``flat_args`` (with their visibilities) for SPU and install it at the
-        parties once (as the operator of a ``sim`` or ``ray`` session); its key and code."""
+        parties once (as the operator of a ``sim`` or ``ray`` session); its key and code. The code
+        comes from the user's compile cache when an earlier process compiled the same program."""
         if self.mesh.remote_compile:
             raise PumaError(
                 f"program {name} is not one the parties build themselves: programs of your own run on "
                 "the sim and ray backends only"
             )
-        code = programs.compile_code(fn, flat_args, visibility, self.protocol_config.compiler_options())
+        options = self.protocol_config.compiler_options()
+        code = programs.compile_code(name, fn, flat_args, visibility, options, compile_cache.user_folder())
         key = programs.code_key(name, code)
         if key not in self._installed:
             self.mesh.install(key, name, code)

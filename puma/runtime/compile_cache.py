@@ -1,0 +1,178 @@
+"""Compiled SPU programs kept on disk, so that a new process does not compile them again.
+
+Compiling a program for SPU takes seconds (stories260K's prefill: about 8 s, of which JAX's
+lowering is about 0.3 s); :func:`puma.runtime.programs.compile_code` first lowers the program
+and looks here for the pphlo code SPU compiled from the same lowering before.
+
+**Key.** SHA-256 of everything that decides the code: the program's StableHLO text as SPU's
+frontend lowers it (every constant in full), its inputs' shapes, dtypes and visibilities, the
+SPU compiler options (every field), and the versions of puma, SPU, JAX and jaxlib. A changed
+program, input shape, option or version is another key: a miss, never someone else's code.
+
+**Entries** are one file per key, ``<key>.pphlo``: a fixed magic, the format version, the key,
+the code's length and SHA-256, then the code (SPU's pphlo bytes; nothing is unpickled). A read
+checks all of them; an entry that fails (truncated, flipped bytes, another format) is deleted,
+said in one line (``puma: compile cache entry <file> was corrupt ...; dropped and rebuilt``), and
+the program is compiled and written again. Writes go to a temporary file moved into place, so
+processes that write the same entry at once leave one whole entry.
+
+**Where, and who sees what.** The driver of a ``sim`` or ``ray`` session (one trust domain; it
+compiles every program) keeps entries in the user's cache folder, ``$PUMA_CACHE/programs``
+(default ``~/.cache/puma/programs``, beside the calibrated ranges). On ``nodes`` each party
+keeps its own, ``<store>/<party id>/programs``, holding only programs it built and compiled
+itself from a published model's manifest: nothing a client or the owner sends is cached.
+An entry tells no more than the party already knows: programs are compiled from shapes, the
+manifest and a run's public settings; no weight, input or share is in them.
+
+``PUMA_COMPILE_CACHE=0`` in the environment turns the cache off (every program compiles).
+:data:`stats` counts hits, misses and dropped entries in this process.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import time
+from typing import Callable
+
+from puma import progress
+
+log = logging.getLogger(__name__)
+
+#: The subfolder entries live in (of the user's cache folder, or of a party's store).
+FOLDER = "programs"
+MAGIC = b"PUMA-SPU-PPHLO\n\0"
+FORMAT = 1
+_HEADER = struct.Struct(f"<{len(MAGIC)}sI32sQ32s")  # magic, format, key, code length, code SHA-256
+
+#: Hits, misses and dropped (unreadable) entries in this process.
+stats: collections.Counter = collections.Counter()
+
+
+def enabled() -> bool:
+    """False when ``PUMA_COMPILE_CACHE=0`` (or ``off``, ``false``, ``no``) is set."""
+    return os.environ.get("PUMA_COMPILE_CACHE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def user_folder() -> str | None:
+    """The driver's cache of programs (``sim``, ``ray``), or None when the cache is off."""
+    from puma.calibration import cache_root
+
+    return os.path.join(cache_root(), FOLDER) if enabled() else None
+
+
+def party_folder(store: str | None) -> str | None:
+    """A party's own cache of programs in its store, or None (no store, or the cache is off)."""
+    return os.path.join(store, FOLDER) if store and enabled() else None
+
+
+def key(text: str, flat_args: list, visibility: list, compiler_options) -> str:
+    """The entry key (hex SHA-256) of a program lowered to ``text``, on inputs ``flat_args``
+    with ``visibility``, compiled with ``compiler_options`` by these versions."""
+    import jax
+    import jaxlib
+    import spu
+
+    import puma
+
+    options = {
+        name: str(getattr(compiler_options, name))
+        for name in dir(compiler_options)
+        if not name.startswith("_") and not callable(getattr(compiler_options, name))
+    }
+    described = {
+        "versions": [puma.__version__, spu.__version__, jax.__version__, jaxlib.__version__],
+        "options": options,
+        "inputs": [[list(a.shape), str(a.dtype), str(v)] for a, v in zip(flat_args, visibility, strict=True)],
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    digest.update(b"\0")
+    digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def code(folder: str, name: str, entry_key: str, build: Callable[[], bytes]) -> bytes:
+    """The code of program ``name`` from entry ``entry_key`` in ``folder``, or ``build()`` (then
+    written there). Errors of the disk (a read-only folder) only cost the cache, never the run."""
+    path = os.path.join(folder, f"{entry_key}.pphlo")
+    start = time.perf_counter()
+    found = _read(path, bytes.fromhex(entry_key))
+    if found is not None:
+        stats["hit"] += 1
+        seconds = time.perf_counter() - start
+        log.info("compile cache hit: %s (%d KB of pphlo, read in %.2f s)", name, len(found) // 1024, seconds)
+        return found
+    stats["miss"] += 1
+    built = build()
+    log.info("compile cache miss: %s compiled in %.1f s (entry %s)", name, time.perf_counter() - start, path)
+    _write(path, bytes.fromhex(entry_key), built)
+    return built
+
+
+def _read(path: str, entry_key: bytes) -> bytes | None:
+    """The code of the entry at ``path``, or None (absent, or dropped: see the module doc)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.info("compile cache entry %s unreadable (%s): compiling", path, err)
+        return None
+    problem = _problem(data, entry_key)
+    if problem is None:
+        return data[_HEADER.size :]
+    stats["dropped"] += 1
+    try:
+        os.remove(path)
+    except OSError as err:
+        log.debug("compile cache entry %s not removed (%s)", path, err)
+    progress.warn("compile cache entry %s was %s; dropped and rebuilt", path, problem)
+    return None
+
+
+def _problem(data: bytes, entry_key: bytes) -> str | None:
+    """What is wrong with an entry's bytes, or None."""
+    if len(data) < _HEADER.size:
+        return f"truncated ({len(data)} bytes)"
+    magic, version, stored_key, length, checksum = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return "corrupt (not a puma compile cache entry)"
+    if version != FORMAT:
+        return f"stale (entry format {version}, this puma writes {FORMAT})"
+    if stored_key != entry_key:
+        return "corrupt (its key does not match its name)"
+    body = memoryview(data)[_HEADER.size :]
+    if len(body) != length:
+        return f"{'truncated' if len(body) < length else 'corrupt'} ({len(body)} of {length} code bytes)"
+    if hashlib.sha256(body).digest() != checksum:
+        return "corrupt (checksum mismatch)"
+    return None
+
+
+def _write(path: str, entry_key: bytes, body: bytes) -> None:
+    """Write an entry atomically: a temporary file in the same folder, then ``os.replace``."""
+    header = _HEADER.pack(MAGIC, FORMAT, entry_key, len(body), hashlib.sha256(body).digest())
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    except OSError as err:
+        log.info("compile cache: %s not written (%s)", path, err)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.info("compile cache: %s not written (%s)", path, err)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
