@@ -327,13 +327,30 @@ class Linear(nn.Module):
     std: float = 0.02
 
     @nn.compact
+    def weights(self, in_features: int) -> tuple[Array, Array | None]:
+        """``kernel`` [in, out] and ``bias`` [out] (None without one)."""
+        kernel = self.param("kernel", normal_init(self.std), (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        return kernel, bias
+
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", normal_init(self.std), (x.shape[-1], self.features), jnp.float32)
+        kernel, bias = self.weights(x.shape[-1])
         y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, out] -> [..., out]
         record(self, "output", y)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return y
+        return y if bias is None else y + bias
+
+
+def project(x: Array, linears: list[Linear], fused: bool) -> list[Array]:
+    """Each of ``linears`` applied to x. ``fused`` (:attr:`ExecutionPlan.fused_projections`)
+    joins their kernels along the outputs and multiplies once: the same outputs, one matrix
+    product (one round under MPC) instead of one per projection; joining shares is local."""
+    if not fused:
+        return [linear(x) for linear in linears]
+    parts = [linear.weights(x.shape[-1]) for linear in linears]
+    kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # [in, sum of outs]
+    y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, sum of outs] -> [..., sum of outs]
+    outputs = jnp.split(y, np.cumsum([k.shape[1] for k, _ in parts])[:-1].tolist(), axis=-1)
+    return [out if b is None else out + b for out, (_, b) in zip(outputs, parts)]
 
 
 class Embedding(nn.Module):
@@ -477,20 +494,29 @@ def row_slice(rows: str | None) -> slice:
 FUSED_HEADS_MAX_MACS = 2**30
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, ops: Ops, module: nn.Module | None = None) -> Array:
+def attend(
+    q: Array, k: Array, v: Array, mask: Array, ops: Ops, module: nn.Module | None = None, scaled: bool = False
+) -> Array:
     """Scaled dot-product attention with grouped key/value heads.
 
-    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: [B, 1, T, S].
+    q: [B, T, H, Dh] (already times 1/sqrt(Dh) when ``scaled``); k, v: [B, S, Hkv, Dh] with H a
+    multiple of Hkv; mask: [B, 1, T, S].
     Returns [B, T, H * Dh]. With ``ops.plan.fused_heads`` the heads go through one product each way
     (:func:`_attend_fused`), which SPU runs in one round instead of one per head. The scores
-    are recorded at ``module``'s path while calibrating (:func:`record`).
+    and each row's maximum over the keys it sees are recorded at ``module``'s path while
+    calibrating (:func:`record`).
     """
     batch, length, heads, head_dim = q.shape
     kv_heads, keys = k.shape[2], k.shape[1]
     group = heads // kv_heads
-    q = q.reshape(batch, length, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))  # [B, T, Hkv, G, Dh]
-    if module is not None:
-        record(module, "scores", jnp.einsum("btkgd,bskd->bkgts", q, k))
+    q = q.reshape(batch, length, kv_heads, group, head_dim)  # [B, T, Hkv, G, Dh]
+    if not scaled:
+        q = q * (1.0 / math.sqrt(head_dim))
+    if module is not None and module.is_mutable_collection(RANGES):
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]
+        record(module, "scores", scores)
+        row_max = jnp.max(jnp.where(mask[:, :, None], scores, -jnp.inf), axis=-1)  # [B, Hkv, G, T]
+        record(module, "score_row_max", row_max.reshape(-1, 1))  # one statistic per row: its max
     if ops.plan.fused_heads and length * keys * heads * heads * head_dim <= FUSED_HEADS_MAX_MACS:
         return _attend_fused(q, k, v, mask, ops)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S]

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from puma.models.layers import (
@@ -26,6 +27,7 @@ from puma.models.layers import (
     Stages,
     attend,
     hf_fields,
+    project,
     record,
     row_slice,
     update_cache,
@@ -136,6 +138,17 @@ def rotate(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def rotation_matrices(cos: Array, sin: Array) -> Array:
+    """R [B, T, Dh, Dh] with x @ R = :func:`rotate` (x): diag(cos) + P diag(sin), where P is
+    rotate_half's signed permutation (rotate_half(x) = x @ P). Public, built from positions."""
+    dh = cos.shape[-1]
+    half = dh // 2
+    perm = np.zeros((dh, dh), np.float32)
+    perm[np.arange(half) + half, np.arange(half)] = -1.0  # rotated[j] = -x[j + half] for j < half
+    perm[np.arange(half), np.arange(half) + half] = 1.0  # rotated[j] = x[j - half] for j >= half
+    return jnp.eye(dh, dtype=cos.dtype) * cos[..., None, :] + perm * sin[..., None, :]  # [B, T, Dh, Dh]
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     ops: Ops
@@ -145,19 +158,52 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        plan = self.ops.plan
         keep = row_slice(rows)
-        xq, cq, sq = x[:, keep], cos[:, keep], sin[:, keep]  # the rows that get queries: [B, T', ...]
-        q = Linear(heads * dh, cfg.attention_bias, name="q_proj")(xq).reshape(
-            batch, xq.shape[1], heads, dh
-        )  # [B, T', H, Dh]
-        k = Linear(kv_heads * dh, cfg.attention_bias, name="k_proj")(x).reshape(batch, length, kv_heads, dh)
-        v = Linear(kv_heads * dh, cfg.attention_bias, name="v_proj")(x).reshape(batch, length, kv_heads, dh)
-        q, k = rotate(q, cq, sq), rotate(k, cos, sin)
+        projections = [
+            Linear(heads * dh, cfg.attention_bias, name="q_proj"),
+            Linear(kv_heads * dh, cfg.attention_bias, name="k_proj"),
+            Linear(kv_heads * dh, cfg.attention_bias, name="v_proj"),
+        ]
+        if plan.fused_projections:  # one product for all rows; only the kept rows' queries are used
+            q, k, v = project(x, projections, fused=True)
+            q = q[:, keep]
+        else:
+            q, k, v = projections[0](x[:, keep]), projections[1](x), projections[2](x)
+        q = q.reshape(batch, q.shape[1], heads, dh)  # [B, T', H, Dh]
+        k = k.reshape(batch, length, kv_heads, dh)  # [B, T, Hkv, Dh]
+        v = v.reshape(batch, length, kv_heads, dh)
+        if plan.fused_rotary:
+            q, k = self.rotate_scaled(q, k, cos, sin, keep)
+        else:
+            q, k = rotate(q, cos[:, keep], sin[:, keep]), rotate(k, cos, sin)
         if layer_cache is not None:
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
-        out = attend(q, k, v, mask[:, :, keep], self.ops, self)  # [B, T', H * Dh]
+        out = attend(q, k, v, mask[:, :, keep], self.ops, self, scaled=plan.fused_rotary)  # [B, T', H * Dh]
         return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
+
+    def rotate_scaled(self, q, k, cos, sin, keep):
+        """Rotated queries times 1/sqrt(Dh) and rotated keys, q [B, T', H, Dh] and k [B, T, Hkv, Dh]
+        (T' = T or the last row), with as few truncations as the shapes allow: one product by a
+        public block-diagonal matrix for a single token (a decode step), else the rotation's two
+        products by public tables on queries and keys together."""
+        heads, dh = q.shape[2], q.shape[3]
+        scale = 1.0 / np.sqrt(dh)
+        if q.shape[1] != k.shape[1]:  # the last row's queries only
+            return rotate(q, cos[:, keep] * scale, sin[:, keep] * scale), rotate(k, cos, sin)
+        both = jnp.concatenate([q, k], axis=2)  # [B, T, H + Hkv, Dh]
+        if both.shape[:2] == (1, 1):
+            rot = rotation_matrices(cos, sin)[0, 0]  # [Dh, Dh]
+            per_head = [rot * scale] * heads + [rot] * k.shape[2]
+            block = jax.scipy.linalg.block_diag(*per_head)  # [(H + Hkv) Dh, (H + Hkv) Dh], public
+            both = (both.reshape(1, -1) @ block).reshape(both.shape)  # [1, (H + Hkv) Dh] -> [B, T, H + Hkv, Dh]
+        else:
+            factor = np.concatenate([np.full(heads, scale), np.ones(k.shape[2])]).astype(np.float32)[:, None]  # [H + Hkv, 1]
+            half = dh // 2
+            rotated = jnp.concatenate([-both[..., half:], both[..., :half]], axis=-1)
+            both = both * (cos[:, :, None, :] * factor) + rotated * (sin[:, :, None, :] * factor)
+        return both[:, :, :heads], both[:, :, heads:]
 
 
 class LlamaMLP(nn.Module):
@@ -168,8 +214,14 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = self.ops.activation(cfg.hidden_act)
-        gate = Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
+        gate, up = project(
+            x,
+            [
+                Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj"),
+                Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj"),
+            ],
+            self.ops.plan.fused_projections,
+        )
         record(self, "activation_input", gate)
         gated = act(gate) * up
         record(self, "gated_product", gated)

@@ -28,6 +28,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "puma": ("puma", "OPS"),
     "puma-fast": ("fast", "OPS"),
     "puma-lean": ("lean", "OPS"),
+    "puma-chat": ("chat", "OPS"),
     "mpcformer": ("mpcformer", "OPS"),
     "spu": ("exact", "SPU_OPS"),
 }

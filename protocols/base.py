@@ -137,11 +137,18 @@ class ExecutionPlan:
             only for the rows the head reads (the last position when only the last logits are
             wanted, the [CLS] row for pooled and classifier heads); keys and values still come
             from every row, so outputs and caches are unchanged.
+        fused_projections: independent projections of the same input run as one matrix product
+            (LLaMA's query/key/value and gate/up: the kernels are joined along their outputs, a
+            local operation on shares), so they cost one round instead of one each.
+        fused_rotary: the rotary embedding (and the query's 1/sqrt(d)) is one product by a public
+            per-position matrix, one truncation instead of three multiplications by constants.
     """
 
     client_onehot: bool = False
     fused_heads: bool = False
     last_layer_rows: bool = False
+    fused_projections: bool = False
+    fused_rotary: bool = False
 
     def as_middle_layer(self) -> "ExecutionPlan":
         """This plan with every block computed in full, as a middle layer is: per-layer cost cuts

@@ -20,7 +20,8 @@ model, like its config: public to the parties, cached per model (:func:`ranges_f
   mean square resolved to that many bits (and inside the set's ``variance_domain``);
 - attention scores, every matrix product's output, the gated product, norm outputs and logits
   stay below the product limit; the residual stream below the value limit;
-- the feed-forward activation's input stays below its ``input_limit`` in the chosen set.
+- the feed-forward activation's input stays below the ``input_limit`` of the chosen set's
+  activation, and every attention row's maximum below that of its softmax.
 
 :func:`choose` returns the plan for the format asked for, or refuses it in one line naming the
 site, the value, the bound and a format that works; asked for none, it takes the first safe
@@ -51,7 +52,7 @@ from puma.runtime.params import flatten, unflatten
 log = logging.getLogger(__name__)
 
 #: Bump when what is recorded or how it is measured changes: cached ranges are then remade.
-VERSION = 1
+VERSION = 2
 #: Calibrated magnitudes are multiplied by this before they are checked (inputs other than the
 #: calibration texts may go further); mean squares by its square.
 MARGIN = 2.0
@@ -291,6 +292,7 @@ def plan(ranges: Ranges, ops: Ops, fixed: FixedPoint, activation: str) -> Plan:
     activation (its Hugging Face name)."""
     act = ops.activation(activation)
     act_limit = getattr(act, "input_limit", None)
+    score_limit = getattr(ops.softmax, "input_limit", None)
     shifts, findings = [], []
     for site, stats in ranges.sites.items():
         owner, kind = site.rsplit("/", 1)
@@ -306,6 +308,9 @@ def plan(ranges: Ranges, ops: Ops, fixed: FixedPoint, activation: str) -> Plan:
         elif kind == "activation_input":
             if act_limit is not None and top > act_limit(fixed):
                 findings.append(Finding(owner, f"{activation} input ({ops.name})", top, act_limit(fixed)))
+        elif kind == "score_row_max":
+            if score_limit is not None and top > score_limit(fixed):
+                findings.append(Finding(owner, f"attention row maximum ({ops.name})", top, score_limit(fixed)))
         elif top > fixed.product_limit:  # scores, matrix products, gated product, norm outputs, logits
             findings.append(Finding(owner, kind.replace("_", " "), top, fixed.product_limit))
     return Plan(fixed, NormShifts(tuple(shifts)), tuple(findings))

@@ -350,6 +350,7 @@ class GenerationResult:
     texts: list[str]
     cost: CostReport
     step_costs: list[dict] = dataclasses.field(default_factory=list)
+    step_reports: list[CostReport] = dataclasses.field(default_factory=list)  # the same steps, in full
 
 
 @dataclasses.dataclass
@@ -417,6 +418,7 @@ def generate(
     generated: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
     step_costs: list[dict] = []
+    step_reports: list[CostReport] = []
     rng = np.random.default_rng(sampling.seed)
 
     def secret(ids: np.ndarray) -> dict:
@@ -470,6 +472,7 @@ def generate(
                     staged_run=staged_run,
                 )
             step_costs.append({"step": "prefill", **_brief(step_cost)})
+            step_reports.append(step_cost)
             tokens = take(out)
             done = record(tokens)
             try:
@@ -495,6 +498,7 @@ def generate(
                             staged_run=staged_run,
                         )
                     step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
+                    step_reports.append(step_cost)
                     tokens = take(out)
                     done = record(tokens)
             finally:
@@ -516,13 +520,14 @@ def generate(
                         staged_run=staged_run,
                     )
                 step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
+                step_reports.append(step_cost)
                 tokens = take(out)
                 if record(tokens):
                     break
                 ids = np.concatenate([ids[:, 1:], tokens[:, None]], axis=1)
                 mask = np.concatenate([mask[:, 1:], np.ones((batch, 1), np.int32)], axis=1)
     texts = [continuation(model.tokenizer, p, g) if model.tokenizer else "" for p, g in zip(prompt_ids, generated)]
-    return GenerationResult(generated, texts, total, step_costs)
+    return GenerationResult(generated, texts, total, step_costs, step_reports)
 
 
 def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
@@ -550,9 +555,14 @@ def _sample_plain(logits: np.ndarray, sampling: Sampling, rng) -> np.ndarray:
 
 
 def _brief(report: CostReport) -> dict:
+    """A step's cost: totals over the parties and the busiest party's share (see
+    :mod:`puma.runtime.cost` for how each is counted)."""
+    parties = report.per_party or []
     return {
         "bytes_sent": report.total_bytes_sent,
         "send_actions": report.total_send_actions,
+        "max_party_send_actions": max((p.send_actions for p in parties), default=0),
+        "max_party_bytes_sent": max((p.bytes_sent for p in parties), default=0),
         "wall_s": round(report.wall_s, 4),
         "weight_s": round(report.weight_s, 4),
     }

@@ -1,0 +1,277 @@
+"""``puma-chat``: few messages per generated token (ours).
+
+A decode step is a chain of small dependent operations, so its latency on a network is its
+number of messages. puma-lean sends about 275 per party per LLaMA layer; most of them sit in
+SPU's comparison (8 send actions per party, one batched call), each multiplication (1, plus
+1-2 for its truncation), the row maximum of the softmax (one comparison and one select per
+level of a tree: 11 per doubling of the cache) and the refining steps of reciprocals. This set
+keeps every function a function of the whole input domain the calibration preflight declares,
+and spends messages only where a dependency forces them:
+
+- **Softmax without a tree maximum.** Every score is compared with a public ladder of
+  thresholds in one batched comparison; a second comparison asks which thresholds some score
+  passes, which brackets the row maximum within :data:`MAX_STEP` (:func:`row_max_bound`) in
+  two comparisons whatever the cache length (a tree takes 6 levels at 37 keys, 10 at 1024).
+  Exponentials then run on [-14, MAX_STEP] (:func:`exp_window`) and the normaliser is a
+  binned reciprocal with a public scale that keeps 16 more bits of the probabilities.
+- **Reciprocals and reciprocal square roots without refining steps:** a piecewise-linear
+  guess on geometric bins (:class:`LinearBins`): one batched comparison, one product with a
+  public table, one multiplication. The bins are fine enough that no Newton step follows.
+- **Norms in three products:** the row's sum of squares and the weighted row come out of one
+  matrix product ``x @ [x^T | diag(w)]``; the reciprocal square root of the sum is binned over
+  sums (the 1/n folded into its table); one multiplication scales the row.
+- **GeLU/SiLU** as puma-lean's relu(x) - p(|x|), with both of its comparisons in one call.
+- **Plan:** all heads in one product (``fused_heads``), the query/key/value and gate/up
+  projections each as one product (``fused_projections``), the rotary embedding and the
+  query's 1/sqrt(d) as one product by a public matrix (``fused_rotary``), and the last
+  block's rows only.
+
+Send actions and bytes per call are measured under ABY3 FM64/18 (``tests/test_chat.py``
+asserts the errors; ``puma bench levers`` and ``puma bench latency`` the costs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+from puma.protocols import lean
+from puma.protocols.base import MASK_FILL, ExecutionPlan, input_limit, variance_domain
+
+#: Rows the softmax is right for: |row maximum| below this (checked by the calibration preflight).
+SCORE_LIMIT = 48.0
+#: Spacing of the threshold ladder that brackets a row's maximum.
+MAX_STEP = 8.0
+#: Scores more than this below the row maximum get probability 0 (as PUMA's clip).
+EXP_CLIP = 14.0
+#: Squarings of the exponential: exp(z) = p(z / 2^n)^(2^n) on [-EXP_CLIP, MAX_STEP].
+EXP_ITERS = 4
+#: Degree of the exponential's base polynomial.
+EXP_DEGREE = 4
+#: The softmax normaliser is 2^RECIPROCAL_BITS / sum, so probabilities keep that many more bits.
+RECIPROCAL_BITS = 16
+#: Bin ratio of the piecewise-linear guesses.
+BIN_RATIO = 2.0 ** (1 / 8)
+#: Mean squares the norms are right for (after the preflight's pre-scale), as puma-lean's.
+RSQRT_LOW, RSQRT_HIGH = lean.RSQRT_LOW, lean.RSQRT_HIGH
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBins:
+    """A piecewise-linear guess of c x^-power on geometric bins [e_j, e_j r).
+
+    Bits [x > e_j] come from one batched comparison; the one-hot rows are integer differences
+    of them (free); one product with a public table [m, 3] gives the bin's intercept a_j, slope
+    b_j and scale 2^24 / e_j (one truncation); u = x (2^24 / e_j) 2^-24 lies in [1, r) (one
+    multiplication, one truncation) and the guess is a_j + b_j u (one multiplication). The slope
+    is taken in u rather than in x because a slope in x falls below the fixed-point resolution
+    for large x (at x = 6e8 a reciprocal square root's is 8e-13). Each bin's line is fitted for
+    the least largest relative error over the bin.
+    """
+
+    thresholds: np.ndarray  # [m - 1] inner bin edges
+    table: np.ndarray  # [m, 3] intercept, slope in u, 2^SCALE_BITS / e_j per bin
+    error: float  # largest relative error over [low, high] in float64
+
+    #: u = x / e_j is formed as (x * (2^SCALE_BITS / e_j)) * 2^-SCALE_BITS: the product stays
+    #: below 2^SCALE_BITS r, under the product limit of FM64/18 (2^26).
+    SCALE_BITS: ClassVar[int] = 24
+
+    @classmethod
+    def fit(cls, power: float, scale: float, low: float, high: float, ratio: float = BIN_RATIO) -> "LinearBins":
+        count = max(1, int(math.ceil(math.log(high / low) / math.log(ratio))))
+        edges = low * ratio ** np.arange(count + 1)
+        u = np.linspace(1.0, ratio, 65)
+        design = np.stack([np.ones_like(u), u], axis=1) / u[:, None] ** -power  # relative residuals
+        weights = np.ones_like(u)
+        for _ in range(12):  # reweighted least squares towards the minimax line of u^-power
+            line = np.linalg.lstsq(design * weights[:, None], weights, rcond=None)[0]
+            residual = np.abs(design @ line - 1)
+            weights = weights * (1 + 8 * residual / max(residual.max(), 1e-30))
+        scales = scale * edges[:-1] ** -power  # c x^-power = c e_j^-power u^-power
+        table = np.stack([scales * line[0], scales * line[1], 2.0**cls.SCALE_BITS / edges[:-1]], axis=1)
+        return cls(edges[1:-1], table, float(residual.max()))
+
+    def guess(self, x):
+        """The guess at x [..., 1] -> [..., 1]."""
+        count = len(self.table)
+        above = (x > jnp.asarray(self.thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
+        steps = np.eye(count - 1, count, 1, dtype=np.int32) - np.eye(count - 1, count, dtype=np.int32)  # [m - 1, m]
+        onehot = (above @ steps + np.eye(1, count, dtype=np.int32)[0]).astype(x.dtype)  # [..., m]: integers, exact
+        line = onehot @ jnp.asarray(self.table, x.dtype)  # [..., m] @ [m, 3] -> [..., 3]
+        u = (line[..., 2:] * x) * 2.0**-self.SCALE_BITS  # x / e_j in [1, r)
+        return line[..., :1] + line[..., 1:2] * u
+
+
+@functools.lru_cache(maxsize=None)
+def _bins(power: float, scale: float, low: float, high: float) -> LinearBins:
+    return LinearBins.fit(power, scale, low, high)
+
+
+def scaled_reciprocal(s, high: float, bits: int = RECIPROCAL_BITS):
+    """2^bits / s for s in [1, high] (shape [..., 1]) from :class:`LinearBins` alone.
+
+    Domain: [1, high]. Measured max relative error 1.7e-3 in float64 (the bins' fit; a
+    softmax row's probabilities then sum to 1 within it). Cost: one comparison with
+    8 log2(high) thresholds, one truncation, one multiplication.
+    """
+    return _bins(1.0, 2.0**bits, 1.0, high).guess(s)
+
+
+def row_max_bound(x):
+    """A public-ladder bound m of each row's maximum: max(x) <= m < max(x) + MAX_STEP.
+
+    Thresholds t_j = -SCORE_LIMIT + j MAX_STEP: count_j = #{i: x_i > t_j} (one comparison of
+    every entry with every threshold, summed as integers), passed_j = [count_j > 0] (one
+    comparison), m = t_0 + MAX_STEP * sum_j passed_j. Domain: rows whose maximum lies in
+    [-SCORE_LIMIT, SCORE_LIMIT). Exact (m is a threshold). Cost: two comparisons
+    whatever the row length; bytes grow with row length times 2 SCORE_LIMIT / MAX_STEP.
+    """
+    ladder = np.arange(-SCORE_LIMIT, SCORE_LIMIT, MAX_STEP, dtype=np.float32)  # [J]
+    counts = jnp.sum((x[..., None] > jnp.asarray(ladder)).astype(jnp.int32), axis=-2)  # [..., S, J] -> [..., J]
+    passed = jnp.sum((counts > 0).astype(jnp.int32), axis=-1, keepdims=True)  # [..., 1]
+    return float(ladder[0]) + (passed * int(MAX_STEP)).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def exp_coefficients(lo: float = -EXP_CLIP, hi: float = MAX_STEP, iters: int = EXP_ITERS, degree: int = EXP_DEGREE):
+    """p(y) ~ e^y (constant first) fitted for the least largest relative error of p(z/2^n)^(2^n)
+    on [lo, hi], by reweighted least squares in float64."""
+    y = np.linspace(lo / 2**iters, hi / 2**iters, 4001)
+    target = np.exp(y)
+    weights = 1.0 / target
+    for _ in range(40):
+        coef = np.polynomial.polynomial.polyfit(y, target, degree, w=weights)
+        residual = np.abs(np.polynomial.polynomial.polyval(y, coef) / target - 1)
+        weights = weights * (1 + 4 * residual / residual.max())
+    return tuple(float(c) for c in coef)
+
+
+def exp_window(z):
+    """exp(z) on [-EXP_CLIP, MAX_STEP] as p(z / 16)^16, p a fitted quartic (:func:`exp_coefficients`).
+
+    p runs monic by Horner's rule in v = k z / 16 with k = c_4^(1/4): one truncation, three
+    multiplications, then four squarings. Domain: [-14, 8]; outside it meaningless (the softmax
+    drops those entries). Measured max relative error 1.3e-3 in float64, varying slowly with z
+    (what a softmax sees is its variation across a row).
+    """
+    coef = exp_coefficients()
+    k = coef[-1] ** (1.0 / EXP_DEGREE)
+    monic = [c / k**i for i, c in enumerate(coef)]  # p(y) = sum monic[i] (k y)^i, monic[-1] = 1
+    v = z * (k / 2**EXP_ITERS)
+    e = v + monic[-2]
+    for c in reversed(monic[:-2]):
+        e = e * v + c
+    for _ in range(EXP_ITERS):
+        e = e * e
+    return e
+
+
+@input_limit(lambda fx: SCORE_LIMIT)  # of a row maximum
+def softmax(x, where=None):
+    """Softmax with a bracketed row maximum, a clip at -14 and a binned scaled reciprocal.
+
+    z_i = x_i - m + MAX_STEP with m from :func:`row_max_bound`, so the largest z lies in
+    (0, MAX_STEP] and every exponential is at most e^8 (its square roots stay far below the
+    product limit) and the largest at least 1; entries with z <= -14 are 0; the normaliser is
+    2^16 / sum from :func:`scaled_reciprocal` (a sum lies in [1, S e^8]) and the product is
+    scaled back by 2^-16. Masked entries are set below every threshold (public: free).
+    Domain: |scores| < SCORE_LIMIT. Measured max |error| per probability on rows of 128
+    scores in [-20, 20], half masked: see ``tests/test_chat.py``.
+    Cost: four comparisons, one select, four truncations, three multiplications and four
+    squarings per row, whatever the row length.
+    """
+    if where is not None:
+        x = jnp.where(where, x, -MASK_FILL)
+    z = x - row_max_bound(x) + MAX_STEP
+    keep = z > -EXP_CLIP
+    if where is not None:
+        keep = keep & where
+    e = jnp.where(keep, exp_window(z), 0.0)
+    high = x.shape[-1] * math.exp(MAX_STEP)
+    r = scaled_reciprocal(jnp.sum(e, axis=-1, keepdims=True), high)
+    return (e * r) * 2.0**-RECIPROCAL_BITS
+
+
+def _rsqrt_sum(total, n: int):
+    """sqrt(n) / sqrt(total) for a row's sum of squares plus n eps (the 1/n in the table)."""
+    return _bins(0.5, math.sqrt(n), n * RSQRT_LOW, n * RSQRT_HIGH).guess(total)
+
+
+def _normalized(x, weight, bias, eps):
+    """(x - mean) * rsqrt(mean square + eps) * weight (+ bias): the sum of squares and the
+    weighted row from one product x @ [x^T | diag(w)], the binned rsqrt, one multiplication."""
+    n = x.shape[-1]
+    centered = x if bias is None else x - lean.fast.row_mean(x)
+    rows = centered.reshape(-1, n)  # [R, n]
+    count = rows.shape[0]
+    both = rows @ jnp.concatenate([rows.T, jnp.diag(weight)], axis=1)  # [R, n] @ [n, R + n] -> [R, R + n]
+    total = jnp.diagonal(both[:, :count])[:, None] + n * eps  # [R, 1]
+    y = both[:, count:] * _rsqrt_sum(total, n)  # [R, n]
+    y = y.reshape(x.shape)
+    return y if bias is None else y + bias
+
+
+@variance_domain(RSQRT_LOW, RSQRT_HIGH)
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm with the three-product body of :func:`_normalized` (accurate row means).
+
+    Domain: row variances plus eps in [2^-14, 2^20] (after the preflight's pre-scale); the
+    product x @ x^T per row must stay below the product limit (the preflight's shift sees to it).
+    Measured max |error|: see ``tests/test_chat.py``.
+    """
+    return _normalized(x, weight, bias, eps)
+
+
+@variance_domain(RSQRT_LOW, RSQRT_HIGH)
+def rms_norm(x, weight, eps):
+    """RMSNorm x * rsqrt(mean(x^2) + eps) * weight in three products (:func:`_normalized`).
+
+    Domain as :func:`layer_norm`. Measured max |error|: see ``tests/test_chat.py``.
+    """
+    return _normalized(x, weight, None, eps)
+
+
+def _relu_minus_poly(x, cutoff: float, coeffs):
+    """puma-lean's relu(x) - [|x| < cutoff] p(|x|) with its three comparisons in one call."""
+    positive, below, above = jnp.split(jnp.concatenate([x, cutoff - x, x + cutoff], axis=-1) > 0, 3, axis=-1)
+    relu = jnp.where(positive, x, 0.0)
+    t = relu + relu - x  # |x|
+    p = coeffs[-1] * t + coeffs[-2]
+    for c in reversed(coeffs[:-2]):
+        p = p * t + c
+    return relu - jnp.where(below & above, p, 0.0)
+
+
+def gelu(x):
+    """GeLU as puma-lean's (same coefficients and error: 1.55e-2 max on [-10, 10]), one comparison call."""
+    return _relu_minus_poly(x, lean.GELU_T, lean.GELU_P)
+
+
+def silu(x):
+    """SiLU as puma-lean's (same coefficients and error: 5.8e-2 max on [-10, 10]), one comparison call."""
+    return _relu_minus_poly(x, lean.SILU_T, lean.SILU_P)
+
+
+OPS = dataclasses.replace(
+    lean.OPS,
+    name="puma-chat",
+    gelu=gelu,
+    gelu_tanh=gelu,
+    silu=silu,
+    softmax=softmax,
+    layer_norm=layer_norm,
+    rms_norm=rms_norm,
+    plan=ExecutionPlan(
+        client_onehot=True,
+        fused_heads=True,
+        last_layer_rows=True,
+        fused_projections=True,
+        fused_rotary=True,
+    ),
+    description="ours: ladder-bracketed softmax max, binned linear reciprocal/rsqrt, three-product norms, fused projections",
+)
