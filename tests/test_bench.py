@@ -200,6 +200,7 @@ def test_report_names_its_json_keeps_relative_paths_and_lists_what_it_left_out(t
         "embeddings.json",
         "faults.json",
         "generation.json",
+        "latency.json",
         "levers.json",
         "network.json",
         "peers-lean.json",

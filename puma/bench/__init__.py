@@ -102,6 +102,20 @@ REGISTRY: dict[str, Benchmark] = {
             (_section("generation.json", "Private generation with the secure KV cache", "puma bench generation"),),
         ),
         Benchmark(
+            "latency",
+            "latency",
+            "latency per token: prefill and decode steps (rounds, bytes, LAN/WAN seconds), a decode step by model "
+            "site, first token cold and warm (sim)",
+            "bench-results/latency.json",
+            (
+                _section(
+                    "latency.json",
+                    "Latency per token: where a decode step's rounds and seconds go",
+                    "puma bench latency",
+                ),
+            ),
+        ),
+        Benchmark(
             "accuracy",
             "accuracy",
             "accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep, a real LLM (SmolLM2)",

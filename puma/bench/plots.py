@@ -1,4 +1,5 @@
-"""PNG plots from the benchmark JSON: bytes by op type, accuracy vs fraction bits, cost vs length."""
+"""PNG plots from the benchmark JSON: bytes by op type, accuracy vs fraction bits, cost vs length,
+latency by model site."""
 
 from __future__ import annotations
 
@@ -139,6 +140,44 @@ def cost_vs_length(costs: dict, row: str, path: str) -> str | None:
     ax.set_ylabel("GB sent by all parties")
     ax.set_title(f"Cost against input length: {row}")
     ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latency_sites(latency: dict, model: str, path: str) -> str | None:
+    """One decode step of ``model`` by site: the busiest party's send actions (left) and the slowest
+    party's seconds (right) per site, one bar group per set (the ``puma bench latency`` cells
+    ``model/set``); the legend gives each set's sum over the sites and the measured step."""
+    cells = {
+        k.split("/")[1]: v
+        for k, v in latency["cells"].items()
+        if k.startswith(model + "/") and k.count("/") == 1 and "sites" in v.get("sites", {})
+    }
+    if not cells:
+        return None
+    sites = list(dict.fromkeys(s for c in cells.values() for s in c["sites"]["sites"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(sites) + 2.2 + 0.2 * len(cells)), sharey=True)
+    height = 0.8 / len(cells)
+    for i, (name, cell) in enumerate(cells.items()):
+        found = cell["sites"]
+        label = f"{name} ({cell['role']})" if cell.get("role") else name
+        rows = [j + i * height for j in range(len(sites))]
+        for ax, key, unit in ((axes[0], "max_party_send_actions", ""), (axes[1], "max_party_s", " s")):
+            values = [found["sites"].get(s, {}).get("per_step", {}).get(key, 0) for s in sites]
+            ax.barh(
+                rows,
+                values,
+                height=height,
+                label=f"{label}: sites {found['sum'][key]:.4g}{unit}, "
+                f"step measured {found['measured_step'][key]:.4g}{unit}",
+            )
+    axes[0].set_yticks([j + height * (len(cells) - 1) / 2 for j in range(len(sites))], sites)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("busiest party's send actions per decode step")
+    axes[1].set_xlabel("slowest party's seconds per decode step (sim)")
+    for ax in axes:
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.5 / len(sites)))
+    fig.suptitle(f"One decode step by model site: {model} (ABY3)")
     fig.tight_layout()
     return _save(fig, path)
 

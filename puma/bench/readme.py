@@ -132,6 +132,9 @@ def render(folder: str = "bench-results", base: str = ".") -> tuple[str, list[st
                 plots.cost_vs_length(result, "gpt2", os.path.join(folder, "plots", "cost_vs_length_gpt2.png")),
             ]
             out += [f"![{os.path.basename(p)}]({rel(p)})" for p in made if p] + [""]
+        if name == "latency.json":
+            made = module.plot(result, os.path.join(folder, "plots"))
+            out += [f"![{os.path.basename(p)}]({rel(p)})" for p in made] + ([""] if made else [])
         if name == "accuracy.json":
             made = plots.accuracy_vs_bits(result, os.path.join(folder, "plots", "accuracy_vs_bits.png"))
             if made:

@@ -1,0 +1,90 @@
+"""The latency benchmark on llama-debug (random weights, sim): one generation's step figures are
+the ones :class:`~puma.tasks.GenerationResult` reports, every site of a decode step costs a
+positive whole number of send actions and bytes, the cold and warm first token run in new
+processes, and the Markdown and plot render from the cells.
+
+Oracles: ``GenerationResult.step_costs`` (the runtime's own per-step counts) and
+:func:`puma.network.estimate` on them; the compile cache's files the cold process leaves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from puma import network
+from puma.api import SecureModel
+from puma.bench import latency
+from puma.bench.report import CellStore
+
+
+def test_latency_cells_on_llama_debug(tmp_path):
+    steps = 2
+    with SecureModel.from_pretrained("llama-debug", approx="puma-fast", backend="sim") as m:
+        text, ids = latency.prompt_for(m.model, 5)
+        assert text is None and len(ids) == 5  # no tokenizer: seeded ids
+        figures, result = latency.measure_generation(m, text, ids, steps)
+        shapes = latency.decode_shapes(m.model.config, len(ids), steps)
+        sites = latency.decode_sites(m.model.config, m.ops, shapes, m.model.shifts)
+        found = latency.measure_sites(m.session, m.ops, sites, figures["decode_mean"])
+
+    # the step figures are the runtime's own per-step counts
+    assert [s["step"] for s in figures["steps"]] == ["prefill", "decode 1", "decode 2"]
+    for got, want in zip(figures["steps"], result.step_costs):
+        for key in ("max_party_send_actions", "send_actions", "bytes_sent", "max_party_bytes_sent", "wall_s"):
+            assert got[key] == want[key]
+        lan = network.estimate(
+            got["compute_s"], want["max_party_send_actions"], want["max_party_bytes_sent"] + got["io_bytes"],
+            network.NAMED["lan-10g"],
+        )
+        assert got["modelled_s"]["lan-10g"] == pytest.approx(lan, abs=1e-3)
+        assert got["modelled_s"]["wan"] > got["modelled_s"]["lan-10g"] > 0
+    decode = result.step_costs[1:]
+    assert figures["decode_mean"]["bytes_sent"] == pytest.approx(np.mean([s["bytes_sent"] for s in decode]))
+    assert figures["decode_mean"]["max_party_send_actions"] == pytest.approx(
+        np.mean([s["max_party_send_actions"] for s in decode])
+    )
+    top = figures["top_ops_last_decode"]
+    assert top["by_send_actions"][0]["send_actions"] > 0 and top["by_seconds"][0]["seconds"] > 0
+    assert shapes["cache_slots"] == 16 and sum(shapes["valid"]) == 5 + steps  # the prompt, the decoded tokens, its own
+
+    # every site costs a positive whole number of sends and bytes; the sum sits beside the step
+    names = set(found["sites"])
+    modelled = {"embedding", "norm", "projections", "rotary", "attention products", "softmax", "activation", "head"}
+    assert modelled <= names
+    for name, site in found["sites"].items():
+        per_step = site["per_step"]
+        for key in ("max_party_send_actions", "send_actions", "bytes_sent"):
+            assert isinstance(per_step[key], int) and per_step[key] > 0, (name, key)
+            assert per_step[key] == site["once"][key] * site["count"]
+    assert found["sites"]["norm"]["count"] == 2 * m.model.config.num_hidden_layers + 1
+    total = found["sum"]
+    assert total["bytes_sent"] == sum(s["per_step"]["bytes_sent"] for s in found["sites"].values())
+    assert found["measured_step"]["bytes_sent"] == figures["decode_mean"]["bytes_sent"]
+    assert found["not_attributed"]["bytes_sent"] == pytest.approx(
+        found["measured_step"]["bytes_sent"] - total["bytes_sent"], abs=1e-3
+    )
+    # the products and non-linearities the sites model are most of a step's bytes
+    assert 0.5 < total["bytes_sent"] / found["measured_step"]["bytes_sent"] < 1.5
+
+    # a new process, twice with one fresh cache: the warm one reads what the cold one compiled
+    first = latency.first_token("llama-debug", "puma-fast", None, ids, timeout=300)
+    assert first["cold"]["tokens"] == first["warm"]["tokens"] == result.tokens[0][:1]
+    assert first["programs_cached"] >= 1 and first["warm"]["compile_s"] < first["cold"]["compile_s"]
+    assert first["cold"]["process_s"] > 0 and "PUMA_CACHE" in first["command"]
+
+    # the JSON the benchmark writes renders, and the sites plot is drawn from it
+    store = CellStore(str(tmp_path / "latency.json"), {"backend": "sim", "prompt_tokens": 5, "decode_steps": steps})
+    cell = {"approx": "puma-fast", "role": "default", "protocol": result.cost.protocol, "source": "llama-debug"}
+    store.put("llama-debug/puma-fast", {**cell, **figures, "cache_slots": 16, "sites": found})
+    store.put("llama-debug/puma-fast/first-token", first)
+    data = json.loads((tmp_path / "latency.json").read_text())
+    data["config"]["networks"] = {k: network.NAMED[k].describe() for k in latency.NETWORKS}
+    text = latency.markdown(data)
+    assert "| llama-debug | puma-fast (default) | aby3/FM64/18 | decode step (mean) |" in text
+    assert "**not attributed (measured - sum)**" in text and "| llama-debug | puma-fast | head | 1 |" in text
+    assert "cold process s" in text
+    made = latency.plot(data, str(tmp_path / "plots"))
+    assert [p.rsplit("/", 1)[1] for p in made] == ["latency_sites_llama-debug.png"]
