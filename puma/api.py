@@ -23,6 +23,7 @@ import numpy as np
 
 from puma import calibration, deploy, progress, protocols, tasks
 from puma.errors import PumaError
+from puma.manifest import client_model, is_manifest
 from puma.models import LoadedModel, load, loading
 from puma.runtime import budget, get_backend, open_session, resolve_topology
 from puma.runtime.base import Session
@@ -131,7 +132,7 @@ class SecureModel:
             raise PumaError(
                 f"on {backend} the parties keep published models in their own stores: leave out --share-store"
             )
-        if deploy.is_manifest(source):
+        if is_manifest(source):
             return cls._from_manifest(source, approx, backend, backend_options, by_stage)
         if publishes and backend_options.get("config"):
             resolve_topology(
@@ -198,7 +199,7 @@ class SecureModel:
         topology, _ = resolve_topology(backend_options.get("config"))
         if topology is None:
             raise PumaError(f"--backend {backend} needs the parties' topology: pass --config configs/3pc.yaml")
-        view, model = deploy.client_model(manifest, approx, topology)
+        view, model = client_model(manifest, approx, topology)
         ops = protocols.get(approx)
         options = {k: backend_options.get(k) for k in ("config", "ray_address", "ray_token", "identity")}
         options.update(field=view.fixed.field, fxp_bits=view.fixed.fxp_bits)

@@ -20,6 +20,7 @@ import pytest
 from puma import cli, deploy
 from puma.api import SecureModel
 from puma.errors import PumaError
+from puma.manifest import read_manifest
 from puma.runtime import certs, commands, messages, wire
 from puma.runtime.config import Topology
 from puma.runtime.messages import Message
@@ -79,7 +80,7 @@ def _server_pids(topology: Topology) -> list[int]:
 
 def _job(topology: Topology, manifest: str, name: str = "client") -> wire.Channel:
     """A client's job at the first party, opened by hand."""
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     peers = _peers(topology)
     channel = _channel(topology, "client", name)
     hello = {"protocol": {"protocol": "aby3", "field": "FM64"}, "world_size": 3, "rank": 0}
@@ -100,7 +101,7 @@ def _refused(channel: wire.Channel, message: Message, fragment: str) -> None:
 def test_a_client_cannot_collect_or_receive_a_weight(deployment):
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     weight = f"p:{body['model_id']}:embed_tokens/embedding"
     channel = _job(topology, manifest)
     _refused(channel, commands.encode("collect", {"names": [weight]}), "collect is not a command a client may give")
@@ -114,7 +115,7 @@ def test_a_client_cannot_collect_or_receive_a_weight(deployment):
 def test_a_client_cannot_run_code_or_programs_the_manifest_does_not_allow(deployment):
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     channel = _job(topology, manifest)
     _refused(channel, commands.encode("install", {"key": "x", "name": "x", "code": b"pphlo"}), "install is not")
     task = {"model": body["model_id"], "slot": "-", "bind": {}, "secret": {}, "public": {}}
@@ -183,7 +184,7 @@ def test_malformed_frames_close_the_connection(deployment, payload):
 def test_a_client_cannot_upload_or_remove_a_model(deployment):
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, signature, _ = deploy.read_manifest(manifest)
+    body, signature, _ = read_manifest(manifest)
     channel = _channel(topology, "client", "client")
     _refused(channel, commands.encode("publish", {"manifest": body, "signature": signature}), "publish is not")
     channel = _channel(topology, "client", "client")
@@ -195,7 +196,7 @@ def test_a_manifest_not_signed_by_the_owner_is_refused(deployment):
     """Even the owner's connection cannot publish a manifest whose signature is not the owner's."""
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     forged = dict(body, policy=dict(body["policy"], reveal=["token", "logits"]))
     signature = certs.sign(topology.tls.client("client")[1], certs.canonical(forged))
     channel = _channel(topology, "owner", topology.owner)
@@ -226,7 +227,7 @@ def test_a_ticket_cannot_be_forged_or_reused(deployment):
     client, this model and a job not served yet."""
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     peers = _peers(topology)
     first = _job(topology, manifest)
     real = first.ticket
@@ -261,7 +262,7 @@ def test_a_client_cannot_make_parties_restart_with_a_false_peers_list(deployment
     (signed here with the party's key, as that run would have) is refused, and no party restarts."""
     topo, manifest, _ = deployment
     topology = Topology.from_yaml(topo)
-    body, _, _ = deploy.read_manifest(manifest)
+    body, _, _ = read_manifest(manifest)
     _honest_job_still_served(deployment)  # links open with the current runs
     before = _server_pids(topology)
     real = _peers(topology)

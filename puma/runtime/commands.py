@@ -28,6 +28,7 @@ import time
 from typing import Callable
 
 from puma.errors import PumaError
+from puma.manifest import view as manifest_view
 from puma.runtime import compile_cache, memory, messages, programs, sharing
 from puma.runtime.messages import Message, MessageError
 
@@ -197,9 +198,10 @@ class PartyService:
 
     ``open_party()`` makes the :class:`~puma.runtime.party.ComputeParty` (its links) when a
     command first needs it. ``models(manifest) -> view`` turns a published model's manifest into
-    what the party builds programs from (see :mod:`puma.deploy`); ``store`` is this party's own
-    folder of published models (from its own configuration, never from a peer), and of the
-    programs it compiled itself (``<store>/programs``, :mod:`puma.runtime.compile_cache`). An
+    what the party builds programs from (default :func:`puma.manifest.view`: public config and
+    policy, no weights); ``store`` is this party's own folder of published models (from its own
+    configuration, never from a peer), and of the programs it compiled itself
+    (``<store>/programs``, :mod:`puma.runtime.compile_cache`). An
     operator's ``store``/``restore`` name their folder (one trust domain). ``code_hook(code,
     rank)`` rewrites code before it is installed (``sim`` tags each party's profile).
     """
@@ -224,7 +226,7 @@ class PartyService:
         self.protocol = protocol  # the party's ProtocolConfig: its ring, and what it compiles with
         self._open_party = open_party
         self._party = None
-        self._models_from = models or _published_view
+        self._models_from = models or manifest_view
         self.store = store
         self.process_log = process_log
         self.code_hook = code_hook
@@ -529,14 +531,6 @@ def share_bytes(view, field: str) -> int:
     return sum(
         int(np.prod(a.shape, dtype=np.int64)) * words for a in programs.flat_named_avals(view.param_avals).values()
     )
-
-
-def _published_view(manifest: dict):
-    """What a party builds programs from, by :func:`puma.deploy.view` (the party runs puma; the
-    runtime itself does not depend on the models)."""
-    import importlib
-
-    return importlib.import_module("puma.deploy").view(manifest)
 
 
 # -- this party's own files: shares and manifests, a fixed format (no pickle) ------------------------
