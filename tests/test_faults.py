@@ -277,13 +277,13 @@ def test_job_for_another_protocol(tmp_path):
         ports = control_ports(topo)
         other = write_topology(
             tmp_path / "2pc.yaml",
-            protocol="semi2k",
+            protocol="cheetah",
             world=2,
             ports=free_ports(2) + ports[:2],
             tls={"dir": str(tmp_path / "certs")},
             certificates=False,
         )
-        with pytest.raises(PumaError, match=r"runs aby3/FM64 with 3 parties; the job asked for semi2k/FM64 with 2"):
+        with pytest.raises(PumaError, match=r"runs aby3/FM64 with 3 parties; the job asked for cheetah/FM64 with 2"):
             SecureModel.from_pretrained(manifest, backend="nodes", config=other)
 
 

@@ -11,11 +11,13 @@ package loads no backend (nor JAX).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import TYPE_CHECKING
 
+from puma import progress
 from puma.errors import PumaError
-from puma.runtime.config import CONNECT_TIMEOUT_S, RECV_TIMEOUT_S, ProtocolConfig, Topology
+from puma.runtime.config import CONNECT_TIMEOUT_S, DEALER_IN_ONE_DOMAIN, RECV_TIMEOUT_S, ProtocolConfig, Topology
 
 if TYPE_CHECKING:
     from puma.runtime.base import Session
@@ -120,6 +122,8 @@ def open_session(
     topology, proto = resolve_topology(config, protocol, fxp_bits, field)
     if chosen.needs_topology and topology is None:
         raise PumaError(f"the {backend} backend needs a topology: pass --config configs/3pc.yaml")
+    if proto.first_party_dealer and not chosen.publishes:  # nodes refuses it (Topology.require_separate_domains)
+        _warn_first_party_dealer()
     if spu_settings is not None:
         proto = proto.with_settings(spu_settings)
     request = MeshRequest(
@@ -134,3 +138,10 @@ def open_session(
     )
     mesh = importlib.import_module(chosen.module).open_mesh(request)
     return SecureSession(mesh, proto, chosen.in_process, backend)
+
+
+@functools.cache
+def _warn_first_party_dealer() -> None:
+    """Say once per process that semi2k's dealer is party 0 (``sim`` and ``ray`` keep SPU's
+    default: one trust domain, for development)."""
+    progress.warn(DEALER_IN_ONE_DOMAIN)

@@ -19,6 +19,24 @@ from puma.errors import PumaError
 
 #: protocol name -> (SPU ProtocolKind name, number of computing parties)
 PROTOCOLS = {"aby3": ("ABY3", 3), "semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2)}
+#: Protocols whose Beaver triples SPU takes from party 0: semi2k's ``RuntimeConfig.beaver_type``
+#: defaults to ``TrustedFirstParty``, a dealer SPU's source calls "NOT SAFE ... SHOULD NOT BE used
+#: in production": party 0 knows the masks of everything the other party opens, so it can read
+#: that party's data. SPU 0.9.5's wheel has no other dealer it can run: ``TrustedThirdParty``
+#: needs SPU's beaver server (a separate binary the wheel does not ship) and ``MultiParty`` is
+#: not implemented for semi2k. Cheetah needs no dealer (its triples come from oblivious transfer
+#: and homomorphic encryption between the two parties); ABY3 needs none either.
+FIRST_PARTY_DEALER = ("semi2k",)
+#: Why a topology of separate trust domains (``nodes``) refuses semi2k, and what to use instead.
+DEALER_REFUSED = (
+    "semi2k on nodes takes every Beaver triple from party 0 (SPU's TrustedFirstParty dealer), which lets "
+    "party 0 read the other party's data: use protocol cheetah (no dealer) for two parties, or aby3 with three"
+)
+#: What ``sim`` and ``ray`` (one trust domain) say once when they run semi2k.
+DEALER_IN_ONE_DOMAIN = (
+    "semi2k takes every Beaver triple from party 0 (SPU's TrustedFirstParty dealer), so party 0 could read "
+    "the other party's data: fine in one trust domain for development; across organizations use cheetah or aby3"
+)
 FIELDS = ("FM64", "FM128")
 
 #: Compiler options puma turns on by default (PUMA's setting): one reciprocal per softmax row,
@@ -56,6 +74,12 @@ class ProtocolConfig:
     @property
     def world_size(self) -> int:
         return PROTOCOLS[self.protocol][1]
+
+    @property
+    def first_party_dealer(self) -> bool:
+        """Whether party 0 deals this protocol's Beaver triples (see :data:`FIRST_PARTY_DEALER`)
+        and so could read what the other party opens."""
+        return self.protocol in FIRST_PARTY_DEALER
 
     def with_settings(self, settings) -> "ProtocolConfig":
         """Add an approximation set's SPU settings (``puma.protocols.SpuSettings``) over the
@@ -256,6 +280,13 @@ class Topology:
 
     def with_protocol(self, protocol: ProtocolConfig) -> "Topology":
         return dataclasses.replace(self, protocol=protocol)
+
+    def require_separate_domains(self) -> None:
+        """Refuse, in one line naming the alternatives, a protocol under which one party could
+        read another's data: what ``nodes`` (each party its own trust domain) checks when a party
+        starts and when an owner or client connects."""
+        if self.protocol.first_party_dealer:
+            raise PumaError(f"{self.source}: {DEALER_REFUSED}")
 
     def require_tls(self) -> TLSConfig:
         """The certificate folder, refused in one line when the topology has none or it is empty."""

@@ -109,6 +109,7 @@ class PartyServer:
             raise PumaError(f"rank {rank} is not in the topology (0..{topology.world_size - 1})")
         from puma.runtime.party import ProcessLog
 
+        topology.require_separate_domains()
         self.topology = topology
         self.rank = rank
         self.spec: PartySpec = topology.parties[rank]
@@ -532,6 +533,7 @@ class NodesMesh(Mesh):
     remote_compile = True
 
     def __init__(self, topology: Topology, role: str = CLIENT, name: str | None = None, model: str | None = None):
+        topology.require_separate_domains()
         self.topology = topology
         self.world_size = topology.world_size
         self.channels: list[wire.Channel | None] = []

@@ -139,6 +139,7 @@ def cmd_node_up(args) -> int:
     from puma.runtime.nodes import supervise
 
     topology = Topology.from_yaml(args.config)
+    topology.require_separate_domains()
     print(
         f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
         f"logs in {args.log_dir}; Ctrl-C stops them",
@@ -163,6 +164,7 @@ def cmd_node_start(args) -> int:
     from puma.runtime.nodes import supervise
 
     topology = Topology.from_yaml(args.config)
+    topology.require_separate_domains()
     if not 0 <= args.rank < topology.world_size:
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
     return _report_parties(
