@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -148,6 +149,48 @@ def test_second_client_queues_and_is_told_its_position(tmp_path, caplog):
             assert len(second.generate_ids(_ids(), 2).tokens[0]) == 2
 
 
+def test_an_idle_job_is_ended_and_the_next_client_served(tmp_path):
+    """A client that opens a job and goes silent holds the parties for job_idle_s only: then each
+    party ends its job and serves the client queued behind it (plaintext's tokens); the silent
+    client's next command gets one line saying why. Control connections use TCP keep-alive."""
+    idle_s = 3
+    topo = write_topology(tmp_path / "t.yaml", connect_s=10, recv_s=20, job_idle_s=idle_s)
+    expected = SecureModel.from_pretrained(PRESET, approx="puma-fast").generate_ids(_ids(), 2).tokens
+    with local_parties(topo, str(tmp_path)):
+        manifest = deploy.ensure_published(topo, PRESET, "puma-fast")
+        silent = SecureModel.from_pretrained(manifest, backend="nodes", config=topo)
+        served: dict = {}
+
+        def next_client():
+            start = time.monotonic()
+            try:
+                with SecureModel.from_pretrained(manifest, backend="nodes", config=topo) as m:
+                    served["admitted_after"] = time.monotonic() - start
+                    served["tokens"] = m.generate_ids(_ids(), 2).tokens
+            except BaseException as err:  # reported below
+                served["error"] = err
+
+        queued = threading.Thread(target=next_client, daemon=True)
+        try:
+            channels = silent.session.mesh.channels
+            assert all(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) for c in channels)
+            queued.start()
+            time.sleep(idle_s + 1.5)  # the silent job has ended; its connections wait for its next command
+            with pytest.raises(PumaError) as ended:
+                silent.generate_ids(_ids(), 2)
+        finally:
+            silent.close()
+            queued.join(180)
+        assert not queued.is_alive() and "error" not in served, served
+        assert served["tokens"] == expected
+        assert idle_s - 1 <= served["admitted_after"] < 60, served
+    line = str(ended.value)
+    assert "\n" not in line and "ended this job after 3 s without a command (timeouts.job_idle_s)" in line, line
+    assert line.startswith("party p")
+    logged = open(tmp_path / "node-up.stderr").read()
+    assert "party p0: ended the job of client client after 3 s without a command" in logged
+
+
 def test_supervisor_restarts_a_dead_party(tmp_path):
     topo = write_topology(tmp_path / "t.yaml", connect_s=20, recv_s=5)
     with local_parties(topo, str(tmp_path)) as up:
@@ -186,6 +229,7 @@ def _set(key, value):
         (_set("timeouts", {"recv_S": 5}), "unknown key 'timeouts.recv_S'; did you mean 'recv_s'?"),
         (_set("timeouts", {"connect_s": -1}), "timeouts.connect_s must be a positive number"),
         (_set("timeouts", {"recv_s": 0}), "timeouts.recv_s must be a positive number"),
+        (_set("timeouts", {"job_idle_s": 0}), "timeouts.job_idle_s must be a positive number"),
         (_set("auth_key", "puma-local"), "auth_key is gone"),
         (_set("tls", {"cert": "a", "key": "b", "ca": "c"}), "tls now names a folder of per-role certificates"),
         (_set("tls", {"dir": "certs", "kee": "d"}), "unknown key 'tls.kee'"),

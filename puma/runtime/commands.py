@@ -47,6 +47,11 @@ class Retry(PumaError):
     """A party asked the client to try again shortly (it is restarting)."""
 
 
+class JobEnded(PumaError):
+    """A party ended the client's job: no command came within ``timeouts.job_idle_s``, so the
+    parties serve the next client. A new session opens a new job."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """One operation: who may ask for it, its arguments (name -> kind, see :func:`decode`) and
@@ -135,7 +140,7 @@ def encode_reply(kind: str, value) -> Message:
 
 def decode_reply(kind: str, message: Message):
     if message.op == "error":
-        error = Retry if message.args.get("retry") else PumaError
+        error = {"retry": Retry, "idle": JobEnded}.get(message.args.get("kind"), PumaError)
         raise error(str(message.args.get("message", "failed")))
     if message.op == "busy":
         return ("busy", message.args)

@@ -196,6 +196,9 @@ CONNECT_TIMEOUT_S = 30.0
 RECV_TIMEOUT_S = 60.0
 #: How long a client may wait in the parties' queue for its turn (seconds).
 QUEUE_TIMEOUT_S = 600.0
+#: How long a party keeps a client's job without a command from it before it ends the job and
+#: serves the next client (seconds).
+JOB_IDLE_S = 300.0
 
 #: Party ids, owner and client names: they name certificate files and subjects.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -217,7 +220,9 @@ class Topology:
     ``recv_timeout_s`` bounds how long a party waits for a peer's message before it gives up
     (a dead party is detected within it); ``connect_timeout_s`` bounds how long parties, owner
     and clients retry connecting to a peer that is not up yet; ``queue_timeout_s`` how long a
-    client may wait in the parties' queue. ``owner`` and ``clients`` are the identities (names
+    client may wait in the parties' queue; ``job_idle_s`` how long a party keeps a client's job
+    while nothing moves on its connection (no command, no bytes of one) before it ends the job,
+    tells the client so and serves the next one. ``owner`` and ``clients`` are the identities (names
     in their certificates) the parties admit; each party keeps its shares under
     ``<store>/<party id>/`` (``store`` is made absolute, relative to the topology file) and
     holds a published model's shares in memory while they fit ``memory_budget`` (default 80% of
@@ -229,6 +234,7 @@ class Topology:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     recv_timeout_s: float = RECV_TIMEOUT_S
     queue_timeout_s: float = QUEUE_TIMEOUT_S
+    job_idle_s: float = JOB_IDLE_S
     tls: TLSConfig | None = None
     owner: str = "owner"
     clients: tuple[str, ...] = ("client",)
@@ -370,8 +376,8 @@ class Topology:
             raise PumaError(f"{source}: bad protocol settings ({err})") from err
         timeouts = doc.get("timeouts") or {}
         if not isinstance(timeouts, dict):
-            raise PumaError(f"{source}: 'timeouts' must be a mapping with connect_s, recv_s and queue_s")
-        _check_keys(timeouts, {"connect_s", "recv_s", "queue_s"}, source, "timeouts.")
+            raise PumaError(f"{source}: 'timeouts' must be a mapping with connect_s, recv_s, queue_s and job_idle_s")
+        _check_keys(timeouts, {"connect_s", "recv_s", "queue_s", "job_idle_s"}, source, "timeouts.")
         for key, value in timeouts.items():
             try:
                 ok = float(value) > 0
@@ -389,6 +395,7 @@ class Topology:
                 connect_timeout_s=float(timeouts.get("connect_s", CONNECT_TIMEOUT_S)),
                 recv_timeout_s=float(timeouts.get("recv_s", RECV_TIMEOUT_S)),
                 queue_timeout_s=float(timeouts.get("queue_s", QUEUE_TIMEOUT_S)),
+                job_idle_s=float(timeouts.get("job_idle_s", JOB_IDLE_S)),
                 tls=_tls(doc.get("tls"), source),
                 owner=str(doc.get("owner", "owner") or ""),
                 clients=tuple(str(name) for name in clients),

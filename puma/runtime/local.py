@@ -44,6 +44,7 @@ def write_topology(
     ports: list[int] | None = None,
     certificates: bool = True,
     queue_s: float | None = None,
+    job_idle_s: float | None = None,
     **extra,
 ) -> str:
     """A topology file at ``path`` for ``world`` parties on 127.0.0.1 (link ports first, then
@@ -52,7 +53,12 @@ def write_topology(
     ports = ports or free_ports(2 * world)
     doc = {
         "protocol": protocol,
-        "timeouts": {"connect_s": connect_s, "recv_s": recv_s, **({"queue_s": queue_s} if queue_s else {})},
+        "timeouts": {
+            "connect_s": connect_s,
+            "recv_s": recv_s,
+            **({"queue_s": queue_s} if queue_s else {}),
+            **({"job_idle_s": job_idle_s} if job_idle_s else {}),
+        },
         "parties": [
             {"id": f"p{r}", "link": f"127.0.0.1:{ports[r]}", "control": f"127.0.0.1:{ports[world + r]}"}
             for r in range(world)

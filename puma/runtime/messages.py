@@ -62,6 +62,20 @@ class Message:
     buffers: list[bytes] = dataclasses.field(default_factory=list)
 
 
+#: Kinds of ``error`` reply (its ``kind`` argument), each one line for the caller: ``failed``
+#: (the command failed or was refused), ``retry`` (the party restarts to open its links anew: try
+#: again shortly), ``idle`` (the party ended the client's job after ``timeouts.job_idle_s``
+#: without a command from it, and serves the next client).
+ERROR_KINDS = ("failed", "retry", "idle")
+
+
+def error(line: str, kind: str = "failed") -> Message:
+    """The ``error`` reply saying ``line`` (one line) of kind ``kind`` (:data:`ERROR_KINDS`)."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}")
+    return Message("error", {"message": line, "kind": kind})
+
+
 # -- frames -----------------------------------------------------------------------------------
 
 

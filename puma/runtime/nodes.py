@@ -14,7 +14,9 @@ for mutual-TLS connections. Who connects is read from the peer's certificate
   never who is ahead), receives a ticket that party signs, and presents it to the others, so
   every party serves the same job next. During the job the client sends its input shares and
   program specs; each party builds and compiles the program itself from the manifest, if the
-  owner's policy allows it, and returns only that program's output shares to that client;
+  owner's policy allows it, and returns only that program's output shares to that client. A job
+  ends when its client closes it or leaves, or after ``timeouts.job_idle_s`` without progress
+  on its connection (the client is told in one line); control connections use TCP keep-alive;
 - other parties never use the control port (their link certificates come from another CA);
   anything else (an unknown identity, an unknown or malformed message) is one log line and a
   closed connection.
@@ -42,7 +44,7 @@ import time
 
 from puma import progress
 from puma.errors import PumaError
-from puma.runtime import certs, commands, memory, wire
+from puma.runtime import certs, commands, memory, messages, wire
 from puma.runtime.children import die_with
 from puma.runtime.commands import CLIENT, OWNER
 from puma.runtime.config import LINKS_DID_NOT_CONNECT, PartySpec, Topology
@@ -210,32 +212,41 @@ class PartyServer:
             self._session(channel, frozenset({who.role}))
         except PermissionError as err:
             log.warning("party %s: refused %s from %s: %s", self.spec.id, who.describe(), where, first_line(err))
-            _try_send(channel, Message("error", {"message": f"party {self.spec.id} refused: {first_line(err)}"}))
+            _try_send(channel, messages.error(f"party {self.spec.id} refused: {first_line(err)}"))
         except MessageError as err:
             log.warning("party %s: malformed message from %s (%s): %s", self.spec.id, who.describe(), where, err)
         except commands.LinksStale as err:
             log.warning("party %s: %s", self.spec.id, err)
-            _try_send(channel, Message("error", {"message": f"party {self.spec.id}: {err}", "retry": True}))
+            _try_send(channel, messages.error(f"party {self.spec.id}: {err}", "retry"))
             channel.close()
             logging.shutdown()
             os._exit(RESTART_STATUS)  # the supervisor starts it again, with no links
         except PumaError as err:  # a job not admitted (queue timeout, model not published)
             log.info("party %s: %s", self.spec.id, first_line(err))
-            _try_send(channel, Message("error", {"message": str(err)}))
+            _try_send(channel, messages.error(str(err)))
         except wire.ChannelClosed:
             log.info("party %s: %s left", self.spec.id, who.describe())
         except Exception as err:  # this party's own failure (SPU errors are RuntimeErrors): one line
             log.error("party %s: serving %s failed: %s", self.spec.id, who.describe(), first_line(err))
-            _try_send(channel, Message("error", {"message": f"party {self.spec.id} failed: {first_line(err)}"}))
+            _try_send(channel, messages.error(f"party {self.spec.id} failed: {first_line(err)}"))
         finally:
             channel.close()
 
     def _session(self, channel: wire.Channel, roles: frozenset) -> None:
-        """Commands of one connection, until ``close`` or the peer leaves."""
+        """Commands of one connection, until ``close`` or the peer leaves. While the connection
+        holds a job, ``timeouts.job_idle_s`` without progress on it (no command, no bytes of one
+        or of a reply) ends the job: see :meth:`_ended_idle`."""
         held = False
         try:
             while True:
-                message = channel.recv()
+                channel.settimeout(self.topology.job_idle_s if held else None)
+                try:
+                    message = channel.recv()
+                except wire.TimedOut:
+                    held = False
+                    self._end_job()
+                    self._ended_idle(channel)
+                    return
                 if message.op == "job":
                     if held:
                         raise MessageError("a connection runs one job")
@@ -252,19 +263,46 @@ class PartyServer:
                     else:
                         reply = self.service.handle(roles, spec.name, kwargs)
                 except PumaError as err:
-                    channel.send(Message("error", {"message": f"party {self.spec.id}: {err}"}))
+                    channel.send(messages.error(f"party {self.spec.id}: {err}"))
                     continue
                 channel.send(commands.encode_reply(spec.reply, reply))
                 if spec.name == "close":
                     return
         finally:
             if held:
-                try:
-                    self.service.end_job()
-                finally:
-                    self._runtime.release()
-                    if self.rank == 0:
-                        self.queue.done()
+                self._end_job()
+
+    def _end_job(self) -> None:
+        """Forget the connection's job (its inputs, outputs and state) and hand the runtime to
+        the next client."""
+        try:
+            self.service.end_job()
+        finally:
+            self._runtime.release()
+            if self.rank == 0:
+                self.queue.done()
+
+    def _ended_idle(self, channel: wire.Channel) -> None:
+        """Tell a client whose job this party ended for idleness why, in one line (an ``idle``
+        error): sent at once, so that it is the answer to the client's next command. That
+        command is read if it comes within another ``job_idle_s`` (closing with it unread would
+        reset the connection before the client reads the line); then the connection closes."""
+        idle = self.topology.job_idle_s
+        log.warning(
+            "party %s: ended the job of %s after %g s without a command (timeouts.job_idle_s)",
+            self.spec.id,
+            channel.peer.describe(),
+            idle,
+        )
+        line = (
+            f"party {self.spec.id} ended this job after {idle:g} s without a command (timeouts.job_idle_s) "
+            "and serves the next client: open a new session"
+        )
+        _try_send(channel, messages.error(line, "idle"))
+        try:
+            channel.recv()
+        except (wire.ChannelClosed, MessageError):
+            pass
 
     def _admit(self, channel: wire.Channel, roles: frozenset, message: Message) -> None:
         """Start a client's job: queue (first party) or check its ticket (the others), then hold
@@ -648,7 +686,7 @@ class NodesMesh(Mesh):
                 answer = channel.recv()
         try:
             return commands.decode_reply(reply, answer)
-        except commands.Retry:
+        except (commands.Retry, commands.JobEnded):
             raise
         except PumaError as err:
             raise PumaError(f"{self._party(rank)}: {err}" if not str(err).startswith("party ") else str(err))

@@ -17,10 +17,20 @@ from puma.runtime.messages import Message
 
 #: Seconds a TLS handshake may take before the connection is dropped.
 HANDSHAKE_TIMEOUT = 10.0
+#: TCP keep-alive on every control connection: the first probe after this many idle seconds,
+#: then one every KEEPALIVE_INTERVAL_S; KEEPALIVE_PROBES unanswered probes end the connection, so
+#: a peer whose host vanished (no FIN, no RST) is noticed within about two minutes.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 6
 
 
 class ChannelClosed(ConnectionError):
     """The peer closed the connection or died."""
+
+
+class TimedOut(ChannelClosed):
+    """Nothing arrived within the channel's timeout (:meth:`Channel.settimeout`)."""
 
 
 class HandshakeFailed(ConnectionError):
@@ -54,6 +64,8 @@ class Channel:
         while got < n:
             try:
                 count = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
+            except TimeoutError as err:  # socket.timeout: no byte within the timeout
+                raise TimedOut(str(err) or "timed out") from err
             except (ConnectionResetError, ssl.SSLError, OSError) as err:
                 raise ChannelClosed(str(err)) from err
             if not count:
@@ -79,6 +91,18 @@ class Channel:
             pass
 
 
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keep-alive with puma's timing where the platform lets it be set (Linux does)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket; raises ``OSError`` (errno EADDRINUSE) when the port is taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -93,6 +117,7 @@ def accept(sock: socket.socket, context: ssl.SSLContext) -> Channel:
     peer's identity read from it. Raises ``OSError``/``ssl.SSLError``/``PermissionError``."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _keep_alive(sock)
     try:
         tls = context.wrap_socket(sock, server_side=True)
         peer = certs.peer_identity(tls)
@@ -108,6 +133,7 @@ def connect(host: str, port: int, context: ssl.SSLContext, timeout: float) -> Ch
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _keep_alive(sock)
     try:
         tls = context.wrap_socket(sock)
         peer = certs.peer_identity(tls)
