@@ -372,8 +372,14 @@ class Embedding(nn.Module):
         return jnp.take(self.embedding, ids, axis=0)
 
     def attend(self, x: Array) -> Array:
-        """Tied output projection: [..., dim] -> [..., num]."""
-        logits = jnp.einsum("...d,vd->...v", x, self.embedding)
+        """Tied output projection: [..., dim] -> [..., num].
+
+        Written as table @ rows^T, with the table as the left operand in its stored layout: the
+        same products as x @ table^T, but SPU runs x @ table^T by first transposing the shares
+        of the [num, dim] table (SmolLM2's 49152 x 576: 2.8 s per party per token in ``sim``
+        against 0.11 s this way)."""
+        rows = x.reshape(-1, x.shape[-1])  # [R, dim]
+        logits = (self.embedding @ rows.T).T.reshape(x.shape[:-1] + (self.num,))  # [num, dim] @ [dim, R] -> [R, num]
         record(self, "logits", logits)
         return logits
 

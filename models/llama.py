@@ -199,7 +199,8 @@ class LlamaAttention(nn.Module):
             block = jax.scipy.linalg.block_diag(*per_head)  # [(H + Hkv) Dh, (H + Hkv) Dh], public
             both = (both.reshape(1, -1) @ block).reshape(both.shape)  # [1, (H + Hkv) Dh] -> [B, T, H + Hkv, Dh]
         else:
-            factor = np.concatenate([np.full(heads, scale), np.ones(k.shape[2])]).astype(np.float32)[:, None]  # [H + Hkv, 1]
+            factor = np.concatenate([np.full(heads, scale), np.ones(k.shape[2])]).astype(np.float32)
+            factor = factor[:, None]  # [H + Hkv, 1]
             half = dh // 2
             rotated = jnp.concatenate([-both[..., half:], both[..., :half]], axis=-1)
             both = both * (cos[:, :, None, :] * factor) + rotated * (sin[:, :, None, :] * factor)

@@ -85,7 +85,7 @@ class LoadedModel:
     @property
     def program_key(self) -> tuple:
         """What a compiled program of this model depends on besides the set and shapes."""
-        return (self.source, self.shifts)
+        return (self.source, self.shifts, self.config)
 
     def module(self, ops="exact"):
         """The Flax module for this config with the named approximation set and its norm shifts."""

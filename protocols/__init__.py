@@ -17,7 +17,7 @@ import importlib
 
 from puma.protocols.base import MASK_FILL, ExecutionPlan, Ops, SpuSettings
 
-__all__ = ["MASK_FILL", "REGISTRY", "ExecutionPlan", "Ops", "SpuSettings", "get", "names"]
+__all__ = ["MASK_FILL", "REGISTRY", "ExecutionPlan", "Ops", "SpuSettings", "get", "names", "registered"]
 
 
 #: The approximation sets: name -> (module in ``puma.protocols``, attribute holding its ``Ops``).
@@ -50,3 +50,9 @@ def get(name: str | Ops) -> Ops:
     if ops.name != name:
         raise ValueError(f"puma.protocols.{module}.{attribute} is set {ops.name!r}, registered as {name!r}")
     return ops
+
+
+def registered(ops: Ops) -> bool:
+    """True when ``ops`` is the registered set of its name (not a variant made with
+    :meth:`Ops.with_plan` or ``dataclasses.replace``, which keep the name)."""
+    return ops.name in REGISTRY and get(ops.name) is ops

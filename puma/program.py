@@ -48,6 +48,8 @@ class Program:
     spec: tuple | None = None
     param_keys: tuple[str, ...] | None = None  # top-level weight subtrees it takes (None: all)
     state_reads: tuple[str, ...] | None = None  # state entries it reads (None: the whole slot)
+    builtin: bool = False  # built by puma's own builders with a registered set: ``key`` and the
+    # shapes decide its trace (the compile cache may skip the trace; see puma.runtime.compile_cache)
 
     def select_params(self, params: dict, bind: dict) -> dict:
         """The weights this program takes, under its local names."""

@@ -25,6 +25,7 @@ import logging
 
 import numpy as np
 
+from puma import protocols
 from puma.models.loading import LoadedModel
 from puma.program import Program
 from puma.runtime.base import Session
@@ -48,6 +49,7 @@ def embed_program(model: LoadedModel, ops) -> Program:
         key=(ops.name, model.program_key),
         param_keys=module.stages().embed,
         spec=("stage_embed", {}),
+        builtin=protocols.registered(ops),
     )
 
 
@@ -61,7 +63,7 @@ def block_program(
     module = model.module(ops)
     name = module.stages().layer_key(layer)
     spec = ("stage_block", {"layer": layer, "phase": phase, "max_len": max_len, "rows": rows})
-    key = (ops.name, model.source, model.shifts.under(name), phase, max_len, rows)
+    key = (ops.name, model.source, model.config, model.shifts.under(name), phase, max_len, rows)
 
     def fn(params, state, secret, public):
         x, layer_cache = module.apply(
@@ -85,6 +87,7 @@ def block_program(
         param_keys=("layer",),
         state_reads=reads,
         spec=spec,
+        builtin=protocols.registered(ops),
     )
 
 
@@ -103,6 +106,7 @@ def head_program(model: LoadedModel, ops, head: "_Head") -> Program:
         param_keys=module.stages(head.name).head,
         state_reads=("h",),
         spec=("stage_head", head.spec),
+        builtin=protocols.registered(ops),
     )
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma import staged
+from puma import protocols, staged
 from puma.errors import PumaError
 from puma.models.loading import LoadedModel
 from puma.program import Program
@@ -99,6 +99,7 @@ def forward_program(model: LoadedModel, ops, reveal: str = "logits", sampling: S
         fn,
         key=(ops.name, model.program_key, sampling.key()),
         spec=("forward", {"reveal": reveal, "sampling": sampling.spec()}),
+        builtin=protocols.registered(ops),
     )
 
 
@@ -112,7 +113,13 @@ def full_logits_program(model: LoadedModel, ops) -> Program:
         )
         return {"logits": logits}, {}
 
-    return Program(f"{model.family}_logits", fn, key=(ops.name, model.program_key), spec=("logits", {}))
+    return Program(
+        f"{model.family}_logits",
+        fn,
+        key=(ops.name, model.program_key),
+        spec=("logits", {}),
+        builtin=protocols.registered(ops),
+    )
 
 
 def prefill_program(
@@ -137,6 +144,7 @@ def prefill_program(
         fn,
         key=(ops.name, model.program_key, max_len, sampling.key()),
         spec=("prefill", {"max_len": max_len, "reveal": reveal, "sampling": sampling.spec()}),
+        builtin=protocols.registered(ops),
     )
 
 
@@ -161,6 +169,7 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
         fn,
         key=(ops.name, model.program_key, sampling.key()),
         spec=("decode", {"reveal": reveal, "sampling": sampling.spec()}),
+        builtin=protocols.registered(ops),
     )
 
 
@@ -180,7 +189,13 @@ def encoder_program(model: LoadedModel, ops, head: str) -> Program:
         )
         return {"output": out}, {}
 
-    return Program(f"{model.family}_{head}", fn, key=(ops.name, model.program_key), spec=("encoder", {"head": head}))
+    return Program(
+        f"{model.family}_{head}",
+        fn,
+        key=(ops.name, model.program_key),
+        spec=("encoder", {"head": head}),
+        builtin=protocols.registered(ops),
+    )
 
 
 def causal_step(

@@ -6,9 +6,10 @@ SmolLM2-135M-Instruct's own plaintext run (and transformers' GGUF tokenizer) for
 Norm rows carry values up to 1e5 (SmolLM2's residual stream reaches 22 552), beside rows of
 mean square 9 and more: the shift the planner picks keeps every row within the set's relative
 error (per row, the largest |error| over the largest |output|), where the unshifted norm
-overflows. Bounds (largest of 5 runs each, rounded up): puma-fast 9e-4, puma-lean and puma-chat 1.4e-3; puma
-and spu 1.3e-2 on the row holding 1e5 (SPU's own rsqrt errs by about 1 % at a mean square of
-1.7e4 after the shift; their other rows stay below 2e-3).
+overflows. Bounds (largest of 5 runs each, rounded up): puma-fast 9e-4, puma-lean 1.4e-3,
+puma-chat 5.3e-3 (its binned rsqrt alone errs by up to 5.4e-3); puma and spu 1.3e-2 on the
+row holding 1e5 (SPU's own rsqrt errs by about 1 % at a mean square of 1.7e4 after the shift;
+their other rows stay below 2e-3).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from puma.calibration import Ranges
 from puma.errors import PumaError
 
 #: set -> relative error bound of a pre-scaled norm on rows with values up to 1e5 (module doc).
-RELATIVE_BOUNDS = {"puma-fast": 1.5e-3, "puma-lean": 2e-3, "puma-chat": 2e-3, "puma": 1.5e-2, "spu": 1.5e-2}
+RELATIVE_BOUNDS = {"puma-fast": 1.5e-3, "puma-lean": 2e-3, "puma-chat": 6e-3, "puma": 1.5e-2, "spu": 1.5e-2}
 WIDTH = 576
 
 

@@ -14,22 +14,22 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from puma.models import load
 from puma.protocols import chat
+from puma.protocols.base import FixedPoint
 
 from puma import calibration, protocols
 from puma.calibration import Ranges
-from puma.models import load
 from puma.program import Program
-from puma.protocols.base import FixedPoint
 
 #: Plaintext bounds (float32 evaluation of the fitted functions; measured in brackets).
-EXP_REL = 1.3e-3  # [1.26e-3]
-RSQRT_REL = 4e-4  # bins' fit 3.55e-4
+EXP_REL = 2e-3  # [1.95e-3]
+RSQRT_REL = 5.5e-3  # half the bins' ratio: 2^(1/64) - 1 = 5.4e-3
 RECIPROCAL_REL = 1e-3  # bins' fit 9.47e-4
 SOFTMAX_ABS = 1.1e-3  # [9.8e-4]: the reciprocal's error times the largest probability
 #: Under SPU (ABY3 FM64/18): the same functions with truncation noise (measured in brackets).
 SPU_SOFTMAX_ABS = 1.1e-3  # [7.3e-4]
-SPU_NORM_ABS = 2e-3  # [7.6e-4 on rows of mean square 9; 1.0e-3 at the domain's edges]
+SPU_NORM_REL = 6e-3  # of a row's largest output: the bins' 5.4e-3 plus truncation noise
 SPU_SILU_ABS = 6e-2  # the fit's own 5.76e-2 dominates [5.3e-2 on the grid below]
 SPU_RECIPROCAL_REL = 1.5e-3  # [9.5e-4 + 2^-18 relative]
 
@@ -120,7 +120,8 @@ def test_softmax_plaintext_against_numpy(width):
 
 def test_norms_plaintext_against_numpy():
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((16, 576)) * np.geomspace(0.02, 900, 16)[:, None]).astype(np.float32)  # mean squares 4e-4..8e5: the domain
+    scales = np.geomspace(0.02, 900, 16)[:, None]  # mean squares 4e-4 .. 8e5: the domain
+    x = (rng.standard_normal((16, 576)) * scales).astype(np.float32)
     w = rng.uniform(0.5, 1.5, 576).astype(np.float32)
     b = rng.uniform(-0.5, 0.5, 576).astype(np.float32)
     got = np.asarray(chat.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6), np.float64)
@@ -152,9 +153,10 @@ def test_fused_projections_and_rotary_change_no_output():
     for single in (ids[:1], ids):  # one token (the block-diagonal product) and a batch
         mask = np.ones((len(single), slots), np.int32)
         position = np.full((len(single), 1), 5, np.int32)
-        c, cr = tuple(
-            {k: v[: len(single)] for k, v in layer.items()} for layer in cache
-        ), tuple({k: v[: len(single)] for k, v in layer.items()} for layer in cache_ref)
+        c, cr = (
+            tuple({k: v[: len(single)] for k, v in layer.items()} for layer in cache),
+            tuple({k: v[: len(single)] for k, v in layer.items()} for layer in cache_ref),
+        )
         got = joined.apply(variables, single[:, 5:], mask, position, c, 5, method="decode")[0]
         want = plain.apply(variables, single[:, 5:], mask, position, cr, 5, method="decode")[0]
         _check(got, want, 1e-5, f"decode batch {len(single)}")
@@ -210,9 +212,11 @@ def test_norms_under_spu_inside_and_at_the_domain_edges(session):
     x = (rng.standard_normal((4, width)) * scales).astype(np.float32)
     w = rng.uniform(0.5, 1.5, width).astype(np.float32)
     got = _spu(session, "rms", lambda s, p: chat.rms_norm(s["x"], s["w"], 1e-6), {"x": x[:3], "w": w})
-    _check(got, _rms(x[:3], w, 1e-6), SPU_NORM_ABS, "rms_norm under SPU")
+    want = _rms(x[:3], w, 1e-6)
+    assert np.all(np.abs(got - want).max(-1) <= SPU_NORM_REL * np.abs(want).max(-1)), "rms_norm under SPU"
     big = _spu(session, "rms_big", lambda s, p: chat.rms_norm(s["x"], s["w"], 1e-6), {"x": x[3:] * 2.0**-9, "w": w})
-    _check(big, _rms(x[3:], w, 1e-6), SPU_NORM_ABS, "rms_norm of a pre-scaled large row under SPU")
+    want = _rms(x[3:], w, 1e-6)
+    assert np.all(np.abs(big - want).max(-1) <= SPU_NORM_REL * np.abs(want).max(-1)), "pre-scaled large row"
 
 
 def test_activations_and_reciprocal_under_spu(session):

@@ -111,6 +111,63 @@ def test_a_damaged_entry_is_dropped_in_one_line_and_rebuilt(tmp_path, damage, pr
     assert again["stats"] == {"hit": 1} and not [line for line in err if line.startswith("puma:")]
 
 
+#: A built-in program (llama-debug's greedy prefill and decode, puma-chat) in a sim session,
+#: beside its plaintext run; how many programs this process traced.
+BUILTIN = """
+import json
+from puma.api import SecureModel
+from puma.runtime import compile_cache, programs
+
+traced = []
+lower = programs.lower
+programs.lower = lambda program, *avals: traced.append(program.name) or lower(program, *avals)
+want = SecureModel.from_pretrained("llama-debug", approx="puma-chat").generate_ids([[5, 6, 7, 8]], 3).tokens
+with SecureModel.from_pretrained("llama-debug", approx="puma-chat", backend="sim") as m:
+    got = m.generate_ids([[5, 6, 7, 8]], 3)
+print(json.dumps({"got": got.tokens, "want": want, "stats": dict(compile_cache.stats), "traced": traced}))
+"""
+
+
+def _run_builtin(cache: str) -> tuple[dict, list[str]]:
+    environ = {k: v for k, v in os.environ.items() if k != "PUMA_COMPILE_CACHE"}
+    done = subprocess.run(
+        [sys.executable, "-c", BUILTIN],
+        env={**environ, "PUMA_CACHE": cache},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["got"] == report["want"]  # greedy tokens equal plaintext's, cache or not
+    return report, done.stderr.splitlines()
+
+
+def test_builtin_programs_skip_the_trace_in_a_new_process_and_a_bad_index_is_rebuilt(tmp_path):
+    first, _ = _run_builtin(str(tmp_path))
+    assert first["stats"] == {"miss": 2} and len(first["traced"]) >= 2
+    indexes = sorted((tmp_path / "programs").glob("*.json"))
+    assert len(indexes) == 2
+    second, err = _run_builtin(str(tmp_path))
+    assert second["stats"] == {"hit": 2, "index": 2} and second["traced"] == [], err
+    indexes[0].write_text("{not json")
+    third, err = _run_builtin(str(tmp_path))
+    lines = [line for line in err if line.startswith("puma:")]
+    assert len(lines) == 1 and "was corrupt" in lines[0] and lines[0].endswith("; dropped and rebuilt"), err
+    assert third["stats"] == {"dropped": 1, "hit": 2, "index": 1} and len(third["traced"]) == 1
+    fourth, _ = _run_builtin(str(tmp_path))
+    assert fourth["stats"] == {"hit": 2, "index": 2}
+
+
+def test_index_keys_change_with_pumas_source_and_the_options(monkeypatch):
+    options = ProtocolConfig().compiler_options()
+    base = compile_cache.index_key("program", options)
+    assert compile_cache.index_key("program", options) == base
+    assert compile_cache.index_key("another program", options) != base
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "edited")
+    assert compile_cache.index_key("program", options) != base
+
+
 # -- in this process: keys, the entry format, parties --------------------------------------------
 
 

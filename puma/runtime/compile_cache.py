@@ -24,6 +24,18 @@ itself from a published model's manifest: nothing a client or the owner sends is
 An entry tells no more than the party already knows: programs are compiled from shapes, the
 manifest and a run's public settings; no weight, input or share is in them.
 
+**Programs puma builds itself skip even the lowering.** Tracing and lowering SmolLM2's decode
+program takes about 10 s; a warm first token should not wait for it. A program built from a
+spec by puma's own builders (:mod:`puma.tasks`, :mod:`puma.staged`) with a registered
+approximation set is a function of puma's source, the set's name, the model's config and norm
+shifts, the builder's arguments and the input shapes, and nothing else. For those an *index*
+entry (``<index key>.json``) maps the SHA-256 of exactly that (plus the SHA-256 of every ``.py``
+file of the puma, puma.protocols and puma.models packages, the compiler options and the
+versions) to the code's entry and the program's flat signature (output names, revealed tree,
+new state's shapes); a hit needs no trace at all. Any edit to puma's source changes the index
+key. An index entry that does not parse, names a code entry that is missing or damaged, or
+describes other inputs is dropped like a damaged code entry and the program is lowered again.
+
 ``PUMA_COMPILE_CACHE=0`` in the environment turns the cache off (every program compiles).
 :data:`stats` counts hits, misses and dropped entries in this process.
 """
@@ -31,6 +43,7 @@ manifest and a run's public settings; no weight, input or share is in them.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -50,7 +63,8 @@ MAGIC = b"PUMA-SPU-PPHLO\n\0"
 FORMAT = 1
 _HEADER = struct.Struct(f"<{len(MAGIC)}sI32sQ32s")  # magic, format, key, code length, code SHA-256
 
-#: Hits, misses and dropped (unreadable) entries in this process.
+#: Hits, misses and dropped (unreadable) entries in this process; ``index``: built-in programs
+#: found through the index (no trace; their code entries count as hits too).
 stats: collections.Counter = collections.Counter()
 
 
@@ -176,3 +190,83 @@ def _write(path: str, entry_key: bytes, body: bytes) -> None:
             os.remove(tmp)
         except OSError:
             pass
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 of every ``.py`` file of the puma, puma.protocols and puma.models packages (paths
+    and contents, in order): the code a built-in program is traced from."""
+    import puma
+    import puma.models
+    import puma.protocols
+
+    digest = hashlib.sha256()
+    roots = sorted({os.path.realpath(p) for pkg in (puma, puma.protocols, puma.models) for p in pkg.__path__})
+    for root in roots:
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
+def index_key(described: str, compiler_options) -> str:
+    """The index key of a built-in program: ``described`` (its name, builder key, model config,
+    shifts and input signature, as text) with puma's source, the options and the versions."""
+    return key(source_digest() + "\0" + described, [], [], compiler_options)
+
+
+def read_index(folder: str, index: str) -> dict | None:
+    """The index entry ``index`` in ``folder`` (see the module doc), or None (absent, or dropped)."""
+    path = os.path.join(folder, f"{index}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if doc.get("format") != FORMAT or doc.get("index") != index or not isinstance(doc.get("program"), dict):
+            raise ValueError("not an index entry of this format")
+        return doc
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        drop_index(folder, index, f"corrupt ({err})")
+        return None
+
+
+def drop_index(folder: str, index: str, problem: str) -> None:
+    """Delete an index entry that cannot be used, in one ``puma:`` line."""
+    path = os.path.join(folder, f"{index}.json")
+    stats["dropped"] += 1
+    try:
+        os.remove(path)
+    except OSError as err:
+        log.debug("compile cache index %s not removed (%s)", path, err)
+    progress.warn("compile cache entry %s was %s; dropped and rebuilt", path, problem)
+
+
+def write_index(folder: str, index: str, code_key: str, program: dict) -> None:
+    """Record that built-in program ``index`` compiles to code entry ``code_key``."""
+    body = json.dumps({"format": FORMAT, "index": index, "code": code_key, "program": program}).encode()
+    path = os.path.join(folder, f"{index}.json")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.info("compile cache: %s not written (%s)", path, err)
+
+
+def read_code(folder: str, entry_key: str) -> bytes | None:
+    """The code of entry ``entry_key`` in ``folder``, or None (absent, or dropped)."""
+    try:
+        raw = bytes.fromhex(entry_key)
+    except ValueError:
+        return None
+    found = _read(os.path.join(folder, f"{entry_key}.pphlo"), raw)
+    if found is not None:
+        stats["hit"] += 1
+    return found

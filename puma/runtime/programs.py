@@ -92,10 +92,27 @@ def avals_from_flat(doc, what: str = "avals") -> dict:
     return unflatten(flat)
 
 
+def _flat_inputs(param_avals, state_avals, secret_avals, public_avals) -> tuple[list, list, list, object]:
+    """The flat inputs of a program on these avals: (flat_args, visibility, inputs, in_tree)."""
+    args = (param_avals, state_avals, secret_avals, public_avals)
+    flat_args, in_tree = jax.tree_util.tree_flatten(args)
+    inputs = (
+        [("p", n) for n in leaf_names("", param_avals)]
+        + [("s", n) for n in leaf_names("", state_avals)]
+        + [("i", n) for n in leaf_names("", secret_avals)]
+        + [("u", n) for n in leaf_names("", public_avals)]
+    )
+    n_secret = len(jax.tree_util.tree_leaves((param_avals, state_avals, secret_avals)))
+    visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
+        len(flat_args) - n_secret
+    )
+    return flat_args, visibility, inputs, in_tree
+
+
 def lower(program: Program, param_avals, state_avals, secret_avals, public_avals) -> Lowered:
     """``program`` as one flat function of its flat inputs, with their visibilities and names."""
     args = (param_avals, state_avals, secret_avals, public_avals)
-    flat_args, in_tree = jax.tree_util.tree_flatten(args)
+    flat_args, visibility, inputs, in_tree = _flat_inputs(*args)
     reveal_avals, new_state_avals = jax.eval_shape(program.fn, *args)
     reveal_leaves, reveal_tree = jax.tree_util.tree_flatten(reveal_avals)
 
@@ -104,19 +121,65 @@ def lower(program: Program, param_avals, state_avals, secret_avals, public_avals
         reveal, new_state = program.fn(p, s, sec, pub)
         return jax.tree_util.tree_leaves(reveal) + jax.tree_util.tree_leaves(new_state)
 
-    inputs = (
-        [("p", n) for n in leaf_names("", param_avals)]
-        + [("s", n) for n in leaf_names("", state_avals)]
-        + [("i", n) for n in leaf_names("", secret_avals)]
-        + [("u", n) for n in leaf_names("", public_avals)]
-    )
     outputs = [("o", str(i)) for i in range(len(reveal_leaves))] + [("s", n) for n in leaf_names("", new_state_avals)]
-    n_secret = len(jax.tree_util.tree_leaves((param_avals, state_avals, secret_avals)))
-    visibility = [libspu.Visibility.VIS_SECRET] * n_secret + [libspu.Visibility.VIS_PUBLIC] * (
-        len(flat_args) - n_secret
-    )
     new_state = dict(new_state_avals) if jax.tree_util.tree_leaves(new_state_avals) else None
     return Lowered(flat_fn, flat_args, visibility, inputs, outputs, reveal_tree, len(reveal_leaves), new_state)
+
+
+def _tree_doc(tree):
+    """A pytree of dicts, tuples and lists with aval leaves as JSON, or None for other nodes."""
+    if isinstance(tree, dict):
+        items = {str(k): _tree_doc(v) for k, v in tree.items()}
+        plain = all(isinstance(k, str) for k in tree) and all(v is not None for v in items.values())
+        return {"d": items} if plain else None
+    if isinstance(tree, (tuple, list)):
+        items = [_tree_doc(v) for v in tree]
+        return None if any(v is None for v in items) else {"t" if isinstance(tree, tuple) else "l": items}
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        return {"a": [list(tree.shape), str(tree.dtype)]}
+    return None
+
+
+def _tree_from_doc(doc):
+    """The pytree :func:`_tree_doc` wrote (leaves as ShapeDtypeStruct); ValueError otherwise."""
+    if not isinstance(doc, dict) or len(doc) != 1:
+        raise ValueError("not a tree document")
+    ((kind, body),) = doc.items()
+    if kind == "d" and isinstance(body, dict):
+        return {k: _tree_from_doc(v) for k, v in body.items()}
+    if kind in ("t", "l") and isinstance(body, list):
+        items = [_tree_from_doc(v) for v in body]
+        return tuple(items) if kind == "t" else items
+    if kind == "a" and isinstance(body, list) and len(body) == 2:
+        return jax.ShapeDtypeStruct(tuple(int(d) for d in body[0]), np.dtype(body[1]))
+    raise ValueError(f"bad tree node {kind!r}")
+
+
+def signature_doc(lowered: Lowered) -> dict | None:
+    """What :func:`from_signature` needs to rebuild ``lowered`` without a trace, as JSON: the
+    revealed tree, the outputs and the new state's tree; None when a tree holds other nodes
+    than dicts, tuples and lists (it could not be rebuilt)."""
+    leaf = jax.ShapeDtypeStruct((), np.float32)
+    reveal = _tree_doc(jax.tree_util.tree_unflatten(lowered.reveal_tree, [leaf] * lowered.reveal_count))
+    state = None if lowered.state_avals is None else _tree_doc(lowered.state_avals)
+    if reveal is None or (lowered.state_avals is not None and state is None):
+        return None
+    return {"reveal": reveal, "outputs": [list(o) for o in lowered.outputs], "state": state}
+
+
+def from_signature(doc: dict, param_avals, state_avals, secret_avals, public_avals) -> Lowered:
+    """The :class:`Lowered` (without a function: it is compiled already) a :func:`signature_doc`
+    describes on these input avals; ValueError when the document does not fit them."""
+    flat_args, visibility, inputs, _ = _flat_inputs(param_avals, state_avals, secret_avals, public_avals)
+    reveal_leaves, reveal_tree = jax.tree_util.tree_flatten(_tree_from_doc(doc["reveal"]))
+    new_state = None if doc["state"] is None else _tree_from_doc(doc["state"])
+    outputs = [(str(kind), str(name)) for kind, name in doc["outputs"]]
+    expected = [("o", str(i)) for i in range(len(reveal_leaves))] + [
+        ("s", n) for n in leaf_names("", new_state if new_state is not None else {})
+    ]
+    if outputs != expected:
+        raise ValueError("outputs do not match the revealed tree and the state")
+    return Lowered(None, flat_args, visibility, inputs, outputs, reveal_tree, len(reveal_leaves), new_state)
 
 
 def spu_lowering(fn, flat_args: list):
@@ -136,6 +199,13 @@ def compile_code(name: str, fn, flat_args: list, visibility: list, compiler_opti
     """SPU's pphlo code for program ``name`` (``fn`` on ``flat_args`` with their visibilities);
     from the compile cache folder ``cache`` when it holds this lowering's code, else compiled (and
     kept there). ``cache`` None: always compiled (see :mod:`puma.runtime.compile_cache`)."""
+    return compile_keyed(name, fn, flat_args, visibility, compiler_options, cache)[0]
+
+
+def compile_keyed(
+    name: str, fn, flat_args: list, visibility: list, compiler_options, cache: str | None
+) -> tuple[bytes, str | None]:
+    """:func:`compile_code` and the code's cache entry key (None without a cache)."""
     lowered = spu_lowering(fn, flat_args)
 
     def build() -> bytes:
@@ -143,9 +213,9 @@ def compile_code(name: str, fn, flat_args: list, visibility: list, compiler_opti
         return spu_api.compile(libspu.CompilationSource(libspu.SourceIRType.XLA, hlo, visibility), compiler_options)
 
     if cache is None:
-        return build()
+        return build(), None
     entry = compile_cache.key(lowered.as_text(), flat_args, visibility, compiler_options)
-    return compile_cache.code(cache, name, entry, build)
+    return compile_cache.code(cache, name, entry, build), entry
 
 
 def code_key(name: str, code: bytes) -> str:

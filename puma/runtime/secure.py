@@ -313,18 +313,46 @@ class SecureSession(Session):
         """Compile ``fn`` on ``flat_args`` (with their visibilities) for SPU and install it at the
         parties once (as the operator of a ``sim`` or ``ray`` session); its key and code. The code
         comes from the user's compile cache when an earlier process compiled the same program."""
+        return self._install_keyed(name, fn, flat_args, visibility)[:2]
+
+    def _install_keyed(self, name: str, fn, flat_args: list, visibility: list) -> tuple[str, bytes, str | None]:
+        """:meth:`_install` and the code's compile cache entry (None without a cache)."""
         if self.mesh.remote_compile:
             raise PumaError(
                 f"program {name} is not one the parties build themselves: programs of your own run on "
                 "the sim and ray backends only"
             )
         options = self.protocol_config.compiler_options()
-        code = programs.compile_code(name, fn, flat_args, visibility, options, compile_cache.user_folder())
+        code, entry = programs.compile_keyed(name, fn, flat_args, visibility, options, compile_cache.user_folder())
+        return self._put(name, code), code, entry
+
+    def _put(self, name: str, code: bytes) -> str:
+        """Install ``code`` at the parties once; its key."""
         key = programs.code_key(name, code)
         if key not in self._installed:
             self.mesh.install(key, name, code)
             self._installed.add(key)
-        return key, code
+        return key
+
+    def _from_index(self, program: Program, index: str, avals: tuple) -> _Compiled | None:
+        """A built-in program from the compile cache's index without tracing it (see
+        :mod:`puma.runtime.compile_cache`), or None."""
+        folder = compile_cache.user_folder()
+        doc = compile_cache.read_index(folder, index)
+        if doc is None:
+            return None
+        try:
+            lowered = programs.from_signature(doc["program"], *avals)
+        except (KeyError, TypeError, ValueError) as err:
+            compile_cache.drop_index(folder, index, f"unusable ({err})")
+            return None
+        code = compile_cache.read_code(folder, str(doc.get("code")))
+        if code is None:
+            compile_cache.drop_index(folder, index, "pointing at a missing code entry")
+            return None
+        compile_cache.stats["index"] += 1
+        log.info("compile cache hit: %s without tracing (%d KB of pphlo)", program.name, len(code) // 1024)
+        return _Compiled(self._put(program.name, code), lowered)
 
     def release_params(self, keys: list[str]) -> None:
         if self.weights_mode == "streamed" and not self.published:
@@ -339,12 +367,25 @@ class SecureSession(Session):
         if cache_key in self._compiled:
             return self._compiled[cache_key]
         started = time.perf_counter()
-        lowered = programs.lower(program, param_avals, state_avals, programs.avals(secret), programs.avals(public))
+        avals = (param_avals, state_avals, programs.avals(secret), programs.avals(public))
+        index = None
+        if program.builtin and not self.published and not self.mesh.remote_compile and compile_cache.user_folder():
+            described = repr((cache_key, program.spec))
+            index = compile_cache.index_key(described, self.protocol_config.compiler_options())
+            compiled = self._from_index(program, index, avals)
+            if compiled is not None:
+                self._compiled[cache_key] = compiled
+                self._compile_s += time.perf_counter() - started
+                return compiled
+        lowered = programs.lower(program, *avals)
         key = None
         if not self.published:
             progress.status("compiling %s for SPU (once per input shape)", program.name)
-            key, code = self._install(program.name, lowered.fn, lowered.flat_args, lowered.visibility)
+            key, code, entry = self._install_keyed(program.name, lowered.fn, lowered.flat_args, lowered.visibility)
             log.info("compiled %s (%d inputs, %d KB of pphlo)", program.name, len(lowered.inputs), len(code) // 1024)
+            signature = programs.signature_doc(lowered)
+            if index is not None and entry is not None and signature is not None:
+                compile_cache.write_index(compile_cache.user_folder(), index, entry, signature)
         compiled = _Compiled(key, lowered)
         self._compiled[cache_key] = compiled
         self._compile_s += time.perf_counter() - started
