@@ -34,6 +34,11 @@ REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
+#: The sets an owner publishes unless told otherwise (``puma owner publish --approx``): the
+#: defaults under MPC (puma-chat for generation, puma-fast for encoders) and the other sets of ours.
+PUBLISHED = ("puma-chat", "puma-fast", "puma-lean", "puma")
+
+
 def names() -> list[str]:
     """Names of the available approximation sets (no set is imported)."""
     return sorted(REGISTRY)

@@ -23,7 +23,7 @@ import numpy as np
 
 from puma import calibration, deploy, progress, protocols, tasks
 from puma.errors import PumaError
-from puma.manifest import client_model, is_manifest
+from puma.manifest import client_model, is_manifest, read_manifest
 from puma.models import LoadedModel, load, loading
 from puma.runtime import budget, get_backend, open_session, resolve_topology
 from puma.runtime.base import Session
@@ -60,10 +60,33 @@ def preflight(
     return chosen
 
 
-def default_approx(backend: str) -> str:
-    """The approximation set used when none is named: exact in plaintext, ``puma-fast`` under
-    MPC (cheaper and more accurate than ``puma`` on every function measured: bench-results)."""
-    return "puma-fast" if get_backend(backend).secure else "exact"
+def default_approx(backend: str, causal: bool = False) -> str:
+    """The approximation set used when none is named: exact in plaintext; under MPC ``puma-chat``
+    for causal LMs (generation: the fewest messages per token, its fidelity measured on SmolLM2)
+    and ``puma-fast`` for encoders (the most accurate set, cheaper than ``puma`` on every function
+    measured: bench-results)."""
+    if not get_backend(backend).secure:
+        return "exact"
+    return "puma-chat" if causal else "puma-fast"
+
+
+def causal_model(source: str, overrides: dict | None) -> bool:
+    """Whether ``source`` (a checkpoint, preset or published manifest) is a causal LM, from its
+    public part only."""
+    if is_manifest(source):
+        body = read_manifest(source)[0]
+        return loading.FAMILIES[body["family"]].causal
+    return load(source, overrides=overrides, weights=False).causal
+
+
+def _default_for(source: str, backend: str, overrides: dict | None) -> str:
+    """:func:`default_approx` for ``source``; for a published model, the first set its owner
+    allows when the owner did not publish the default."""
+    chosen = default_approx(backend, causal_model(source, overrides))
+    if is_manifest(source):
+        allowed = read_manifest(source)[0].get("policy", {}).get("approx") or [chosen]
+        return chosen if chosen in allowed else allowed[0]
+    return chosen
 
 
 class SecureModel:
@@ -100,9 +123,10 @@ class SecureModel:
     ) -> "SecureModel":
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
 
-        ``approx`` names the approximation set: by default ``"exact"`` in plaintext and
-        ``"puma-fast"`` on the secure backends. The default backend here is ``"plaintext"`` (the
-        reference); the ``puma`` command defaults to ``sim``. ``backend_options`` go to
+        ``approx`` names the approximation set: by default :func:`default_approx` (``"exact"`` in
+        plaintext; ``"puma-chat"`` for causal LMs and ``"puma-fast"`` for encoders under MPC).
+        The default backend here is ``"plaintext"`` (the reference); the ``puma`` command
+        defaults to ``sim``. ``backend_options`` go to
         :func:`puma.runtime.open_session` (``protocol``, ``fxp_bits``, ``config`` topology file,
         ``ray_address``, ...). The approximation set's SPU settings are applied to the session.
 
@@ -125,7 +149,7 @@ class SecureModel:
         :attr:`fixed_plan` says which format and norm pre-scales run. ``calibrate=False`` skips
         this (random presets only ever need FM64/18 unscaled; a real LLM may then be wrong).
         """
-        approx = default_approx(backend) if approx is None else approx
+        approx = _default_for(source, backend, overrides) if approx is None else approx
         by_stage = weights == "streamed" if staged is None else staged  # on a published model
         publishes = get_backend(backend).publishes
         if share_store and publishes:

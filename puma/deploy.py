@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TASKS = {"causal": ("generate", "logits"), "encoder": ("embed", "classify", "encode")}
 REVEALS = ("token", "logits", "outputs")
 #: Sets published by default: each is compiled by the parties only if a client asks for it.
-DEFAULT_SETS = ("puma-fast", "puma-lean", "puma")
+DEFAULT_SETS = protocols.PUBLISHED
 
 
 def model_id(source: str, overrides: dict | None = None, seed: int = 0) -> str:

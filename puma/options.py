@@ -168,7 +168,8 @@ def add_approx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--approx",
         choices=protocols.names(),
-        help="approximation set (default: puma-fast under MPC, exact in plaintext)",
+        help="approximation set (default under MPC: puma-chat for causal LMs, puma-fast for encoders; "
+        "exact in plaintext)",
     )
     p.add_argument(
         "--network",
@@ -238,9 +239,8 @@ def backend_options(args) -> dict:
 def open_model(args):
     """The :class:`~puma.api.SecureModel` the command's options name; ``args.approx`` becomes the
     set that runs (with ``--network``: the set and the embedding picked)."""
-    from puma.api import SecureModel, default_approx
+    from puma.api import SecureModel
 
-    args.approx = args.approx or default_approx(args.backend)
     args.secure_model = SecureModel.from_pretrained(
         args.model, approx=args.approx, backend=args.backend, **backend_options(args)
     )

@@ -79,12 +79,12 @@ SITES_NOTE = (
 
 def default_sets() -> list[str]:
     """``puma-fast`` (the before row) and the default secure set (the after row), once each."""
-    return list(dict.fromkeys(["puma-fast", default_approx("sim")]))
+    return list(dict.fromkeys(["puma-fast", default_approx("sim", causal=True)]))
 
 
 def role(approx: str) -> str:
     """``before`` for puma-fast, ``after`` for the default secure set (when they differ)."""
-    after = default_approx("sim")
+    after = default_approx("sim", causal=True)
     if approx == after:
         return "after" if after != "puma-fast" else "default"
     return "before" if approx == "puma-fast" else ""
@@ -658,7 +658,7 @@ def run(
         "prompt_tokens": prompt_tokens,
         "decode_steps": decode_steps,
         "networks": {k: network.NAMED[k].describe() for k in NETWORKS},
-        "default_set": default_approx("sim"),
+        "default_set": default_approx("sim", causal=True),
     }
     store = CellStore(out, config, resume=resume)
     folder = data.optional_data_dir(data_path, "stories260K") if "stories260K" in models else None

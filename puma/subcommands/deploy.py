@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from puma import options
+from puma import options, protocols
 from puma.errors import PumaError
 
 
@@ -38,7 +38,7 @@ def add_parsers(sub, common) -> None:
     pub.add_argument(
         "--approx",
         nargs="+",
-        default=["puma-fast", "puma-lean", "puma"],
+        default=list(protocols.PUBLISHED),
         help="approximation sets clients may use (default: %(default)s)",
     )
     pub.add_argument(

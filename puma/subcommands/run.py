@@ -101,8 +101,7 @@ def add_parsers(sub, common) -> None:
     cal.add_argument("--model", "-m", required=True, help=options.MODEL_HELP)
     cal.add_argument(
         "--approx",
-        default="puma-fast",
-        help="approximation set to check for (default: %(default)s)",
+        help="approximation set to check for (default: the one a secure run of the model uses)",
     )
     cal.add_argument(
         "--field",
@@ -356,10 +355,11 @@ def cmd_demo(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from puma import calibration, protocols
+    from puma.api import causal_model, default_approx
     from puma.models import load
     from puma.protocols.base import FixedPoint
 
-    ops = protocols.get(args.approx)
+    ops = protocols.get(args.approx or default_approx("sim", causal_model(args.model, None)))
     ranges = calibration.ranges_for(args.model, refresh=args.refresh)
     activation = load(args.model, weights=False).config.activation
     if args.field or args.fxp_bits is not None:
