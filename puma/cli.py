@@ -45,16 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _restart_keeping_heap() -> None:
-    """Start this command again with glibc set to keep freed memory (:mod:`puma.runtime.memory`):
-    the tunables only take effect at process start."""
+    """Start this command again with glibc set to keep freed memory (:mod:`puma.runtime.memory`)
+    and, when the parties run as threads of this process, OpenMP's threads shared out among them
+    (:func:`_thread_env`): both only take effect at process start."""
     from puma.runtime import memory
 
     if memory.needs_heap_restart() and sys.executable and getattr(sys, "orig_argv", None):
         os.execve(
             sys.executable,
             [sys.executable, *sys.orig_argv[1:]],
-            {**os.environ, **memory.heap_env()},
+            {**os.environ, **memory.heap_env(), **_thread_env(sys.argv[1:])},
         )
+
+
+#: Commands whose parties run as threads of this process unless ``--backend`` says otherwise.
+IN_PROCESS = ("generate", "embed", "classify", "demo", "bench")
+
+
+def _thread_env(argv: list[str]) -> dict[str, str]:
+    """``OMP_THREAD_LIMIT`` for a ``sim`` run: the cores divided among the three parties' threads
+    (SPU's matrix products use 4 OpenMP threads each; three parties on 2 cores oversubscribe
+    them: a SmolLM2 prefill took 27 s that way, 18 s with one thread each). Set by the user: kept."""
+    if "OMP_THREAD_LIMIT" in os.environ or not argv or argv[0] not in IN_PROCESS:
+        return {}
+    backend = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--backend"), "sim")
+    if backend != "sim":
+        return {}
+    return {"OMP_THREAD_LIMIT": str(max(1, (os.cpu_count() or 1) // 3))}
 
 
 #: Seconds between progress lines when stderr is not a terminal (a log file, CI): a long run
