@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from puma.models.layers import (
@@ -184,26 +183,21 @@ class LlamaAttention(nn.Module):
         return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
 
     def rotate_scaled(self, q, k, cos, sin, keep):
-        """Rotated queries times 1/sqrt(Dh) and rotated keys, q [B, T', H, Dh] and k [B, T, Hkv, Dh]
-        (T' = T or the last row), with as few truncations as the shapes allow: one product by a
-        public block-diagonal matrix for a single token (a decode step), else the rotation's two
-        products by public tables on queries and keys together."""
-        heads, dh = q.shape[2], q.shape[3]
-        scale = 1.0 / np.sqrt(dh)
+        """Rotated queries and keys, each times Dh^(-1/4), so that their products are the scores
+        (q k / sqrt(Dh)) with no scaling left: q [B, T', H, Dh] and k [B, T, Hkv, Dh] (T' = T or
+        the last row). The cache keeps the keys so scaled (every step scales its keys the same
+        way). One product by a public [Dh, Dh] matrix for all heads of a single token (a decode
+        step), else the rotation's two products by public tables on queries and keys together."""
+        heads = q.shape[2]
+        scale = q.shape[3] ** -0.25
         if q.shape[1] != k.shape[1]:  # the last row's queries only
-            return rotate(q, cos[:, keep] * scale, sin[:, keep] * scale), rotate(k, cos, sin)
+            return rotate(q, cos[:, keep] * scale, sin[:, keep] * scale), rotate(k, cos * scale, sin * scale)
         both = jnp.concatenate([q, k], axis=2)  # [B, T, H + Hkv, Dh]
         if both.shape[:2] == (1, 1):
-            rot = rotation_matrices(cos, sin)[0, 0]  # [Dh, Dh]
-            per_head = [rot * scale] * heads + [rot] * k.shape[2]
-            block = jax.scipy.linalg.block_diag(*per_head)  # [(H + Hkv) Dh, (H + Hkv) Dh], public
-            both = (both.reshape(1, -1) @ block).reshape(both.shape)  # [1, (H + Hkv) Dh] -> [B, T, H + Hkv, Dh]
+            rot = rotation_matrices(cos, sin)[0, 0] * scale  # [Dh, Dh], public
+            both = jnp.einsum("bthd,de->bthe", both, rot)  # one product: [H + Hkv, Dh] @ [Dh, Dh]
         else:
-            factor = np.concatenate([np.full(heads, scale), np.ones(k.shape[2])]).astype(np.float32)
-            factor = factor[:, None]  # [H + Hkv, 1]
-            half = dh // 2
-            rotated = jnp.concatenate([-both[..., half:], both[..., :half]], axis=-1)
-            both = both * (cos[:, :, None, :] * factor) + rotated * (sin[:, :, None, :] * factor)
+            both = rotate(both, cos * scale, sin * scale)
         return both[:, :, :heads], both[:, :, heads:]
 
 

@@ -140,8 +140,9 @@ class ExecutionPlan:
         fused_projections: independent projections of the same input run as one matrix product
             (LLaMA's query/key/value and gate/up: the kernels are joined along their outputs, a
             local operation on shares), so they cost one round instead of one each.
-        fused_rotary: the rotary embedding (and the query's 1/sqrt(d)) is one product by a public
-            per-position matrix, one truncation instead of three multiplications by constants.
+        fused_rotary: the rotary embedding and the scores' 1/sqrt(d) (as d^(-1/4) on queries and
+            on keys, which the cache keeps so scaled) are one product by a public per-position
+            matrix in a decode step: one truncation instead of five.
     """
 
     client_onehot: bool = False

@@ -105,8 +105,8 @@ class Bins:
     """A piecewise-constant guess of x^-power on geometric bins [low r^j, low r^(j+1)).
 
     The guess is a one-hot product: bits b_j = [x > low r^(j+1)] from one batched comparison,
-    the one-hot rows b_(j-1) - b_j (free: an integer product with a public 0/+-1 matrix), times
-    a public table of bin values (one truncation). Only the selected value enters the sum, so
+    the one-hot rows b_(j-1) - b_j (free: :func:`onehot_bins`), times a public table of bin
+    values (one truncation). Only the selected value enters the sum, so
     the table's fixed-point rounding errs by half a unit, not by the sum of many steps.
     """
 
@@ -122,11 +122,16 @@ class Bins:
 
     def guess(self, x):
         """The guess at x [..., 1] -> [..., 1]."""
-        count = len(self.values)
-        above = (x > jnp.asarray(self.thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
-        steps = np.eye(count - 1, count, 1, dtype=np.int32) - np.eye(count - 1, count, dtype=np.int32)  # [m - 1, m]
-        onehot = (above @ steps + np.eye(1, count, dtype=np.int32)[0]).astype(x.dtype)  # [..., m]: integers, exact
-        return onehot @ jnp.asarray(self.values[:, None], x.dtype)  # [..., m] @ [m, 1]
+        return onehot_bins(x, self.thresholds) @ jnp.asarray(self.values[:, None], x.dtype)  # [..., m] @ [m, 1]
+
+
+def onehot_bins(x, thresholds: np.ndarray):
+    """One-hot rows [..., m] of the bin of x [..., 1] among the m - 1 increasing ``thresholds``:
+    bits b_j = [x > t_j] (one batched comparison) and the differences b_(j-1) - b_j with
+    b_(-1) = 1, b_(m-1) = 0 (integer subtractions of shifted bits: local, no product)."""
+    above = (x > jnp.asarray(thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
+    ones = jnp.ones(above.shape[:-1] + (1,), jnp.int32)
+    return (jnp.concatenate([ones, above], axis=-1) - jnp.concatenate([above, 0 * ones], axis=-1)).astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
