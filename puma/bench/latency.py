@@ -50,6 +50,7 @@ from puma.bench import data
 from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
 from puma.errors import PumaError
+from puma.models import layers
 from puma.program import Program
 
 log = logging.getLogger(__name__)
@@ -373,13 +374,24 @@ def site_head(config, ops, rng) -> Site:
     """The LM head product [1, D] x [D, V] (the table's transpose when tied) and the set's
     argmax over the vocabulary (greedy, token revealed); the final norm is in ``norm``."""
     vocab, hidden = config.vocab_size, config.hidden_size
-    tied = config.tie_word_embeddings
-    shape, spec = ((vocab, hidden), "td,vd->tv") if tied else ((hidden, vocab), "td,dv->tv")
+    if config.tie_word_embeddings:  # the model's own tied projection (its operand layout matters)
+        table = layers.Embedding(vocab, hidden)
+        shape = (vocab, hidden)
+
+        def logits(x, w):
+            return table.apply({"params": {"embedding": w}}, x, method="attend")
+
+    else:
+        shape = (hidden, vocab)
+
+        def logits(x, w):
+            return jnp.einsum("td,dv->tv", x, w)
+
     return Site(
         "head",
         "LM head product [1, D] x [D, V] and ops.argmax over V; once per step",
         1,
-        lambda s, p: ops.argmax(jnp.einsum(spec, s["x"], s["w"])),
+        lambda s, p: ops.argmax(logits(s["x"], s["w"])),
         {"x": _normal(rng, (1, hidden)), "w": _normal(rng, shape, 0.05)},
     )
 
