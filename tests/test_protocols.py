@@ -203,8 +203,8 @@ def test_fast_gelu_and_silu_meet_relu_outside_their_polynomials():
 
 
 def test_sets_are_registered_and_carry_spu_settings():
-    assert set(protocols.names()) == {"exact", "puma", "puma-fast", "puma-lean", "mpcformer", "spu"}
-    for name in ("puma", "puma-fast", "puma-lean", "mpcformer"):
+    assert set(protocols.names()) == {"exact", "puma", "puma-fast", "puma-lean", "puma-chat", "mpcformer", "spu"}
+    for name in ("puma", "puma-fast", "puma-lean", "puma-chat", "mpcformer"):
         compiler = dict(protocols.get(name).spu.compiler)
         assert compiler["enable_optimize_denominator_with_broadcast"] is True
     assert protocols.get("puma-fast").plan.client_onehot and not protocols.get("puma").plan.client_onehot
