@@ -64,9 +64,10 @@ RECIPROCAL_BITS = 16
 BIN_RATIO = 2.0 ** (1 / 8)
 #: Bin ratio of the norms' piecewise-constant reciprocal square root (in the sum of squares).
 RSQRT_RATIO = 2.0 ** (1 / 16)
-#: Mean squares the norms are right for (after the preflight's pre-scale): the preflight keeps
-#: every norm's rows at 2^-10 or more anyway (8 significant bits at 18 fraction bits).
-RSQRT_LOW, RSQRT_HIGH = 2.0**-10, lean.RSQRT_HIGH
+#: Mean squares the norms are right for, as puma-lean's: under MPC the preflight's pre-scale
+#: keeps rows at 2^-10 or more, but a plaintext run has no pre-scale, and random presets' rows
+#: have mean squares near 4e-4 (2^-11.3).
+RSQRT_LOW, RSQRT_HIGH = lean.RSQRT_LOW, lean.RSQRT_HIGH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,13 +219,13 @@ def _rsqrt_sum(total, n: int):
     """sqrt(n) / sqrt(total) for a row's sum of squares plus n eps (the 1/n folded into the table).
 
     A piecewise-constant guess alone (:class:`puma.protocols.lean.Bins`): one batched comparison
-    with 16 thresholds per octave of the sum (480 in all), one product with the public table; no
-    refining step. Domain: sums of n squares with mean in [2^-10, 2^20]. Measured max relative
+    with 16 thresholds per octave of the sum (544 in all), one product with the public table; no
+    refining step. Domain: sums of n squares with mean in [2^-14, 2^20]. Measured max relative
     error 1.09e-2 in float64 (2^(1/32) - 1, half a bin); SmolLM2-135M's WikiText-2 perplexity in
     plaintext (8 texts of 128 tokens): +0.18 % against exact, as with bins of 2^(1/32) (+0.30 %)
     or a linear guess with three more messages (+0.21 %).
-    Cost: 8 send actions per party (the comparison) and 2 (the truncation); 480 comparisons per
-    row (52 KB for one row under ABY3).
+    Cost: 8 send actions per party (the comparison) and 2 (the truncation); 544 comparisons per
+    row (59 KB for one row under ABY3).
     """
     return _rsqrt_bins(n).guess(total)
 
