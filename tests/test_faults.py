@@ -158,13 +158,13 @@ def test_an_idle_job_is_ended_and_the_next_client_served(tmp_path):
     expected = SecureModel.from_pretrained(PRESET, approx="puma-fast").generate_ids(_ids(), 2).tokens
     with local_parties(topo, str(tmp_path)):
         manifest = deploy.ensure_published(topo, PRESET, "puma-fast")
-        silent = SecureModel.from_pretrained(manifest, backend="nodes", config=topo)
+        silent = SecureModel.from_pretrained(manifest, approx="puma-fast", backend="nodes", config=topo)
         served: dict = {}
 
         def next_client():
             start = time.monotonic()
             try:
-                with SecureModel.from_pretrained(manifest, backend="nodes", config=topo) as m:
+                with SecureModel.from_pretrained(manifest, approx="puma-fast", backend="nodes", config=topo) as m:
                     served["admitted_after"] = time.monotonic() - start
                     served["tokens"] = m.generate_ids(_ids(), 2).tokens
             except BaseException as err:  # reported below
@@ -351,7 +351,7 @@ def test_certificates_of_another_deployment_are_refused(tmp_path):
     topo = write_topology(tmp_path / "t.yaml", connect_s=2)
     with local_parties(topo, str(tmp_path)):
         manifest = deploy.ensure_published(topo, PRESET, "puma-fast")
-        with SecureModel.from_pretrained(manifest, backend="nodes", config=topo) as m:
+        with SecureModel.from_pretrained(manifest, approx="puma-fast", backend="nodes", config=topo) as m:
             secure = m.generate_ids(_ids(), 3)
         assert secure.tokens == SecureModel.from_pretrained(PRESET, approx="puma-fast").generate_ids(_ids(), 3).tokens
         os.makedirs(tmp_path / "elsewhere")
