@@ -60,29 +60,19 @@ def preflight(
     return chosen
 
 
-def default_approx(backend: str, causal: bool = False) -> str:
-    """The approximation set used when none is named: exact in plaintext; under MPC ``puma-chat``
-    for causal LMs (generation: the fewest messages per token, its fidelity measured on SmolLM2)
-    and ``puma-fast`` for encoders (the most accurate set, cheaper than ``puma`` on every function
-    measured: bench-results)."""
-    if not get_backend(backend).secure:
-        return "exact"
-    return "puma-chat" if causal else "puma-fast"
+def default_approx(backend: str) -> str:
+    """The approximation set used when none is named: exact in plaintext, ``puma-fast`` under
+    MPC (the most accurate set: SmolLM2's greedy tokens equal its plaintext run on 5 of 5
+    prompts; cheaper than ``puma`` on every function measured). ``puma-chat`` sends fewer than
+    half the messages per token but is opt-in: its greedy tokens left its plaintext run on 2 of
+    5 prompts (bench-results/accuracy-smollm2.json)."""
+    return "puma-fast" if get_backend(backend).secure else "exact"
 
 
-def causal_model(source: str, overrides: dict | None) -> bool:
-    """Whether ``source`` (a checkpoint, preset or published manifest) is a causal LM, from its
-    public part only."""
-    if is_manifest(source):
-        body = read_manifest(source)[0]
-        return loading.FAMILIES[body["family"]].causal
-    return load(source, overrides=overrides, weights=False).causal
-
-
-def _default_for(source: str, backend: str, overrides: dict | None) -> str:
-    """:func:`default_approx` for ``source``; for a published model, the first set its owner
-    allows when the owner did not publish the default."""
-    chosen = default_approx(backend, causal_model(source, overrides))
+def _default_for(source: str, backend: str) -> str:
+    """:func:`default_approx`; for a published model, the first set its owner allows when the
+    owner did not publish the default."""
+    chosen = default_approx(backend)
     if is_manifest(source):
         allowed = read_manifest(source)[0].get("policy", {}).get("approx") or [chosen]
         return chosen if chosen in allowed else allowed[0]
@@ -124,7 +114,7 @@ class SecureModel:
         """Load ``source`` (HF folder, ``.gguf``, preset) and open a ``backend`` session for it.
 
         ``approx`` names the approximation set: by default :func:`default_approx` (``"exact"`` in
-        plaintext; ``"puma-chat"`` for causal LMs and ``"puma-fast"`` for encoders under MPC).
+        plaintext, ``"puma-fast"`` under MPC).
         The default backend here is ``"plaintext"`` (the reference); the ``puma`` command
         defaults to ``sim``. ``backend_options`` go to
         :func:`puma.runtime.open_session` (``protocol``, ``fxp_bits``, ``config`` topology file,
@@ -149,7 +139,7 @@ class SecureModel:
         :attr:`fixed_plan` says which format and norm pre-scales run. ``calibrate=False`` skips
         this (random presets only ever need FM64/18 unscaled; a real LLM may then be wrong).
         """
-        approx = _default_for(source, backend, overrides) if approx is None else approx
+        approx = _default_for(source, backend) if approx is None else approx
         by_stage = weights == "streamed" if staged is None else staged  # on a published model
         publishes = get_backend(backend).publishes
         if share_store and publishes:

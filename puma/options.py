@@ -168,8 +168,8 @@ def add_approx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--approx",
         choices=protocols.names(),
-        help="approximation set (default under MPC: puma-chat for causal LMs, puma-fast for encoders; "
-        "exact in plaintext)",
+        help="approximation set (default: puma-fast under MPC, exact in plaintext; puma-chat: fewest "
+        "messages per token)",
     )
     p.add_argument(
         "--network",

@@ -206,24 +206,23 @@ def test_calibrate_command_on_smollm2(smollm2, capsys):
 
 
 def test_smollm2_answers_paris_under_mpc_and_again_with_the_compile_cache_warm(smollm2):
-    """The default set for generation (puma-chat) under MPC: the same tokens as its plaintext
-    run; then a second session finds both programs in the compile cache without tracing them
-    and decodes the same tokens again."""
+    """puma-chat (the set with the fewest messages per token) under MPC: the same tokens as its
+    plaintext run; then a second session finds both programs in the compile cache without
+    tracing them and decodes the same tokens again."""
     import puma
     from puma.runtime import compile_cache
 
     prompt = "The capital of France is"
     plain = puma.SecureModel.from_pretrained(smollm2, approx="puma-chat", backend="plaintext")
     expected = plain.generate(prompt, max_new_tokens=3)
-    with puma.SecureModel.from_pretrained(smollm2, backend="sim") as secure:
-        assert secure.ops.name == "puma-chat"
+    with puma.SecureModel.from_pretrained(smollm2, approx="puma-chat", backend="sim") as secure:
         assert secure.fixed_plan.fixed == FixedPoint("FM64", 18)
         assert secure.fixed_plan.shifts.get("layers_12/input_layernorm") == 3
         got = secure.generate(prompt, max_new_tokens=3)
     assert got.tokens == expected.tokens and got.tokens[0][:2] == [7042, 30]
     assert got.texts[0].startswith(" Paris")
     found = compile_cache.stats["index"]
-    with puma.SecureModel.from_pretrained(smollm2, backend="sim") as warm:
+    with puma.SecureModel.from_pretrained(smollm2, approx="puma-chat", backend="sim") as warm:
         again = warm.generate(prompt, max_new_tokens=3)
     assert compile_cache.stats["index"] == found + 2  # prefill and decode, neither traced
     assert again.tokens == expected.tokens

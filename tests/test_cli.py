@@ -154,9 +154,9 @@ def test_secure_by_default_and_says_what_ran(capsys):
     code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2", "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["backend"] == "sim" and result["approx"] == "puma-chat" and result["stats"]["total_bytes_sent"] > 0
+    assert result["backend"] == "sim" and result["approx"] == "puma-fast" and result["stats"]["total_bytes_sent"] > 0
     code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2")
-    assert code == 0 and "puma: ran under MPC on sim (aby3/FM64/18), approximation set puma-chat" in err
+    assert code == 0 and "puma: ran under MPC on sim (aby3/FM64/18), approximation set puma-fast" in err
     code, out, err = _run(capsys, "generate", "-m", "gpt2-debug", "--ids", "5,6,7", "-n", "2", "--backend", "plaintext")
     assert code == 0 and "puma: ran in plaintext (no MPC" in err and "approximation set exact" in err
 

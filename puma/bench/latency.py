@@ -78,17 +78,18 @@ SITES_NOTE = (
 )
 
 
+#: The set with the fewest messages per token: the "after" row beside puma-fast's "before".
+AFTER = "puma-chat"
+
+
 def default_sets() -> list[str]:
-    """``puma-fast`` (the before row) and the default secure set (the after row), once each."""
-    return list(dict.fromkeys(["puma-fast", default_approx("sim", causal=True)]))
+    """``puma-fast`` (the before row) and :data:`AFTER` (the after row)."""
+    return ["puma-fast", AFTER]
 
 
 def role(approx: str) -> str:
-    """``before`` for puma-fast, ``after`` for the default secure set (when they differ)."""
-    after = default_approx("sim", causal=True)
-    if approx == after:
-        return "after" if after != "puma-fast" else "default"
-    return "before" if approx == "puma-fast" else ""
+    """``before`` for puma-fast, ``after`` for :data:`AFTER`."""
+    return {"puma-fast": "before", AFTER: "after"}.get(approx, "")
 
 
 # -- the prompt ------------------------------------------------------------------------------
@@ -670,7 +671,7 @@ def run(
         "prompt_tokens": prompt_tokens,
         "decode_steps": decode_steps,
         "networks": {k: network.NAMED[k].describe() for k in NETWORKS},
-        "default_set": default_approx("sim", causal=True),
+        "default_set": default_approx("sim"),
     }
     store = CellStore(out, config, resume=resume)
     folder = data.optional_data_dir(data_path, "stories260K") if "stories260K" in models else None

@@ -355,11 +355,11 @@ def cmd_demo(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from puma import calibration, protocols
-    from puma.api import causal_model, default_approx
+    from puma.api import default_approx
     from puma.models import load
     from puma.protocols.base import FixedPoint
 
-    ops = protocols.get(args.approx or default_approx("sim", causal_model(args.model, None)))
+    ops = protocols.get(args.approx or default_approx("sim"))
     ranges = calibration.ranges_for(args.model, refresh=args.refresh)
     activation = load(args.model, weights=False).config.activation
     if args.field or args.fxp_bits is not None:
