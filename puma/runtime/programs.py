@@ -14,7 +14,6 @@ import hashlib
 import jax
 import numpy as np
 import spu.libspu as libspu
-from spu import api as spu_api
 from spu.utils import frontend as spu_fe
 
 from puma.program import Program
@@ -210,7 +209,9 @@ def compile_keyed(
 
     def build() -> bytes:
         hlo = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
-        return spu_api.compile(libspu.CompilationSource(libspu.SourceIRType.XLA, hlo, visibility), compiler_options)
+        # libspu.compile itself: spu.api.compile's LRU cache keys on these objects' identities, and
+        # after 128 programs in one process it evicted keys whose ids were reused (KeyError).
+        return libspu.compile(libspu.CompilationSource(libspu.SourceIRType.XLA, hlo, visibility), compiler_options)
 
     if cache is None:
         return build(), None
