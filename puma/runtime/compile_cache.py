@@ -141,13 +141,18 @@ def _read(path: str, entry_key: bytes) -> bytes | None:
     problem = _problem(data, entry_key)
     if problem is None:
         return data[_HEADER.size :]
+    _drop(path, problem)
+    return None
+
+
+def _drop(path: str, problem: str) -> None:
+    """Delete an entry (code or index) that cannot be used, in one ``puma:`` line."""
     stats["dropped"] += 1
     try:
         os.remove(path)
     except OSError as err:
         log.debug("compile cache entry %s not removed (%s)", path, err)
     progress.warn("compile cache entry %s was %s; dropped and rebuilt", path, problem)
-    return None
 
 
 def _problem(data: bytes, entry_key: bytes) -> str | None:
@@ -170,8 +175,14 @@ def _problem(data: bytes, entry_key: bytes) -> str | None:
 
 
 def _write(path: str, entry_key: bytes, body: bytes) -> None:
-    """Write an entry atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write a code entry: its header, then the code (:func:`_replace`)."""
     header = _HEADER.pack(MAGIC, FORMAT, entry_key, len(body), hashlib.sha256(body).digest())
+    _replace(path, header + body)
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+    Errors of the disk only cost the cache."""
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -181,8 +192,7 @@ def _write(path: str, entry_key: bytes, body: bytes) -> None:
         return
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(body)
+            f.write(data)
         os.replace(tmp, path)
     except OSError as err:
         log.info("compile cache: %s not written (%s)", path, err)
@@ -237,27 +247,13 @@ def read_index(folder: str, index: str) -> dict | None:
 
 def drop_index(folder: str, index: str, problem: str) -> None:
     """Delete an index entry that cannot be used, in one ``puma:`` line."""
-    path = os.path.join(folder, f"{index}.json")
-    stats["dropped"] += 1
-    try:
-        os.remove(path)
-    except OSError as err:
-        log.debug("compile cache index %s not removed (%s)", path, err)
-    progress.warn("compile cache entry %s was %s; dropped and rebuilt", path, problem)
+    _drop(os.path.join(folder, f"{index}.json"), problem)
 
 
 def write_index(folder: str, index: str, code_key: str, program: dict) -> None:
     """Record that built-in program ``index`` compiles to code entry ``code_key``."""
     body = json.dumps({"format": FORMAT, "index": index, "code": code_key, "program": program}).encode()
-    path = os.path.join(folder, f"{index}.json")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except OSError as err:
-        log.info("compile cache: %s not written (%s)", path, err)
+    _replace(os.path.join(folder, f"{index}.json"), body)
 
 
 def read_code(folder: str, entry_key: str) -> bytes | None:
