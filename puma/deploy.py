@@ -149,35 +149,32 @@ def publish(mesh, source: str, body: dict, signature: bytes, overrides: dict | N
     from puma.runtime.roles import PartyShares
 
     fixed = FixedPoint(body["fixed_point"]["field"], int(body["fixed_point"]["fxp_bits"]))
+    protocol = mesh.topology.protocol.protocol
     model = load(source, overrides=overrides, lazy=True)
     mesh.broadcast("publish", manifest=body, signature=signature)
     mid = body["model_id"]
     sent = 0
     names = model.lazy.names()
     for i, name in enumerate(names):
-        for parts in _pieces(model.lazy.get(name), fixed, mesh.world_size):
-            sent += sum(p.nbytes if isinstance(p, sharing.Piece) else _share_bytes(p) for p in parts)
-            mesh.call(
-                "publish_weights",
-                [{"model": mid, "bundle": PartyShares(r, {f"p:{name}": parts[r]})} for r in range(mesh.world_size)],
-            )
+        for parts in _pieces(model.lazy.get(name), fixed, protocol, mesh.world_size):
+            sent += sum(p.nbytes for p in parts)
+            if mesh.topology.client_server:  # the owner's party keeps x0 and the keys of the client's x1
+                bundles = [PartyShares(0, {f"p:{name}": parts[0], f"k:{name}": parts[1]})]
+            else:
+                bundles = [PartyShares(r, {f"p:{name}": parts[r]}) for r in range(mesh.world_size)]
+            mesh.call("publish_weights", [{"model": mid, "bundle": b} for b in bundles])
         if (i + 1) % 50 == 0:
             log.info("published %d of %d tensors", i + 1, len(names))
     ends = mesh.broadcast("publish_end", model=mid)
     return {"model_id": mid, "owner_sent_bytes": sent, "parties": ends}
 
 
-def _pieces(value: np.ndarray, fixed: FixedPoint, world_size: int):
-    """The owner's shares of one tensor, chunk by chunk: ABY3's compact pieces where they apply
-    (:func:`puma.runtime.sharing.pieces`), else whole shares."""
-    if world_size == 3 and fixed.field in ("FM64", "FM128"):
-        yield from sharing.pieces(value, fixed.field, fixed.fxp_bits)
-        return
-    raise PumaError("publishing needs ABY3 with three parties and FM64 or FM128")
-
-
-def _share_bytes(share) -> int:
-    return len(share.meta) + sum(len(c) for c in share.share_chunks)
+def _pieces(value: np.ndarray, fixed: FixedPoint, protocol: str, world_size: int):
+    """The owner's shares of one tensor, chunk by chunk, as compact pieces
+    (:func:`puma.runtime.sharing.pieces`)."""
+    if not sharing.supported(protocol, fixed.field, world_size):
+        raise PumaError(f"publishing needs ABY3 (three parties) or cheetah (two), FM64 or FM128; not {protocol}")
+    yield from sharing.pieces(value, fixed.field, fixed.fxp_bits, protocol=protocol)
 
 
 def publish_to(
@@ -196,8 +193,11 @@ def publish_to(
 
     topology = Topology.from_yaml(topology_path)
     protocol = topology.protocol
-    if protocol.protocol != "aby3" or topology.world_size != 3:
-        raise PumaError(f"{topology_path}: publishing needs ABY3 with three parties ({protocol.describe()} given)")
+    if not sharing.supported(protocol.protocol, protocol.field, topology.world_size):
+        raise PumaError(
+            f"{topology_path}: publishing needs ABY3 (three parties) or cheetah (two), FM64 or FM128 "
+            f"({protocol.describe()} given)"
+        )
     tls = topology.require_tls()
     key = tls.owner(topology.owner)[1]
     start = time.perf_counter()

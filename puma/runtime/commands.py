@@ -13,7 +13,10 @@ Roles (who may give which command is in the table, nowhere else):
   sees only its own) and removes it. It cannot read anything back.
 - ``client``: runs programs the party builds itself from the model's manifest, for tasks the
   owner's policy allows, and receives only those programs' revealed outputs. No command hands
-  out a weight share or runs code a client wrote.
+  out a computing party's weight share or runs code a client wrote. In client-server mode
+  (:mod:`puma.runtime.client_server`) the client runs the second party itself, and the owner's
+  party gives it ``client_weights``: the AES keys of that party's own shares, uniformly random
+  whatever the weights (the owner's party keeps ``weights - those``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ COMMANDS: dict[str, Command] = {
         _command("status", {OWNER}, model="name"),
         # a client's job on a published model (nodes admit a job first: see puma.runtime.nodes)
         _command("job", {CLIENT}, model="name", ticket="json", peers="json"),
+        _command("client_weights", {CLIENT}, model="name"),
         _command("inputs", {OPERATOR, CLIENT}, bundle="bundle"),
         _command(
             "run_task",
@@ -209,6 +213,8 @@ class PartyService:
     (``<store>/programs``, :mod:`puma.runtime.compile_cache`). An
     operator's ``store``/``restore`` name their folder (one trust domain). ``code_hook(code,
     rank)`` rewrites code before it is installed (``sim`` tags each party's profile).
+    ``serves_clients``: the owner's party of a client-server deployment, which also keeps the
+    keys of the client's party's shares (``k:`` pieces) and hands them to a client's job.
     """
 
     def __init__(
@@ -225,6 +231,7 @@ class PartyService:
         info: Callable[[], dict] | None = None,
         verify: Callable[[dict, bytes], None] | None = None,
         budget: int | None = None,
+        serves_clients: bool = False,
     ):
         self.rank = rank
         self.world_size = world_size
@@ -238,6 +245,7 @@ class PartyService:
         self._info = info or (lambda: {})
         self._verify = verify
         self.budget = budget
+        self.serves_clients = serves_clients
         self.views: dict[str, object] = {}
         self.resident: dict[str, set[str]] = {}  # model id -> weight names held in the runtime
         self._compiled: dict[tuple, _Compiled] = {}
@@ -245,6 +253,11 @@ class PartyService:
         self._outputs: set[str] = set()  # o: names the last run left for the client
         self._publishing: dict[str, dict] = {}
         self._peers = None  # the parties' runs when the links opened
+
+    @property
+    def has_links(self) -> bool:
+        """True once a command opened the party's runtime and links."""
+        return self._party is not None
 
     @property
     def party(self):
@@ -316,7 +329,7 @@ class PartyService:
         os.makedirs(os.path.join(folder, "weights"))
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             json.dump({"manifest": manifest, "signature": signature.hex()}, f)
-        self._publishing[model] = {"assembler": {}, "bytes": 0}
+        self._publishing[model] = {"assembler": {}, "bytes": 0, "client": {}}
         self.views.pop(model, None)
         self._drop_model(model)
         return {"model": model}
@@ -328,6 +341,12 @@ class PartyService:
         if bundle.rank != self.rank:
             raise PumaError(f"party rank {self.rank} was handed rank {bundle.rank}'s shares")
         for name, piece in bundle.values.items():
+            if name.startswith("k:") and self.serves_clients and isinstance(piece, sharing.Piece):
+                if piece.data is not None or len(piece.keys) != 1 or piece.keys[0] is None:
+                    raise PumaError(f"{name}: a client's piece is one AES key, no data")
+                state["client"][messages.name(name[2:])] = piece.keys[0].hex()
+                state["bytes"] += piece.nbytes
+                continue
             if not name.startswith("p:") or not isinstance(piece, sharing.Piece):
                 raise PumaError(f"{name}: published values are the owner's pieces of weights (p:)")
             state["bytes"] += write_piece(os.path.join(self._model_dir(model), "weights"), name[2:], piece)
@@ -342,6 +361,12 @@ class PartyService:
         missing = [n for n in view.weight_names if not os.path.exists(share_path(os.path.join(folder, "weights"), n))]
         if missing:
             raise PumaError(f"model {model}: {len(missing)} weights were not sent (first: {missing[0]})")
+        if self.serves_clients:
+            keyless = [n for n in view.weight_names if n not in state["client"]]
+            if keyless:
+                raise PumaError(f"model {model}: {len(keyless)} client keys were not sent (first: {keyless[0]})")
+            with open(os.path.join(folder, CLIENT_KEYS), "w") as f:
+                json.dump(state["client"], f)
         open(os.path.join(folder, "complete"), "w").close()
         return {"bytes": state["bytes"], "weights": len(view.weight_names)}
 
@@ -368,7 +393,7 @@ class PartyService:
             manifest, _ = read_manifest(folder)
             view = self._view_of(manifest)
             budget = self.budget if self.budget is not None else int(0.8 * memory.host()[1])
-            view.streamed = share_bytes(view, self.protocol.field) > budget
+            view.streamed = share_bytes(view, self.protocol) > budget
             self.views[model] = view
         return self.views[model]
 
@@ -388,6 +413,17 @@ class PartyService:
             raise LinksStale(f"party rank {self.rank} restarts: a peer restarted since its links opened")
         self._peers = peers
         return {"model": model}
+
+    def _on_client_weights(self, model: str) -> dict:
+        """What the client's own party needs for a job on ``model`` (client-server mode only):
+        the signed manifest and the AES keys of that party's shares of the weights."""
+        if not self.serves_clients:
+            raise PermissionError("client_weights is a command of a client-server deployment's owner party only")
+        self.published_view(model)
+        folder = self._model_dir(model)
+        manifest, signature = read_manifest(folder)
+        with open(os.path.join(folder, CLIENT_KEYS)) as f:
+            return {"manifest": manifest, "signature": signature.hex(), "keys": json.load(f)}
 
     def reset_links(self) -> None:
         """Close the runtime and its links (after a peer restarted or a link failed); the next
@@ -528,11 +564,12 @@ class PartyService:
         return sum(os.path.getsize(p) for p in paths)
 
 
-def share_bytes(view, field: str) -> int:
-    """Bytes of one party's shares of a model's weights (two ring elements per weight)."""
+def share_bytes(view, protocol) -> int:
+    """Bytes of one party's shares of a model's weights under ``protocol`` (a ProtocolConfig: two
+    ring elements per weight for ABY3, one for the two-party protocols)."""
     import numpy as np
 
-    words = 2 * int(field.removeprefix("FM")) // 8
+    words = (2 if protocol.world_size == 3 else 1) * int(protocol.field.removeprefix("FM")) // 8
     return sum(
         int(np.prod(a.shape, dtype=np.int64)) * words for a in programs.flat_named_avals(view.param_avals).values()
     )
@@ -541,6 +578,8 @@ def share_bytes(view, field: str) -> int:
 # -- this party's own files: shares and manifests, a fixed format (no pickle) ------------------------
 
 SHARE_MAGIC = b"PUMASHR1"
+#: In a client-server owner party's model folder: weight name -> AES key of the client's share.
+CLIENT_KEYS = "client-keys.json"
 _LEN = struct.Struct("<Q")
 
 

@@ -227,6 +227,11 @@ class Topology:
     ``<store>/<party id>/`` (``store`` is made absolute, relative to the topology file) and
     holds a published model's shares in memory while they fit ``memory_budget`` (default 80% of
     its available memory), else reads each stage's from the store when it runs.
+
+    ``mode: client-server`` (``client_server``): two parties and no third. Party 0 is the model
+    owner's server (``puma owner serve``: its weights stay on its host), party 1 the client's own
+    party, run inside the client's process for its job (it has a link address and no control
+    address). See :mod:`puma.runtime.client_server`.
     """
 
     parties: tuple[PartySpec, ...]
@@ -240,6 +245,7 @@ class Topology:
     clients: tuple[str, ...] = ("client",)
     store: str = "store"
     memory_budget: int | None = None  # bytes of shares a party keeps resident (None: 80% of its memory)
+    client_server: bool = False  # mode: client-server (see the class doc)
     source: str = "<memory>"
 
     def __post_init__(self):
@@ -249,10 +255,16 @@ class Topology:
                 f"{self.source}: protocol {self.protocol.protocol} needs {need} parties, the topology lists "
                 f"{len(self.parties)}"
             )
+        if self.client_server and need != 2:
+            raise PumaError(
+                f"{self.source}: mode client-server runs a two-party protocol (cheetah), not {self.protocol.protocol}"
+            )
         for what in ("link", "control"):
             seen = {}
             for p in self.parties:
                 addr = getattr(p, what)
+                if not addr and what == "control" and self.client_server and p.rank == 1:
+                    continue  # the client's own party takes no connections
                 _split_address(addr, f"{self.source}: party {p.id} {what}")
                 if addr in seen:
                     raise PumaError(f"{self.source}: parties {seen[addr]} and {p.id} share the {what} address {addr}")
@@ -282,7 +294,14 @@ class Topology:
             _split_address(address, "")[0].strip("[]") in LOOPBACK_HOSTS
             for p in self.parties
             for address in (p.link, p.control)
+            if address
         )
+
+    @property
+    def served(self) -> tuple[PartySpec, ...]:
+        """The parties that run as servers (``puma node``/``owner serve``): all of them, or in
+        client-server mode the owner's party only."""
+        return self.parties[:1] if self.client_server else self.parties
 
     def with_protocol(self, protocol: ProtocolConfig) -> "Topology":
         return dataclasses.replace(self, protocol=protocol)
@@ -346,22 +365,28 @@ class Topology:
             "clients",
             "store",
             "memory_budget",
+            "mode",
         }
         _check_keys(doc, known, source, "")
+        mode = str(doc.get("mode", "parties"))
+        if mode not in ("parties", "client-server"):
+            raise PumaError(f"{source}: mode {mode!r} is not one of: parties, client-server")
+        client_server = mode == "client-server"
         parties_doc = doc.get("parties")
         if not isinstance(parties_doc, list) or not parties_doc:
             raise PumaError(f"{source}: 'parties' must be a list of {{id, link, control}}")
         parties = []
         ids: dict[str, int] = {}
         for rank, p in enumerate(parties_doc):
-            if not isinstance(p, dict) or not {"link", "control"} <= set(p):
-                raise PumaError(f"{source}: party {rank} needs 'link' and 'control' addresses (host:port)")
+            need = {"link"} if client_server and rank == 1 else {"link", "control"}
+            if not isinstance(p, dict) or not need <= set(p):
+                raise PumaError(f"{source}: party {rank} needs {' and '.join(sorted(need))} addresses (host:port)")
             _check_keys(p, {"id", "link", "control"}, source, f"parties[{rank}].")
             party_id = str(p.get("id", f"party{rank}"))
             if party_id in ids:
                 raise PumaError(f"{source}: parties {ids[party_id]} and {rank} have the same id {party_id!r}")
             ids[party_id] = rank
-            parties.append(PartySpec(rank, party_id, str(p["link"]), str(p["control"])))
+            parties.append(PartySpec(rank, party_id, str(p["link"]), str(p.get("control", ""))))
         runtime = doc.get("runtime") or {}
         compiler = doc.get("compiler") or {}
         try:
@@ -401,6 +426,7 @@ class Topology:
                 clients=tuple(str(name) for name in clients),
                 store=str(doc.get("store", "store") or ""),
                 memory_budget=_budget(doc.get("memory_budget"), source),
+                client_server=client_server,
                 source=source,
             )
         except (TypeError, ValueError) as err:

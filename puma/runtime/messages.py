@@ -184,8 +184,8 @@ def get_share(doc, buffers: list[bytes]):
         raise MessageError("a share must be an object")
     if "piece" in doc:
         p = doc["piece"]
-        if not isinstance(p, dict) or not isinstance(p.get("keys"), list) or len(p["keys"]) != 2:
-            raise MessageError("a piece needs its fields and two key slots")
+        if not isinstance(p, dict) or not isinstance(p.get("keys"), list) or len(p["keys"]) not in (1, 2):
+            raise MessageError("a piece needs its fields and one or two key slots")
         words = _int(p.get("words"), "piece words", 1)
         count = _int(p.get("count"), "piece count")
         data = None if p.get("data") is None else _buffer(buffers, p["data"])

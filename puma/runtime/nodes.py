@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import logging
 import multiprocessing
 import os
@@ -55,7 +56,7 @@ from puma.runtime.secure import Mesh
 log = logging.getLogger(__name__)
 
 #: Commands that belong to a client's job (they need the runtime the job holds).
-JOB_COMMANDS = {"inputs", "run_task", "outputs", "free"}
+JOB_COMMANDS = {"inputs", "run_task", "outputs", "free", "client_weights"}
 #: Owner commands that change what the runtime serves: they wait for a running job to end.
 EXCLUSIVE = {"publish", "publish_end", "unpublish"}
 #: Seconds between the position messages a queued client receives.
@@ -143,6 +144,7 @@ class PartyServer:
             info=lambda: {"id": self.spec.id, "server_pid": os.getpid(), "greeting": self.greeting},
             verify=self._verify_owner,
             budget=topology.memory_budget,
+            serves_clients=topology.client_server,
         )
         self.queue = _Queue()
         self.last_job = 0  # the highest ticket served (ranks after the first)
@@ -235,7 +237,7 @@ class PartyServer:
     def _session(self, channel: wire.Channel, roles: frozenset) -> None:
         """Commands of one connection, until ``close`` or the peer leaves. While the connection
         holds a job, ``timeouts.job_idle_s`` without progress on it (no command, no bytes of one
-        or of a reply) ends the job: see :meth:`_ended_idle`."""
+        or of a reply) ends the job: see :meth:`_idle_line`."""
         held = False
         try:
             while True:
@@ -244,8 +246,13 @@ class PartyServer:
                     message = channel.recv()
                 except wire.TimedOut:
                     held = False
+                    if self.topology.client_server:  # the line first: ending the links may restart this party
+                        self._idle_line(channel)
+                        self._end_job()
+                        return
                     self._end_job()
-                    self._ended_idle(channel)
+                    self._idle_line(channel)
+                    self._await_next(channel)
                     return
                 if message.op == "job":
                     if held:
@@ -273,20 +280,39 @@ class PartyServer:
                 self._end_job()
 
     def _end_job(self) -> None:
-        """Forget the connection's job (its inputs, outputs and state) and hand the runtime to
-        the next client."""
+        """Forget the connection's job (its inputs, outputs and state; in client-server mode its
+        links, which were the client's) and hand the runtime to the next client."""
         try:
             self.service.end_job()
+            if self.topology.client_server:
+                self._drop_links()
         finally:
             self._runtime.release()
             if self.rank == 0:
                 self.queue.done()
 
-    def _ended_idle(self, channel: wire.Channel) -> None:
+    def _drop_links(self) -> None:
+        """Client-server mode: stop the finished job's links. Stopping is a handshake with the
+        client's party; if it does not answer within ``recv_s`` (its host vanished), this party
+        restarts (its supervisor starts it again) rather than hold the runtime."""
+        if not self.service.has_links:
+            return
+        done = threading.Event()
+
+        def stop() -> None:
+            self.service.reset_links()
+            gc.collect()  # the link's server must be gone before the next job listens on its port
+            done.set()
+
+        threading.Thread(target=stop, daemon=True).start()
+        if not done.wait(self.topology.recv_timeout_s):
+            log.warning("party %s: the client's party did not close the job's links: restarting", self.spec.id)
+            logging.shutdown()
+            os._exit(RESTART_STATUS)
+
+    def _idle_line(self, channel: wire.Channel) -> None:
         """Tell a client whose job this party ended for idleness why, in one line (an ``idle``
-        error): sent at once, so that it is the answer to the client's next command. That
-        command is read if it comes within another ``job_idle_s`` (closing with it unread would
-        reset the connection before the client reads the line); then the connection closes."""
+        error): sent at once, so that it is the answer to the client's next command."""
         idle = self.topology.job_idle_s
         log.warning(
             "party %s: ended the job of %s after %g s without a command (timeouts.job_idle_s)",
@@ -299,6 +325,10 @@ class PartyServer:
             "and serves the next client: open a new session"
         )
         _try_send(channel, messages.error(line, "idle"))
+
+    def _await_next(self, channel: wire.Channel) -> None:
+        """Read the idle client's next command if it comes within another ``job_idle_s`` (closing
+        with it unread would reset the connection before the client reads the line)."""
         try:
             channel.recv()
         except (wire.ChannelClosed, MessageError):
@@ -351,7 +381,7 @@ class PartyServer:
         against that party's signature and none from a run of a party older than one this party
         met: what the service compares with the runs its links were opened with. A client can
         thus make a party open its links anew only when a peer really restarted."""
-        parties = self.topology.parties
+        parties = self.topology.served
         if not isinstance(peers, list) or len(peers) != len(parties):
             raise PermissionError(
                 f"the job names {len(peers) if isinstance(peers, list) else 'no'} peers, not "
@@ -617,13 +647,13 @@ class NodesMesh(Mesh):
     def _open(self, role: str) -> list[dict]:
         """Connect and greet every party; a client then queues at the first party and takes its
         ticket to the others. The parties' greetings."""
-        self.channels = [self._connect(spec) for spec in self.topology.parties]
-        hello = [self._hello(rank) for rank in range(self.world_size)]
+        self.channels = [self._connect(spec) for spec in self.topology.served]
+        hello = [self._hello(rank) for rank in range(len(self.channels))]
         self.pids = [h["pid"] for h in hello]
         self.greetings = [h["greeting"] for h in hello]
         if role == CLIENT:
             ticket = self._job(0, None)
-            for rank in range(1, self.world_size):
+            for rank in range(1, len(self.channels)):
                 self._job(rank, ticket)
         return hello
 
@@ -710,11 +740,16 @@ class NodesMesh(Mesh):
             return self._exchange(rank, frames[rank], reply)
 
         return fan_out(
-            [lambda rank=rank: exchange(rank) for rank in range(self.world_size)],
-            [self._party(rank) for rank in range(self.world_size)],
+            [lambda rank=rank: exchange(rank) for rank in range(len(frames))],
+            [self._party(rank) for rank in range(len(frames))],
             f"answer {command!r}",
             explain=lambda err: f"died or dropped the connection ({first_line(err)})",
         )
+
+    def broadcast(self, command: str, **kwargs) -> list:
+        """:meth:`call` with the same arguments for every party this mesh reaches (in
+        client-server mode the owner reaches its own party only)."""
+        return self.call(command, [dict(kwargs) for _ in self.topology.served])
 
     def close(self) -> None:
         """Say goodbye to every party. A channel a failed fan-out's thread still waits on (the
@@ -743,5 +778,10 @@ class NodesMesh(Mesh):
 
 
 def open_mesh(request) -> NodesMesh:
-    """The nodes backend's mesh for a :class:`puma.runtime.MeshRequest`: a client's job."""
+    """The nodes backend's mesh for a :class:`puma.runtime.MeshRequest`: a client's job (in
+    client-server mode with the client's own party in this process)."""
+    if request.topology.client_server:
+        from puma.runtime.client_server import ClientServerMesh
+
+        return ClientServerMesh(request.topology, request.identity, request.model)
     return NodesMesh(request.topology, CLIENT, request.identity, request.model)

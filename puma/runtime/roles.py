@@ -85,7 +85,7 @@ class OwnerSpec:
 
 
 def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFunction:
-    """How the owner secret-shares one float32 tensor under ``config``: in pieces by the ABY3
+    """How the owner secret-shares one float32 tensor under ``config``: in pieces by the
     sharer of :mod:`puma.runtime.sharing` where it applies, whole by ``spu.Io`` otherwise; a
     tensor too big to store in one go is shared as row blocks, each on its own."""
     protocol, field = config.protocol.name.lower(), config.field.name
@@ -93,7 +93,7 @@ def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFuncti
         bits = int(config.fxp_fraction_bits)
 
         def one(value):
-            for parts in sharing.pieces(value, field, bits):
+            for parts in sharing.pieces(value, field, bits, protocol=protocol):
                 yield parts, parts[0].count * 4
 
     else:

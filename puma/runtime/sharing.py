@@ -1,4 +1,4 @@
-"""Fast secret sharing of float32 weights for ABY3: numpy, AES-CTR streams, compact delivery.
+"""Fast secret sharing of float32 weights: numpy, AES-CTR streams, compact delivery.
 
 ``spu.Io.make_shares`` shares about 2.8 million elements per second here (one thread): the
 6.7 billion weights of LLaMA-7B would take 40 minutes per pass, which dominates a streamed run.
@@ -20,8 +20,14 @@ party's pieces into the ``libspu.Share`` SPU's ``set_var`` reads.
 The expanded share is laid out as SPU's ``aby3.AShr<FM64|FM128>`` values: per element the two
 ring elements of the party's pair, little-endian, in protobuf ``ValueChunkProto`` chunks, and a
 ``ValueMetaProto`` header (dtype F32, secret, shape, storage type). The result is checked against
-``spu.Io.reconstruct`` and against programs run on the shares (tests/test_streaming.py). Other
-protocols, fields and dtypes fall back to ``spu.Io``.
+``spu.Io.reconstruct`` and against programs run on the shares (tests/test_streaming.py).
+
+The two-party protocols (``cheetah``; ``semi2k`` where it runs) hold additive shares, one ring
+element per party and weight: ``x1 = AES-CTR(k1)`` and ``x0 = v - x1``. Party 0 gets ``x0`` as
+data, party 1 only the key ``k1``: its share is uniformly random whatever the weights. In the
+client-server deployment party 0 is the model owner's own and party 1 the client's, so the
+weights never leave the owner's host (:mod:`puma.runtime.client_server`). Other fields and
+dtypes fall back to ``spu.Io``.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _meta(shape: tuple[int, ...], field: str) -> bytes:
+def _meta(shape: tuple[int, ...], field: str, protocol: str = "aby3") -> bytes:
     """ValueMetaProto: data_type (1), visibility (3), shape (4, packed dims), storage_type (5)."""
     dims = b"".join(_varint(int(d)) for d in shape)
     shape_msg = _field(1, dims) if shape else b""
@@ -79,7 +85,7 @@ def _meta(shape: tuple[int, ...], field: str) -> bytes:
         + _varint(3 << 3)
         + _varint(_VIS_SECRET)
         + (_field(4, shape_msg) if shape else b"")
-        + _field(5, f"aby3.AShr<{field}>".encode())
+        + _field(5, f"{protocol}.AShr<{field}>".encode())
     )
 
 
@@ -92,7 +98,8 @@ def _chunk_head(total: int, offset: int, size: int) -> bytes:
 
 
 def row_blocks(shape: tuple[int, ...], field: str) -> list[tuple[int, int]]:
-    """The row ranges a weight of ``shape`` travels in under ``field``; [] when it goes whole."""
+    """The row ranges a weight of ``shape`` travels in under ``field``; [] when it goes whole
+    (sized for ABY3's two ring elements per weight: a two-party share's blocks are half full)."""
     shape = tuple(int(d) for d in shape)
     per_party = 2 * _RING_BITS[field] // 8 * int(np.prod(shape, dtype=np.int64))
     if not shape or per_party <= SPLIT_BYTES:
@@ -106,9 +113,13 @@ def block_name(name: str, k: int) -> str:
     return f"{name}#{k}"
 
 
+#: Protocols whose arithmetic shares this module makes, and their party count.
+PROTOCOLS = {"aby3": 3, "cheetah": 2, "semi2k": 2}
+
+
 def supported(protocol: str, field: str, world_size: int) -> bool:
     # the numpy sharer writes whole 64-bit words: FM32 goes through spu.Io
-    return protocol == "aby3" and _RING_BITS.get(field, 0) >= 64 and world_size == 3
+    return PROTOCOLS.get(protocol) == world_size and _RING_BITS.get(field, 0) >= 64
 
 
 def _encode(x: np.ndarray, fxp_bits: int, words: int) -> np.ndarray:
@@ -151,8 +162,9 @@ def _sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Piece:
     """What the owner sends one party for one chunk of one tensor.
 
-    The party's pair ``(x_r, x_{r+1})`` has two slots; each is regenerated from an AES key
-    (``keys[slot]``) or carried as ring words (``data``, for the slot holding ``x2``).
+    The party's pair ``(x_r, x_{r+1})`` (ABY3) has two slots, a two-party share one; each slot
+    is regenerated from an AES key (``keys[slot]``) or carried as ring words (``data``, for the
+    slot holding ``x2``, or a two-party ``x0``).
     """
 
     meta: bytes  # ValueMetaProto of the whole tensor
@@ -172,9 +184,9 @@ class Piece:
 
     def expand(self) -> bytes:
         """This chunk of the party's share as a ValueChunkProto."""
-        n, words = self.count, self.words
-        elem = 2 * words * 8
-        pair = np.empty((n, 2, words), np.uint64)
+        n, words, slots = self.count, self.words, len(self.keys)
+        elem = slots * words * 8
+        pair = np.empty((n, slots, words), np.uint64)
         for slot, key in enumerate(self.keys):
             if key is None:
                 pair[:, slot] = np.frombuffer(self.data, np.uint64).reshape(n, words)
@@ -184,17 +196,21 @@ class Piece:
         return b"".join((head, memoryview(pair.reshape(-1).view(np.uint8))))
 
 
-def pieces(value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[Piece]]:
-    """ABY3 shares of float32 ``value`` as pieces: per chunk, one :class:`Piece` per party.
+def pieces(
+    value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES, protocol: str = "aby3"
+) -> Iterator[list[Piece]]:
+    """Shares of float32 ``value`` under ``protocol`` as pieces: per chunk, one :class:`Piece`
+    per party (three for ABY3, two for the two-party protocols).
 
     Made one chunk at a time, so the owner holds one chunk of temporaries whatever the size."""
     x = np.asarray(value, np.float32)
     flat = np.ascontiguousarray(x).reshape(-1)
     words = _RING_BITS[field] // 64
-    elem = 2 * words * 8  # bytes per element in one party's share
+    slots = 2 if PROTOCOLS[protocol] == 3 else 1
+    elem = slots * words * 8  # bytes per element in one party's share
     total = flat.size * elem
     per_chunk = max(1, chunk_bytes // elem)
-    meta = _meta(x.shape, field)
+    meta = _meta(x.shape, field, protocol)
     k0, k1 = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
     starts = range(0, flat.size, per_chunk) if flat.size else [0]
     with np.errstate(over="ignore"):
@@ -202,14 +218,38 @@ def pieces(value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUN
             stop = min(flat.size, start + per_chunk)
             n = stop - start
             v = _encode(flat[start:stop], fxp_bits, words)
-            x2 = _sub(_sub(v, _stream(k0, index, n, words)), _stream(k1, index, n, words)).tobytes()
             last = stop >= flat.size
             common = dict(meta=meta, total=total, start=start, count=n, words=words, index=index, last=last)
+            if slots == 1:
+                x0 = _sub(v, _stream(k1, index, n, words)).tobytes()
+                yield [
+                    Piece(keys=(None,), data=x0, **common),  # party 0: x0 = v - x1
+                    Piece(keys=(k1,), data=None, **common),  # party 1: x1, uniformly random
+                ]
+                continue
+            x2 = _sub(_sub(v, _stream(k0, index, n, words)), _stream(k1, index, n, words)).tobytes()
             yield [
                 Piece(keys=(k0, k1), data=None, **common),  # party 0: (x0, x1)
                 Piece(keys=(k1, None), data=x2, **common),  # party 1: (x1, x2)
                 Piece(keys=(None, k0), data=x2, **common),  # party 2: (x2, x0)
             ]
+
+
+def keyed_share(shape: tuple[int, ...], field: str, protocol: str, key: bytes, chunk_bytes: int = CHUNK_BYTES):
+    """Party 1's two-party share of a tensor of ``shape`` regenerated from its key: the share
+    :func:`pieces` gave it (same chunks, same stream positions), uniformly random."""
+    words = _RING_BITS[field] // 64
+    size = int(np.prod(shape, dtype=np.int64))
+    elem = words * 8
+    per_chunk = max(1, chunk_bytes // elem)
+    meta = _meta(tuple(int(d) for d in shape), field, protocol)
+    assembler = Assembler()
+    starts = range(0, size, per_chunk) if size else [0]
+    for index, start in enumerate(starts):
+        stop = min(size, start + per_chunk)
+        piece = Piece(meta, size * elem, start, stop - start, words, index, (key,), None, stop >= size)
+        share = assembler.add("value", piece)
+    return share
 
 
 class Assembler:
@@ -232,11 +272,14 @@ class Assembler:
         return share
 
 
-def make_shares(value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES) -> list[libspu.Share]:
+def make_shares(
+    value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES, protocol: str = "aby3"
+) -> list[libspu.Share]:
     """Every party's whole ``libspu.Share`` of ``value`` at once (its pieces, expanded)."""
-    assemblers = [Assembler() for _ in range(3)]
-    shares: list[libspu.Share | None] = [None] * 3
-    for parts in pieces(value, field, fxp_bits, chunk_bytes):
+    parties = PROTOCOLS[protocol]
+    assemblers = [Assembler() for _ in range(parties)]
+    shares: list[libspu.Share | None] = [None] * parties
+    for parts in pieces(value, field, fxp_bits, chunk_bytes, protocol):
         for rank, piece in enumerate(parts):
             shares[rank] = assemblers[rank].add("value", piece) or shares[rank]
     return shares

@@ -1,5 +1,6 @@
-"""``puma owner publish|unpublish`` (the model owner) and ``puma node up|start|certs`` (the
-computing parties of the ``nodes`` backend, and their certificates)."""
+"""``puma owner publish|unpublish|serve`` (the model owner; ``serve``: client-server mode) and
+``puma node up|start|certs`` (the computing parties of the ``nodes`` backend, and their
+certificates)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,25 @@ def add_parsers(sub, common) -> None:
         help="let clients receive logits (default: tokens only)",
     )
     pub.set_defaults(func=cmd_owner_publish)
+    serve = owner_sub.add_parser(
+        "serve",
+        parents=[common],
+        help="client-server mode: run the owner's own party with the weights on this host and serve clients",
+    )
+    serve.add_argument("--model", "-m", required=True, help=options.MODEL_HELP)
+    serve.add_argument("--config", "-c", required=True, help="required: a client-server topology (mode: client-server)")
+    serve.add_argument(
+        "--out", "-o", required=True, help="required: where to write the manifest (public: give it to clients)"
+    )
+    serve.add_argument(
+        "--approx",
+        nargs="+",
+        default=list(protocols.PUBLISHED),
+        help="approximation sets clients may use (default: %(default)s)",
+    )
+    serve.add_argument("--allow-logits", action="store_true", help="let clients receive logits (default: tokens only)")
+    serve.add_argument("--log-dir", default="runs/parties", help="where the party's log goes (default: %(default)s)")
+    serve.set_defaults(func=cmd_owner_serve)
     unpub = owner_sub.add_parser("unpublish", parents=[common], help="remove a published model from every party")
     unpub.add_argument("--model", "-m", required=True, help="required: the model's manifest")
     unpub.add_argument("--config", "-c", required=True, help="required: the parties' topology")
@@ -102,7 +122,20 @@ def add_parsers(sub, common) -> None:
 
 
 def cmd_owner_publish(args) -> int:
-    from puma import deploy, protocols
+    from puma import deploy
+
+    done = deploy.publish_to(args.config, args.model, args.out, args.approx, _policy(args))
+    print(json.dumps({k: v for k, v in done.items() if k != "parties"}))
+    print(
+        f"puma: published {done['model_id']} to {len(done['parties'])} parties in {done['seconds']:.0f} s; "
+        f"manifest {args.out} (give it to clients; the weights file is no longer needed by anyone)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _policy(args) -> dict:
+    from puma import deploy
     from puma.models import load
 
     unknown = [a for a in args.approx if a not in protocols.names()]
@@ -113,14 +146,55 @@ def cmd_owner_publish(args) -> int:
         policy["reveal"].append("logits")
         if "generate" in policy["tasks"]:
             policy["tasks"].append("logits")
-    done = deploy.publish_to(args.config, args.model, args.out, args.approx, policy)
-    print(json.dumps({k: v for k, v in done.items() if k != "parties"}))
+    return policy
+
+
+def cmd_owner_serve(args) -> int:
+    """Start the owner's party (supervised), publish the model into its store once it is up,
+    write the manifest, and serve clients until stopped."""
+    import signal
+    import threading
+
+    from puma import deploy
+    from puma.runtime.config import Topology
+    from puma.runtime.nodes import supervise
+
+    topology = Topology.from_yaml(args.config)
+    if not topology.client_server:
+        raise PumaError(
+            f"{args.config} is not a client-server topology (mode: client-server): for computing parties "
+            "use puma node up and puma owner publish"
+        )
+    topology.require_tls()
+    policy = _policy(args)
+    failed: list[str] = []
+
+    def publish() -> None:
+        try:
+            done = deploy.publish_to(args.config, args.model, args.out, args.approx, policy)
+        except Exception as err:  # one line, then stop serving
+            failed.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        print(
+            f"puma: serving {done['model_id']} in {done['seconds']:.0f} s; manifest {args.out} (give it to "
+            f"clients with their certificates); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def ready() -> None:
+        _ready_line(topology, [0])()
+        threading.Thread(target=publish, daemon=True).start()
+
     print(
-        f"puma: published {done['model_id']} to {len(done['parties'])} parties in {done['seconds']:.0f} s; "
-        f"manifest {args.out} (give it to clients; the weights file is no longer needed by anyone)",
-        file=sys.stderr,
+        f"starting the owner's party ({topology.protocol.describe()}) from {args.config}", file=sys.stderr, flush=True
     )
-    return 0
+    status = _report_parties(supervise(topology, [0], args.log_dir, args.verbose, ready, _announce))
+    if failed:
+        print(f"puma: error: publishing to the owner's party failed: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
+    return status
 
 
 def cmd_owner_unpublish(args) -> int:
