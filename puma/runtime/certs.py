@@ -70,7 +70,8 @@ def make(topology_path: str, days: int = DAYS, force: bool = False, clients: tup
         for path, authority in ((tls.ca, ca), (tls.links_ca, links))
     ]
     for p in topology.parties:
-        files.append((*tls.party(p.id), _leaf(_name("party", p.id), ca, start, end)))
+        if p in topology.served:  # a client-server client's party has a link and no control identity
+            files.append((*tls.party(p.id), _leaf(_name("party", p.id), ca, start, end)))
         files.append((*tls.party_link(p.id), _leaf(_name("link", p.id), links, start, end, _host(p.link))))
     files.append((*tls.owner(topology.owner), _leaf(_name("owner", topology.owner), ca, start, end)))
     for name in _clients(topology, clients):
@@ -95,9 +96,19 @@ def needs(topology: Topology, clients: tuple[str, ...] = ()) -> list[tuple[str, 
     """Which certificate files each host needs, as (who, paths): a party host its parties' pairs
     (identity and link), both CA certificates and every party's identity certificate (public, to
     verify what the parties sign); the owner and each client their pair, the control CA and the
-    parties' identity certificates. The CA keys go nowhere."""
+    parties' identity certificates. The CA keys go nowhere. In client-server mode the owner's
+    host runs the owner's party, and each client also needs the client party's link pair, the
+    links CA and the owner's certificate (it checks the manifest's signature)."""
     tls = topology.require_tls()
-    public = [tls.party(p.id)[0] for p in topology.parties]
+    public = [tls.party(p.id)[0] for p in topology.served]
+    if topology.client_server:
+        server, own = topology.parties
+        owner = [tls.ca, tls.links_ca, *tls.party(server.id), *tls.party_link(server.id), *tls.owner(topology.owner)]
+        client_extra = [tls.links_ca, *tls.party_link(own.id), tls.owner(topology.owner)[0]]
+        out = [(f"owner {topology.owner} (party {server.id}, host {_host(server.link)})", owner)]
+        for name in _clients(topology, clients):
+            out.append((f"client {name} (its party {own.id})", [tls.ca, *tls.client(name), *public, *client_extra]))
+        return out
     hosts: dict[str, list[str]] = {}
     for p in topology.parties:
         hosts.setdefault(_host(p.link), []).append(p.id)

@@ -40,7 +40,7 @@ import tempfile
 import threading
 
 from puma.errors import PumaError
-from puma.runtime import commands, memory, programs, sharing
+from puma.runtime import commands, compile_cache, memory, programs, sharing
 from puma.runtime.commands import CLIENT
 from puma.runtime.config import LINKS_DID_NOT_CONNECT, Topology
 from puma.runtime.fanout import fan_out, first_line
@@ -96,6 +96,10 @@ class ClientParty(commands.PartyService):
             return ComputeParty(1, libspu.link.create_brpc(desc, 1), t.protocol.runtime_config())
         except RuntimeError as err:
             raise PumaError(f"the client's party: {LINKS_DID_NOT_CONNECT} ({first_line(err)})") from err
+
+    def program_cache(self) -> str | None:
+        """The client's own cache folder (its store lasts one job)."""
+        return compile_cache.user_folder()
 
     def _ensure_weights(self, view, names: list[str]) -> list[str]:
         """This party's shares of the weights ``names``, regenerated from their keys."""

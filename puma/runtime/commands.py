@@ -483,15 +483,19 @@ class PartyService:
         if cache_key not in self._compiled:
             start = time.perf_counter()
             lowered = programs.lower(program, params, state, secret, public)
-            cache = compile_cache.party_folder(self.store)  # its own programs only: built from the spec
             code = programs.compile_code(
-                program.name, lowered.fn, lowered.flat_args, lowered.visibility, options, cache
+                program.name, lowered.fn, lowered.flat_args, lowered.visibility, options, self.program_cache()
             )
             key = programs.code_key(program.name, code)
             self.party.install(key, program.name, self.code_hook(code, self.rank) if self.code_hook else code)
             self._compiled[cache_key] = _Compiled(key, lowered, time.perf_counter() - start)
             return self._compiled[cache_key]
         return dataclasses.replace(self._compiled[cache_key], seconds=0.0)
+
+    def program_cache(self) -> str | None:
+        """Where this party caches the programs it compiled itself (built from specs, never a
+        caller's code): its store's folder."""
+        return compile_cache.party_folder(self.store)
 
     def _ensure_weights(self, view, names: list[str]) -> list[str]:
         """Load the weights ``names`` a run needs from this party's store into the runtime;

@@ -249,9 +249,9 @@ class PartyServer:
                     if self.topology.client_server:  # the line first: ending the links may restart this party
                         self._idle_line(channel)
                         self._end_job()
-                        return
-                    self._end_job()
-                    self._idle_line(channel)
+                    else:
+                        self._end_job()
+                        self._idle_line(channel)
                     self._await_next(channel)
                     return
                 if message.op == "job":

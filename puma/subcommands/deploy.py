@@ -215,12 +215,12 @@ def cmd_node_up(args) -> int:
     topology = Topology.from_yaml(args.config)
     topology.require_separate_domains()
     print(
-        f"starting {topology.world_size} parties ({topology.protocol.describe()}) from {args.config}; "
+        f"starting {len(topology.served)} parties ({topology.protocol.describe()}) from {args.config}; "
         f"logs in {args.log_dir}; Ctrl-C stops them",
         file=sys.stderr,
         flush=True,
     )
-    ranks = list(range(topology.world_size))
+    ranks = [p.rank for p in topology.served]  # client-server: the owner's party only
     return _report_parties(
         supervise(
             topology,
@@ -239,7 +239,9 @@ def cmd_node_start(args) -> int:
 
     topology = Topology.from_yaml(args.config)
     topology.require_separate_domains()
-    if not 0 <= args.rank < topology.world_size:
+    if not 0 <= args.rank < len(topology.served):
+        if topology.client_server:
+            raise PumaError(f"--rank {args.rank}: in client-server mode only the owner's party (rank 0) is served")
         raise PumaError(f"--rank {args.rank} is not in {args.config} (0..{topology.world_size - 1})")
     return _report_parties(
         supervise(
