@@ -1,0 +1,177 @@
+"""The Qwen families (qwen2, qwen3) against transformers' PyTorch models on small random configs.
+
+Oracles: ``transformers.Qwen2ForCausalLM``/``Qwen3ForCausalLM`` (eager attention) saved as a
+sharded safetensors folder that puma loads; their greedy ``generate``; the ``gguf`` package's
+writer and llama.cpp's tensor names (``gguf.get_tensor_name_map``) for a GGUF of the same
+weights. The debug presets have grouped-query attention and tied heads; qwen3-debug's head_dim
+(16) is not hidden / heads (8). Weights are HF's init plus N(0, 0.1) noise, so biases and norm
+weights are not trivial.
+
+Tolerances: plaintext logits within 1e-4 of transformers (measured max error 1.5e-6 for qwen2,
+1.4e-6 for qwen3); greedy tokens equal where HF's top two logits differ by more than 1e-3
+(checked). Under MPC (sim, ABY3/FM64/18, the default set puma-fast) logits within FXP_ATOL =
+2e-2 of plaintext, the fixed-point tolerance of tests/test_runtime.py (measured: see the test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from puma.protocols.base import FixedPoint  # noqa: E402
+
+from puma import deploy, manifest, models, tasks  # noqa: E402
+from puma.api import SecureModel  # noqa: E402
+from tests.hf_reference import hf_model  # noqa: E402
+
+ATOL = 1e-4
+FXP_ATOL = 2e-2
+#: Greedy tokens are compared only while transformers' top two logits differ by more than this.
+TIE_MARGIN = 1e-3
+PRESETS = ["qwen2-debug", "qwen3-debug"]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 3]]
+
+
+def _err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    return float(np.max(np.abs(actual - expected)))
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def family(request, tmp_path_factory):
+    """(preset, family, config, folder, PyTorch model): the HF model saved in 4 KB shards."""
+    name, config = models.presets()[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    hf = hf_model(name, config, path)
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    hf.save_pretrained(path, safe_serialization=True, max_shard_size="4KB")
+    assert (path / "model.safetensors.index.json").exists()
+    return request.param, name, config, path, hf
+
+
+def _hf_logits(hf, ids, mask=None, pos=None) -> np.ndarray:
+    with torch.no_grad():
+        return hf(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=None if mask is None else torch.tensor(mask),
+            position_ids=None if pos is None else torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
+
+
+def test_logits_match_transformers(family):
+    preset, name, config, path, hf = family
+    loaded = models.load(str(path))
+    assert loaded.family == name and loaded.config == config
+    ids, mask = tasks.left_pad(PROMPTS, 7, 0)
+    pos = tasks.positions_from_mask(mask)
+    logits, _ = loaded.module().apply(loaded.variables(), ids, mask, pos)
+    valid = mask.astype(bool)
+    err = _err(np.asarray(logits)[valid], _hf_logits(hf, ids, mask, pos)[valid])
+    assert err <= ATOL, f"{preset} logits: max abs error {err:.3g} > {ATOL}"
+
+
+def test_greedy_with_the_kv_cache_equals_transformers_generate(family):
+    preset, _, config, path, hf = family
+    plain = SecureModel.from_pretrained(str(path))
+    got = plain.generate_ids(PROMPTS, 8).tokens
+    for prompt, tokens in zip(PROMPTS, got):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=8,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=config.eos_token_id,
+            )
+        want = out.sequences[0, len(prompt) :].tolist()
+        margins = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
+        assert min(margins) > TIE_MARGIN, f"{preset}: near-tie in the reference ({min(margins):.2g}); change the seed"
+        assert tokens == want, f"{preset} greedy from {prompt}: {tokens} != {want}"
+
+
+def test_streamed_stages_equal_one_program(family):
+    """Plaintext: stage by stage with weights streamed equals the one-program run."""
+    _, _, _, path, _ = family
+    whole = SecureModel.from_pretrained(str(path), weights="resident")
+    streamed = SecureModel.from_pretrained(str(path), weights="streamed")
+    assert streamed.staged
+    err = _err(streamed.logits(PROMPTS[:1]).outputs, whole.logits(PROMPTS[:1]).outputs)
+    assert err <= 1e-6, f"streamed vs resident logits: {err:.3g}"
+    assert streamed.generate_ids(PROMPTS, 3).tokens == whole.generate_ids(PROMPTS, 3).tokens
+
+
+def test_publishing_manifest_round_trips(family):
+    """The owner's manifest (calibrated; q/k norms get their own shifts) gives the parties the
+    same config and weight shapes."""
+    preset, name, config, path, _ = family
+    body, _ = deploy.manifest_body(str(path), FixedPoint("FM64", 18), sets=("puma-fast",))
+    view = manifest.view(body)
+    assert view.family == name and view.config == config
+    sites = [site for site, _ in view.shifts["puma-fast"].sites]
+    assert ("layers_0/self_attn/q_norm" in sites) == (name == "qwen3"), sites
+
+
+def test_secure_logits_and_greedy_under_mpc(family):
+    """sim, ABY3, the default set (calibrated format): logits within FXP_ATOL of plaintext
+    (measured max error: qwen2 1.6e-3, qwen3 2.0e-3), greedy tokens with the secret KV cache
+    equal to plaintext's."""
+    preset, _, _, path, _ = family
+    plain = SecureModel.from_pretrained(str(path))
+    with SecureModel.from_pretrained(str(path), backend="sim") as m:
+        assert m.ops.name == "puma-fast"
+        err = _err(m.logits(PROMPTS[:1]).outputs, plain.logits(PROMPTS[:1]).outputs)
+        tokens = m.generate_ids(PROMPTS[:1], 4).tokens
+    assert err <= FXP_ATOL, f"{preset} secure logits: max abs error {err:.3g} > {FXP_ATOL}"
+    assert tokens == plain.generate_ids(PROMPTS[:1], 4).tokens
+
+
+def _write_gguf(path, arch: str, config, hf) -> None:
+    """The PyTorch model's weights (F32) and config as llama.cpp's converter names them."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name, name
+        writer.add_tensor(gguf_name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_of_the_same_weights_gives_the_same_logits(family, tmp_path):
+    preset, name, config, _, hf = family
+    path = tmp_path / f"{preset}.gguf"
+    _write_gguf(path, name, config, hf)
+    loaded = models.load(str(path))
+    assert loaded.family == name and np.float32(loaded.config.rms_norm_eps) == np.float32(config.rms_norm_eps)
+    assert dataclasses.replace(loaded.config, rms_norm_eps=config.rms_norm_eps) == config  # GGUF keeps float32
+    ids = np.asarray(PROMPTS[:1], np.int32)
+    logits, _ = loaded.module().apply(loaded.variables(), ids)
+    err = _err(logits, _hf_logits(hf, ids))
+    assert err <= ATOL, f"{preset} from GGUF: max abs error {err:.3g} > {ATOL}"
