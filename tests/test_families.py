@@ -7,10 +7,11 @@ weights. The debug presets have grouped-query attention and tied heads; qwen3-de
 (16) is not hidden / heads (8). Weights are HF's init plus N(0, 0.1) noise, so biases and norm
 weights are not trivial.
 
-Tolerances: plaintext logits within 1e-4 of transformers (measured max error 1.5e-6 for qwen2,
-1.4e-6 for qwen3); greedy tokens equal where HF's top two logits differ by more than 1e-3
-(checked). Under MPC (sim, ABY3/FM64/18, the default set puma-fast) logits within FXP_ATOL =
-2e-2 of plaintext, the fixed-point tolerance of tests/test_runtime.py (measured: see the test).
+Tolerances: plaintext logits within 1e-4 of transformers, from the folder and from the GGUF
+(measured max error 6.3e-7 for qwen2, 7.2e-7 for qwen3); greedy tokens compared only where the
+reference's top two logits differ by more than TIE_MARGIN (checked; smallest measured 0.020).
+Under MPC (sim, ABY3/FM64/18, the default set puma-fast): see
+:func:`test_secure_logits_and_greedy_under_mpc`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from puma.api import SecureModel  # noqa: E402
 from tests.hf_reference import hf_model  # noqa: E402
 
 ATOL = 1e-4
-FXP_ATOL = 2e-2
+#: Under MPC: against the same set in plaintext (fixed-point noise) and against exact functions.
+SIM_ATOL, SET_ATOL = 2e-3, 5e-2
 #: Greedy tokens are compared only while transformers' top two logits differ by more than this.
 TIE_MARGIN = 1e-3
 PRESETS = ["qwen2-debug", "qwen3-debug"]
@@ -85,6 +87,7 @@ def test_greedy_with_the_kv_cache_equals_transformers_generate(family):
         with torch.no_grad():
             out = hf.generate(
                 torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 max_new_tokens=8,
                 do_sample=False,
                 output_scores=True,
@@ -119,18 +122,35 @@ def test_publishing_manifest_round_trips(family):
     assert ("layers_0/self_attn/q_norm" in sites) == (name == "qwen3"), sites
 
 
+def _margins(logits: np.ndarray) -> np.ndarray:
+    """The gap between the top two logits of each row."""
+    top = np.sort(np.asarray(logits, np.float64), axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
 def test_secure_logits_and_greedy_under_mpc(family):
-    """sim, ABY3, the default set (calibrated format): logits within FXP_ATOL of plaintext
-    (measured max error: qwen2 1.6e-3, qwen3 2.0e-3), greedy tokens with the secret KV cache
-    equal to plaintext's."""
+    """sim, ABY3, the default set (puma-fast, format from the calibration preflight): logits
+    within SIM_ATOL of the same set in plaintext (measured max error 3.4e-4 for qwen2, 3.1e-4
+    for qwen3: fixed-point noise) and within SET_ATOL of the exact functions (measured 0.019
+    and 0.012: the set's approximations; llama-debug's folder measures 0.019 too); greedy tokens
+    with the secret KV cache equal the same set's plaintext ones, whose top-two margins are
+    checked to be far above that noise."""
     preset, _, _, path, _ = family
-    plain = SecureModel.from_pretrained(str(path))
+    prompt = PROMPTS[:1]
+    exact = SecureModel.from_pretrained(str(path)).logits(prompt).outputs
+    plain = SecureModel.from_pretrained(str(path), approx="puma-fast")
+    want_logits, want_tokens = plain.logits(prompt).outputs, plain.generate_ids(prompt, 4).tokens
     with SecureModel.from_pretrained(str(path), backend="sim") as m:
         assert m.ops.name == "puma-fast"
-        err = _err(m.logits(PROMPTS[:1]).outputs, plain.logits(PROMPTS[:1]).outputs)
-        tokens = m.generate_ids(PROMPTS[:1], 4).tokens
-    assert err <= FXP_ATOL, f"{preset} secure logits: max abs error {err:.3g} > {FXP_ATOL}"
-    assert tokens == plain.generate_ids(PROMPTS[:1], 4).tokens
+        logits = m.logits(prompt).outputs
+        tokens = m.generate_ids(prompt, 4).tokens
+    err = _err(logits, want_logits)
+    assert err <= SIM_ATOL, f"{preset} secure vs plaintext puma-fast: max abs error {err:.3g} > {SIM_ATOL}"
+    err = _err(logits, exact)
+    assert err <= SET_ATOL, f"{preset} secure vs exact: max abs error {err:.3g} > {SET_ATOL}"
+    continued = plain.logits([prompt[0] + want_tokens[0][:-1]]).outputs[0, len(prompt[0]) - 1 :]  # [4, V]
+    assert _margins(continued).min() > TIE_MARGIN, f"{preset}: near-tie in the plaintext run; change the seed"
+    assert tokens == want_tokens, f"{preset} secure greedy {tokens} != plaintext {want_tokens}"
 
 
 def _write_gguf(path, arch: str, config, hf) -> None:
