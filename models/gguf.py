@@ -87,13 +87,33 @@ def _byte_level(digits: bool):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
+#: Qwen2's split (its tokenizer.json and transformers' ``Qwen2Tokenizer``; Qwen3 uses it too):
+#: contractions, letters with one leading non-letter, single digits, punctuation runs, newlines.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _qwen2_split():
+    """Qwen2's regex split, then the byte-level mapping without GPT-2's own split."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 #: llama.cpp's pre-tokenizer names (``tokenizer.ggml.pre``) for byte-level BPE vocabularies
 #: puma reads, and the pre-tokenizer each stands for (as in the model's original tokenizer.json:
-#: SmolLM's splits digits one by one before GPT-2's byte-level split).
+#: SmolLM's splits digits one by one before GPT-2's byte-level split; Qwen2's is its own regex).
 BPE_PRE_TOKENIZERS = {
     "default": lambda: _byte_level(digits=False),
     "gpt-2": lambda: _byte_level(digits=False),
     "smollm": lambda: _byte_level(digits=True),
+    "qwen2": _qwen2_split,
 }
 
 #: GGUF token type of control tokens (``<|im_start|>``, ...): matched whole in text, never split.

@@ -153,11 +153,20 @@ def test_secure_logits_and_greedy_under_mpc(family):
     assert tokens == want_tokens, f"{preset} secure greedy {tokens} != plaintext {want_tokens}"
 
 
-def _write_gguf(path, arch: str, config, hf) -> None:
-    """The PyTorch model's weights (F32) and config as llama.cpp's converter names them."""
+def _write_gguf(path, arch: str, config, hf, vocab: tuple[list, list] | None = None) -> None:
+    """The PyTorch model's weights (F32) and config as llama.cpp's converter names them; with
+    ``vocab`` (tokens, merges) a byte-level BPE tokenizer with Qwen2's pre-tokenizer name."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
+    if vocab is not None:
+        tokens, merges = vocab
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_add_bos_token(False)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -195,3 +204,40 @@ def test_gguf_of_the_same_weights_gives_the_same_logits(family, tmp_path):
     logits, _ = loaded.module().apply(loaded.variables(), ids)
     err = _err(logits, _hf_logits(hf, ids))
     assert err <= ATOL, f"{preset} from GGUF: max abs error {err:.3g} > {ATOL}"
+
+
+TEXTS = [
+    "Hello world, IT'S 2024! We'll see you   there...\n\n\tnaïve café: 3.14 + 12345 = ?",
+    "def f(x):\n    return x**2  # don't\r\n<|endoftext|>ok",
+]
+
+
+def _bpe_vocab(folder) -> tuple[list[str], list[str]]:
+    """A small byte-level BPE trained on :data:`TEXTS`, saved as vocab.json and merges.txt:
+    (tokens by id, merges)."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as token_models
+
+    backend = Tokenizer(token_models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    backend.train_from_iterator(TEXTS * 4, trainer)
+    backend.model.save(str(folder))
+    vocab = backend.get_vocab()
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]  # after "#version"
+    return sorted(vocab, key=vocab.get), merges
+
+
+def test_gguf_qwen2_tokenizer_matches_transformers(family, tmp_path):
+    """A GGUF's byte-level BPE with pre-tokenizer 'qwen2' splits text as transformers'
+    (Python) ``Qwen2Tokenizer`` does on the same vocabulary and merges: the same ids."""
+    preset, name, config, _, hf = family
+    vocab = _bpe_vocab(tmp_path)
+    path = tmp_path / f"{preset}.gguf"
+    _write_gguf(path, name, config, hf, vocab)
+    got = models.load(str(path), weights=False).tokenizer
+    want = transformers.Qwen2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    for text in TEXTS:
+        assert got(text)["input_ids"] == want(text)["input_ids"], text
