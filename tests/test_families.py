@@ -134,7 +134,7 @@ def test_secure_logits_and_greedy_under_mpc(family):
     for qwen3: fixed-point noise) and within SET_ATOL of the exact functions (measured 0.019
     and 0.012: the set's approximations; llama-debug's folder measures 0.019 too); greedy tokens
     with the secret KV cache equal the same set's plaintext ones, whose top-two margins are
-    checked to be far above that noise."""
+    checked to exceed TIE_MARGIN (three times that noise)."""
     preset, _, _, path, _ = family
     prompt = PROMPTS[:1]
     exact = SecureModel.from_pretrained(str(path)).logits(prompt).outputs
