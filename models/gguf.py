@@ -1,16 +1,20 @@
-"""GGUF files (llama.cpp): a LLaMA's config, tokenizer and tensors from the file's metadata and
-memory map. Quantized tensors are dequantized when read, and the q/k rows llama.cpp permutes
-for its rotary layout are put back in Hugging Face's order.
+"""GGUF files (llama.cpp): a model's family, config, tokenizer and tensors from the file's
+metadata and memory map. The file's architecture (``general.architecture``: ``llama``,
+``qwen2``, ``qwen3``) names the family in :data:`puma.models.loading.FAMILIES`, whose
+``gguf_names`` map its tensors to Hugging Face names. Quantized tensors are dequantized when
+read, and the q/k rows llama.cpp permutes for LLaMA's rotary layout are put back in Hugging
+Face's order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 
 import numpy as np
-from puma.models import llama
+from puma.models.layers import Family
 
 from puma.errors import PumaError
 from puma.runtime.params import TensorRef
@@ -34,11 +38,11 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
 
 
-def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
-    """The GGUF file's tensors under HF names; each is dequantized (and its q/k rows unpermuted)
-    when read, from the reader's memory map."""
+def _gguf_tensors(reader, family: Family, config) -> dict[str, TensorRef]:
+    """The GGUF file's tensors under HF names; each is dequantized (and, for a family whose q/k
+    rows llama.cpp permuted, those unpermuted) when read, from the reader's memory map."""
     patterns = [
-        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
+        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in family.gguf_names.items()
     ]
     tensors = {}
     for tensor in reader.tensors:
@@ -51,9 +55,9 @@ def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
             continue
         name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
         heads = None
-        if name.endswith("q_proj.weight"):
+        if family.gguf_permuted_rotary and name.endswith("q_proj.weight"):
             heads = config.num_attention_heads
-        elif name.endswith("k_proj.weight"):
+        elif family.gguf_permuted_rotary and name.endswith("k_proj.weight"):
             heads = config.num_key_value_heads
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
         tensors[name] = TensorRef(
@@ -83,13 +87,33 @@ def _byte_level(digits: bool):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
+#: Qwen2's split (its tokenizer.json and transformers' ``Qwen2Tokenizer``; Qwen3 uses it too):
+#: contractions, letters with one leading non-letter, single digits, punctuation runs, newlines.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _qwen2_split():
+    """Qwen2's regex split, then the byte-level mapping without GPT-2's own split."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 #: llama.cpp's pre-tokenizer names (``tokenizer.ggml.pre``) for byte-level BPE vocabularies
 #: puma reads, and the pre-tokenizer each stands for (as in the model's original tokenizer.json:
-#: SmolLM's splits digits one by one before GPT-2's byte-level split).
+#: SmolLM's splits digits one by one before GPT-2's byte-level split; Qwen2's is its own regex).
 BPE_PRE_TOKENIZERS = {
     "default": lambda: _byte_level(digits=False),
     "gpt-2": lambda: _byte_level(digits=False),
     "smollm": lambda: _byte_level(digits=True),
+    "qwen2": _qwen2_split,
 }
 
 #: GGUF token type of control tokens (``<|im_start|>``, ...): matched whole in text, never split.
@@ -197,9 +221,10 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def read(path: str) -> tuple[llama.LlamaConfig, dict[str, TensorRef], object]:
-    """A LLaMA GGUF file's config, its tensors under HF names (read on demand from the memory
-    map) and its tokenizer (None if it has no llama tokenizer)."""
+def read(path: str, families: dict[str, Family]) -> tuple[str, object, dict[str, TensorRef], object]:
+    """A GGUF file's family (its architecture, one of ``families`` that has GGUF names), config,
+    tensors under HF names (read on demand from the memory map) and tokenizer (None if it has
+    none puma reads)."""
     from gguf import GGUFReader
 
     try:
@@ -207,23 +232,39 @@ def read(path: str) -> tuple[llama.LlamaConfig, dict[str, TensorRef], object]:
     except Exception as err:  # the reader raises assorted errors on a corrupt file
         raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
-    config = llama.LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(_gguf_field(reader, "llama.embedding_length")),
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
-        rms_norm_eps=float(np.float32(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6))),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-    )
-    return config, _gguf_tensors(reader, config), _gguf_tokenizer(reader)
+    readable = sorted(name for name, fam in families.items() if fam.gguf_names)
+    if arch not in readable:
+        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only {', '.join(map(repr, readable))})")
+    family = families[arch]
+    config = _gguf_config(reader, arch, family.config_cls)
+    return arch, config, _gguf_tensors(reader, family, config), _gguf_tokenizer(reader)
+
+
+def _gguf_config(reader, arch: str, config_cls):
+    """The config from the file's ``<arch>.*`` metadata (llama.cpp's keys); a config with a
+    ``head_dim`` field takes it from the key length."""
+
+    def meta(key, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    heads = int(meta("attention.head_count"))
+    hidden = int(meta("embedding_length"))
+    vocab = meta("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    fields = {
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "rms_norm_eps": float(np.float32(meta("attention.layer_norm_rms_epsilon", 1e-6))),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+    }
+    if "head_dim" in {f.name for f in dataclasses.fields(config_cls)}:
+        fields["head_dim"] = int(meta("attention.key_length", hidden // heads))
+    for key in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{key}" in reader.fields:
+            fields[key] = int(_gguf_field(reader, f"tokenizer.ggml.{key}"))
+    return config_cls(**fields)

@@ -6,6 +6,9 @@ Matches ``transformers.LlamaForCausalLM`` on the same weights (rotary embedding 
 
 Rotary tables are computed on the host for every position up to ``max_position_embeddings`` and
 gathered by (public) position ids, so no sine or cosine is evaluated under MPC.
+
+The Qwen families (``qwen2.py``, ``qwen3.py``) are these blocks with other configs: the flags of
+:class:`RotaryDecoderConfig` add their query/key/value biases and per-head query/key RMSNorm.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ from puma.protocols.exact import OPS as EXACT
 Array = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig(ConfigFields):
-    """LLaMA hyper-parameters under their Hugging Face names."""
+class RotaryDecoderConfig(ConfigFields):
+    """What the LLaMA blocks read from a config besides its fields, shared by the families built
+    from them (LLaMA, Qwen2, Qwen3): the Hugging Face field names, which projections have biases,
+    whether queries and keys are RMS-normalised per head, and the checks and conversion of
+    :meth:`from_hf`. A family overrides the flags where its architecture fixes them."""
 
-    model_type: ClassVar[str] = "llama"
-    HF_CLASS: ClassVar[str] = "LlamaConfig"
     FIELDS: ClassVar[dict] = {
         "max_positions": "max_position_embeddings",
         "num_layers": "num_hidden_layers",
@@ -51,6 +54,50 @@ class LlamaConfig(ConfigFields):
         "kv_heads": "num_key_value_heads",
         "activation": "hidden_act",
     }
+    #: Queries and keys go through an RMSNorm over each head's Dh before the rotation (Qwen3).
+    qk_norm: ClassVar[bool] = False
+
+    @property
+    def qkv_bias(self) -> bool:
+        """The query, key and value projections have biases."""
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """The attention's output projection has a bias."""
+        return self.attention_bias
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf(cls, hf_config):
+        """Build from a transformers config; rope scaling other than none and sliding-window
+        layers are refused."""
+        scaling = getattr(hf_config, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(f"rope_scaling {scaling!r} is not supported (only unscaled rotary embeddings)")
+        if "sliding_attention" in (getattr(hf_config, "layer_types", None) or ()):
+            raise ValueError("sliding-window attention layers are not supported (use_sliding_window must be false)")
+        kwargs = hf_fields(cls, hf_config)
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):
+            kwargs["eos_token_id"] = eos[0]
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(RotaryDecoderConfig):
+    """LLaMA hyper-parameters under their Hugging Face names."""
+
+    model_type: ClassVar[str] = "llama"
+    HF_CLASS: ClassVar[str] = "LlamaConfig"
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -67,27 +114,6 @@ class LlamaConfig(ConfigFields):
     mlp_bias: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-
-    def __post_init__(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-
-    @classmethod
-    def from_hf(cls, hf_config) -> "LlamaConfig":
-        """Build from a ``transformers.LlamaConfig``; rope scaling other than none is refused."""
-        scaling = getattr(hf_config, "rope_scaling", None)
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise ValueError(f"rope_scaling {scaling!r} is not supported (only unscaled rotary embeddings)")
-        kwargs = hf_fields(cls, hf_config)
-        if kwargs.get("num_key_value_heads") is None:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        eos = kwargs.get("eos_token_id")
-        if isinstance(eos, (list, tuple)):
-            kwargs["eos_token_id"] = eos[0]
-        return cls(**kwargs)
 
 
 PRESETS = {
@@ -116,7 +142,7 @@ PRESETS = {
 }
 
 
-def rotary_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(config: RotaryDecoderConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin for every position: two [max_positions, head_dim] float32 tables.
 
     Computed in float32 the way transformers does, so angles round identically.
@@ -149,8 +175,12 @@ def rotation_matrices(cos: Array, sin: Array) -> Array:
 
 
 class LlamaAttention(nn.Module):
-    config: LlamaConfig
+    """Grouped-query attention with rotary embeddings; biases and the per-head query/key
+    RMSNorm as the config's flags say (:class:`RotaryDecoderConfig`)."""
+
+    config: RotaryDecoderConfig
     ops: Ops
+    shifts: NormShifts = NormShifts()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
@@ -160,9 +190,9 @@ class LlamaAttention(nn.Module):
         plan = self.ops.plan
         keep = row_slice(rows)
         projections = [
-            Linear(heads * dh, cfg.attention_bias, name="q_proj"),
-            Linear(kv_heads * dh, cfg.attention_bias, name="k_proj"),
-            Linear(kv_heads * dh, cfg.attention_bias, name="v_proj"),
+            Linear(heads * dh, cfg.qkv_bias, name="q_proj"),
+            Linear(kv_heads * dh, cfg.qkv_bias, name="k_proj"),
+            Linear(kv_heads * dh, cfg.qkv_bias, name="v_proj"),
         ]
         if plan.fused_projections:  # one product for all rows; only the kept rows' queries are used
             q, k, v = project(x, projections, fused=True)
@@ -172,6 +202,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(batch, q.shape[1], heads, dh)  # [B, T', H, Dh]
         k = k.reshape(batch, length, kv_heads, dh)  # [B, T, Hkv, Dh]
         v = v.reshape(batch, length, kv_heads, dh)
+        if cfg.qk_norm:  # each head's query and key normalised over its Dh
+            q = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("q_norm"), name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("k_norm"), name="k_norm")(k)
         if plan.fused_rotary:
             q, k = self.rotate_scaled(q, k, cos, sin, keep)
         else:
@@ -180,7 +213,7 @@ class LlamaAttention(nn.Module):
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
         out = attend(q, k, v, mask[:, :, keep], self.ops, self, scaled=plan.fused_rotary)  # [B, T', H * Dh]
-        return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
+        return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj")(out), layer_cache
 
     def rotate_scaled(self, q, k, cos, sin, keep):
         """Rotated queries and keys, each times Dh^(-1/4), so that their products are the scores
@@ -202,7 +235,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    config: LlamaConfig
+    config: RotaryDecoderConfig
     ops: Ops
 
     @nn.compact
@@ -224,14 +257,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    config: LlamaConfig
+    config: RotaryDecoderConfig
     ops: Ops
     shifts: NormShifts = NormShifts()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
         cfg = self.config
-        h, layer_cache = LlamaAttention(cfg, self.ops, name="self_attn")(
+        h, layer_cache = LlamaAttention(cfg, self.ops, self.shifts.under("self_attn"), name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("input_layernorm"), name="input_layernorm")(x),
             cos,
             sin,
@@ -250,9 +283,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """LLaMA with its LM head (call convention: :class:`~puma.models.layers.CausalLM`)."""
+    """LLaMA with its LM head (call convention: :class:`~puma.models.layers.CausalLM`); with a
+    Qwen config, Qwen2's or Qwen3's model (see ``qwen2.py``, ``qwen3.py``)."""
 
-    config: LlamaConfig
+    config: RotaryDecoderConfig
     ops: Ops = EXACT
     shifts: NormShifts = NormShifts()
 
@@ -314,8 +348,9 @@ HF_MAPPING = [
     ("lm_head.weight", "lm_head/kernel", True),
 ]
 
-#: GGUF (llama.cpp) tensor name -> Hugging Face name. llama.cpp stores q/k rows permuted for its
-#: interleaved rotary layout; :func:`puma.models.loading` undoes that permutation.
+#: GGUF (llama.cpp) tensor name -> Hugging Face name. llama.cpp stores LLaMA's q/k rows permuted
+#: for its interleaved rotary layout; :mod:`puma.models.gguf` undoes that permutation
+#: (``Family.gguf_permuted_rotary``).
 GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",

@@ -15,6 +15,8 @@ def hf_model(family: str, config, path, seed: int = 0, scale: float = 0.1):
     classes = {
         "gpt2": transformers.GPT2LMHeadModel,
         "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
         "bert": transformers.BertForSequenceClassification
         if getattr(config, "has_classifier", False)
         else transformers.BertModel,
