@@ -12,7 +12,14 @@ import time
 import yaml
 
 from puma.runtime.children import parent_death_signal
-from puma.runtime.local import descendants, free_ports, wait_for_ready, write_topology  # noqa: F401 (re-exported)
+from puma.runtime.local import (  # noqa: F401 (re-exported)
+    client_server_topology,
+    descendants,
+    free_ports,
+    owner_serving,
+    wait_for_ready,
+    write_topology,
+)
 
 
 def control_ports(topology_path: str) -> list[int]:
@@ -144,63 +151,3 @@ def token_ray_head(saved: bool = False):
         shutil.rmtree(root, ignore_errors=True)
         assert left == [], f"Ray processes left behind: {left}"
 
-
-def client_server_topology(path, job_idle_s: float = 300, clients=("client",)) -> str:
-    """A client-server topology at ``path`` (cheetah; the owner's party ``provider`` with link
-    and control ports, the client's party ``customer`` with a link only) and its certificates."""
-    link0, control0, link1 = free_ports(3)
-    doc = {
-        "mode": "client-server",
-        "protocol": "cheetah",
-        "timeouts": {"connect_s": 10, "recv_s": 30, "job_idle_s": job_idle_s},
-        "tls": {"dir": "certs"},
-        "clients": list(clients),
-        "parties": [
-            {"id": "provider", "link": f"127.0.0.1:{link0}", "control": f"127.0.0.1:{control0}"},
-            {"id": "customer", "link": f"127.0.0.1:{link1}"},
-        ],
-    }
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f)
-    from puma.runtime import certs
-
-    certs.make(str(path), force=True)
-    return str(path)
-
-
-@contextlib.contextmanager
-def owner_serving(topology_path: str, model: str, manifest: str, log_dir: str):
-    """``puma owner serve`` as a subprocess: yields it once the model is published and served
-    (its ``puma: serving`` line); stopped (and checked gone with its party) however the test ends."""
-    err_path = os.path.join(log_dir, "owner-serve.stderr")
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "puma.cli", "owner", "serve", "-m", model, "-c", topology_path, "-o", manifest]
-            + ["--log-dir", log_dir],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            preexec_fn=parent_death_signal,
-        )
-    started = [proc.pid]
-    try:
-        deadline = time.monotonic() + 120  # hang guard: calibration, start and publishing of a small model
-        while "puma: serving" not in open(err_path).read():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"puma owner serve did not serve: {open(err_path).read()[-800:]}")
-            time.sleep(0.3)
-        started += descendants(proc.pid)
-        yield proc
-    finally:
-        started += descendants(proc.pid)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        left = wait_gone(started)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        assert left == [], f"owner serve left processes behind: {left}"

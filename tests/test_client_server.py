@@ -25,7 +25,7 @@ from puma.runtime.commands import read_share, share_path
 from puma.runtime.config import Topology
 from puma.runtime.messages import Message
 from puma.runtime.nodes import NodesMesh
-from tests.parties import client_server_topology, owner_serving
+from tests.parties import client_server_topology, descendants, owner_serving, wait_gone
 
 PROMPT = "Once upon a time"
 IDLE_S = 8
@@ -43,8 +43,10 @@ def served(tmp_path_factory, stories_gguf):
     root = tmp_path_factory.mktemp("client-server")
     topo = client_server_topology(root / "cs.yaml", job_idle_s=IDLE_S, clients=("client", "mallory"))
     manifest = str(root / "manifest.json")
-    with owner_serving(topo, stories_gguf, manifest, str(root)):
+    with owner_serving(topo, stories_gguf, manifest, str(root)) as proc:
         yield topo, manifest, root
+        started = [proc.pid, *descendants(proc.pid)]
+    assert wait_gone(started) == [], "puma owner serve left processes behind"
 
 
 @pytest.fixture(scope="module")

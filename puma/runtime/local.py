@@ -1,5 +1,6 @@
 """Parties on this machine for tests, benchmarks and fault drills: free ports, a topology file
-for them, and the ``puma node up`` / ``puma node start`` processes that serve it.
+for them, and the ``puma node up`` / ``puma node start`` processes that serve it (or, in
+client-server mode, the ``puma owner serve`` process).
 
 :class:`LocalParties` starts the parties in one of the two layouts a deployment uses — ``up``
 (one supervisor for every party, as on one host) or ``start`` (one supervisor per party, as on
@@ -9,6 +10,7 @@ party servers and job processes end with them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -172,3 +174,63 @@ class LocalParties:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def client_server_topology(path, job_idle_s: float = 300, clients=("client",)) -> str:
+    """A client-server topology at ``path`` (cheetah; the owner's party ``provider`` with link
+    and control ports, the client's party ``customer`` with a link only) and its certificates."""
+    link0, control0, link1 = free_ports(3)
+    doc = {
+        "mode": "client-server",
+        "protocol": "cheetah",
+        "timeouts": {"connect_s": 10, "recv_s": 30, "job_idle_s": job_idle_s},
+        "tls": {"dir": "certs"},
+        "clients": list(clients),
+        "parties": [
+            {"id": "provider", "link": f"127.0.0.1:{link0}", "control": f"127.0.0.1:{control0}"},
+            {"id": "customer", "link": f"127.0.0.1:{link1}"},
+        ],
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    from puma.runtime import certs
+
+    certs.make(str(path), force=True)
+    return str(path)
+
+
+@contextlib.contextmanager
+def owner_serving(topology_path: str, model: str, manifest: str, log_dir: str, ready_s: float = 120):
+    """``puma owner serve`` as a subprocess: yields it once the model is published and served
+    (its ``puma: serving`` line, within ``ready_s``: a hang guard for calibration, start and
+    publishing); stopped with its party however the caller ends (SIGKILL for any left)."""
+    err_path = os.path.join(log_dir, "owner-serve.stderr")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "puma.cli", "owner", "serve", "-m", model, "-c", topology_path, "-o", manifest]
+            + ["--log-dir", log_dir],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=parent_death_signal,
+        )
+    started = [proc.pid]
+    try:
+        deadline = time.monotonic() + ready_s
+        while "puma: serving" not in open(err_path).read():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"puma owner serve did not serve: {open(err_path).read()[-800:]}")
+            time.sleep(0.3)
+        started += descendants(proc.pid)
+        yield proc
+    finally:
+        started += descendants(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for pid in started:  # the party and its job processes end with the supervisor; make sure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
