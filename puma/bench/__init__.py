@@ -144,6 +144,20 @@ REGISTRY: dict[str, Benchmark] = {
             (_section("serving.json", "Serving a published model on nodes", "puma bench serving"),),
         ),
         Benchmark(
+            "client-server",
+            "client_server",
+            "client-server mode (owner's party and client's, cheetah): stories260K and SmolLM2 fidelity, step costs "
+            "on nodes and sim, GPT-2 beside three parties",
+            "bench-results/client-server.json",
+            (
+                _section(
+                    "client-server.json",
+                    "Client-server mode: the owner and the client alone",
+                    "puma bench client-server",
+                ),
+            ),
+        ),
+        Benchmark(
             "faults",
             "faults",
             "nodes fault matrix (kill each rank at each phase of a job) and a job soak",

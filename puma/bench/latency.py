@@ -201,7 +201,7 @@ def measure_generation(m: SecureModel, text: str | None, ids: list[int], decode_
     figures = {
         "steps": steps,
         "prefill": steps[0],
-        "decode_mean": mean_step(steps[1:]),
+        "decode_mean": mean_step(steps[1:]) if decode_steps else None,
         "top_ops_last_decode": top_ops(result.step_reports[-1]),
         "tokens": result.tokens[0],
         "text": result.texts[0],
