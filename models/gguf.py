@@ -1,16 +1,20 @@
-"""GGUF files (llama.cpp): a LLaMA's config, tokenizer and tensors from the file's metadata and
-memory map. Quantized tensors are dequantized when read, and the q/k rows llama.cpp permutes
-for its rotary layout are put back in Hugging Face's order.
+"""GGUF files (llama.cpp): a model's family, config, tokenizer and tensors from the file's
+metadata and memory map. The file's architecture (``general.architecture``: ``llama``,
+``qwen2``, ``qwen3``) names the family in :data:`puma.models.loading.FAMILIES`, whose
+``gguf_names`` map its tensors to Hugging Face names. Quantized tensors are dequantized when
+read, and the q/k rows llama.cpp permutes for LLaMA's rotary layout are put back in Hugging
+Face's order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 
 import numpy as np
-from puma.models import llama
+from puma.models.layers import Family
 
 from puma.errors import PumaError
 from puma.runtime.params import TensorRef
@@ -34,11 +38,11 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, Dh/2, in] -> rows back in HF order
 
 
-def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
-    """The GGUF file's tensors under HF names; each is dequantized (and its q/k rows unpermuted)
-    when read, from the reader's memory map."""
+def _gguf_tensors(reader, family: Family, config) -> dict[str, TensorRef]:
+    """The GGUF file's tensors under HF names; each is dequantized (and, for a family whose q/k
+    rows llama.cpp permuted, those unpermuted) when read, from the reader's memory map."""
     patterns = [
-        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in llama.GGUF_NAMES.items()
+        (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in family.gguf_names.items()
     ]
     tensors = {}
     for tensor in reader.tensors:
@@ -49,11 +53,12 @@ def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
         else:
             log.debug("ignoring GGUF tensor %s", tensor.name)
             continue
+        check_type(tensor)
         name = hf_name.format(i=match.group(1)) if match.groups() else hf_name
         heads = None
-        if name.endswith("q_proj.weight"):
+        if family.gguf_permuted_rotary and name.endswith("q_proj.weight"):
             heads = config.num_attention_heads
-        elif name.endswith("k_proj.weight"):
+        elif family.gguf_permuted_rotary and name.endswith("k_proj.weight"):
             heads = config.num_key_value_heads
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
         tensors[name] = TensorRef(
@@ -63,14 +68,34 @@ def _gguf_tensors(reader, config: llama.LlamaConfig) -> dict[str, TensorRef]:
 
 
 def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
-    from gguf import GGMLQuantizationType, dequantize
-
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-        data = np.asarray(tensor.data, dtype=np.float32)
-    else:
-        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    data = data.reshape(shape)
+    data = decode(tensor).reshape(shape)
     return unpermute_rotary_rows(data, heads) if heads else data
+
+
+#: The GGUF tensor types puma decodes: floats, llama.cpp's legacy block formats and its
+#: k-quants (what Q4_K_M and friends mix), each checked against the ``gguf`` package's reference
+#: dequantizer in ``tests/test_gguf.py``.
+DECODED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def check_type(tensor) -> None:
+    """Refuse, naming the tensor and its type, a tensor whose type puma does not decode."""
+    kind = tensor.tensor_type.name
+    if kind not in DECODED_TYPES:
+        raise PumaError(
+            f"GGUF tensor {tensor.name} has type {kind}, which puma does not decode "
+            f"(it decodes {', '.join(DECODED_TYPES)}): convert the file with llama.cpp's llama-quantize"
+        )
+
+
+def decode(tensor) -> np.ndarray:
+    """A GGUF reader tensor's values as float32, shaped as the reader shapes it but with the
+    last axis in elements, not bytes: the ``gguf`` package's dequantizer on its raw blocks
+    (BF16 and the block formats arrive as bytes; F16 and F32 as numbers)."""
+    from gguf import dequantize
+
+    check_type(tensor)
+    return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
 
 
 def _byte_level(digits: bool):
@@ -197,9 +222,10 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def read(path: str) -> tuple[llama.LlamaConfig, dict[str, TensorRef], object]:
-    """A LLaMA GGUF file's config, its tensors under HF names (read on demand from the memory
-    map) and its tokenizer (None if it has no llama tokenizer)."""
+def read(path: str, families: dict[str, Family]) -> tuple[str, object, dict[str, TensorRef], object]:
+    """A GGUF file's family (its architecture, one of ``families`` that has GGUF names), config,
+    tensors under HF names (read on demand from the memory map) and tokenizer (None if it has
+    none puma reads)."""
     from gguf import GGUFReader
 
     try:
@@ -207,23 +233,39 @@ def read(path: str) -> tuple[llama.LlamaConfig, dict[str, TensorRef], object]:
     except Exception as err:  # the reader raises assorted errors on a corrupt file
         raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
-    config = llama.LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(_gguf_field(reader, "llama.embedding_length")),
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
-        rms_norm_eps=float(np.float32(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6))),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-    )
-    return config, _gguf_tensors(reader, config), _gguf_tokenizer(reader)
+    readable = sorted(name for name, fam in families.items() if fam.gguf_names)
+    if arch not in readable:
+        raise PumaError(f"{path}: GGUF architecture {arch!r} is not supported (only {', '.join(map(repr, readable))})")
+    family = families[arch]
+    config = _gguf_config(reader, arch, family.config_cls)
+    return arch, config, _gguf_tensors(reader, family, config), _gguf_tokenizer(reader)
+
+
+def _gguf_config(reader, arch: str, config_cls):
+    """The config from the file's ``<arch>.*`` metadata (llama.cpp's keys); a config with a
+    ``head_dim`` field takes it from the key length."""
+
+    def meta(key, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    heads = int(meta("attention.head_count"))
+    hidden = int(meta("embedding_length"))
+    vocab = meta("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    fields = {
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "rms_norm_eps": float(np.float32(meta("attention.layer_norm_rms_epsilon", 1e-6))),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+    }
+    if "head_dim" in {f.name for f in dataclasses.fields(config_cls)}:
+        fields["head_dim"] = int(meta("attention.key_length", hidden // heads))
+    for key in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{key}" in reader.fields:
+            fields[key] = int(_gguf_field(reader, f"tokenizer.ggml.{key}"))
+    return config_cls(**fields)

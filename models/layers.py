@@ -155,6 +155,8 @@ class Family:
     presets: dict
     prefix: str  # prefix of the body's tensors in task checkpoints ("bert.", "transformer.", "model.")
     init_kwargs: Callable[[Any], dict] = lambda config: {}  # extra arguments of a shape-only init
+    gguf_names: dict | None = None  # GGUF tensor name -> HF name ("{i}": layer); None: no GGUF architecture
+    gguf_permuted_rotary: bool = False  # llama.cpp stored the q/k rows permuted (its "llama" architecture)
 
     @property
     def causal(self) -> bool:

@@ -34,7 +34,16 @@ log = logging.getLogger(__name__)
 FAMILIES = {
     "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.HF_MAPPING, gpt2.PRESETS, "transformer."),
     "bert": Family("bert", bert.BertConfig, bert.BertModel, bert.HF_MAPPING, bert.PRESETS, "bert.", bert.init_kwargs),
-    "llama": Family("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.HF_MAPPING, llama.PRESETS, "model."),
+    "llama": Family(
+        "llama",
+        llama.LlamaConfig,
+        llama.LlamaForCausalLM,
+        llama.HF_MAPPING,
+        llama.PRESETS,
+        "model.",
+        gguf_names=llama.GGUF_NAMES,
+        gguf_permuted_rotary=True,
+    ),
 }
 
 
@@ -331,6 +340,6 @@ def _load_hf_folder(path: str, weights: bool = True) -> tuple[LoadedModel, LazyP
 
 
 def _load_gguf(path: str, weights: bool = True) -> tuple[LoadedModel, LazyParams | None]:
-    config, tensors, tokenizer = gguf.read(path)
-    lazy = convert_hf_state("llama", config, tensors, path) if weights else None
-    return LoadedModel("llama", config, None, tokenizer, path), lazy
+    family, config, tensors, tokenizer = gguf.read(path, FAMILIES)
+    lazy = convert_hf_state(family, config, tensors, path) if weights else None
+    return LoadedModel(family, config, None, tokenizer, path), lazy
