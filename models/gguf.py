@@ -60,15 +60,19 @@ def _gguf_tensors(reader, family: Family, config) -> dict[str, TensorRef]:
             heads = config.num_attention_heads
         elif family.gguf_permuted_rotary and name.endswith("k_proj.weight"):
             heads = config.num_key_value_heads
+        offset = family.gguf_norm_offset if name.endswith("norm.weight") else 0.0
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are [in, out]
         tensors[name] = TensorRef(
-            shape, lambda tensor=tensor, shape=shape, heads=heads: _gguf_read(tensor, shape, heads)
+            shape,
+            lambda tensor=tensor, shape=shape, heads=heads, offset=offset: _gguf_read(tensor, shape, heads, offset),
         )
     return tensors
 
 
-def _gguf_read(tensor, shape: tuple, heads: int | None) -> np.ndarray:
+def _gguf_read(tensor, shape: tuple, heads: int | None, offset: float = 0.0) -> np.ndarray:
     data = decode(tensor).reshape(shape)
+    if offset:  # a norm weight llama.cpp stored as offset + weight
+        data = data - np.float32(offset)
     return unpermute_rotary_rows(data, heads) if heads else data
 
 
@@ -268,4 +272,6 @@ def _gguf_config(reader, arch: str, config_cls):
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in reader.fields:
             fields[key] = int(_gguf_field(reader, f"tokenizer.ggml.{key}"))
+    if hasattr(config_cls, "gguf_fields"):  # what the family reads besides the shared keys
+        fields.update(config_cls.gguf_fields(meta, fields))
     return config_cls(**fields)

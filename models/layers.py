@@ -157,6 +157,7 @@ class Family:
     init_kwargs: Callable[[Any], dict] = lambda config: {}  # extra arguments of a shape-only init
     gguf_names: dict | None = None  # GGUF tensor name -> HF name ("{i}": layer); None: no GGUF architecture
     gguf_permuted_rotary: bool = False  # llama.cpp stored the q/k rows permuted (its "llama" architecture)
+    gguf_norm_offset: float = 0.0  # llama.cpp stored the norms' weights plus this (Gemma's 1 + weight)
 
     @property
     def causal(self) -> bool:
@@ -407,15 +408,19 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     """RMSNorm parameter (``weight``) applied through ``ops.rms_norm`` to the input pre-scaled
-    by 2^-``shift`` (:func:`~puma.protocols.base.prescale`)."""
+    by 2^-``shift`` (:func:`~puma.protocols.base.prescale`). The scale is ``offset + weight``
+    (Gemma stores its norms' weights as offsets from 1: ``offset=1``)."""
 
     eps: float
     ops: Ops
     shift: int = 0
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        if self.offset:
+            weight = weight + self.offset
         record(self, "rms_norm_input", x)
         x, eps = prescale(x, self.eps, self.shift)
         y = self.ops.rms_norm(x, weight, eps)

@@ -15,6 +15,7 @@ def hf_model(family: str, config, path, seed: int = 0, scale: float = 0.1):
     classes = {
         "gpt2": transformers.GPT2LMHeadModel,
         "llama": transformers.LlamaForCausalLM,
+        "gemma3": transformers.Gemma3ForCausalLM,
         "bert": transformers.BertForSequenceClassification
         if getattr(config, "has_classifier", False)
         else transformers.BertModel,
