@@ -177,9 +177,6 @@ def _special_tokens(info: dict, tokens: list) -> dict:
 def _gguf_tokenizer(reader):
     """The file's tokenizer: SentencePiece (``tokenizer.ggml.model = llama``) or byte-level BPE
     (``gpt2``); None if it has neither."""
-    from transformers import LlamaTokenizerFast
-    from transformers.integrations.ggml import convert_gguf_tokenizer
-
     keys = {
         "tokenizer.ggml.model": "tokenizer_type",
         "tokenizer.ggml.tokens": "tokens",
@@ -202,11 +199,68 @@ def _gguf_tokenizer(reader):
         return _bpe_tokenizer(info)
     if info.get("tokenizer_type") != "llama":
         return None
+    return _sentencepiece_tokenizer(info)
+
+
+#: GGUF token types (llama.cpp's ``llama_token_type``) besides :data:`CONTROL`.
+NORMAL, USER_DEFINED = 1, 4
+
+
+def sentencepiece_merges(tokens: list, scores: list, kinds: list) -> list[tuple[str, str]]:
+    """A SentencePiece BPE vocabulary's merges in priority order: every split of a normal piece
+    into two normal pieces, the pieces of higher score first (SentencePiece merges the adjacent
+    pair whose union scores best), a piece's splits by their halves' ids."""
+    normal = {t: (s, i) for i, (t, s, k) in enumerate(zip(tokens, scores, kinds)) if k == NORMAL}
+    ranked = []
+    for piece, (score, _) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = normal.get(piece[:cut]), normal.get(piece[cut:])
+            if left is not None and right is not None:
+                ranked.append((-score, left[1], right[1], piece[:cut], piece[cut:]))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_tokenizer(info: dict):
+    """A SentencePiece (BPE, byte fallback) tokenizer from the GGUF's own tokens, scores and
+    types, as llama.cpp tokenizes: control and user-defined tokens (Gemma's newline and space
+    runs, its HTML tags) matched whole in the text, the rest split at them, spaces written as
+    "▁", with a "▁" in front of each such span when the file says ``add_space_prefix`` (llama.cpp's
+    default), then BPE merges by score. BOS as ``add_bos_token`` says (default: added)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, scores = info["tokens"], info.get("scores") or [0.0] * len(info["tokens"])
+    kinds = info.get("token_type") or [NORMAL] * len(tokens)
+    unk = info.get("unk_token_id")
+    backend = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=sentencepiece_merges(tokens, scores, kinds),
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = info.get("add_prefix_space", True)
+    escape = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), escape]) if prefix else escape
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    backend.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, kinds) if k == USER_DEFINED]
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, kinds) if k == CONTROL]
+    )
+    special = _special_tokens(info, tokens)
+    if info.get("add_bos_token", True) and "bos_token" in special:
+        bos = special["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, info["bos_token_id"])]
+        )
     with _quiet_transformers():
-        backend, extra = convert_gguf_tokenizer("llama", info)
-    special = {**_special_tokens(info, info["tokens"]), **extra}
-    with _quiet_transformers():
-        return LlamaTokenizerFast(tokenizer_object=backend, chat_template=info.get("chat_template"), **special)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=info.get("chat_template"), **special)
 
 
 @contextlib.contextmanager
@@ -226,14 +280,30 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _reader(path: str):
+    """The ``gguf`` package's reader on a plain array view of the file's memory map: the same
+    fields and tensors (still memory-mapped), parsed 3x faster (on a 262 144-token vocabulary,
+    5 s instead of 17: its many small slices skip ``np.memmap``'s per-slice bookkeeping)."""
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    return Reader(path)
+
+
 def read(path: str, families: dict[str, Family]) -> tuple[str, object, dict[str, TensorRef], object]:
     """A GGUF file's family (its architecture, one of ``families`` that has GGUF names), config,
     tensors under HF names (read on demand from the memory map) and tokenizer (None if it has
     none puma reads)."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
+        reader = _reader(path)
     except Exception as err:  # the reader raises assorted errors on a corrupt file
         raise PumaError(f"{path}: not a readable GGUF file ({err})") from err
     arch = _gguf_field(reader, "general.architecture")

