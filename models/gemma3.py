@@ -355,7 +355,7 @@ class Gemma3ForCausalLM(CausalLM):
     def stages(self, head: str | None = None) -> Stages:
         cfg = self.config
         head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
-        return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head)
+        return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head, kinds=cfg.layer_types)
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

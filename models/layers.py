@@ -73,16 +73,23 @@ class Stages:
     """How a model runs as stages (see :mod:`puma.staged`): the top-level weight subtrees of
     the embedding stage, the name pattern of block i's subtree (``"layers_{}"``) and the number
     of blocks, and the subtrees of the head stage. A model's ``stage_block`` reads block i's
-    weights under block i's name; programs are keyed by the block's norm shifts, so one compiled
-    block serves every layer with the same shifts."""
+    weights under block i's name; programs are keyed by the block's norm shifts and its kind,
+    so one compiled block serves every layer with the same shifts and kind. ``kinds`` names each
+    block's kind where blocks compute different things (Gemma's sliding and global layers);
+    empty, every block is alike."""
 
     embed: tuple[str, ...]
     layer: str
     layers: int
     head: tuple[str, ...]
+    kinds: tuple[str, ...] = ()
 
     def layer_key(self, i: int) -> str:
         return self.layer.format(i)
+
+    def kind(self, i: int) -> str:
+        """What block i computes beyond its weights and shifts ("" when every block is alike)."""
+        return self.kinds[i] if self.kinds else ""
 
     def keys(self) -> list[str]:
         """Every weight subtree the stages use, in stage order (each once)."""

@@ -126,6 +126,16 @@ def test_gemma3_kv_cache_equals_full_recomputation():
     _check(cached[valid], np.asarray(ref)[valid], atol=1e-5, what="cached vs full logits")
 
 
+def test_gemma3_staged_equals_whole(tiny_gemma3):
+    """Stage by stage (streamed weights: a sliding and a global block, each its own program)
+    the greedy tokens equal the whole model's, which the test above ties to transformers."""
+    path, _ = tiny_gemma3
+    prompt = [[5, 9, 17, 33, 65, 101]]
+    whole = SecureModel.from_pretrained(str(path)).generate_ids(prompt, 8).tokens
+    staged = SecureModel.from_pretrained(str(path), weights="streamed")
+    assert staged.staged and staged.generate_ids(prompt, 8).tokens == whole
+
+
 def test_gemma3_under_mpc_equals_plaintext(tiny_gemma3):
     """puma-fast on sim (the default set): the logits of 6 tokens (past the window of 4) within
     SPU_ATOL of plaintext puma's."""
