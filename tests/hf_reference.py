@@ -17,6 +17,7 @@ def hf_model(family: str, config, path, seed: int = 0, scale: float = 0.1):
         "llama": transformers.LlamaForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
+        "gemma3": transformers.Gemma3ForCausalLM,
         "bert": transformers.BertForSequenceClassification
         if getattr(config, "has_classifier", False)
         else transformers.BertModel,

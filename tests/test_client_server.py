@@ -9,6 +9,7 @@ against the owner's store, refusals by their message.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
@@ -43,7 +44,10 @@ def served(tmp_path_factory, stories_gguf):
     root = tmp_path_factory.mktemp("client-server")
     topo = client_server_topology(root / "cs.yaml", job_idle_s=IDLE_S, clients=("client", "mallory"))
     manifest = str(root / "manifest.json")
-    with owner_serving(topo, stories_gguf, manifest, str(root)) as proc:
+    weights = root / "owner-weights.gguf"
+    shutil.copyfile(stories_gguf, weights)
+    with owner_serving(topo, str(weights), manifest, str(root)) as proc:
+        os.remove(weights)  # published into the owner's party's store: no one needs the file any more
         yield topo, manifest, root
         started = [proc.pid, *descendants(proc.pid)]
     assert wait_gone(started) == [], "puma owner serve left processes behind"
