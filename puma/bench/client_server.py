@@ -145,7 +145,7 @@ def main(args) -> dict:
 
 def _step(step: dict) -> str:
     return (
-        f"{step['bytes_sent'] / 1e6:.1f} MB | {step['max_party_send_actions']} | {step['wall_s']:.1f} | "
+        f"{step['bytes_sent'] / 1e6:.1f} MB | {step['max_party_send_actions']:.0f} | {step['wall_s']:.1f} | "
         f"{step['modelled_s']['lan-10g']:.1f} / {step['modelled_s']['wan']:.0f}"
     )
 
@@ -156,7 +156,7 @@ def markdown(result: dict) -> str:
         "`sim`: both in one process). Per step: bytes over both parties, the busiest party's send actions, "
         "seconds, modelled LAN/WAN seconds (1 ms, 10 Gbit/s / 40 ms, 400 Mbit/s).",
         "",
-        "| cell | tokens = plaintext | step | bytes | busiest sends | s | LAN / WAN s | top ops by seconds |",
+        "| cell | tokens = plaintext | step | bytes | busiest sends | s | LAN / WAN s | top ops by seconds (last step) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, cell in result.get("cells", {}).items():
