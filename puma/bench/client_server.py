@@ -156,7 +156,8 @@ def markdown(result: dict) -> str:
         "`sim`: both in one process). Per step: bytes over both parties, the busiest party's send actions, "
         "seconds, modelled LAN/WAN seconds (1 ms, 10 Gbit/s / 40 ms, 400 Mbit/s).",
         "",
-        "| cell | tokens = plaintext | step | bytes | busiest sends | s | LAN / WAN s | top ops by seconds (last step) |",
+        "| cell | tokens = plaintext | step | bytes | busiest sends | s | LAN / WAN s "
+        "| top ops by seconds (last step) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, cell in result.get("cells", {}).items():

@@ -712,9 +712,7 @@ def plot(result: dict, folder: str) -> list[str]:
 def add_arguments(p) -> None:
     from puma import options
 
-    p.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="default: %(default)s"
-    )
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="default: %(default)s")
     options.add_sets_arg(p, default_sets())
     options.add_bench_backend_args(p)
     p.add_argument("--prompt-tokens", type=options.positive, default=5, help="prompt tokens (default: %(default)s)")
