@@ -152,7 +152,7 @@ REGISTRY: dict[str, Benchmark] = {
             (
                 _section(
                     "client-server.json",
-                    "Client-server mode: the owner and the client alone",
+                    "Client-server mode measured",
                     "puma bench client-server",
                 ),
             ),
