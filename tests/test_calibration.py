@@ -26,6 +26,9 @@ from puma.errors import PumaError
 
 #: set -> relative error bound of a pre-scaled norm on rows with values up to 1e5 (module doc).
 RELATIVE_BOUNDS = {"puma-fast": 1.5e-3, "puma-lean": 2e-3, "puma-chat": 1.2e-2, "puma": 1.5e-2, "spu": 1.5e-2}
+#: puma's and spu's bound on the rows without the 1e5 (measured, 3 runs: puma 1.43e-3, spu 1.75e-3;
+#: the 1e5 row: puma 4.3e-3, spu 1.23e-2); other sets: RELATIVE_BOUNDS on every row.
+OTHER_ROWS_BOUNDS = {"puma": 2.5e-3, "spu": 2.5e-3}
 WIDTH = 576
 
 
@@ -98,7 +101,9 @@ def test_range_safe_norms_under_spu(simulator, set_name, kind):
     assert shift == 5 and not findings, (shift, findings)
     got = np.asarray(pps.sim_jax(simulator, _norm(ops, kind, weight, bias, shift))(x), np.float64)
     relative = np.abs(got - ref).max(-1) / np.abs(ref).max(-1)
-    assert relative.max() <= RELATIVE_BOUNDS[set_name], relative
+    assert relative[0] <= RELATIVE_BOUNDS[set_name], relative  # the row holding 1e5
+    others = OTHER_ROWS_BOUNDS.get(set_name, RELATIVE_BOUNDS[set_name])
+    assert relative[1:].max() <= others, relative
     unshifted = np.asarray(pps.sim_jax(simulator, _norm(ops, kind, weight, bias, 0))(x), np.float64)
     assert (np.abs(unshifted - ref).max(-1) / np.abs(ref).max(-1)).max() > 0.5  # overflowed: wrong
 
