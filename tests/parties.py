@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import yaml
 
 from puma.runtime.children import parent_death_signal
@@ -151,3 +152,33 @@ def token_ray_head(saved: bool = False):
         shutil.rmtree(root, ignore_errors=True)
         assert left == [], f"Ray processes left behind: {left}"
 
+
+#: Largest |logit| difference between a job the parties serve (ABY3 FM64/18) and plaintext with
+#: the same approximation set, on llama-debug's logits (|logit| <= 0.36): measured 6.6e-5 ..
+#: 9.9e-5 over 3 runs; a party with another model's or stale shares is off by orders more.
+SERVED_LOGITS_ATOL = 5e-4
+
+_PLAINTEXT: dict = {}
+
+
+def plaintext_logits(source: str, ids: list[list[int]], approx: str = "puma-fast") -> np.ndarray:
+    """``source``'s plaintext logits for ``ids`` with ``approx`` (once per session)."""
+    from puma.api import SecureModel
+
+    key = (source, approx, tuple(map(tuple, ids)))
+    if key not in _PLAINTEXT:
+        _PLAINTEXT[key] = np.asarray(SecureModel.from_pretrained(source, approx=approx).logits(ids).outputs)
+    return _PLAINTEXT[key]
+
+
+def assert_serves_published(m, source: str, ids: list[list[int]], approx: str = "puma-fast") -> None:
+    """The job ``m`` opened at the parties serves ``source`` as its owner published it: the job is
+    for ``source``'s model id, and the shares the parties compute with give plaintext's logits at
+    every position of ``ids`` (within :data:`SERVED_LOGITS_ATOL`; one run, no decode)."""
+    from puma import deploy
+
+    assert m.session.published == deploy.model_id(source), f"the job opened {m.session.published}"
+    expected = plaintext_logits(source, ids, approx)
+    served = np.asarray(m.logits(ids).outputs)
+    err = float(np.max(np.abs(served - expected)))
+    assert err <= SERVED_LOGITS_ATOL, f"served logits differ from the published model's plaintext by {err:.3g}"

@@ -26,6 +26,9 @@ from puma.errors import PumaError
 
 #: set -> relative error bound of a pre-scaled norm on rows with values up to 1e5 (module doc).
 RELATIVE_BOUNDS = {"puma-fast": 1.5e-3, "puma-lean": 2e-3, "puma-chat": 1.2e-2, "puma": 1.5e-2, "spu": 1.5e-2}
+#: puma's and spu's bound on the rows without the 1e5 (measured, 3 runs: puma 1.43e-3, spu 1.75e-3;
+#: the 1e5 row: puma 4.3e-3, spu 1.23e-2); other sets: RELATIVE_BOUNDS on every row.
+OTHER_ROWS_BOUNDS = {"puma": 2.5e-3, "spu": 2.5e-3}
 WIDTH = 576
 
 
@@ -98,7 +101,9 @@ def test_range_safe_norms_under_spu(simulator, set_name, kind):
     assert shift == 5 and not findings, (shift, findings)
     got = np.asarray(pps.sim_jax(simulator, _norm(ops, kind, weight, bias, shift))(x), np.float64)
     relative = np.abs(got - ref).max(-1) / np.abs(ref).max(-1)
-    assert relative.max() <= RELATIVE_BOUNDS[set_name], relative
+    assert relative[0] <= RELATIVE_BOUNDS[set_name], relative  # the row holding 1e5
+    others = OTHER_ROWS_BOUNDS.get(set_name, RELATIVE_BOUNDS[set_name])
+    assert relative[1:].max() <= others, relative
     unshifted = np.asarray(pps.sim_jax(simulator, _norm(ops, kind, weight, bias, 0))(x), np.float64)
     assert (np.abs(unshifted - ref).max(-1) / np.abs(ref).max(-1)).max() > 0.5  # overflowed: wrong
 
@@ -226,3 +231,83 @@ def test_smollm2_answers_paris_under_mpc_and_again_with_the_compile_cache_warm(s
         again = warm.generate(prompt, max_new_tokens=3)
     assert compile_cache.stats["index"] == found + 2  # prefill and decode, neither traced
     assert again.tokens == expected.tokens
+
+
+# -- SmolLM2 against transformers' PyTorch LLaMA loaded from the same GGUF ---------------------------
+
+#: Measured: max |logit error| 7.1e-5 (prompt 1) and 6.7e-5 (prompt 2) on logits up to 34 (12 tokens); the
+#: smallest top-two margin on transformers' greedy path is 0.22, far above it, so no near-tie can
+#: flip a token.
+SMOL_LOGIT_ATOL = 3e-4
+SMOL_PROMPTS = ("The capital of France is", "Once upon a time, a little robot")
+
+
+@pytest.fixture(scope="module")
+def smollm2_torch(smollm2):
+    """transformers' LlamaForCausalLM from the GGUF (its own Q4_1 dequantization), float32."""
+    import os
+
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2), dtype=torch.float32
+    ).eval()
+
+
+def test_smollm2_plaintext_matches_transformers_from_the_same_gguf(smollm2, smollm2_torch):
+    """puma's plaintext SmolLM2 (its GGUF dequantization, tied head, RoPE, cached decode) against
+    transformers' on the same ids: 8 greedy tokens per prompt (one padded batch) equal, and the
+    logits at every position of prompt plus continuation within SMOL_LOGIT_ATOL (see above),
+    where every greedy choice leads its runner-up by far more than the tolerance."""
+    import torch
+
+    import puma
+
+    ours = puma.SecureModel.from_pretrained(smollm2, backend="plaintext")
+    prompts = [ours.model.tokenizer(text)["input_ids"] for text in SMOL_PROMPTS]
+    got = ours.generate_ids(prompts, 8).tokens
+    sequences, references = [], []
+    for ids, tokens in zip(prompts, got):
+        with torch.no_grad():
+            out = smollm2_torch.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=8,
+                do_sample=False,
+            )
+            references.append(smollm2_torch(out[:, :-1]).logits[0].numpy())
+        assert tokens == out[0, len(ids) :].tolist(), (ids, tokens)
+        top2 = np.sort(references[-1][len(ids) - 1 :], axis=-1)[:, -2:]
+        assert np.min(top2[:, 1] - top2[:, 0]) > 100 * SMOL_LOGIT_ATOL  # no near-tie on the greedy path
+        sequences.append(out[0, :-1].tolist())
+    logits = np.asarray(ours.logits(sequences).outputs)  # [2, T, V], left-padded
+    for row, theirs in zip(logits, references):
+        err = np.max(np.abs(row[len(row) - len(theirs) :] - theirs))
+        assert err <= SMOL_LOGIT_ATOL, f"max |logit error| {err:.3g} > {SMOL_LOGIT_ATOL}"
+
+
+def test_smollm2_calibrated_residuals_are_transformers_hidden_states(smollm2, smollm2_torch):
+    """The calibration's residual statistics per layer (largest |h|, smallest and largest row
+    mean square) equal those of transformers' hidden states on the same calibration inputs
+    (relative 1e-3; measured agreement is float32 rounding), including the massive activations
+    from layer 11 on (|h| about 2.3e4) that make layers_12's norm need a shift."""
+    import torch
+    from puma.models import load
+
+    ranges = calibration.ranges_for(smollm2)
+    model = load(smollm2, weights=False)
+    top, low, high = {}, {}, {}
+    for ids in calibration.calibration_ids(model):
+        with torch.no_grad():
+            hidden = smollm2_torch(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for layer, h in enumerate(hidden[1:-1]):  # [1, T, 576] after each block (the last is normed)
+            h = h[0].double().numpy()
+            square = np.mean(h * h, axis=-1)
+            top[layer] = max(top.get(layer, 0.0), np.abs(h).max())
+            low[layer] = min(low.get(layer, np.inf), square.min())
+            high[layer] = max(high.get(layer, 0.0), square.max())
+    for layer in top:
+        stats = ranges.sites[f"layers_{layer}/residual"]
+        np.testing.assert_allclose(stats[:3], (top[layer], low[layer], high[layer]), rtol=1e-3, err_msg=str(layer))
+    assert top[12] > 2e4 and top[5] < 1e3

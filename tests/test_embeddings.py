@@ -63,7 +63,8 @@ def test_cli_network_picks_the_embedding_and_matches_plaintext(capsys):
     kind = E.cheapest(E.NOMINAL_TOKENS, 128, 32, NETWORKS["wan"])
     fast = protocols.get("puma-fast")
     assert payload["approx"] == E.with_embedding(fast, kind).name
-    assert np.abs(np.array(payload["embeddings"]) - plain).max() < 0.05
+    # puma-fast under MPC against exact plaintext, unit vectors: measured 9.5e-4 (3 runs)
+    assert np.abs(np.array(payload["embeddings"]) - plain).max() < 3e-3
 
 
 def test_a_bad_network_is_one_line(capsys):

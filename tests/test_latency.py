@@ -36,7 +36,9 @@ def test_latency_cells_on_llama_debug(tmp_path):
         for key in ("max_party_send_actions", "send_actions", "bytes_sent", "max_party_bytes_sent", "wall_s"):
             assert got[key] == want[key]
         lan = network.estimate(
-            got["compute_s"], want["max_party_send_actions"], want["max_party_bytes_sent"] + got["io_bytes"],
+            got["compute_s"],
+            want["max_party_send_actions"],
+            want["max_party_bytes_sent"] + got["io_bytes"],
             network.NAMED["lan-10g"],
         )
         assert got["modelled_s"]["lan-10g"] == pytest.approx(lan, abs=1e-3)

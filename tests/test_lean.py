@@ -95,7 +95,8 @@ def test_lean_last_layer_saving_under_spu():
                     outs[name, weights] = _last_logits(m)
                 costs[name, weights] = cost.total_bytes_sent
     for key, value in outs.items():
-        _check(value, outs["full", "resident"], SPU_ATOL, f"{key}")
+        if key != ("full", "resident"):  # the reference itself
+            _check(value, outs["full", "resident"], SPU_ATOL, f"{key}")
     assert costs["saving", "resident"] < costs["full", "resident"]
     assert costs["saving", "streamed"] < costs["full", "streamed"]
 

@@ -186,12 +186,11 @@ def test_streamed_equals_resident(backend, preset):
     assert cost["peak_rss"]["process"] > 0
 
 
+@pytest.mark.parametrize("backend", ["sim"], indirect=True)
 def test_big_weights_travel_as_row_blocks_joined_at_the_parties(backend, monkeypatch):
+    """On sim only: the Ray owner is its own process (limits patched here do not reach it), and
+    publishing to nodes streams each tensor's pieces into the parties' stores (no row blocks)."""
     name, options = backend
-    if name == "ray":
-        pytest.skip("the Ray owner is its own process: limits patched here do not reach it")
-    if name == "nodes":
-        pytest.skip("publishing streams each tensor's pieces into the parties' stores: no row blocks to join")
     resident = _resident("llama-debug", "puma", _outputs)
     monkeypatch.setattr(sharing, "SPLIT_BYTES", 1 << 14)  # every matrix of the debug preset
     monkeypatch.setattr(sharing, "BLOCK_BYTES", 1 << 12)
@@ -215,10 +214,10 @@ def test_stories260k_streamed_equals_resident(backend, stories_gguf):
     assert (streamed.cost.weight_bytes > 0) == (name != "nodes") and resident.cost.weight_bytes == 0
 
 
+@pytest.mark.parametrize("backend", ["sim", "nodes"], indirect=True)
 def test_minilm_streamed_equals_resident(backend, minilm_dir):
+    """sim and nodes (CI time: Ray's streamed encoder is covered by bert-debug-cls above)."""
     name, options = backend
-    if name == "ray":
-        pytest.skip("CI time: Ray's streamed encoder is covered by bert-debug-cls above, MiniLM on sim and nodes")
     texts = ["a quiet evening by the sea", "the film was far too long"]
     resident = _resident(minilm_dir, "puma-fast", lambda m: m.embed(texts).outputs)
     with SecureModel.from_pretrained(minilm_dir, approx="puma-fast", backend=name, weights="streamed", **options) as m:
@@ -397,15 +396,20 @@ def test_puma_command_and_its_parties_keep_freed_memory(tmp_path):
 def test_memory_this_process_freed_counts_as_available():
     """After a big allocation is freed in a process that keeps freed memory, the budget's
     ``available()`` still counts it (MemAvailable alone no longer does)."""
-    probe = (
+    probe = (  # what available() counts beyond the system's MemAvailable, read around it (other
+        # processes change MemAvailable at any time: the test must not depend on them)
         "import json, numpy as np\n"
         "from puma.runtime import memory\n"
-        "before = memory.available()\n"
+        "def own():\n"
+        "    system = memory._status_kb('MemAvailable', '/proc/meminfo') * 1024\n"
+        "    counted = memory.available()\n"
+        "    return counted - max(system, memory._status_kb('MemAvailable', '/proc/meminfo') * 1024)\n"
+        "before = own()\n"
         "a = np.ones(1 << 27); del a\n"  # 1 GiB
-        "print(json.dumps({'before': before, 'after': memory.available(), 'heap': memory.free_heap()}))\n"
+        "print(json.dumps({'before': before, 'after': own(), 'heap': memory.free_heap()}))\n"
     )
     env = {**os.environ, **memory.heap_env()}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["heap"] >= 1 << 30
-    assert abs(got["after"] - got["before"]) < 400 << 20, got
+    assert got["before"] < 512 << 20 and got["after"] >= (1 << 30) - (64 << 20), got  # the freed GiB counted

@@ -47,6 +47,7 @@ def _honest_job_still_served(deployment):
     topo, manifest, _ = deployment
     expected = SecureModel.from_pretrained(PRESET, approx="puma-fast").generate_ids(IDS, 2).tokens
     with SecureModel.from_pretrained(manifest, backend="nodes", config=topo) as m:
+        assert m.session.published == deploy.model_id(PRESET)  # the published model, not another
         assert m.generate_ids(IDS, 2).tokens == expected
 
 
