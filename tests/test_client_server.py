@@ -192,3 +192,14 @@ def test_the_owner_policy_holds_and_a_silent_client_is_ended(served, plaintext):
     idle.close()
     thread.join(600)  # hang guard: the job runs in about a minute here
     assert served_next == [plaintext.tokens]
+
+
+def test_sim_runs_the_client_server_programs_in_one_process(stories_gguf, plaintext):
+    """``--backend sim -c <client-server topology>``: both parties as threads (development), the
+    same cheetah programs, the same tokens."""
+    topo = os.path.join(os.path.dirname(__file__), "..", "configs", "client-server.yaml")
+    with SecureModel.from_pretrained(stories_gguf, backend="sim", config=topo) as m:
+        result = m.generate(PROMPT, 3)
+        assert m.session.protocol_config.protocol == "cheetah"
+    assert result.tokens == plaintext.tokens
+    assert [p.rank for p in result.cost.per_party] == [0, 1]
