@@ -77,13 +77,20 @@ class ClientParty(commands.PartyService):
             verify=lambda body, sig: _verify(owner_cert, body, sig),
         )
         self._keys = keys
-        self.model = self._on_publish(manifest, signature)["model"]
-        self._publishing.clear()
-        open(os.path.join(self._model_dir(self.model), "complete"), "w").close()
-        view = self.published_view(self.model)
-        missing = [n for n in view.weight_names if n not in keys]
-        if missing:
-            raise PumaError(f"the owner's party sent no key for {len(missing)} weights (first: {missing[0]})")
+        try:
+            self.model = self._on_publish(manifest, signature)["model"]
+            self._publishing.clear()
+            open(os.path.join(self._model_dir(self.model), "complete"), "w").close()
+            view = self.published_view(self.model)
+            missing = [n for n in view.weight_names if n not in keys]
+            if missing:
+                raise PumaError(f"the owner's party sent no key for {len(missing)} weights (first: {missing[0]})")
+        except PermissionError as err:
+            shutil.rmtree(self.store, ignore_errors=True)
+            raise PumaError(f"the owner's party sent a manifest not signed by the owner of {topology.source}") from err
+        except BaseException:
+            shutil.rmtree(self.store, ignore_errors=True)
+            raise
 
     def _open_links(self):
         import spu.libspu as libspu
