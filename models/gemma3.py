@@ -39,18 +39,14 @@ import numpy as np
 from puma.models import llama
 from puma.models.layers import (
     CausalLM,
-    ConfigFields,
     Embedding,
     Linear,
     NormShifts,
     RMSNorm,
     Stages,
-    attend,
     hf_fields,
-    project,
     record,
     row_slice,
-    update_cache,
 )
 from puma.protocols import Ops
 from puma.protocols.exact import OPS as EXACT
@@ -68,7 +64,7 @@ def default_layer_types(layers: int, pattern: int = 6) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config(ConfigFields):
+class Gemma3Config(llama.RotaryDecoderConfig):
     """Gemma 3 text hyper-parameters under their Hugging Face names (``Gemma3TextConfig``).
 
     ``rope_scaling`` is HF's dict as sorted (key, value) pairs, so the config stays hashable;
@@ -86,6 +82,8 @@ class Gemma3Config(ConfigFields):
         "activation": "hidden_activation",
     }
     mlp_bias: ClassVar[bool] = False  # what llama.LlamaMLP reads
+    qk_norm: ClassVar[bool] = True  # what llama.LlamaAttention reads
+    norm_offset: ClassVar[float] = 1.0
 
     vocab_size: int = 262144
     hidden_size: int = 640
@@ -111,11 +109,7 @@ class Gemma3Config(ConfigFields):
     pad_token_id: int = 0
 
     def __post_init__(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
+        super().__post_init__()
         if not self.layer_types:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {SLIDING, GLOBAL}:
@@ -128,6 +122,11 @@ class Gemma3Config(ConfigFields):
     def hidden_act(self) -> str:
         """The activation under LLaMA's field name (what llama.LlamaMLP reads)."""
         return self.hidden_activation
+
+    @property
+    def query_scale(self) -> float:
+        """Gemma scales the scores by 1/sqrt(query_pre_attn_scalar), attend by 1/sqrt(Dh)."""
+        return math.sqrt(self.head_dim / self.query_pre_attn_scalar)
 
     @property
     def rope_factor(self) -> float:
@@ -244,46 +243,6 @@ def sliding_window_mask(mask: Array, window: int) -> Array:
     return mask & (seen_from <= window)
 
 
-class Gemma3Attention(nn.Module):
-    config: Gemma3Config
-    ops: Ops
-    shifts: NormShifts = NormShifts()
-
-    @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, rows=None):
-        cfg = self.config
-        batch, length, _ = x.shape
-        heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        plan = self.ops.plan
-        keep = row_slice(rows)
-        projections = [
-            Linear(heads * dh, cfg.attention_bias, name="q_proj"),
-            Linear(kv_heads * dh, cfg.attention_bias, name="k_proj"),
-            Linear(kv_heads * dh, cfg.attention_bias, name="v_proj"),
-        ]
-        if plan.fused_projections:  # one product for all rows; only the kept rows' queries are used
-            q, k, v = project(x, projections, fused=True)
-            q = q[:, keep]
-        else:
-            q, k, v = projections[0](x[:, keep]), projections[1](x), projections[2](x)
-        q = q.reshape(batch, q.shape[1], heads, dh)  # [B, T', H, Dh]
-        k = k.reshape(batch, length, kv_heads, dh)  # [B, T, Hkv, Dh]
-        v = v.reshape(batch, length, kv_heads, dh)
-        q = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("q_norm"), 1.0, name="q_norm")(q)
-        k = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("k_norm"), 1.0, name="k_norm")(k)
-        if plan.fused_rotary:  # LLaMA's rotation with the scores' 1/sqrt(Dh) folded in
-            q, k = llama.LlamaAttention.rotate_scaled(self, q, k, cos, sin, keep)
-        else:
-            q, k = llama.rotate(q, cos[:, keep], sin[:, keep]), llama.rotate(k, cos, sin)
-        if cfg.query_pre_attn_scalar != dh:  # attend scales by 1/sqrt(Dh); Gemma by 1/sqrt(scalar)
-            q = q * math.sqrt(dh / cfg.query_pre_attn_scalar)
-        if layer_cache is not None:
-            layer_cache = update_cache(layer_cache, k, v, cache_index)
-            k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
-        out = attend(q, k, v, mask[:, :, keep], self.ops, self, scaled=plan.fused_rotary)  # [B, T', H * Dh]
-        return Linear(cfg.hidden_size, cfg.attention_bias, name="o_proj")(out), layer_cache
-
-
 class Gemma3DecoderLayer(nn.Module):
     config: Gemma3Config
     ops: Ops
@@ -301,7 +260,7 @@ class Gemma3DecoderLayer(nn.Module):
             cos, sin, mask = cos_local, sin_local, sliding_window_mask(mask, cfg.sliding_window)
         else:
             cos, sin = cos_global, sin_global
-        h, layer_cache = Gemma3Attention(cfg, self.ops, self.shifts.under("self_attn"), name="self_attn")(
+        h, layer_cache = llama.LlamaAttention(cfg, self.ops, self.shifts.under("self_attn"), name="self_attn")(
             norm("input_layernorm")(x), cos, sin, mask, layer_cache, cache_index, rows
         )
         x = x[:, row_slice(rows)] + norm("post_attention_layernorm")(h)  # [B, T', D]

@@ -42,7 +42,7 @@ Array = Any
 
 class RotaryDecoderConfig(ConfigFields):
     """What the LLaMA blocks read from a config besides its fields, shared by the families built
-    from them (LLaMA, Qwen2, Qwen3): the Hugging Face field names, which projections have biases,
+    from them (LLaMA, Qwen2, Qwen3, Gemma 3): the Hugging Face field names, which projections have biases,
     whether queries and keys are RMS-normalised per head, and the checks and conversion of
     :meth:`from_hf`. A family overrides the flags where its architecture fixes them."""
 
@@ -54,8 +54,16 @@ class RotaryDecoderConfig(ConfigFields):
         "kv_heads": "num_key_value_heads",
         "activation": "hidden_act",
     }
-    #: Queries and keys go through an RMSNorm over each head's Dh before the rotation (Qwen3).
+    #: Queries and keys go through an RMSNorm over each head's Dh before the rotation (Qwen3, Gemma 3).
     qk_norm: ClassVar[bool] = False
+    #: The norms scale by this plus their weight (Gemma stores its norms' weights as offsets from 1).
+    norm_offset: ClassVar[float] = 0.0
+
+    @property
+    def query_scale(self) -> float:
+        """Factor on the rotated queries besides the scores' 1/sqrt(Dh) (1: none; Gemma's
+        ``query_pre_attn_scalar`` makes it sqrt(Dh / scalar))."""
+        return 1.0
 
     @property
     def qkv_bias(self) -> bool:
@@ -203,12 +211,14 @@ class LlamaAttention(nn.Module):
         k = k.reshape(batch, length, kv_heads, dh)  # [B, T, Hkv, Dh]
         v = v.reshape(batch, length, kv_heads, dh)
         if cfg.qk_norm:  # each head's query and key normalised over its Dh
-            q = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("q_norm"), name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("k_norm"), name="k_norm")(k)
+            q = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("q_norm"), cfg.norm_offset, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.ops, self.shifts.get("k_norm"), cfg.norm_offset, name="k_norm")(k)
         if plan.fused_rotary:
             q, k = self.rotate_scaled(q, k, cos, sin, keep)
         else:
             q, k = rotate(q, cos[:, keep], sin[:, keep]), rotate(k, cos, sin)
+        if cfg.query_scale != 1.0:
+            q = q * cfg.query_scale
         if layer_cache is not None:
             layer_cache = update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"], layer_cache["v"]  # [B, S, Hkv, Dh]
