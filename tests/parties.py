@@ -18,6 +18,7 @@ from puma.runtime.local import (  # noqa: F401 (re-exported)
     descendants,
     free_ports,
     owner_serving,
+    stop,
     wait_for_ready,
     write_topology,
 )
@@ -80,12 +81,7 @@ def local_parties(topology_path: str, log_dir: str, env: dict | None = None):
         wait_for_ready(proc, os.path.join(log_dir, "node-up.stderr"))
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
         stderr.close()
 
 

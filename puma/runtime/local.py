@@ -77,6 +77,16 @@ def write_topology(
     return str(path)
 
 
+def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """End a supervisor process: SIGTERM (it stops its parties cleanly), SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def descendants(pid: int) -> list[int]:
     """Every living process below ``pid`` (Linux /proc)."""
     found, todo = [], [pid]
@@ -225,12 +235,7 @@ def owner_serving(topology_path: str, model: str, manifest: str, log_dir: str, r
         yield proc
     finally:
         started += descendants(proc.pid)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
         for pid in started:  # the party and its job processes end with the supervisor; make sure
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
