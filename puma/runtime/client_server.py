@@ -170,9 +170,7 @@ class ClientServerMesh(NodesMesh):
 
     def call(self, command: str, per_party: list[dict]) -> list:
         reply = commands.COMMANDS[command].reply
-        frames = []
-        while per_party:
-            frames.append(commands.encode(command, per_party.pop(0)))
+        frames = self.frames(command, per_party)
         return fan_out(
             [lambda: self._exchange(0, frames[0], reply), lambda: self._local(frames[1])],
             [self._party(0), self._party(1)],

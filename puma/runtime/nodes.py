@@ -730,11 +730,18 @@ class NodesMesh(Mesh):
         job = {"model": self.model, "ticket": ticket, "peers": self.greetings}
         return self._exchange(rank, Message("job", job), "json")
 
-    def call(self, command: str, per_party: list[dict]) -> list:
-        reply = commands.COMMANDS[command].reply
+    @staticmethod
+    def frames(command: str, per_party: list[dict]) -> list:
+        """Each party's frame of ``command``; ``per_party`` is emptied as they are made (shares
+        are freed once encoded)."""
         frames = []
         while per_party:
             frames.append(commands.encode(command, per_party.pop(0)))
+        return frames
+
+    def call(self, command: str, per_party: list[dict]) -> list:
+        reply = commands.COMMANDS[command].reply
+        frames = self.frames(command, per_party)
 
         def exchange(rank: int):
             return self._exchange(rank, frames[rank], reply)
