@@ -11,11 +11,10 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 import time
 
-from puma import subcommands
+from puma import interrupts, subcommands
 from puma.errors import PumaError
 
 log = logging.getLogger("puma")
@@ -115,14 +114,6 @@ def _stopped(argv, what: str, status: int) -> int:
     return status
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that sessions close (parties, Ray) on the way out."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def _show_progress(on: bool, terminal: bool) -> None:
     """Progress lines on stderr: every one at a terminal, one per :data:`QUIET_PROGRESS_S` into
     a file or pipe; none with --json (``on`` false). Warnings always."""
@@ -151,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress(not getattr(args, "json", False), sys.stderr.isatty())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if argv is None else None
+    previous = interrupts.install() if argv is None else {}
     try:
-        return args.func(args)
+        status = args.func(args)
+        interrupts.check()  # a signal whose exception a finaliser dropped ends the command too
+        return status
     except PumaError as err:
         print(f"puma: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return _stopped(argv, "interrupted", 130)
-    except _Terminated:
+    except interrupts.Terminated:
         return _stopped(argv, "terminated (SIGTERM); sessions closed", 143)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

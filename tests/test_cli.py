@@ -363,6 +363,34 @@ def test_progress_lines_on_a_terminal_and_few_elsewhere(capsys, monkeypatch):
     assert capsys.readouterr().err.split() == ["puma:", "b", "...", "puma:", "d", "..."]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, on purpose
+def test_a_signal_a_finaliser_swallows_still_stops_the_next_program():
+    """Python drops a handler's exception raised inside a finaliser ("Exception ignored"; Ray's
+    object references run finalisers all the time): the signal is remembered, and the next
+    program run, or the command's return, raises it again."""
+    from puma import interrupts
+    from puma.program import Program
+    from puma.runtime.base import PlaintextSession
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+
+    session = PlaintextSession()
+    program = Program("identity", lambda p, st, sec, pub: ({"y": sec["x"]}, {}), key=("identity",))
+    previous = interrupts.install()
+    try:
+        Finalised()  # dropped at once: its KeyboardInterrupt is printed and ignored
+        with pytest.raises(KeyboardInterrupt):
+            session.run(program, {"x": np.ones(2, np.float32)})
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    finally:
+        interrupts.restore(previous)
+    interrupts.check()  # restored: nothing remembered
+    assert session.run(program, {"x": np.ones(2, np.float32)})["y"].tolist() == [1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "backend, signum, status, line",
     [

@@ -19,6 +19,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from puma import interrupts
 from puma.errors import PumaError
 from puma.program import Program
 from puma.runtime import memory
@@ -108,6 +109,7 @@ class Session(abc.ABC):
         its new state entries are written into the slot. ``bind`` maps the program's local
         weight and state names to the session's (see :class:`puma.program.Program`).
         """
+        interrupts.check()  # a signal that a finaliser swallowed stops the run at its next program
         start = time.perf_counter()
         self._compile_s = 0.0
         reveal, profiles, client_io = self._run(
