@@ -45,19 +45,25 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
-from puma.protocols import lean
+from puma.protocols import fixed, lean
 from puma.protocols.base import MASK_FILL, ExecutionPlan, input_limit, variance_domain
 
 #: Rows the softmax is right for: |row maximum| below this (checked by the calibration preflight).
 SCORE_LIMIT = 60.0
-#: Spacing of the threshold ladder that brackets a row's maximum.
-MAX_STEP = 10.0
-#: Scores more than this below the row maximum get probability 0 (as PUMA's clip).
-EXP_CLIP = 14.0
-#: Squarings of the exponential: exp(z) = p(z / 2^n)^(2^n) on [-EXP_CLIP, MAX_STEP].
-EXP_ITERS = 4
-#: Degree of the exponential's base polynomial.
-EXP_DEGREE = 4
+#: Spacing of the threshold ladder: a score's level is the number of thresholds below it.
+LADDER_STEP = 6.0
+#: Levels that keep their weight: the row maximum's and the two below it (scores more than
+#: 2 LADDER_STEP below the maximum, weight below e^-12, get probability 0, as PUMA's clip at -14).
+KEPT_LEVELS = 3
+#: Degree of the exponential's polynomial on one level.
+EXP_DEGREE = 8
+#: Fraction bits of the exponential's integer coefficients and of 1/LADDER_STEP: a value
+#: times 2^bits must stay below FM64/18's product limit (2^26) before it is scaled back.
+COEFFICIENT_BITS, SCALE_BITS = 18, 22
+#: Fraction bits of the level weights (integers, so that a dropped level's weight is exactly 0):
+#: the largest weight, e^(LADDER_STEP / 2), times 2^WEIGHT_BITS stays below 2^26 (it is scaled
+#: back by 2^-WEIGHT_BITS, which SPU gets wrong beyond) and within int32.
+WEIGHT_BITS = 20
 #: The softmax normaliser is 2^RECIPROCAL_BITS / sum, so probabilities keep that many more bits.
 RECIPROCAL_BITS = 16
 #: Bin ratio of the piecewise-linear guesses (the softmax's reciprocal).
@@ -70,18 +76,32 @@ RSQRT_RATIO = 2.0 ** (1 / 16)
 RSQRT_LOW, RSQRT_HIGH = lean.RSQRT_LOW, lean.RSQRT_HIGH
 
 
+def bin_rows(x, thresholds: np.ndarray, table: np.ndarray):
+    """The rows table[bin of x] of a public table [m, c] for x [..., 1] among m - 1 increasing
+    ``thresholds``: table[m-1] - sum_j [x <= t_j] (table[j+1] - table[j]).
+
+    One batched comparison; its bits (integers) times the public differences needs no
+    truncation, and no one-hot is built (building one by concatenating shifted bits costs 4
+    more send actions per party under ABY3). The sum runs from the last row, the smallest of
+    the decreasing tables read here, so a small entry sums few rounded differences (in
+    float32, and in fixed point where each difference is rounded to 2^-f). Integer tables give
+    integers, float tables fixed-point values."""
+    steps = np.diff(table, axis=0).astype(table.dtype)  # [m - 1, c]
+    below = 1 - (x > jnp.asarray(thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
+    return jnp.asarray(table[-1]) - below @ jnp.asarray(steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearBins:
     """A piecewise-linear guess of c x^-power on geometric bins [e_j, e_j r).
 
-    Bits [x > e_j] come from one batched comparison; the one-hot rows are integer differences
-    of them (free: :func:`puma.protocols.lean.onehot_bins`); one product with a public table
-    [m, 3] gives the bin's intercept a_j, slope b_j and scale 2^24 / e_j (one truncation);
-    u = x (2^24 / e_j) 2^-24 lies in [1, r) (one multiplication, one truncation) and the guess
-    is a_j + b_j u (one multiplication). The slope
-    is taken in u rather than in x because a slope in x falls below the fixed-point resolution
-    for large x (at x = 6e8 a reciprocal square root's is 8e-13). Each bin's line is fitted for
-    the least largest relative error over the bin.
+    Bits [x > e_j] come from one batched comparison; their product with the public table's
+    differences gives the bin's intercept a_j, slope b_j and scale 2^24 / e_j
+    (:func:`bin_rows`: no truncation); u = x (2^24 / e_j) 2^-24 lies in [1, r) (one
+    multiplication, one truncation) and the guess is a_j + b_j u (one multiplication). The slope is taken
+    in u rather than in x because a slope in x falls below the fixed-point resolution for large
+    x (at x = 6e8 a reciprocal square root's is 8e-13). Each bin's line is fitted for the least
+    largest relative error over the bin.
     """
 
     thresholds: np.ndarray  # [m - 1] inner bin edges
@@ -109,7 +129,7 @@ class LinearBins:
 
     def guess(self, x):
         """The guess at x [..., 1] -> [..., 1]."""
-        line = lean.onehot_bins(x, self.thresholds) @ jnp.asarray(self.table, x.dtype)  # [..., m] @ [m, 3]
+        line = bin_rows(x, self.thresholds, self.table.astype(np.float32))  # [..., 3]
         u = (line[..., 2:] * x) * 2.0**-self.SCALE_BITS  # x / e_j in [1, r)
         return line[..., :1] + line[..., 1:2] * u
 
@@ -124,87 +144,117 @@ def scaled_reciprocal(s, high: float, bits: int = RECIPROCAL_BITS):
 
     Domain: [1, high]. Measured max relative error 9.5e-4 in float64 (the bins' fit; a
     softmax row's probabilities then sum to 1 within it; asserted at 1e-3 in plaintext and
-    1.5e-3 under SPU). Cost: one comparison with 8 log2(high) thresholds per row, one product
-    with the public table, two multiplications and one truncation: 18 send actions per party.
+    1.5e-3 under SPU). Cost: one comparison with 8 log2(high) thresholds per row, two
+    multiplications and two truncations.
     """
     return _bins(1.0, 2.0**bits, 1.0, high).guess(s)
 
 
-def row_max_bound(x):
-    """A public-ladder bound m of each row's maximum: max(x) <= m < max(x) + MAX_STEP.
-
-    Thresholds t_j = -SCORE_LIMIT + j MAX_STEP: count_j = #{i: x_i > t_j} (one comparison of
-    every entry with every threshold, summed as integers), passed_j = [count_j > 0] (one
-    comparison), m = t_0 + MAX_STEP * sum_j passed_j. Domain: rows whose maximum lies in
-    [-SCORE_LIMIT, SCORE_LIMIT). Exact (m is a threshold). Cost: two comparisons
-    whatever the row length; bytes grow with row length times 2 SCORE_LIMIT / MAX_STEP.
-    """
-    ladder = np.arange(-SCORE_LIMIT, SCORE_LIMIT, MAX_STEP, dtype=np.float32)  # [J]
-    counts = jnp.sum((x[..., None] > jnp.asarray(ladder)).astype(jnp.int32), axis=-2)  # [..., S, J] -> [..., J]
-    passed = jnp.sum((counts > 0).astype(jnp.int32), axis=-1, keepdims=True)  # [..., 1]
-    return float(ladder[0]) + (passed * int(MAX_STEP)).astype(x.dtype)
+def ladder() -> np.ndarray:
+    """The public thresholds t_j = t_0 + j LADDER_STEP from t_0 = -SCORE_LIMIT - (KEPT_LEVELS - 1)
+    LADDER_STEP up to SCORE_LIMIT: a row maximum in the domain lies above t_(KEPT_LEVELS - 1), so
+    every score its kept levels hold lies above t_0 (level 0, below t_0, never has weight)."""
+    low = -SCORE_LIMIT - (KEPT_LEVELS - 1) * LADDER_STEP
+    return (low + LADDER_STEP * np.arange(int(round((SCORE_LIMIT - low) / LADDER_STEP)))).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
-def exp_coefficients(lo: float = -EXP_CLIP, hi: float = MAX_STEP, iters: int = EXP_ITERS, degree: int = EXP_DEGREE):
-    """p(y) ~ e^y (constant first) fitted for the least largest relative error of p(z/2^n)^(2^n)
-    on [lo, hi], by reweighted least squares in float64."""
-    y = np.linspace(lo / 2**iters, hi / 2**iters, 4001)
-    target = np.exp(y)
+def exp_coefficients(step: float = LADDER_STEP, degree: int = EXP_DEGREE) -> tuple[float, ...]:
+    """q(u) ~ e^(step u) on [0, 1] (constant first), fitted for the least largest relative
+    error by reweighted least squares in float64."""
+    u = np.linspace(0.0, 1.0, 4001)
+    target = np.exp(step * u)
     weights = 1.0 / target
     for _ in range(40):
-        coef = np.polynomial.polynomial.polyfit(y, target, degree, w=weights)
-        residual = np.abs(np.polynomial.polynomial.polyval(y, coef) / target - 1)
+        coef = np.polynomial.polynomial.polyfit(u, target, degree, w=weights)
+        residual = np.abs(np.polynomial.polynomial.polyval(u, coef) / target - 1)
         weights = weights * (1 + 4 * residual / residual.max())
     return tuple(float(c) for c in coef)
 
 
-def exp_window(z):
-    """exp(z) on [-EXP_CLIP, MAX_STEP] as p(z / 16)^16, p a fitted quartic (:func:`exp_coefficients`).
+@functools.lru_cache(maxsize=None)
+def level_weights(levels: int) -> np.ndarray:
+    """[L, L] integers: column K (the row maximum's level) holds
+    round(2^WEIGHT_BITS e^((1/2 - d) step)) at row K - d for d < KEPT_LEVELS and K - d >= 1, zero
+    elsewhere (lower levels and level 0, whose scores have no lower threshold, get no weight).
+    The e^(step / 2) is q's e^(-step / 2) (:func:`exp_levels`): it centres both factors, so the
+    smallest weight keeps 4 significant bits."""
+    weights = np.zeros((levels, levels))
+    for top in range(levels):
+        for d in range(min(KEPT_LEVELS, top)):
+            weights[top - d, top] = math.exp((0.5 - d) * LADDER_STEP)
+    return fixed.integer_table(weights, WEIGHT_BITS)
 
-    p runs monic by Horner's rule in v = k z / 16 with k = c_4^(1/4): one truncation, three
-    multiplications, then four squarings. Domain: [-14, 10]; outside it meaningless (the softmax
-    drops those entries). Measured max relative error 1.95e-3 in float64, varying slowly with z
-    (what a softmax sees is its variation across a row).
+
+def _powers(u):
+    """[1, u, ..., u^EXP_DEGREE] along a new last axis from three products (u^2; u^3, u^4;
+    u^5..u^8), each batched into one call."""
+    u2 = u * u
+    u34 = jnp.stack([u, u2], axis=-1) * u2[..., None]  # [..., 2]: u^3, u^4
+    low = jnp.stack([u, u2, u34[..., 0], u34[..., 1]], axis=-1)  # [..., 4]: u..u^4
+    high = low * u34[..., 1:]  # [..., 4]: u^5..u^8
+    return jnp.concatenate([jnp.ones_like(low[..., :1]), low, high], axis=-1)[..., : EXP_DEGREE + 1]
+
+
+def exp_levels(x):
+    """Unnormalised weights w_i = e^(x_i - t_(K-1)) of a row's scores [..., S], K the row
+    maximum's level, 0 below level K - 2: no maximum is formed.
+
+    Every score is compared with the ladder (one batched comparison: bits [..., S, J]); the
+    thresholds some score passes (an OR over the row) give K. A score at level l lies in
+    (t_(l-1), t_l], so x = t_(l-1) + LADDER_STEP u with u in (0, 1] and
+    w = e^((l - K + 1/2) LADDER_STEP) q(u) with q(u) ~ e^((u - 1/2) LADDER_STEP): the level's weight is linear in the passed thresholds and
+    in the score's bits, integers (a product by public differences, then one product of the
+    bits by the row's coefficients), so a dropped level's weight is exactly 0; u is set to 0
+    below the ladder (one product by the first bit, :func:`puma.protocols.fixed.times_integer`),
+    so q lies in [e^-3, e^3] however far below a score is; q is the fitted polynomial (:func:`exp_coefficients`) on powers of u (three
+    products; its coefficients as integers: one truncation), then one multiplication by the
+    weight (scaled before the product: a scaling after it was moved by SPU's compiler onto the
+    next product's other factor, r in the softmax, whose fixed point then lost 0.2 %).
+    Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT). Measured max relative
+    error of a weight at the top two levels 2.4e-4 in float64 (the polynomial's), at the third
+    4e-2 of a weight below e^-6 (under 2e-4 of the row maximum's weight).
     """
-    coef = exp_coefficients()
-    k = coef[-1] ** (1.0 / EXP_DEGREE)
-    monic = [c / k**i for i, c in enumerate(coef)]  # p(y) = sum monic[i] (k y)^i, monic[-1] = 1
-    v = z * (k / 2**EXP_ITERS)
-    e = v + monic[-2]
-    for c in reversed(monic[:-2]):
-        e = e * v + c
-    for _ in range(EXP_ITERS):
-        e = e * e
-    return e
+    thresholds = ladder()
+    above = x[..., None] > jnp.asarray(thresholds)  # [..., S, J]
+    passed = jnp.any(above, axis=-2).astype(jnp.int32)  # [..., J]: thresholds some score of the row passes
+    # a score at level l gets W[l, K] = W[0, K] + sum_j bits_j (W[j+1, K] - W[j, K]), and each
+    # term is linear in passed: W[., K] = W[., 0] + sum_j passed_j (W[., j+1] - W[., j]), so one
+    # product of public integers gives every term and one product of the bits by them the sum
+    table = level_weights(thresholds.size + 1)  # [L, L]: level, maximum's level
+    terms = np.concatenate([table[:1], np.diff(table, axis=0)], axis=0)  # [J+1, L]: W[0, K], differences
+    per_top = np.diff(terms, axis=1).T  # [J, J+1]
+    coefficients = passed @ jnp.asarray(per_top) + jnp.asarray(terms[:, 0])  # [..., J+1] integers
+    bits = above.astype(jnp.int32)
+    weight = coefficients[..., :1] + jnp.sum(bits * coefficients[..., None, 1:], axis=-1)  # [..., S] at 2^WEIGHT_BITS
+    level = jnp.sum(bits, axis=-1)  # [..., S]
+    shift = fixed.integer_table(1.0 / LADDER_STEP, SCALE_BITS)
+    u = fixed.times_integer(x, shift) * 2.0**-SCALE_BITS + (1.0 - float(thresholds[0]) / LADDER_STEP - level)
+    u = fixed.times_integer(u, bits[..., 0])  # 0 below the ladder: u lies in [0, 1] everywhere
+    coefficients = np.asarray(exp_coefficients()) * math.exp(-LADDER_STEP / 2)  # q(u) ~ e^(step (u - 1/2))
+    q = fixed.scaled_sum(_powers(u), coefficients, COEFFICIENT_BITS)  # [..., S]
+    return q * (weight.astype(q.dtype) * 2.0**-WEIGHT_BITS)
 
 
 @input_limit(lambda fx: SCORE_LIMIT)  # of a row maximum
 def softmax(x, where=None):
-    """Softmax with a bracketed row maximum, a clip at -14 and a binned scaled reciprocal.
+    """Softmax from :func:`exp_levels` and a binned scaled reciprocal: no maximum, no clip.
 
-    z_i = x_i - m + MAX_STEP with m from :func:`row_max_bound`, so the largest z lies in
-    (0, MAX_STEP] and every exponential is at most e^10 (its square roots stay far below the
-    product limit) and the largest at least 1; entries with z <= -14 are 0; the normaliser is
-    2^16 / sum from :func:`scaled_reciprocal` (a sum lies in [1, S e^10]) and the product is
-    scaled back by 2^-16. Masked entries are set below every threshold (public: free).
-    Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT). Measured max |error| per probability on rows of 128
-    scores in [-20, 20], half masked: see ``tests/test_chat.py``.
-    Cost: four comparisons, one select, four truncations, three multiplications and four
-    squarings per row, whatever the row length: 79 send actions at the busiest party per call
-    at SmolLM2's decode shape (9 heads x 16 slots; puma-fast's softmax: 126), 0.58 MB (all
-    parties; puma-fast's: 0.11 MB), measured by ``puma bench latency``.
+    Weights w_i = e^(x_i - t_(K-1)) lie in (1, e^LADDER_STEP] at the maximum's level, so a row's
+    sum lies in [1, S e^LADDER_STEP]; the normaliser is 2^16 / sum from :func:`scaled_reciprocal`
+    and the product is scaled back by 2^-16. Masked entries are set below the ladder before and
+    to 0 after (public: free). Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT).
+    Measured max |error| per probability on rows of 128 scores in [-20, 20], half masked: see
+    ``tests/test_chat.py``. Cost at SmolLM2's decode shape (9 heads x 16 slots): see
+    ``puma bench latency``.
     """
     if where is not None:
-        x = jnp.where(where, x, -MASK_FILL)
-    z = x - row_max_bound(x) + MAX_STEP
-    keep = z > -EXP_CLIP
-    if where is not None:
-        keep = keep & where
-    e = jnp.where(keep, exp_window(z), 0.0)
-    high = x.shape[-1] * math.exp(MAX_STEP)
+        x = jnp.where(where, x, float(ladder()[0]) - LADDER_STEP / 2)
+    e = exp_levels(x)
+    high = x.shape[-1] * math.exp(LADDER_STEP)
     r = scaled_reciprocal(jnp.sum(e, axis=-1, keepdims=True), high)
-    return (e * r) * 2.0**-RECIPROCAL_BITS
+    p = (e * r) * 2.0**-RECIPROCAL_BITS
+    return p if where is None else jnp.where(where, p, 0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,16 +268,16 @@ def _rsqrt_bins(n: int) -> lean.Bins:
 def _rsqrt_sum(total, n: int):
     """sqrt(n) / sqrt(total) for a row's sum of squares plus n eps (the 1/n folded into the table).
 
-    A piecewise-constant guess alone (:class:`puma.protocols.lean.Bins`): one batched comparison
-    with 16 thresholds per octave of the sum (544 in all), one product with the public table; no
-    refining step. Domain: sums of n squares with mean in [2^-14, 2^20]. Measured max relative
-    error 1.09e-2 in float64 (2^(1/32) - 1, half a bin); SmolLM2-135M's WikiText-2 perplexity in
-    plaintext (8 texts of 128 tokens): +0.18 % against exact, as with bins of 2^(1/32) (+0.30 %)
-    or a linear guess with three more messages (+0.21 %).
-    Cost: 8 send actions per party (the comparison) and 2 (the truncation); 544 comparisons per
-    row (59 KB for one row under ABY3).
+    A piecewise-constant guess alone (the bins of :class:`puma.protocols.lean.Bins` read by
+    :func:`bin_rows`): one batched comparison with 16 thresholds per octave of the sum (544 in
+    all) and its bits' product with the public table (no truncation); no refining step. Domain: sums
+    of n squares with mean in [2^-14, 2^20]. Measured max relative error 1.09e-2 in float64
+    (2^(1/32) - 1, half a bin); SmolLM2-135M's WikiText-2 perplexity in plaintext (8 texts of
+    128 tokens): +0.18 % against exact, as with bins of 2^(1/32) (+0.30 %) or a linear guess
+    with three more messages (+0.21 %).
     """
-    return _rsqrt_bins(n).guess(total)
+    bins = _rsqrt_bins(n)
+    return bin_rows(total, bins.thresholds, bins.values[:, None].astype(np.float32))
 
 
 def _normalized(x, weight, bias, eps):
@@ -263,41 +313,93 @@ def rms_norm(x, weight, eps):
 
     Domain as :func:`layer_norm`. Measured max relative error (of a row's largest output)
     1.09e-2, the bins' (asserted at 1.1e-2 in plaintext, 1.2e-2 under SPU). Cost at SmolLM2's
-    decode shape (one row of 576): 20 send actions at the busiest party (puma-fast's: 71),
-    0.17 MB (all parties), measured by ``puma bench latency``.
+    decode shape (one row of 576): see ``puma bench latency``.
     """
     return _normalized(x, weight, None, eps)
 
 
-def _relu_minus_poly(x, cutoff: float, coeffs):
-    """puma-lean's relu(x) - [|x| < cutoff] p(|x|) with its three comparisons in one call."""
-    positive, below, above = jnp.split(jnp.concatenate([x, cutoff - x, x + cutoff], axis=-1) > 0, 3, axis=-1)
-    relu = jnp.where(positive, x, 0.0)
-    t = relu + relu - x  # |x|
-    p = coeffs[-1] * t + coeffs[-2]
-    for c in reversed(coeffs[:-2]):
-        p = p * t + c
-    return relu - jnp.where(below & above, p, 0.0)
+#: Piece edges of the activations' piecewise cubics: 0 below the first, x above the last.
+#: SiLU's three edges (a comparison per edge and entry: SmolLM2 compares 1536 entries per
+#: layer) err by 9.8e-3, four by 2.7e-3; GeLU's three edges erred by 2e-2 or more, so it keeps
+#: four. (Quartics on three pieces cost one more multiplication, and their rounded top
+#: coefficient errs by 2^-19 x^4, 4.6e-3 at x = 7.)
+ACTIVATION_EDGES = {
+    "silu": (-7.0, -1.5, 1.5, 7.0),
+    "gelu": (-8.0, -2.0, 0.0, 2.0, 8.0),
+    "gelu_tanh": (-8.0, -2.0, 0.0, 2.0, 8.0),
+}
+#: Degree of each inner piece's polynomial.
+ACTIVATION_DEGREE = 3
+
+_ACTIVATIONS = {
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def activation_pieces(name: str) -> np.ndarray:
+    """[pieces, ACTIVATION_DEGREE + 1] coefficients (constant first) of ``name``'s piecewise
+    polynomial: 0 below its first edge (:data:`ACTIVATION_EDGES`), x above its last, and on each
+    inner piece the polynomial of least largest error (reweighted least squares in float64). Rounded to multiples of 2^-18,
+    so that their differences, and the sums :func:`bin_rows` forms of them, are exact in
+    float32 and in fixed point with 18 or more fraction bits (the outer pieces' zeros stay
+    exactly zero however large x is)."""
+    f, edges, degree = _ACTIVATIONS[name], ACTIVATION_EDGES[name], ACTIVATION_DEGREE
+    rows = [np.zeros(degree + 1)]
+    for low, high in zip(edges[:-1], edges[1:]):
+        x = np.linspace(low, high, 4001)
+        weights = np.ones_like(x)
+        for _ in range(30):
+            coef = np.polynomial.polynomial.polyfit(x, f(x), degree, w=weights)
+            residual = np.abs(np.polynomial.polynomial.polyval(x, coef) - f(x))
+            weights = weights * (1 + 4 * residual / residual.max())
+        rows.append(coef)
+    rows.append(np.eye(degree + 1)[1])  # x
+    return np.round(np.asarray(rows) * 2.0**18) / 2.0**18
+
+
+def _piecewise(x, name: str):
+    """The piece's polynomial at x: coefficients from :func:`bin_rows` (one comparison of every
+    entry with the edges), then Horner's rule (ACTIVATION_DEGREE multiplications)."""
+    edges = np.asarray(ACTIVATION_EDGES[name])
+    c = bin_rows(x[..., None], edges, activation_pieces(name).astype(np.float32))  # [..., D+1]
+    y = c[..., -1]
+    for k in range(ACTIVATION_DEGREE - 1, -1, -1):
+        y = y * x + c[..., k]
+    return y
 
 
 def gelu(x):
-    """GeLU as puma-lean's (same coefficients and error: 1.55e-2 max on [-10, 10]), one comparison call."""
-    return _relu_minus_poly(x, lean.GELU_T, lean.GELU_P)
+    """GeLU (erf form) as a piecewise cubic on [-8, -2, 0, 2, 8] (:func:`activation_pieces`).
+
+    Domain: all x (|x gate| under the product limit for the gated product). Measured max error
+    5.3e-3 in float32 (the fit's 5.4e-3 and the coefficients' rounding; asserted in
+    ``tests/test_chat.py``). Cost: one comparison (4 per entry), its bits' product with the
+    public table, three multiplications."""
+    return _piecewise(x, "gelu")
+
+
+def gelu_tanh(x):
+    """GeLU (tanh form, Gemma's) as :func:`gelu` with its own cubics (max error 5.4e-3)."""
+    return _piecewise(x, "gelu_tanh")
 
 
 def silu(x):
-    """SiLU as puma-lean's (same coefficients and error: 5.8e-2 max on [-10, 10]), one comparison call.
+    """SiLU as a piecewise cubic on [-7, -1.5, 1.5, 7] (:func:`activation_pieces`).
 
-    Cost with the gated product at SmolLM2's decode shape (1536 entries): 26 send actions at the
-    busiest party (puma-fast's: 39), measured by ``puma bench latency``."""
-    return _relu_minus_poly(x, lean.SILU_T, lean.SILU_P)
+    Domain: all x. Measured max error 9.8e-3 in float64 (puma-lean's relu(x) - p(|x|): 5.8e-2).
+    Cost: as :func:`gelu`; with the gated product at SmolLM2's decode shape (1536 entries): see
+    ``puma bench latency``."""
+    return _piecewise(x, "silu")
 
 
 OPS = dataclasses.replace(
     lean.OPS,
     name="puma-chat",
     gelu=gelu,
-    gelu_tanh=gelu,
+    gelu_tanh=gelu_tanh,
     silu=silu,
     softmax=softmax,
     layer_norm=layer_norm,
@@ -309,5 +411,6 @@ OPS = dataclasses.replace(
         fused_projections=True,
         fused_rotary=True,
     ),
-    description="ours: ladder-bracketed softmax max, binned reciprocal/rsqrt without steps, fused projections",
+    description="ours: ladder-level softmax without a maximum, binned reciprocal/rsqrt without steps, "
+    "piecewise-cubic activations, fused projections",
 )
