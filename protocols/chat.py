@@ -46,7 +46,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 from puma.protocols import fixed, lean
-from puma.protocols.base import MASK_FILL, ExecutionPlan, input_limit, variance_domain
+from puma.protocols.base import ExecutionPlan, input_limit, variance_domain
 
 #: Rows the softmax is right for: |row maximum| below this (checked by the calibration preflight).
 SCORE_LIMIT = 60.0
@@ -60,10 +60,11 @@ EXP_DEGREE = 8
 #: Fraction bits of the exponential's integer coefficients and of 1/LADDER_STEP: a value
 #: times 2^bits must stay below FM64/18's product limit (2^26) before it is scaled back.
 COEFFICIENT_BITS, SCALE_BITS = 18, 22
-#: Fraction bits of the level weights (integers, so that a dropped level's weight is exactly 0):
-#: the largest weight, e^(LADDER_STEP / 2), times 2^WEIGHT_BITS stays below 2^26 (it is scaled
-#: back by 2^-WEIGHT_BITS, which SPU gets wrong beyond) and within int32.
-WEIGHT_BITS = 20
+#: Fraction bits of the level weights (integers, so that a dropped level's weight is exactly 0).
+#: The compiler may form q times the integer weight before scaling it back by 2^-WEIGHT_BITS,
+#: so the largest weight, e^LADDER_STEP 2^WEIGHT_BITS, must stay well below FM64/18's product
+#: limit of 2^26: measured under SPU, 15 bits (2^23.7) right, 17 bits (2^25.7) wrong.
+WEIGHT_BITS = 15
 #: The softmax normaliser is 2^RECIPROCAL_BITS / sum, so probabilities keep that many more bits.
 RECIPROCAL_BITS = 16
 #: Bin ratio of the piecewise-linear guesses (the softmax's reciprocal).
@@ -200,20 +201,25 @@ def exp_levels(x):
     """Unnormalised weights w_i = e^(x_i - t_(K-1)) of a row's scores [..., S], K the row
     maximum's level, 0 below level K - 2: no maximum is formed.
 
-    Every score is compared with the ladder (one batched comparison: bits [..., S, J]); the
-    thresholds some score passes (an OR over the row) give K. A score at level l lies in
-    (t_(l-1), t_l], so x = t_(l-1) + LADDER_STEP u with u in (0, 1] and
-    w = e^((l - K + 1/2) LADDER_STEP) q(u) with q(u) ~ e^((u - 1/2) LADDER_STEP): the level's weight is linear in the passed thresholds and
-    in the score's bits, integers (a product by public differences, then one product of the
-    bits by the row's coefficients), so a dropped level's weight is exactly 0; u is set to 0
-    below the ladder (one product by the first bit, :func:`puma.protocols.fixed.times_integer`),
-    so q lies in [e^-3, e^3] however far below a score is; q is the fitted polynomial (:func:`exp_coefficients`) on powers of u (three
-    products; its coefficients as integers: one truncation), then one multiplication by the
-    weight (scaled before the product: a scaling after it was moved by SPU's compiler onto the
-    next product's other factor, r in the softmax, whose fixed point then lost 0.2 %).
+    - Every score is compared with the ladder (one batched comparison: bits [..., S, J]); the
+      thresholds some score of the row passes (an OR over the row) give K.
+    - A score at level l lies in (t_(l-1), t_l], so x = t_(l-1) + LADDER_STEP u with u in
+      (0, 1], and w = e^((l - K + 1/2) LADDER_STEP) q(u) with q(u) ~ e^((u - 1/2) LADDER_STEP).
+    - The level's weight is linear in the passed thresholds and in the score's bits: integers
+      (a product by public differences, then one product of the bits by the row's
+      coefficients), so a dropped level's weight is exactly 0.
+    - u is set to 0 below the ladder (one product by the first bit,
+      :func:`puma.protocols.fixed.times_integer`), so q lies in [e^-3, e^3] however far below a
+      score is.
+    - q is the fitted polynomial (:func:`exp_coefficients`) on powers of u (three products;
+      its coefficients as integers: one truncation), then one multiplication by the weight
+      (see :data:`WEIGHT_BITS`). Written as q times the scaled weight: written as (q times the
+      integer) scaled, the compiler moved the scaling onto the next product's other factor (r
+      in the softmax), whose fixed point lost 0.2 %.
+
     Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT). Measured max relative
-    error of a weight at the top two levels 2.4e-4 in float64 (the polynomial's), at the third
-    4e-2 of a weight below e^-6 (under 2e-4 of the row maximum's weight).
+    error of a weight at the top two levels 4.6e-4 in float32 (the polynomial's), at the third
+    under 3e-5 of the row maximum's weight (asserted in ``tests/test_chat.py``).
     """
     thresholds = ladder()
     above = x[..., None] > jnp.asarray(thresholds)  # [..., S, J]
@@ -342,8 +348,8 @@ _ACTIVATIONS = {
 def activation_pieces(name: str) -> np.ndarray:
     """[pieces, ACTIVATION_DEGREE + 1] coefficients (constant first) of ``name``'s piecewise
     polynomial: 0 below its first edge (:data:`ACTIVATION_EDGES`), x above its last, and on each
-    inner piece the polynomial of least largest error (reweighted least squares in float64). Rounded to multiples of 2^-18,
-    so that their differences, and the sums :func:`bin_rows` forms of them, are exact in
+    inner piece the polynomial of least largest error (reweighted least squares in float64).
+    Rounded to multiples of 2^-18, so that their differences, and the sums :func:`bin_rows` forms of them, are exact in
     float32 and in fixed point with 18 or more fraction bits (the outer pieces' zeros stay
     exactly zero however large x is)."""
     f, edges, degree = _ACTIVATIONS[name], ACTIVATION_EDGES[name], ACTIVATION_DEGREE
