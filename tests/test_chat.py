@@ -164,8 +164,8 @@ def test_activations_against_numpy_everywhere(name):
     x = np.concatenate([np.linspace(-12, 12, 48001), chat.ACTIVATION_EDGES[name], [-1e4, -300, 300, 1e4]])
     x = x.astype(np.float32)
     got = np.asarray(getattr(chat, name)(jnp.asarray(x)), np.float64)
-    want = chat._ACTIVATIONS[name](x.astype(np.float64))
-    _check(got[:-4], want[:-4], ACTIVATION_ABS[name], name)
+    want = chat._ACTIVATIONS[name](x[:-4].astype(np.float64))
+    _check(got[:-4], want, ACTIVATION_ABS[name], name)
     assert got[-4:].tolist() == [0.0, 0.0, 300.0, 1e4]
 
 
