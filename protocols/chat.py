@@ -283,11 +283,12 @@ def _rsqrt_sum(total, n: int):
 
     A piecewise-constant guess alone (the bins of :class:`puma.protocols.lean.Bins` read by
     :func:`bin_rows`): one batched comparison with 16 thresholds per octave of the sum (544 in
-    all) and its bits' product with the public table (no truncation); no refining step. Domain: sums
-    of n squares with mean in [2^-14, 2^20]. Measured max error 1.09e-2 relative (2^(1/32) - 1,
-    half a bin) plus 2^-19 absolute (the table on :func:`bin_rows`' grid); SmolLM2-135M's WikiText-2 perplexity in plaintext (8 texts of
-    128 tokens): +0.18 % against exact, as with bins of 2^(1/32) (+0.30 %) or a linear guess
-    with three more messages (+0.21 %).
+    all) and its bits' product with the public table (no truncation); no refining step.
+    Domain: sums of n squares with mean in [2^-14, 2^20]. Measured max error 1.09e-2 relative
+    (2^(1/32) - 1, half a bin) plus 2^-19 absolute (the table on :func:`bin_rows`' grid).
+    SmolLM2-135M's WikiText-2 perplexity in plaintext (8 texts of 128 tokens): +0.18 % against
+    exact, as with bins of 2^(1/32) (+0.30 %) or a linear guess with three more messages
+    (+0.21 %).
     """
     bins = _rsqrt_bins(n)
     return bin_rows(total, bins.thresholds, bins.values[:, None])
