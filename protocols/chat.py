@@ -1,39 +1,41 @@
 """``puma-chat``: few messages per generated token (ours).
 
 A decode step is a chain of small dependent operations, so its latency on a network is its
-number of messages. puma-lean sends about 275 per party per LLaMA layer; most of them sit in
-SPU's comparison (8 send actions per party, one batched call), each multiplication (1, plus
-1-2 for its truncation), the row maximum of the softmax (one comparison and one select per
-level of a tree: 11 per doubling of the cache) and the refining steps of reciprocals. This set
-keeps every function a function of the whole input domain the calibration preflight declares,
-and spends messages only where a dependency forces them:
+number of messages. Most of them sit in SPU's comparison (8 send actions per party, one batched
+call), each multiplication (1, plus 1-2 for its truncation), the row maximum of the softmax
+(one comparison and one select per level of a tree: 11 per doubling of the cache) and the
+refining steps of reciprocals. This set keeps every function a function of the whole input
+domain the calibration preflight declares, and spends messages only where a dependency
+forces them:
 
-- **Softmax without a tree maximum.** Every score is compared with a public ladder of
-  thresholds in one batched comparison; a second comparison asks which thresholds some score
-  passes, which brackets the row maximum within :data:`MAX_STEP` (:func:`row_max_bound`) in
-  two comparisons whatever the cache length (a tree takes 6 levels at 37 keys, 10 at 1024).
-  Exponentials then run on [-14, MAX_STEP] (:func:`exp_window`) and the normaliser is a
-  binned reciprocal with a public scale that keeps 16 more bits of the probabilities.
+- **Softmax without a maximum.** Every score is compared with a public ladder of thresholds
+  6 apart in one batched comparison; its level (the thresholds below it) and the row's top
+  level (the thresholds some score passes: an OR over the row) give each score its weight
+  e^(x - t_(K-1)) as a public level weight times a degree-8 polynomial on the level
+  (:func:`exp_levels`); levels more than two below the top get exactly 0. No tree, no clip
+  comparison, no squarings; the normaliser is a binned linear reciprocal with a public scale
+  that keeps 16 more bits of the probabilities.
+- **Integers where a factor is one.** Level weights, the polynomial's coefficients and the
+  tables are integers or values on a 2^-18 grid, so products by them need no truncation and
+  sums of them telescope exactly (:mod:`puma.protocols.fixed`, :func:`bin_rows`).
 - **Reciprocals and reciprocal square roots without refining steps.** The softmax's
-  reciprocal is a piecewise-linear guess on geometric bins (:class:`LinearBins`: one batched
-  comparison, one product with a public table, two multiplications and a truncation: 18 send
-  actions per party); the norms' reciprocal square root a piecewise-constant guess on bins of
-  2^(1/16) (puma-lean's :class:`~puma.protocols.lean.Bins`: one comparison and one truncation,
-  10 send actions, 1.1e-2 relative error). SPU's own take about 50 each.
+  reciprocal is a piecewise-linear guess on geometric bins (:class:`LinearBins`); the norms'
+  reciprocal square root a piecewise-constant guess on bins of 2^(1/16) (1.1e-2 relative
+  error). A table row is read by the comparison bits times the table's differences, without
+  building a one-hot (4 send actions less each).
 - **Norms in three steps:** the row's squares and the weighted row come out of one
-  elementwise product [x | x] * [x | w]; the reciprocal square root of the squares' sum is
-  binned over sums (the 1/n folded into its table); one multiplication scales the row.
-- **GeLU/SiLU** as puma-lean's relu(x) - p(|x|), with both of its comparisons in one call.
+  elementwise product [x | x] * [x | w]; the binned reciprocal square root of the squares'
+  sum (the 1/n folded into its table); one multiplication scales the row.
+- **Activations as piecewise cubics** on a few public edges (one comparison call, the
+  piece's coefficients read from a table, Horner's rule): SiLU errs by 9.8e-3 (puma-lean's
+  relu(x) - p(|x|): 5.8e-2), GeLU by 5.4e-3.
 - **Plan:** all heads in one product (``fused_heads``), the query/key/value and gate/up
   projections each as one product (``fused_projections``), the rotary embedding and the
   query's 1/sqrt(d) as one product by a public matrix (``fused_rotary``), and the last
   block's rows only.
 
-Send actions per call are per party, measured under ABY3 FM64/18 with SPU's profiler
-(``tests/test_chat.py`` asserts the errors; ``puma bench latency`` measures a decode step by
-model site). Measured on SmolLM2-135M (sim, FM64/18, a 5-token prompt): a decode step's busiest
-party sends about 4 600 messages (puma-fast: 11 600), and greedy generation and WikiText-2
-perplexity stay as the accuracy benchmark reports.
+Send actions are per party under ABY3 FM64/18, from SPU's profiler (``tests/test_chat.py``
+asserts the errors; ``puma bench latency`` measures a decode step by model site).
 """
 
 from __future__ import annotations
