@@ -18,11 +18,13 @@ forces them:
 - **Integers where a factor is one.** Level weights, the polynomial's coefficients and the
   tables are integers or values on a 2^-18 grid, so products by them need no truncation and
   sums of them telescope exactly (:mod:`puma.protocols.fixed`, :func:`bin_rows`).
-- **Reciprocals and reciprocal square roots without refining steps.** The softmax's
-  reciprocal is a piecewise-linear guess on geometric bins (:class:`LinearBins`); the norms'
-  reciprocal square root a piecewise-constant guess on bins of 2^(1/16) (1.1e-2 relative
-  error). A table row is read by the comparison bits times the table's differences, without
-  building a one-hot (4 send actions less each).
+- **Reciprocals and reciprocal square roots without refining steps.** Both are
+  continuous piecewise-linear guesses on geometric bins (:class:`LinearBins`: chords, 8.3e-4
+  and 7.0e-4 relative error). Continuity matters under MPC: a value that truncation noise
+  moves across a bin edge changes the guess by a slope, not a step (piecewise-constant rsqrt
+  bins stepped by 2.2 %, and moved SmolLM2's logits by up to 1.1 from the same set in
+  plaintext). A table row is read by the comparison bits times the table's differences,
+  without building a one-hot (4 send actions less each).
 - **Norms in three steps:** the row's squares and the weighted row come out of one
   elementwise product [x | x] * [x | w]; the binned reciprocal square root of the squares'
   sum (the 1/n folded into its table); one multiplication scales the row.
@@ -72,10 +74,10 @@ COEFFICIENT_BITS, SCALE_BITS = 18, 22
 WEIGHT_BITS = 15
 #: The softmax normaliser is 2^RECIPROCAL_BITS / sum, so probabilities keep that many more bits.
 RECIPROCAL_BITS = 16
-#: Bin ratio of the piecewise-linear guesses (the softmax's reciprocal).
-BIN_RATIO = 2.0 ** (1 / 8)
-#: Bin ratio of the norms' piecewise-constant reciprocal square root (in the sum of squares).
-RSQRT_RATIO = 2.0 ** (1 / 16)
+#: Bin ratio of the softmax's piecewise-linear reciprocal (its chords err by 8.3e-4).
+BIN_RATIO = 2.0 ** (1 / 12)
+#: Bin ratio of the norms' piecewise-linear reciprocal square root, in the sum of squares (7.0e-4).
+RSQRT_RATIO = 2.0 ** (1 / 8)
 #: Mean squares the norms are right for, as puma-lean's: under MPC the preflight's pre-scale
 #: keeps rows at 2^-10 or more, but a plaintext run has no pre-scale, and random presets' rows
 #: have mean squares near 4e-4 (2^-11.3).
@@ -110,8 +112,7 @@ class LinearBins:
     (:func:`bin_rows`: no truncation); u = x (2^24 / e_j) 2^-24 lies in [1, r) (one
     multiplication, one truncation) and the guess is a_j + b_j u (one multiplication). The slope is taken
     in u rather than in x because a slope in x falls below the fixed-point resolution for large
-    x (at x = 6e8 a reciprocal square root's is 8e-13). Each bin's line is fitted for the least
-    largest relative error over the bin.
+    x (at x = 6e8 a reciprocal square root's is 8e-13).
     """
 
     thresholds: np.ndarray  # [m - 1] inner bin edges
@@ -126,13 +127,10 @@ class LinearBins:
     def fit(cls, power: float, scale: float, low: float, high: float, ratio: float = BIN_RATIO) -> "LinearBins":
         count = max(1, int(math.ceil(math.log(high / low) / math.log(ratio))))
         edges = low * ratio ** np.arange(count + 1)
-        u = np.linspace(1.0, ratio, 65)
-        design = np.stack([np.ones_like(u), u], axis=1) / u[:, None] ** -power  # relative residuals
-        weights = np.ones_like(u)
-        for _ in range(12):  # reweighted least squares towards the minimax line of u^-power
-            line = np.linalg.lstsq(design * weights[:, None], weights, rcond=None)[0]
-            residual = np.abs(design @ line - 1)
-            weights = weights * (1 + 8 * residual / max(residual.max(), 1e-30))
+        slope = (ratio**-power - 1.0) / (ratio - 1.0)  # the chord of u^-power over [1, r]
+        line = np.array([1.0 - slope, slope])
+        u = np.linspace(1.0, ratio, 257)
+        residual = np.abs((line[0] + line[1] * u) * u**power - 1)
         scales = scale * edges[:-1] ** -power  # c x^-power = c e_j^-power u^-power
         table = np.stack([scales * line[0], scales * line[1], 2.0**cls.SCALE_BITS / edges[:-1]], axis=1)
         return cls(edges[1:-1], table, float(residual.max()))
@@ -145,16 +143,16 @@ class LinearBins:
 
 
 @functools.lru_cache(maxsize=None)
-def _bins(power: float, scale: float, low: float, high: float) -> LinearBins:
-    return LinearBins.fit(power, scale, low, high)
+def _bins(power: float, scale: float, low: float, high: float, ratio: float = BIN_RATIO) -> LinearBins:
+    return LinearBins.fit(power, scale, low, high, ratio)
 
 
 def scaled_reciprocal(s, high: float, bits: int = RECIPROCAL_BITS):
     """2^bits / s for s in [1, high] (shape [..., 1]) from :class:`LinearBins` alone.
 
-    Domain: [1, high]. Measured max relative error 9.5e-4 in float64 (the bins' fit; a
+    Domain: [1, high]. Measured max relative error 8.3e-4 in float64 (the chords'; a
     softmax row's probabilities then sum to 1 within it; asserted at 1e-3 in plaintext and
-    1.5e-3 under SPU). Cost: one comparison with 8 log2(high) thresholds per row, two
+    1.5e-3 under SPU). Cost: one comparison with 12 log2(high) thresholds per row, two
     multiplications and two truncations.
     """
     return _bins(1.0, 2.0**bits, 1.0, high).guess(s)
@@ -272,33 +270,22 @@ def softmax(x, where=None):
     return p if where is None else jnp.where(where, p, 0.0)
 
 
-@functools.lru_cache(maxsize=None)
-def _rsqrt_bins(n: int) -> lean.Bins:
-    """Piecewise-constant sqrt(n) / sqrt(total) on bins of ratio :data:`RSQRT_RATIO` over the sums
-    of n squares whose mean lies in [RSQRT_LOW, RSQRT_HIGH]."""
-    bins = lean.Bins.fit(0.5, n * RSQRT_LOW, n * RSQRT_HIGH, RSQRT_RATIO)
-    return lean.Bins(bins.thresholds, bins.values * math.sqrt(n))
-
-
 def _rsqrt_sum(total, n: int):
-    """sqrt(n) / sqrt(total) for a row's sum of squares plus n eps (the 1/n folded into the table).
+    """sqrt(n) / sqrt(total) for a row's sum of squares plus n eps (the sqrt(n) folded into the
+    table): :class:`LinearBins` alone, continuous, no refining step.
 
-    A piecewise-constant guess alone (the bins of :class:`puma.protocols.lean.Bins` read by
-    :func:`bin_rows`): one batched comparison with 16 thresholds per octave of the sum (544 in
-    all) and its bits' product with the public table (no truncation); no refining step.
-    Domain: sums of n squares with mean in [2^-14, 2^20]. Measured max error 1.09e-2 relative
-    (2^(1/32) - 1, half a bin) plus 2^-19 absolute (the table on :func:`bin_rows`' grid).
-    SmolLM2-135M's WikiText-2 perplexity in plaintext (8 texts of 128 tokens): +0.18 % against
-    exact, as with bins of 2^(1/32) (+0.30 %) or a linear guess with three more messages
-    (+0.21 %).
+    Domain: sums of n squares with mean in [2^-14, 2^20]. Measured max relative error 7.0e-4 in
+    float64 (the chord's on bins of 2^(1/8)), plus 2^-19 absolute (the table on
+    :func:`bin_rows`' grid). Cost: one comparison with 8 thresholds per octave (272 in all), two
+    multiplications, two truncations.
     """
-    bins = _rsqrt_bins(n)
-    return bin_rows(total, bins.thresholds, bins.values[:, None])
+    return _bins(0.5, math.sqrt(n), n * RSQRT_LOW, n * RSQRT_HIGH, RSQRT_RATIO).guess(total)
 
 
 def _normalized(x, weight, bias, eps):
     """(x - mean) * rsqrt(mean square + eps) * weight (+ bias): the squares and the weighted row
-    from one elementwise product [x | x] * [x | w], their sum, the binned rsqrt, one multiplication.
+    from one elementwise product [x | x] * [x | w], their sum, the binned rsqrt (continuous),
+    one multiplication.
 
     Each square is truncated on its own (2^-18, random), so the sum of n errs by about
     sqrt(n) 2^-18, far below a row's sum at the preflight's smallest mean square (2^-10 n)."""
@@ -328,8 +315,8 @@ def rms_norm(x, weight, eps):
     """RMSNorm x * rsqrt(mean(x^2) + eps) * weight in three steps (:func:`_normalized`).
 
     Domain as :func:`layer_norm`. Measured max relative error (of a row's largest output)
-    1.09e-2, the bins' (asserted at 1.1e-2 in plaintext, 1.2e-2 under SPU). Cost at SmolLM2's
-    decode shape (one row of 576): see ``puma bench latency``.
+    7e-4, the chords' (asserted in ``tests/test_chat.py``). Cost at SmolLM2's decode shape (one
+    row of 576): see ``puma bench latency``.
     """
     return _normalized(x, weight, None, eps)
 
