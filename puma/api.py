@@ -64,8 +64,9 @@ def default_approx(backend: str) -> str:
     """The approximation set used when none is named: exact in plaintext, ``puma-fast`` under
     MPC (the most accurate set: SmolLM2's greedy tokens equal its plaintext run on 5 of 5
     prompts; cheaper than ``puma`` on every function measured). ``puma-chat`` sends fewer than
-    half the messages per token but is opt-in: its greedy tokens left its plaintext run on 2 of
-    5 prompts (bench-results/accuracy-smollm2.json)."""
+    half the messages per token (its greedy tokens also equal its plaintext run on 5 of 5
+    prompts) but more bytes, and takes longer per token where computation, not rounds, bounds a
+    step (``sim`` on a small machine): it is opt-in (bench-results/latency.json)."""
     return "puma-fast" if get_backend(backend).secure else "exact"
 
 
