@@ -124,6 +124,20 @@ def test_logistic_head_separates_separable_data():
     assert np.mean(((x @ w + b) > 0) == y) > 0.97
 
 
+def test_latency_targets_judge_each_smollm2_decode_row():
+    """Issue 29's targets in the README: met or missed per set, from the latency cells alone."""
+    step = {"max_party_send_actions": 2999.5, "wall_s": 6.5}
+    cells = {
+        "smollm2-135m/a": {"decode_mean": step},
+        "smollm2-135m/a/first-token": {"warm": {"compile_s": 5.5}},
+        "stories260K/a": {"decode_mean": step},
+    }
+    assert readme._latency_targets({"cells": cells}) == [
+        "- SmolLM2-135M decode step with `a`: 3000 busiest-party sends (target at most 3000): met; "
+        "6.50 s in sim (target at most 6 s): missed; warm first-token compile 5.50 s (target at most 5 s): missed"
+    ]
+
+
 def test_readme_section_is_generated_from_json(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()

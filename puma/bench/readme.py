@@ -83,6 +83,38 @@ def _real_targets(real: dict | None) -> list[str]:
     return lines
 
 
+#: Issue 29's targets for a SmolLM2 decode step at the busiest party, in ``sim`` alone.
+LATENCY_TARGETS = {"sends": 3000, "sim_s": 6.0, "warm_compile_s": 5.0}
+
+
+def _latency_targets(latency: dict | None) -> list[str]:
+    """Issue 29's targets per set for SmolLM2's decode step: busiest-party send actions, wall
+    seconds in ``sim``, and the compile seconds of a warm first token."""
+    lines = []
+    cells = (latency or {}).get("cells", {})
+    for key, cell in sorted(cells.items()):
+        model, _, name = key.partition("/")
+        if not model.startswith("smollm2") or "/" in name or "decode_mean" not in cell:
+            continue
+        step = cell["decode_mean"]
+        sends, seconds = step["max_party_send_actions"], step["wall_s"]
+        parts = [
+            f"{sends:.0f} busiest-party sends (target at most {LATENCY_TARGETS['sends']}): "
+            + ("met" if sends <= LATENCY_TARGETS["sends"] else "missed"),
+            f"{seconds:.2f} s in sim (target at most {LATENCY_TARGETS['sim_s']:g} s): "
+            + ("met" if seconds <= LATENCY_TARGETS["sim_s"] else "missed"),
+        ]
+        warm = cells.get(f"{key}/first-token", {}).get("warm")
+        if warm:
+            parts.append(
+                f"warm first-token compile {warm['compile_s']:.2f} s (target at most "
+                f"{LATENCY_TARGETS['warm_compile_s']:g} s): "
+                + ("met" if warm["compile_s"] <= LATENCY_TARGETS["warm_compile_s"] else "missed")
+            )
+        lines.append(f"- SmolLM2-135M decode step with `{name}`: " + "; ".join(parts))
+    return lines
+
+
 def sections() -> list[tuple[str, str, str, object]]:
     """The README's sections from :data:`puma.bench.REGISTRY`: (JSON file, heading, the command
     that makes it, the module that renders it), in the registry's order."""
@@ -108,7 +140,9 @@ def render(folder: str = "bench-results", base: str = ".") -> tuple[str, list[st
     missing = [name for name, value in data.items() if value is None]
     cost, acc = data["costs.json"], data["accuracy.json"]
     out = [START, ""]
-    targets = _targets(cost, acc) + _real_targets(data["accuracy-smollm2.json"])
+    targets = (
+        _targets(cost, acc) + _real_targets(data["accuracy-smollm2.json"]) + _latency_targets(data["latency.json"])
+    )
     if targets:
         out += ["### Targets", "", *targets, ""]
     for name, heading, command, module in listed:
