@@ -90,17 +90,16 @@ def bin_rows(x, thresholds: np.ndarray, table: np.ndarray):
 
     One batched comparison; its bits (integers) times the public differences needs no
     truncation, and no one-hot is built (building one by concatenating shifted bits costs 4
-    more send actions per party under ABY3). A float table is first rounded to multiples of
+    more send actions per party under ABY3). The table is first rounded to multiples of
     2^-GRID_BITS, so that its differences are exact in fixed point with that many fraction bits
     or more and the sums telescope exactly: rounded one by one, the differences of SmolLM2's
     rsqrt table erred by 1.8 % at its small end under SPU. The sum runs from the last row,
     the smallest of the decreasing tables read here, so that in float32 a small entry sums
-    few differences. Integer tables give integers, float tables fixed-point values."""
-    if np.issubdtype(table.dtype, np.floating):
-        table = np.round(np.asarray(table, np.float64) * 2.0**GRID_BITS) / 2.0**GRID_BITS
-    steps = np.diff(table, axis=0).astype(table.dtype if table.dtype == np.int32 else np.float32)  # [m - 1, c]
+    few differences."""
+    table = np.round(np.asarray(table, np.float64) * 2.0**GRID_BITS) / 2.0**GRID_BITS
+    steps = np.diff(table, axis=0).astype(np.float32)  # [m - 1, c]
     below = 1 - (x > jnp.asarray(thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
-    return jnp.asarray(table[-1].astype(steps.dtype)) - below @ jnp.asarray(steps)
+    return jnp.asarray(table[-1].astype(np.float32)) - below @ jnp.asarray(steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +243,8 @@ def exp_levels(x):
     shift = fixed.integer_table(1.0 / LADDER_STEP, SCALE_BITS)
     u = fixed.times_integer(x, shift) * 2.0**-SCALE_BITS + (1.0 - float(thresholds[0]) / LADDER_STEP - level)
     u = fixed.times_integer(u, bits[..., 0])  # 0 below the ladder: u lies in [0, 1] everywhere
-    coefficients = np.asarray(exp_coefficients()) * math.exp(-LADDER_STEP / 2)  # q(u) ~ e^(step (u - 1/2))
-    q = fixed.scaled_sum(_powers(u), coefficients, COEFFICIENT_BITS)  # [..., S]
+    polynomial = np.asarray(exp_coefficients()) * math.exp(-LADDER_STEP / 2)  # q(u) ~ e^(step (u - 1/2))
+    q = fixed.scaled_sum(_powers(u), polynomial, COEFFICIENT_BITS)  # [..., S]
     return q * (weight.astype(q.dtype) * 2.0**-WEIGHT_BITS)
 
 

@@ -125,15 +125,13 @@ class Bins:
         return onehot_bins(x, self.thresholds) @ jnp.asarray(self.values[:, None], x.dtype)  # [..., m] @ [m, 1]
 
 
-def onehot_bins(x, thresholds: np.ndarray, dtype=None):
+def onehot_bins(x, thresholds: np.ndarray):
     """One-hot rows [..., m] of the bin of x [..., 1] among the m - 1 increasing ``thresholds``:
     bits b_j = [x > t_j] (one batched comparison) and the differences b_(j-1) - b_j with
-    b_(-1) = 1, b_(m-1) = 0 (integer subtractions of shifted bits: local, no product); in
-    ``dtype`` (default x's; int32 keeps them integers for :mod:`puma.protocols.fixed`)."""
+    b_(-1) = 1, b_(m-1) = 0 (integer subtractions of shifted bits: local, no product)."""
     above = (x > jnp.asarray(thresholds, x.dtype)).astype(jnp.int32)  # [..., m - 1]
     ones = jnp.ones(above.shape[:-1] + (1,), jnp.int32)
-    onehot = jnp.concatenate([ones, above], axis=-1) - jnp.concatenate([above, 0 * ones], axis=-1)
-    return onehot.astype(dtype or x.dtype)
+    return (jnp.concatenate([ones, above], axis=-1) - jnp.concatenate([above, 0 * ones], axis=-1)).astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,7 +104,7 @@ def test_exact_integer_products_in_plaintext_and_the_bin_rows():
     np.testing.assert_allclose(np.asarray(got), 0.5 * x - 0.25 * x * x, rtol=1e-6)
     bins = lean.Bins.fit(0.5, 576 * 2.0**-14, 576 * 2.0**20, 2.0 ** (1 / 16))
     total = np.geomspace(576 * 2.0**-14, 576 * 2.0**20, 997).astype(np.float32)[:, None]
-    onehot = lean.onehot_bins(jnp.asarray(total), bins.thresholds, jnp.float32)
+    onehot = lean.onehot_bins(jnp.asarray(total), bins.thresholds)
     table = bins.values[:, None]
     on_grid = np.round(table * 2.0**chat.GRID_BITS) / 2.0**chat.GRID_BITS
     want = np.asarray(onehot @ jnp.asarray(on_grid, jnp.float32), np.float64)

@@ -97,20 +97,20 @@ def _latency_targets(latency: dict | None) -> list[str]:
         if not model.startswith("smollm2") or "/" in name or "decode_mean" not in cell:
             continue
         step = cell["decode_mean"]
+
+        def judged(what: str, value: float, target: str, unit: str = "") -> str:
+            limit = LATENCY_TARGETS[target]
+            return f"{what} (target at most {limit:g}{unit}): {'met' if value <= limit else 'missed'}"
+
         sends, seconds = step["max_party_send_actions"], step["wall_s"]
         parts = [
-            f"{sends:.0f} busiest-party sends (target at most {LATENCY_TARGETS['sends']}): "
-            + ("met" if sends <= LATENCY_TARGETS["sends"] else "missed"),
-            f"{seconds:.2f} s in sim (target at most {LATENCY_TARGETS['sim_s']:g} s): "
-            + ("met" if seconds <= LATENCY_TARGETS["sim_s"] else "missed"),
+            judged(f"{sends:.0f} busiest-party sends", sends, "sends"),
+            judged(f"{seconds:.2f} s in sim", seconds, "sim_s", " s"),
         ]
         warm = cells.get(f"{key}/first-token", {}).get("warm")
         if warm:
-            parts.append(
-                f"warm first-token compile {warm['compile_s']:.2f} s (target at most "
-                f"{LATENCY_TARGETS['warm_compile_s']:g} s): "
-                + ("met" if warm["compile_s"] <= LATENCY_TARGETS["warm_compile_s"] else "missed")
-            )
+            compile_s = warm["compile_s"]
+            parts.append(judged(f"warm first-token compile {compile_s:.2f} s", compile_s, "warm_compile_s", " s"))
         lines.append(f"- SmolLM2-135M decode step with `{name}`: " + "; ".join(parts))
     return lines
 
