@@ -155,12 +155,14 @@ def publish(mesh, source: str, body: dict, signature: bytes, overrides: dict | N
     mid = body["model_id"]
     sent = 0
     names = model.lazy.names()
+    owner_private = mesh.topology.client_server
     for i, name in enumerate(names):
-        for parts in _pieces(model.lazy.get(name), fixed, protocol, mesh.world_size):
-            sent += sum(p.nbytes for p in parts)
-            if mesh.topology.client_server:  # the owner's party keeps x0 and the keys of the client's x1
-                bundles = [PartyShares(0, {f"p:{name}": parts[0], f"k:{name}": parts[1]})]
+        for parts in _pieces(model.lazy.get(name), fixed, protocol, mesh.world_size, owner_private):
+            if owner_private:  # the owner's own party keeps the weight; the client's makes a placeholder
+                sent += parts[0].nbytes
+                bundles = [PartyShares(0, {f"p:{name}": parts[0]})]
             else:
+                sent += sum(p.nbytes for p in parts)
                 bundles = [PartyShares(r, {f"p:{name}": parts[r]}) for r in range(mesh.world_size)]
             mesh.call("publish_weights", [{"model": mid, "bundle": b} for b in bundles])
         if (i + 1) % 50 == 0:
@@ -169,12 +171,12 @@ def publish(mesh, source: str, body: dict, signature: bytes, overrides: dict | N
     return {"model_id": mid, "owner_sent_bytes": sent, "parties": ends}
 
 
-def _pieces(value: np.ndarray, fixed: FixedPoint, protocol: str, world_size: int):
+def _pieces(value: np.ndarray, fixed: FixedPoint, protocol: str, world_size: int, owner_private: bool):
     """The owner's shares of one tensor, chunk by chunk, as compact pieces
-    (:func:`puma.runtime.sharing.pieces`)."""
+    (:func:`puma.runtime.sharing.pieces`; ``owner_private``: client-server mode)."""
     if not sharing.supported(protocol, fixed.field, world_size):
         raise PumaError(f"publishing needs ABY3 (three parties) or cheetah (two), FM64 or FM128; not {protocol}")
-    yield from sharing.pieces(value, fixed.field, fixed.fxp_bits, protocol=protocol)
+    yield from sharing.pieces(value, fixed.field, fixed.fxp_bits, protocol=protocol, owner_private=owner_private)
 
 
 def publish_to(

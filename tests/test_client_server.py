@@ -2,8 +2,8 @@
 
 The owner serves stories260K with ``puma owner serve`` (a subprocess holding the weights file);
 clients run jobs with the manifest only. Each test checks a value: tokens against plaintext, the
-shares the owner's party received against the client's inputs, the keys the client received
-against the owner's store, refusals by their message.
+shares the owner's party received against the client's inputs, what the client received
+against the owner's store (nothing of a weight), refusals by their message.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ PROMPT = "Once upon a time"
 IDLE_S = 8
 
 
-def _cheetah_io() -> spu.Io:
+def _cheetah_io(colocated: bool = False) -> spu.Io:
     config = libspu.RuntimeConfig(protocol=libspu.ProtocolKind.CHEETAH, field=libspu.FieldType.FM64)
     config.fxp_fraction_bits = 18
+    config.experimental_enable_colocated_optimization = colocated
     return spu.Io(2, config)
 
 
@@ -58,18 +59,35 @@ def plaintext(stories_gguf):
     return SecureModel.from_pretrained(stories_gguf).generate(PROMPT, 3)
 
 
-def test_two_party_pieces_are_shares_and_the_clients_key_regenerates_its_share():
-    """x0 (data) + x1 (AES stream of the key) reconstructs the tensor within the fixed-point
-    step (2^-18 = 3.8e-6; measured 3.8e-6); the share the key regenerates is party 1's, byte for byte."""
+def test_two_party_pieces_are_shares_and_owner_private_pieces_leave_the_client_nothing():
+    """Two computing parties (2pc.yaml): x0 (data) + x1 (AES stream of the key) reconstructs the
+    tensor within the fixed-point step (2^-18 = 3.8e-6; measured 3.8e-6), party 1 is sent a key.
+    Client-server (owner_private): party 0's piece is the value as its private ``Priv2k``, party 1
+    is sent nothing and its placeholder is zeros, byte for byte what :func:`sharing.placeholder`
+    builds alone; SPU reconstructs the value from the pair."""
     x = np.random.default_rng(0).normal(size=(5, 37)).astype(np.float32) * 100
     shares = sharing.make_shares(x, "FM64", 18, chunk_bytes=64, protocol="cheetah")
     assert np.abs(_cheetah_io().reconstruct(shares) - x).max() <= 2**-18
-    assembler, delivered = sharing.Assembler(), None
     for parts in sharing.pieces(x, "FM64", 18, chunk_bytes=64, protocol="cheetah"):
-        assert parts[1].data is None and len(parts[1].keys) == 1  # party 1 is sent a key, never data
+        assert parts[1].data is None and len(parts[1].keys) == 1 and parts[1].keys[0]  # a key, never data
+    assembler, delivered = sharing.Assembler(), None
+    for parts in sharing.pieces(x, "FM64", 18, chunk_bytes=64, protocol="cheetah", owner_private=True):
+        assert parts[1].nbytes == len(parts[1].meta) and parts[0].keys == (None,)  # party 1: no data, no key
         delivered = assembler.add("x", parts[1]) or delivered
-    again = sharing.keyed_share(x.shape, "FM64", "cheetah", parts[1].keys[0], chunk_bytes=64)
-    assert again.meta == delivered.meta and list(again.share_chunks) == list(delivered.share_chunks)
+    alone = sharing.placeholder(x.shape, "FM64", chunk_bytes=64)
+    assert alone.meta == delivered.meta and list(alone.share_chunks) == list(delivered.share_chunks)
+    assert b"Priv2k<FM64,0>" in alone.meta
+    total, content = x.size * 8, b""
+    for k, chunk in enumerate(alone.share_chunks):  # ValueChunkProto: a header, then the ring words
+        size = min(64, total - 64 * k)
+        head = sharing._chunk_head(total, 64 * k, size)
+        assert chunk[: len(head)] == head and len(chunk) == len(head) + size
+        content += chunk[len(head) :]
+    assert len(content) == total and content == bytes(total)
+    owner = sharing.make_shares(x, "FM64", 18, chunk_bytes=64, protocol="cheetah", owner_private=True)
+    assert np.abs(_cheetah_io(colocated=True).reconstruct(owner) - x).max() <= 2**-18
+    with pytest.raises(ValueError, match="only a two-party protocol"):
+        next(sharing.pieces(x, "FM64", 18, protocol="aby3", owner_private=True))
 
 
 def test_generation_equals_plaintext_and_the_owner_party_receives_no_input_or_output(served, plaintext, monkeypatch):
@@ -103,7 +121,7 @@ def test_generation_equals_plaintext_and_the_owner_party_receives_no_input_or_ou
     alone = _cheetah_io().reconstruct([first[0].values[name]] * 2).reshape(-1, onehot.shape[1])[-len(ids) :]
     assert not np.array_equal(alone.argmax(-1), onehot.argmax(-1))
     # what the owner's party was given: commands of the table, never the input in any encoding
-    assert {msg.op for msg in to_owner} <= {"hello", "job", "client_weights", "inputs", "run_task", "outputs", "free"}
+    assert {msg.op for msg in to_owner} <= {"hello", "job", "client_manifest", "inputs", "run_task", "outputs", "free"}
     needles = [np.asarray(ids, dtype).tobytes() for dtype in ("<i4", "<i8")]
     needles += [row.tobytes() for row in (onehot * 2**18).astype("<i8")]
     for msg in to_owner:
@@ -135,10 +153,10 @@ def _ask(channel: wire.Channel, message: Message) -> Message:
     return channel.recv()
 
 
-def test_the_client_gets_only_the_keys_of_its_own_shares(served, stories_gguf):
-    """client_weights: the signed manifest and one AES key per weight; the share each key
-    regenerates plus the owner's stored share makes the weight (within 2^-18), and the
-    client's share alone is not the weight. No command hands out the owner's share."""
+def test_the_client_gets_nothing_of_a_weight(served, stories_gguf):
+    """client_manifest: the signed manifest, no buffer and no key; the owner's party keeps each
+    weight as its own private value (its store holds the weight itself, ``Priv2k`` of rank 0),
+    so there is no share a client could complete. No command hands out a weight."""
     from puma.models import load
 
     topo, manifest, root = served
@@ -146,17 +164,16 @@ def test_the_client_gets_only_the_keys_of_its_own_shares(served, stories_gguf):
     body, _, _ = read_manifest(manifest)
     mid = body["model_id"]
     channel = _job(topology, manifest)
-    reply = _ask(channel, commands.encode("client_weights", {"model": mid}))
+    reply = _ask(channel, commands.encode("client_manifest", {"model": mid}))
     doc = reply.args["value"]
-    assert set(doc) == {"manifest", "signature", "keys"} and reply.buffers == []
+    assert set(doc) == {"manifest", "signature"} and reply.buffers == []
     assert doc["manifest"] == body
-    assert set(doc["keys"]) == set(load(stories_gguf, lazy=True).lazy.names())
     name = "embed_tokens/embedding"
     w = np.asarray(load(stories_gguf, lazy=True).lazy.get(name), np.float32)
-    mine = sharing.keyed_share(w.shape, "FM64", "cheetah", bytes.fromhex(doc["keys"][name]))
     owners = read_share(share_path(os.path.join(topology.store, "provider", mid, "weights"), name))
-    assert np.abs(_cheetah_io().reconstruct([owners, mine]) - w).max() <= 2**-18
-    assert np.abs(_cheetah_io().reconstruct([mine, mine]) - w).max() > 1.0
+    assert b"Priv2k<FM64,0>" in owners.meta
+    mine = sharing.placeholder(w.shape, "FM64")
+    assert np.abs(_cheetah_io(colocated=True).reconstruct([owners, mine]) - w).max() <= 2**-18
     answer = _ask(channel, commands.encode("collect", {"names": [f"p:{mid}:{name}"]}))
     assert answer.op == "error" and "collect is not a command a client may give" in answer.args["message"], answer
     channel.close()
@@ -200,6 +217,6 @@ def test_sim_runs_the_client_server_programs_in_one_process(stories_gguf, plaint
     topo = os.path.join(os.path.dirname(__file__), "..", "configs", "client-server.yaml")
     with SecureModel.from_pretrained(stories_gguf, backend="sim", config=topo) as m:
         result = m.generate(PROMPT, 3)
-        assert m.session.protocol_config.protocol == "cheetah"
+        assert m.session.protocol_config.protocol == "cheetah" and m.session.protocol_config.owner_private
     assert result.tokens == plaintext.tokens
     assert [p.rank for p in result.cost.per_party] == [0, 1]

@@ -98,8 +98,8 @@ def test_every_command_names_its_roles_and_no_client_command_reads_weights():
     for command in commands.COMMANDS.values():
         assert command.roles <= {commands.OPERATOR, commands.OWNER, commands.CLIENT}, command
     client = {c.name for c in commands.COMMANDS.values() if commands.CLIENT in c.roles}
-    # client_weights: the keys of a client-server client's own party's shares (tests/test_client_server.py)
-    assert client == {"hello", "job", "client_weights", "inputs", "run_task", "outputs", "free", "close"}
+    # client_manifest: a client-server job's signed manifest (tests/test_client_server.py)
+    assert client == {"hello", "job", "client_manifest", "inputs", "run_task", "outputs", "free", "close"}
     owner = {c.name for c in commands.COMMANDS.values() if commands.OWNER in c.roles}
     assert owner == {"hello", "publish", "publish_weights", "publish_end", "unpublish", "status", "close"}
     json.dumps({c.name: sorted(c.roles) for c in commands.COMMANDS.values()})

@@ -107,7 +107,7 @@ def test_a_client_cannot_collect_or_receive_a_weight(deployment):
     channel = _job(topology, manifest)
     _refused(channel, commands.encode("collect", {"names": [weight]}), "collect is not a command a client may give")
     channel = _job(topology, manifest)  # the keys of a client's own party exist only in client-server mode
-    _refused(channel, commands.encode("client_weights", {"model": body["model_id"]}), "owner party only")
+    _refused(channel, commands.encode("client_manifest", {"model": body["model_id"]}), "owner party only")
     channel = _job(topology, manifest)
     reply = _ask(channel, commands.encode("outputs", {"names": [weight]}))
     assert reply.op == "error" and "not an output of the last run" in reply.args["message"]

@@ -9,18 +9,21 @@ it). Topology: ``mode: client-server`` (``configs/client-server.yaml``).
 
 Who sees what:
 
-- **owner's party**: the weights (its host's own file), the owner's share of each weight
-  ``x0 = w - x1`` (:mod:`puma.runtime.sharing`), the AES keys of the client's shares ``x1``,
-  the client's *shares* of its inputs and of every activation (uniformly random), public
-  shapes, positions and program specs. Never an input, an activation or an output in the clear:
-  the outputs' shares go only to the client.
+- **owner's party**: the weights, its own, kept as its private values (SPU's colocated
+  optimization: :mod:`puma.runtime.sharing`, ``owner_private``); the client's *shares* of its
+  inputs and of every activation (uniformly random); public shapes, positions and program specs.
+  Never an input, an activation or an output in the clear: the outputs' shares go only to the
+  client.
 - **client**: its inputs, the public manifest (config, tokenizer, calibrated format, policy;
-  signed by the owner), its own party's shares: of the weights ``x1 = AES-CTR(k1)``, which are
-  uniformly random whatever the weights, and of every activation; the revealed outputs. It
-  cannot ask for the owner's shares: the owner's party obeys the command table of
-  :mod:`puma.runtime.commands` (``client_weights`` gives the keys of ``x1`` only; there is no
-  command that sends a weight share of party 0) and builds and compiles each program itself
-  from the manifest, under the owner's policy (tasks, sets, reveal modes).
+  signed by the owner), its own party's shares of every activation, and the revealed outputs.
+  Nothing of a weight: its party holds a placeholder (zeros) of each weight's public shape, which
+  SPU's kernels never read. The owner's party obeys the command table of
+  :mod:`puma.runtime.commands` (``client_manifest`` gives the signed manifest only; no command
+  sends a weight) and builds and compiles each program itself from the manifest, under the
+  owner's policy (tasks, sets, reveal modes).
+
+A product of an activation by a weight is cheetah's product of a secret by the owner's private
+matrix: one homomorphic product (BumbleBee's) where two secret shares would need two.
 
 Both are semi-honest: a party that deviates can make results wrong. Two parties hold every
 share, so the guarantee needs no honest majority: each alone learns nothing beyond its output
@@ -50,11 +53,11 @@ log = logging.getLogger(__name__)
 
 
 class ClientParty(commands.PartyService):
-    """Party 1, run by the client for one job: the owner's manifest (its signature checked), its
-    own shares of the weights regenerated from the keys the owner's party gives
-    (:func:`puma.runtime.sharing.keyed_share`), and the links to the owner's party."""
+    """Party 1, run by the client for one job: the owner's manifest (its signature checked),
+    placeholders of the owner's private weights (:func:`puma.runtime.sharing.placeholder`), and
+    the links to the owner's party."""
 
-    def __init__(self, topology: Topology, manifest: dict, signature: bytes, keys: dict[str, str]):
+    def __init__(self, topology: Topology, manifest: dict, signature: bytes):
         self.topology = topology
         tls = topology.require_tls()
         self._link_tls = (*tls.party_link(topology.parties[1].id), tls.links_ca)
@@ -76,15 +79,10 @@ class ClientParty(commands.PartyService):
             process_log=ProcessLog.get(),  # SPU's log of this process: the party's per-run profile
             verify=lambda body, sig: _verify(owner_cert, body, sig),
         )
-        self._keys = keys
         try:
             self.model = self._on_publish(manifest, signature)["model"]
             self._publishing.clear()
             open(os.path.join(self._model_dir(self.model), "complete"), "w").close()
-            view = self.published_view(self.model)
-            missing = [n for n in view.weight_names if n not in keys]
-            if missing:
-                raise PumaError(f"the owner's party sent no key for {len(missing)} weights (first: {missing[0]})")
         except PermissionError as err:
             shutil.rmtree(self.store, ignore_errors=True)
             raise PumaError(f"the owner's party sent a manifest not signed by the owner of {topology.source}") from err
@@ -109,15 +107,13 @@ class ClientParty(commands.PartyService):
         return compile_cache.user_folder()
 
     def _ensure_weights(self, view, names: list[str]) -> list[str]:
-        """This party's shares of the weights ``names``, regenerated from their keys."""
+        """This party's placeholders of the owner's private weights ``names``."""
         held = self.resident.setdefault(view.model_id, set())
         missing = [n for n in names if n not in held]
         avals = programs.flat_named_avals(view.param_avals)
-        field, protocol = self.protocol.field, self.protocol.protocol
         for name in missing:
             weight = name[len(view.weights_prefix) :]
-            key = bytes.fromhex(self._keys[weight])
-            self.party.set(name, sharing.keyed_share(avals[weight].shape, field, protocol, key))
+            self.party.set(name, sharing.placeholder(avals[weight].shape, self.protocol.field))
         held.update(missing)
         return missing
 
@@ -145,8 +141,8 @@ class ClientServerMesh(NodesMesh):
     def __init__(self, topology: Topology, name: str | None, model: str | None):
         super().__init__(_file_protocol(topology), CLIENT, name, model)
         try:
-            doc = self._exchange(0, commands.encode("client_weights", {"model": self.model}), "json")
-            self.local = ClientParty(self.topology, doc["manifest"], bytes.fromhex(doc["signature"]), doc["keys"])
+            doc = self._exchange(0, commands.encode("client_manifest", {"model": self.model}), "json")
+            self.local = ClientParty(self.topology, doc["manifest"], bytes.fromhex(doc["signature"]))
             host = memory.host()
             self.pids.append(os.getpid())
             self.server_pids.append(os.getpid())

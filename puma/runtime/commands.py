@@ -15,8 +15,8 @@ Roles (who may give which command is in the table, nowhere else):
   owner's policy allows, and receives only those programs' revealed outputs. No command hands
   out a computing party's weight share or runs code a client wrote. In client-server mode
   (:mod:`puma.runtime.client_server`) the client runs the second party itself, and the owner's
-  party gives it ``client_weights``: the AES keys of that party's own shares, uniformly random
-  whatever the weights (the owner's party keeps ``weights - those``).
+  party gives it ``client_manifest``: the signed manifest and nothing of a weight (the owner's
+  party keeps its weights as its own private values; the client's party holds placeholders).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ COMMANDS: dict[str, Command] = {
         _command("status", {OWNER}, model="name"),
         # a client's job on a published model (nodes admit a job first: see puma.runtime.nodes)
         _command("job", {CLIENT}, model="name", ticket="json", peers="json"),
-        _command("client_weights", {CLIENT}, model="name"),
+        _command("client_manifest", {CLIENT}, model="name"),
         _command("inputs", {OPERATOR, CLIENT}, bundle="bundle"),
         _command(
             "run_task",
@@ -213,8 +213,8 @@ class PartyService:
     (``<store>/programs``, :mod:`puma.runtime.compile_cache`). An
     operator's ``store``/``restore`` name their folder (one trust domain). ``code_hook(code,
     rank)`` rewrites code before it is installed (``sim`` tags each party's profile).
-    ``serves_clients``: the owner's party of a client-server deployment, which also keeps the
-    keys of the client's party's shares (``k:`` pieces) and hands them to a client's job.
+    ``serves_clients``: the owner's party of a client-server deployment, which keeps the
+    weights as its private values and hands a client's job the signed manifest.
     """
 
     def __init__(
@@ -329,7 +329,7 @@ class PartyService:
         os.makedirs(os.path.join(folder, "weights"))
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             json.dump({"manifest": manifest, "signature": signature.hex()}, f)
-        self._publishing[model] = {"assembler": {}, "bytes": 0, "client": {}}
+        self._publishing[model] = {"assembler": {}, "bytes": 0}
         self.views.pop(model, None)
         self._drop_model(model)
         return {"model": model}
@@ -341,12 +341,6 @@ class PartyService:
         if bundle.rank != self.rank:
             raise PumaError(f"party rank {self.rank} was handed rank {bundle.rank}'s shares")
         for name, piece in bundle.values.items():
-            if name.startswith("k:") and self.serves_clients and isinstance(piece, sharing.Piece):
-                if piece.data is not None or len(piece.keys) != 1 or piece.keys[0] is None:
-                    raise PumaError(f"{name}: a client's piece is one AES key, no data")
-                state["client"][messages.name(name[2:])] = piece.keys[0].hex()
-                state["bytes"] += piece.nbytes
-                continue
             if not name.startswith("p:") or not isinstance(piece, sharing.Piece):
                 raise PumaError(f"{name}: published values are the owner's pieces of weights (p:)")
             state["bytes"] += write_piece(os.path.join(self._model_dir(model), "weights"), name[2:], piece)
@@ -361,12 +355,6 @@ class PartyService:
         missing = [n for n in view.weight_names if not os.path.exists(share_path(os.path.join(folder, "weights"), n))]
         if missing:
             raise PumaError(f"model {model}: {len(missing)} weights were not sent (first: {missing[0]})")
-        if self.serves_clients:
-            keyless = [n for n in view.weight_names if n not in state["client"]]
-            if keyless:
-                raise PumaError(f"model {model}: {len(keyless)} client keys were not sent (first: {keyless[0]})")
-            with open(os.path.join(folder, CLIENT_KEYS), "w") as f:
-                json.dump(state["client"], f)
         open(os.path.join(folder, "complete"), "w").close()
         return {"bytes": state["bytes"], "weights": len(view.weight_names)}
 
@@ -414,16 +402,15 @@ class PartyService:
         self._peers = peers
         return {"model": model}
 
-    def _on_client_weights(self, model: str) -> dict:
+    def _on_client_manifest(self, model: str) -> dict:
         """What the client's own party needs for a job on ``model`` (client-server mode only):
-        the signed manifest and the AES keys of that party's shares of the weights."""
+        the signed manifest. Nothing of a weight: the owner's party keeps them as its private
+        values, and the client's party makes placeholders of their public shapes."""
         if not self.serves_clients:
-            raise PermissionError("client_weights is a command of a client-server deployment's owner party only")
+            raise PermissionError("client_manifest is a command of a client-server deployment's owner party only")
         self.published_view(model)
-        folder = self._model_dir(model)
-        manifest, signature = read_manifest(folder)
-        with open(os.path.join(folder, CLIENT_KEYS)) as f:
-            return {"manifest": manifest, "signature": signature.hex(), "keys": json.load(f)}
+        manifest, signature = read_manifest(self._model_dir(model))
+        return {"manifest": manifest, "signature": signature.hex()}
 
     def reset_links(self) -> None:
         """Close the runtime and its links (after a peer restarted or a link failed); the next
@@ -582,8 +569,6 @@ def share_bytes(view, protocol) -> int:
 # -- this party's own files: shares and manifests, a fixed format (no pickle) ------------------------
 
 SHARE_MAGIC = b"PUMASHR1"
-#: In a client-server owner party's model folder: weight name -> AES key of the client's share.
-CLIENT_KEYS = "client-keys.json"
 _LEN = struct.Struct("<Q")
 
 

@@ -45,6 +45,10 @@ FIELDS = ("FM64", "FM128")
 #: baseline set (``spu``) can turn a default off.
 DEFAULT_COMPILER = (("enable_optimize_denominator_with_broadcast", True),)
 
+#: SPU's runtime option that lets a party keep its own input as a private value; cheetah then
+#: multiplies a secret by it with one homomorphic product (BumbleBee's) instead of two.
+COLOCATED = "experimental_enable_colocated_optimization"
+
 
 @dataclasses.dataclass(frozen=True)
 class ProtocolConfig:
@@ -54,6 +58,11 @@ class ProtocolConfig:
     fields as (name, value) pairs; enum values are given by name (``"EXP_TAYLOR"``). They hold
     explicit settings (and, after :meth:`with_settings`, the set's); :data:`DEFAULT_COMPILER`
     lies under them.
+
+    ``owner_private``: party 0 keeps the weights as its own private values (SPU's colocated
+    optimization), as in client-server mode, where party 0 is the model owner's own. It is set
+    by ``mode: client-server`` only: on any other topology party 0 is a computing party that must
+    never see a weight, so ``runtime`` may not turn SPU's option on by itself.
     """
 
     protocol: str = "aby3"
@@ -61,8 +70,16 @@ class ProtocolConfig:
     fxp_bits: int = 18
     runtime: tuple[tuple[str, Any], ...] = ()
     compiler: tuple[tuple[str, Any], ...] = ()
+    owner_private: bool = False
 
     def __post_init__(self):
+        if COLOCATED in dict(self.runtime):
+            raise PumaError(
+                f"runtime option {COLOCATED} is set by mode: client-server (party 0 is then the model owner's "
+                "own); remove it from the topology"
+            )
+        if self.owner_private and PROTOCOLS.get(self.protocol, ("", 0))[1] != 2:
+            raise PumaError(f"the owner keeps its weights private only under a two-party protocol, not {self.protocol}")
         if self.protocol not in PROTOCOLS:
             raise PumaError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if self.field not in FIELDS:
@@ -102,6 +119,7 @@ class ProtocolConfig:
             fxp_fraction_bits=int(self.fxp_bits),
         )
         cfg.enable_pphlo_profile = profile
+        setattr(cfg, COLOCATED, self.owner_private)
         for name, value in self.runtime:
             if not hasattr(cfg, name):
                 raise PumaError(f"unknown SPU runtime option {name!r}")
@@ -259,6 +277,8 @@ class Topology:
             raise PumaError(
                 f"{self.source}: mode client-server runs a two-party protocol (cheetah), not {self.protocol.protocol}"
             )
+        if self.client_server != self.protocol.owner_private:
+            object.__setattr__(self, "protocol", dataclasses.replace(self.protocol, owner_private=self.client_server))
         for what in ("link", "control"):
             seen = {}
             for p in self.parties:

@@ -56,7 +56,7 @@ from puma.runtime.secure import Mesh
 log = logging.getLogger(__name__)
 
 #: Commands that belong to a client's job (they need the runtime the job holds).
-JOB_COMMANDS = {"inputs", "run_task", "outputs", "free", "client_weights"}
+JOB_COMMANDS = {"inputs", "run_task", "outputs", "free", "client_manifest"}
 #: Owner commands that change what the runtime serves: they wait for a running job to end.
 EXCLUSIVE = {"publish", "publish_end", "unpublish"}
 #: Seconds between the position messages a queued client receives.

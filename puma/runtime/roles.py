@@ -23,6 +23,7 @@ import spu
 import spu.libspu as libspu
 
 from puma.runtime import sharing
+from puma.runtime.config import COLOCATED
 from puma.runtime.params import LazyParams, flatten
 
 
@@ -87,20 +88,26 @@ class OwnerSpec:
 def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFunction:
     """How the owner secret-shares one float32 tensor under ``config``: in pieces by the
     sharer of :mod:`puma.runtime.sharing` where it applies, whole by ``spu.Io`` otherwise; a
-    tensor too big to store in one go is shared as row blocks, each on its own."""
+    tensor too big to store in one go is shared as row blocks, each on its own.
+
+    Under client-server mode's config (SPU's colocated optimization, which only
+    ``mode: client-server`` turns on: :class:`~puma.runtime.config.ProtocolConfig`) party 0 is
+    the owner's own and keeps each weight as its private value; party 1 gets a placeholder."""
     protocol, field = config.protocol.name.lower(), config.field.name
+    owner_private = world_size == 2 and bool(getattr(config, COLOCATED))
     if sharing.supported(protocol, field, world_size):
         bits = int(config.fxp_fraction_bits)
 
         def one(value):
-            for parts in sharing.pieces(value, field, bits, protocol=protocol):
+            for parts in sharing.pieces(value, field, bits, protocol=protocol, owner_private=owner_private):
                 yield parts, parts[0].count * 4
 
     else:
         io = spu.Io(world_size, config)
+        owner_rank = 0 if owner_private else -1
 
         def one(value):
-            yield io.make_shares(value, libspu.Visibility.VIS_SECRET), value.nbytes
+            yield io.make_shares(value, libspu.Visibility.VIS_SECRET, owner_rank), value.nbytes
 
     def share(value):
         value = np.asarray(value, np.float32)

@@ -24,10 +24,14 @@ ring elements of the party's pair, little-endian, in protobuf ``ValueChunkProto`
 
 The two-party protocols (``cheetah``; ``semi2k`` where it runs) hold additive shares, one ring
 element per party and weight: ``x1 = AES-CTR(k1)`` and ``x0 = v - x1``. Party 0 gets ``x0`` as
-data, party 1 only the key ``k1``: its share is uniformly random whatever the weights. In the
-client-server deployment party 0 is the model owner's own and party 1 the client's, so the
-weights never leave the owner's host (:mod:`puma.runtime.client_server`). Other fields and
-dtypes fall back to ``spu.Io``.
+data, party 1 only the key ``k1``: its share is uniformly random whatever the weights.
+
+In the client-server deployment party 0 is the model owner's own, so there is nothing to share
+(``owner_private``, :mod:`puma.runtime.client_server`): party 0 keeps ``v`` as its private value
+(SPU's ``Priv2k<FM64,0>``, colocated optimization) and party 1 holds a placeholder of the same
+shape, all zeros, which SPU's kernels never read: the client's party holds nothing of a weight,
+and cheetah multiplies a secret by the owner's private matrix with one homomorphic product.
+Other fields and dtypes fall back to ``spu.Io``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ BLOCK_BYTES = 256 << 20
 
 _DT_F32 = 11
 _VIS_SECRET = 1
+_VIS_PRIVATE = 3
 _RING_BITS = {"FM32": 32, "FM64": 64, "FM128": 128}
 KEY_BYTES = 16
 
@@ -75,17 +80,19 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _meta(shape: tuple[int, ...], field: str, protocol: str = "aby3") -> bytes:
-    """ValueMetaProto: data_type (1), visibility (3), shape (4, packed dims), storage_type (5)."""
+def _meta(shape: tuple[int, ...], field: str, protocol: str = "aby3", owner: int | None = None) -> bytes:
+    """ValueMetaProto: data_type (1), visibility (3), shape (4, packed dims), storage_type (5):
+    a secret share, or with ``owner`` a private value of party ``owner``."""
     dims = b"".join(_varint(int(d)) for d in shape)
     shape_msg = _field(1, dims) if shape else b""
+    storage = f"{protocol}.AShr<{field}>" if owner is None else f"Priv2k<{field},{owner}>"
     return (
         _varint(1 << 3)
         + _varint(_DT_F32)
         + _varint(3 << 3)
-        + _varint(_VIS_SECRET)
+        + _varint(_VIS_SECRET if owner is None else _VIS_PRIVATE)
         + (_field(4, shape_msg) if shape else b"")
-        + _field(5, f"{protocol}.AShr<{field}>".encode())
+        + _field(5, storage.encode())
     )
 
 
@@ -164,7 +171,8 @@ class Piece:
 
     The party's pair ``(x_r, x_{r+1})`` (ABY3) has two slots, a two-party share one; each slot
     is regenerated from an AES key (``keys[slot]``) or carried as ring words (``data``, for the
-    slot holding ``x2``, or a two-party ``x0``).
+    slot holding ``x2``, a two-party ``x0`` or the owner's private value). A piece with neither
+    is a private value's placeholder at the other party: zeros.
     """
 
     meta: bytes  # ValueMetaProto of the whole tensor
@@ -188,7 +196,9 @@ class Piece:
         elem = slots * words * 8
         pair = np.empty((n, slots, words), np.uint64)
         for slot, key in enumerate(self.keys):
-            if key is None:
+            if key is None and self.data is None:
+                pair[:, slot] = 0
+            elif key is None:
                 pair[:, slot] = np.frombuffer(self.data, np.uint64).reshape(n, words)
             else:
                 pair[:, slot] = _stream(key, self.index, n, words)
@@ -197,10 +207,16 @@ class Piece:
 
 
 def pieces(
-    value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES, protocol: str = "aby3"
+    value: np.ndarray,
+    field: str,
+    fxp_bits: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    protocol: str = "aby3",
+    owner_private: bool = False,
 ) -> Iterator[list[Piece]]:
     """Shares of float32 ``value`` under ``protocol`` as pieces: per chunk, one :class:`Piece`
-    per party (three for ABY3, two for the two-party protocols).
+    per party (three for ABY3, two for the two-party protocols). ``owner_private`` (two-party
+    only): party 0's piece is the value itself, private to it, and party 1's a placeholder.
 
     Made one chunk at a time, so the owner holds one chunk of temporaries whatever the size."""
     x = np.asarray(value, np.float32)
@@ -210,7 +226,9 @@ def pieces(
     elem = slots * words * 8  # bytes per element in one party's share
     total = flat.size * elem
     per_chunk = max(1, chunk_bytes // elem)
-    meta = _meta(x.shape, field, protocol)
+    if owner_private and slots != 1:
+        raise ValueError(f"only a two-party protocol keeps the owner's weights private, not {protocol}")
+    meta = _meta(x.shape, field, protocol, owner=0 if owner_private else None)
     k0, k1 = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
     starts = range(0, flat.size, per_chunk) if flat.size else [0]
     with np.errstate(over="ignore"):
@@ -220,6 +238,12 @@ def pieces(
             v = _encode(flat[start:stop], fxp_bits, words)
             last = stop >= flat.size
             common = dict(meta=meta, total=total, start=start, count=n, words=words, index=index, last=last)
+            if owner_private:
+                yield [
+                    Piece(keys=(None,), data=v.tobytes(), **common),  # party 0: v, its own
+                    Piece(keys=(None,), data=None, **common),  # party 1: a placeholder (zeros)
+                ]
+                continue
             if slots == 1:
                 x0 = _sub(v, _stream(k1, index, n, words)).tobytes()
                 yield [
@@ -235,19 +259,19 @@ def pieces(
             ]
 
 
-def keyed_share(shape: tuple[int, ...], field: str, protocol: str, key: bytes, chunk_bytes: int = CHUNK_BYTES):
-    """Party 1's two-party share of a tensor of ``shape`` regenerated from its key: the share
-    :func:`pieces` gave it (same chunks, same stream positions), uniformly random."""
+def placeholder(shape: tuple[int, ...], field: str, chunk_bytes: int = CHUNK_BYTES):
+    """Party 1's stand-in for party 0's private value of ``shape`` (``owner_private``): the
+    placeholder :func:`pieces` gives it, all zeros, built without a byte from the owner."""
     words = _RING_BITS[field] // 64
     size = int(np.prod(shape, dtype=np.int64))
     elem = words * 8
     per_chunk = max(1, chunk_bytes // elem)
-    meta = _meta(tuple(int(d) for d in shape), field, protocol)
+    meta = _meta(tuple(int(d) for d in shape), field, owner=0)
     assembler = Assembler()
     starts = range(0, size, per_chunk) if size else [0]
     for index, start in enumerate(starts):
         stop = min(size, start + per_chunk)
-        piece = Piece(meta, size * elem, start, stop - start, words, index, (key,), None, stop >= size)
+        piece = Piece(meta, size * elem, start, stop - start, words, index, (None,), None, stop >= size)
         share = assembler.add("value", piece)
     return share
 
@@ -273,13 +297,18 @@ class Assembler:
 
 
 def make_shares(
-    value: np.ndarray, field: str, fxp_bits: int, chunk_bytes: int = CHUNK_BYTES, protocol: str = "aby3"
+    value: np.ndarray,
+    field: str,
+    fxp_bits: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    protocol: str = "aby3",
+    owner_private: bool = False,
 ) -> list[libspu.Share]:
     """Every party's whole ``libspu.Share`` of ``value`` at once (its pieces, expanded)."""
     parties = PROTOCOLS[protocol]
     assemblers = [Assembler() for _ in range(parties)]
     shares: list[libspu.Share | None] = [None] * parties
-    for parts in pieces(value, field, fxp_bits, chunk_bytes, protocol):
+    for parts in pieces(value, field, fxp_bits, chunk_bytes, protocol, owner_private):
         for rank, piece in enumerate(parts):
             shares[rank] = assemblers[rank].add("value", piece) or shares[rank]
     return shares
