@@ -300,22 +300,27 @@ class Gemma3ForCausalLM(CausalLM):
 
     # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
 
-    def embed(self, input_ids, position_ids=None):
-        """Token embeddings times sqrt(hidden_size): [B, T, D]."""
-        return self.embed_tokens(input_ids, self.ops) * np.float32(math.sqrt(self.config.hidden_size))
+    def embed_rows(self, rows, position_ids=None):
+        """The table's rows times sqrt(hidden_size): [B, T, D]."""
+        return rows * np.float32(math.sqrt(self.config.hidden_size))
 
-    def head(self, x):
-        """Final RMSNorm and the LM head (soft-capped if configured): [B, T, D] -> logits [B, T, V]."""
-        cfg = self.config
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
-        cap = cfg.final_logit_softcapping
+    def head_output(self, logits):
+        """The logits, soft-capped if configured: [B, T, V]."""
+        cap = self.config.final_logit_softcapping
         return logits if cap is None else self.ops.tanh(logits * (1.0 / cap)) * cap
 
     def stages(self, head: str | None = None) -> Stages:
         cfg = self.config
         head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
-        return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head, kinds=cfg.layer_types)
+        return Stages(
+            ("embed_tokens",),
+            "layers_{}",
+            cfg.num_hidden_layers,
+            head,
+            kinds=cfg.layer_types,
+            table="embed_tokens/embedding",
+            tied=cfg.tie_word_embeddings,
+        )
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

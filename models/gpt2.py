@@ -139,14 +139,21 @@ class GPT2LMHeadModel(CausalLM):
 
     def embed(self, input_ids, position_ids):
         """Token plus position embeddings [B, T, D]."""
-        return self.wte(input_ids, self.ops) + self.wpe.take_public(position_ids)
+        return self.embed_rows(self.wte(input_ids, self.ops), position_ids)
+
+    def embed_rows(self, rows, position_ids):
+        """The token table's rows plus the position embeddings: [B, T, D]."""
+        return rows + self.wpe.take_public(position_ids)
+
+    def head_input(self, x):
+        return self.ln_f(x)
 
     def head(self, x):
         """Final LayerNorm and the tied LM head: [B, T, D] -> logits [B, T, V]."""
-        return self.wte.attend(self.ln_f(x))
+        return self.wte.attend(self.head_input(x))
 
     def stages(self, head: str | None = None) -> Stages:
-        return Stages(("wte", "wpe"), "h_{}", self.config.n_layer, ("ln_f", "wte"))
+        return Stages(("wte", "wpe"), "h_{}", self.config.n_layer, ("ln_f", "wte"), table="wte/embedding", tied=True)
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

@@ -76,13 +76,20 @@ class Stages:
     weights under block i's name; programs are keyed by the block's norm shifts and its kind,
     so one compiled block serves every layer with the same shifts and kind. ``kinds`` names each
     block's kind where blocks compute different things (Gemma's sliding and global layers);
-    empty, every block is alike."""
+    empty, every block is alike.
+
+    ``table``: the flat name of the token table ``[V, D]`` a causal LM's embedding stage reads
+    (and, ``tied``, its head), which a streamed run may read in row blocks
+    (:func:`puma.staged.run`): the embedding is then the sum of the blocks' one-hot products
+    and the logits the concatenation of theirs, so no party holds the whole table."""
 
     embed: tuple[str, ...]
     layer: str
     layers: int
     head: tuple[str, ...]
     kinds: tuple[str, ...] = ()
+    table: str = ""
+    tied: bool = False
 
     def layer_key(self, i: int) -> str:
         return self.layer.format(i)
@@ -221,9 +228,10 @@ class CausalLM(nn.Module):
     """The causal-LM call convention, written once for every decoder family.
 
     A subclass sets up ``self.blocks`` (its decoder blocks, each called ``(x, *extra, mask,
-    layer_cache, cache_index) -> (x, layer_cache)``) and defines ``embed(input_ids,
-    position_ids)``, ``head(x)``, ``stages()`` and, when its blocks need per-call tables (LLaMA's
-    rotary cos/sin), ``block_inputs(position_ids)``.
+    layer_cache, cache_index) -> (x, layer_cache)``), its token table ``embed_tokens``, final
+    ``norm`` and untied ``lm_head`` (or overrides ``embed`` and ``head``), defines ``stages()``,
+    what differs around the table (``embed_rows``, ``head_output``) and, when its blocks need
+    per-call tables (LLaMA's rotary cos/sin), ``block_inputs(position_ids)``.
 
     Call with ``input_ids`` [B, T] and optionally ``attention_mask`` (1 = real token; left
     padding for batches), ``position_ids`` [B, T], and a key/value ``cache`` with
@@ -293,6 +301,41 @@ class CausalLM(nn.Module):
     def stage_head(self, h, public: dict, head: str | None = None):
         """Logits [B, T, V] of hidden states [B, T, D]."""
         return self.head(h)
+
+    # -- the embedding and the LM head, around the token table (row blocks of it: puma.staged) --
+
+    def embed(self, input_ids, position_ids=None):
+        """Token embeddings [B, T, D]: :meth:`embed_rows` of the rows of ``embed_tokens``."""
+        return self.embed_rows(self.embed_tokens(input_ids, self.ops), position_ids)
+
+    def head(self, x):
+        """The final norm, the LM head (tied to ``embed_tokens`` or ``lm_head``) and
+        :meth:`head_output`: [B, T, D] -> logits [B, T, V]."""
+        x = self.head_input(x)
+        logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return self.head_output(logits)
+
+    def embed_rows(self, rows, position_ids):
+        """The embedding from the token table's rows for the ids, ``rows`` [B, T, D] (linear in
+        the table, so a sum over row blocks gives the same): the rows as they are by default."""
+        return rows
+
+    def head_input(self, x):
+        """What the LM head multiplies: the final norm of ``x`` [B, T, D]."""
+        return self.norm(x)
+
+    def head_output(self, logits):
+        """The logits from the LM head's products [B, T, V] (elementwise): as they are by default."""
+        return logits
+
+    def stage_embed_rows(self, rows, public: dict):
+        return self.embed_rows(rows, public["position_ids"])
+
+    def stage_head_input(self, h):
+        return self.head_input(h)
+
+    def stage_head_output(self, logits):
+        return self.head_output(logits)
 
     def block_inputs(self, position_ids) -> tuple:
         """Arrays every block takes before the mask (none by default)."""
@@ -382,16 +425,27 @@ class Embedding(nn.Module):
         return jnp.take(self.embedding, ids, axis=0)
 
     def attend(self, x: Array) -> Array:
-        """Tied output projection: [..., dim] -> [..., num].
-
-        Written as table @ rows^T, with the table as the left operand in its stored layout: the
-        same products as x @ table^T, but SPU runs x @ table^T by first transposing the shares
-        of the [num, dim] table (SmolLM2's 49152 x 576: 2.8 s per party per token in ``sim``
-        against 0.11 s this way)."""
-        rows = x.reshape(-1, x.shape[-1])  # [R, dim]
-        logits = (self.embedding @ rows.T).T.reshape(x.shape[:-1] + (self.num,))  # [num, dim] @ [dim, R] -> [R, num]
+        """Tied output projection: [..., dim] -> [..., num] (:func:`attend_table`)."""
+        logits = attend_table(self.embedding, x)
         record(self, "logits", logits)
         return logits
+
+
+def attend_table(table: Array, x: Array) -> Array:
+    """x @ table^T for a table [num, dim] and x [..., dim] -> [..., num].
+
+    Written as table @ rows^T, with the table as the left operand in its stored layout: the
+    same products as x @ table^T, but SPU runs x @ table^T by first transposing the shares of
+    the [num, dim] table (SmolLM2's 49152 x 576: 2.8 s per party per token in ``sim`` against
+    0.11 s this way)."""
+    rows = x.reshape(-1, x.shape[-1])  # [R, dim]
+    return (table @ rows.T).T.reshape(x.shape[:-1] + (table.shape[0],))  # [num, dim] @ [dim, R] -> [R, num]
+
+
+def onehot_columns(ids: Array, n: int) -> Array:
+    """One-hot rows of token ids [B, T] over n entries, by equality with a public iota as
+    ``puma``'s embedding builds them (an id outside [0, n) gives a zero row): [B, T, n]."""
+    return (ids[..., None] == jnp.arange(n, dtype=ids.dtype)).astype(jnp.float32)
 
 
 class LayerNorm(nn.Module):

@@ -320,19 +320,17 @@ class LlamaForCausalLM(CausalLM):
 
     # -- stages (puma.staged): each uses only the weights :meth:`stages` names for it ----------
 
-    def embed(self, input_ids, position_ids=None):
-        """Token embeddings [B, T, D]."""
-        return self.embed_tokens(input_ids, self.ops)
-
-    def head(self, x):
-        """Final RMSNorm and the LM head: [B, T, D] -> logits [B, T, V]."""
-        x = self.norm(x)
-        return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-
     def stages(self, head: str | None = None) -> Stages:
         cfg = self.config
         head = ("norm", "embed_tokens" if cfg.tie_word_embeddings else "lm_head")
-        return Stages(("embed_tokens",), "layers_{}", cfg.num_hidden_layers, head)
+        return Stages(
+            ("embed_tokens",),
+            "layers_{}",
+            cfg.num_hidden_layers,
+            head,
+            table="embed_tokens/embedding",
+            tied=cfg.tie_word_embeddings,
+        )
 
 
 #: Hugging Face tensor name -> (Flax path, transpose). ``{i}`` stands for the layer index.

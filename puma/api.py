@@ -38,7 +38,8 @@ def _plan(model: LoadedModel, session: Session, mode: str, memory_budget: int | 
         memory_budget = budget.default_budget(session.weight_hosts())
     shapes = loading.param_shapes(model.family, model.config)
     stages = model.module().stages()  # an encoder's: for its widest head
-    return budget.plan(shapes, stages, session.weight_bytes(), memory_budget, mode)
+    table_rows = session.table_row_blocks(shapes[stages.table]) if stages.table else []
+    return budget.plan(shapes, stages, session.weight_bytes(), memory_budget, mode, table_rows)
 
 
 def preflight(

@@ -16,6 +16,16 @@ most a few variants: :mod:`puma.calibration`): a run binds it to layer i's weigh
 Each stage calls the model's own ``embed`` / ``block`` / ``head`` methods, which its
 ``__call__`` is built from, so staged and whole-program runs compute the same functions (tested:
 same greedy tokens, logits within fixed-point noise).
+
+**A token table read in row blocks.** With streamed weights, a causal LM's token table that
+travels in row blocks (:func:`puma.runtime.sharing.row_blocks`: over 1 GiB of shares per party,
+such as Gemma 3's 262 144 x 640 at FM128, 5.4 GB per party) is never joined: the owner shares
+one block at a time (weight ``<table>#k``, :meth:`puma.runtime.base.Session.table_blocks`) and
+the parties drop it after its program. The embedding is the sum over blocks of the one-hot
+columns of the block times the block (state ``rows``), then the family's ``embed_rows``; the
+tied head runs the family's ``head_input``, one product per block (state ``logits_<k>``), then
+their concatenation through ``head_output`` and the reveal. Same function, the same products:
+the one-hot product and x @ table^T split along the vocabulary. A party holds one block.
 """
 
 from __future__ import annotations
@@ -23,9 +33,11 @@ from __future__ import annotations
 import itertools
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 
 from puma import protocols
+from puma.models.layers import attend_table, onehot_columns
 from puma.models.loading import LoadedModel
 from puma.program import Program
 from puma.runtime.base import Session
@@ -111,14 +123,109 @@ def head_program(model: LoadedModel, ops, head: "_Head") -> Program:
     )
 
 
+def table_embed_program(model: LoadedModel, ops, first: bool) -> Program:
+    """One row block of the token table's embedding: state ``rows`` (plus, after the first
+    block, what the earlier blocks gave) + the ids' one-hot columns of the block @ the block.
+    The client gives one-hot columns (``client_onehot``) or ids with the block's public first row."""
+    onehot = ops.plan.client_onehot
+
+    def fn(params, state, secret, public):
+        x = secret["input_ids"]  # the block's one-hot columns [B, T, n], or ids [B, T]
+        columns = x if onehot else onehot_columns(x - public["row_start"], params["table"].shape[0])
+        rows = jnp.einsum("btv,vd->btd", columns, params["table"])  # [B, T, n] @ [n, D] -> [B, T, D]
+        return {}, {"rows": rows if first else state["rows"] + rows}
+
+    return Program(
+        f"{model.family}_stage_embed_table",
+        fn,
+        key=(ops.name, model.program_key, first),
+        param_keys=("table",),
+        state_reads=() if first else ("rows",),
+        builtin=protocols.registered(ops),
+    )
+
+
+def embed_rows_program(model: LoadedModel, ops, keys: tuple[str, ...]) -> Program:
+    """The embedding from the table's summed rows (state ``rows``): the family's ``embed_rows``,
+    with the embedding stage's other weights ``keys`` (GPT-2's positions)."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        return {}, {"h": module.apply({"params": params}, state["rows"], public, method="stage_embed_rows")}
+
+    return Program(
+        f"{model.family}_stage_embed_rows",
+        fn,
+        key=(ops.name, model.program_key),
+        param_keys=keys,
+        state_reads=("rows",),
+        builtin=protocols.registered(ops),
+    )
+
+
+def head_input_program(model: LoadedModel, ops, keys: tuple[str, ...], last_only: bool) -> Program:
+    """What the tied head multiplies (state ``x``): the family's ``head_input`` of the last
+    position's hidden state (``last_only``) or of every position's."""
+    module = model.module(ops)
+
+    def fn(params, state, secret, public):
+        h = state["h"][:, -1:] if last_only else state["h"]  # [B, 1 or T, D]
+        return {}, {"x": module.apply({"params": params}, h, method="stage_head_input")}
+
+    return Program(
+        f"{model.family}_stage_head_input",
+        fn,
+        key=(ops.name, model.program_key, last_only),
+        param_keys=keys,
+        state_reads=("h",),
+        builtin=protocols.registered(ops),
+    )
+
+
+def table_logits_program(model: LoadedModel, ops) -> Program:
+    """One row block's logits x @ block^T (state ``part``, bound per block)."""
+
+    def fn(params, state, secret, public):
+        return {}, {"part": attend_table(params["table"], state["x"])}
+
+    return Program(
+        f"{model.family}_stage_head_table",
+        fn,
+        key=(ops.name, model.program_key),
+        param_keys=("table",),
+        state_reads=("x",),
+        builtin=protocols.registered(ops),
+    )
+
+
+def head_output_program(model: LoadedModel, ops, head: "_Head", blocks: int) -> Program:
+    """The blocks' logits joined along the vocabulary, the family's ``head_output``, the reveal."""
+    module = model.module(ops)
+    parts = tuple(f"logits_{k}" for k in range(blocks))
+
+    def fn(params, state, secret, public):
+        logits = jnp.concatenate([state[p] for p in parts], axis=-1)  # [B, T, V]
+        logits = module.apply({"params": {}}, logits, method="stage_head_output")
+        return head.reveal(module.ops, logits, secret), {}
+
+    return Program(
+        f"{model.family}_stage_head_output",
+        fn,
+        key=(ops.name, model.program_key, blocks, repr(sorted(head.spec.items()))),
+        param_keys=(),
+        state_reads=parts,
+        builtin=protocols.registered(ops),
+    )
+
+
 class _Head:
     """A head stage's reveal function with its spec (what it computes, JSON), what it reads
     (``reads``: a causal head's ``last_only``, an encoder head's name), which the model's
     ``block_rows`` turns into the rows its last block computes, and the family head it runs
     (``name``: None for a causal LM's logits)."""
 
-    def __init__(self, fn, spec: dict, reads, name: str | None = None):
-        self.fn, self.spec, self.reads, self.name = fn, spec, reads, name
+    def __init__(self, fn, spec: dict, reads, name: str | None = None, reveal=None):
+        self.fn, self.spec, self.reads, self.name, self.reveal = fn, spec, reads, name, reveal
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -134,7 +241,7 @@ def causal_head(reveal_fn, spec: dict) -> _Head:
         logits = module.apply({"params": params}, x, public, None, method="stage_head")
         return reveal_fn(module.ops, logits, secret)
 
-    return _Head(fn, spec, last_only)
+    return _Head(fn, spec, last_only, reveal=reveal_fn)
 
 
 def encoder_head(head: str) -> _Head:
@@ -171,15 +278,19 @@ def run(
     embed_secret = {k: secret[k] for k in ("input_ids", "token_type_ids") if k in secret}
     head_secret = {k: v for k, v in secret.items() if k not in embed_secret}
     n = np.shape(public["position_ids"])[1]
+    blocks = session.table_blocks(stages.table) if module.causal else []
     try:
-        session.hold_params(list(stages.embed))
-        session.run(
-            embed_program(model, ops),
-            embed_secret,
-            {"position_ids": public["position_ids"]},
-            state=slot,
-        )
-        session.release_params(list(stages.embed))
+        if blocks:
+            _embed_in_blocks(session, model, ops, stages, blocks, embed_secret, public, slot)
+        else:
+            session.hold_params(list(stages.embed))
+            session.run(
+                embed_program(model, ops),
+                embed_secret,
+                {"position_ids": public["position_ids"]},
+                state=slot,
+            )
+            session.release_params(list(stages.embed))
         last_rows = None if phase == "decode" else module.block_rows(head.reads)
         block_public = dict(public)
         if phase != "decode":
@@ -191,12 +302,57 @@ def run(
             program = block_program(model, ops, i, phase, max_len, rows)
             session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
             session.release_params([key])
-        session.hold_params(list(stages.head))
-        head_public = {"attention_mask": public["attention_mask"]}
-        out = session.run(head_program(model, ops, head), head_secret, head_public, state=slot)
-        session.release_params(list(stages.head))
+        if blocks and stages.tied and head.reveal is not None:
+            out = _head_in_blocks(session, model, ops, stages, blocks, head, head_secret, slot)
+        else:
+            session.hold_params(list(stages.head))
+            head_public = {"attention_mask": public["attention_mask"]}
+            out = session.run(head_program(model, ops, head), head_secret, head_public, state=slot)
+            session.release_params(list(stages.head))
     finally:
         if own_slot:
             session.free(slot)
     log.debug("staged %s run of %d blocks (%d positions)", phase, stages.layers, n)
     return out
+
+
+def _table_key(stages, k: int) -> str:
+    return f"{stages.table}#{k}"
+
+
+def _embed_in_blocks(session, model, ops, stages, blocks, secret: dict, public: dict, slot: str) -> None:
+    """The embedding stage with the token table in row blocks (see the module doc)."""
+    ids = secret["input_ids"]
+    onehot = ops.plan.client_onehot
+    for k, (start, stop) in enumerate(blocks):
+        name = _table_key(stages, k)
+        session.hold_params([name])
+        block_secret = {"input_ids": ids[..., start:stop] if onehot else ids}  # the client slices its own one-hot
+        block_public = {} if onehot else {"row_start": np.int32(start)}
+        session.run(
+            table_embed_program(model, ops, first=k == 0), block_secret, block_public, state=slot, bind={"table": name}
+        )
+        session.release_params([name])
+    others = tuple(key for key in stages.embed if key != stages.table.split("/", 1)[0])
+    if others:
+        session.hold_params(list(others))
+    session.run(embed_rows_program(model, ops, others), {}, {"position_ids": public["position_ids"]}, state=slot)
+    if others:
+        session.release_params(list(others))
+
+
+def _head_in_blocks(session, model, ops, stages, blocks, head: _Head, secret: dict, slot: str) -> dict:
+    """The tied head with the token table in row blocks (see the module doc)."""
+    others = tuple(key for key in stages.head if key != stages.table.split("/", 1)[0])
+    if others:
+        session.hold_params(list(others))
+    session.run(head_input_program(model, ops, others, bool(head.reads)), {}, {}, state=slot)
+    if others:
+        session.release_params(list(others))
+    for k in range(len(blocks)):
+        name = _table_key(stages, k)
+        session.hold_params([name])
+        bind = {"table": name, "part": f"logits_{k}"}
+        session.run(table_logits_program(model, ops), {}, {}, state=slot, bind=bind)
+        session.release_params([name])
+    return session.run(head_output_program(model, ops, head, len(blocks)), secret, {}, state=slot)

@@ -304,6 +304,11 @@ def test_control_port_in_use(tmp_path):
             "'nohost' is not host:port",
         ),
         ("colour: blue\nparties: []\n", "unknown key 'colour'"),
+        (  # on two computing parties, party 0 must never hold a weight in the clear
+            "protocol: cheetah\nruntime: {experimental_enable_colocated_optimization: true}\nparties:\n"
+            "  - {link: 'a:1', control: 'a:2'}\n  - {link: 'a:3', control: 'a:4'}\n",
+            "experimental_enable_colocated_optimization is set by mode: client-server",
+        ),
     ],
 )
 def test_malformed_topology(tmp_path, capsys, content, fragment):

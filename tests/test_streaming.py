@@ -202,6 +202,31 @@ def test_big_weights_travel_as_row_blocks_joined_at_the_parties(backend, monkeyp
         assert joined >= 2, joined  # several block layouts were joined
 
 
+@pytest.mark.parametrize("preset, approx", [("gpt2-debug", "puma-fast"), ("llama-debug", "puma")])
+def test_a_token_table_in_row_blocks_is_read_block_by_block_never_joined(preset, approx, monkeypatch):
+    """Streamed, a token table that travels in row blocks (4 of 32 rows here) is never joined:
+    the embedding sums the blocks' one-hot products (puma-fast: the client's own one-hot columns;
+    puma: ids compared with each block's rows), GPT-2's positions are added once, and a tied head
+    (GPT-2's; LLaMA-debug's is untied) concatenates the blocks' logits. Greedy tokens equal and
+    logits within STREAM_ATOL of the resident one-program run (whose table is whole)."""
+    resident = _resident(preset, approx, _outputs)
+    monkeypatch.setattr(sharing, "SPLIT_BYTES", 1 << 14)
+    monkeypatch.setattr(sharing, "BLOCK_BYTES", 1 << 14)
+    with SecureModel.from_pretrained(preset, approx=approx, backend="sim", weights="streamed") as m:
+        got = _outputs(m, nocache=False)
+        cost = m.generate_ids(PROMPTS[:1], 2).cost.to_dict()
+        table = m.model.module().stages().table
+        joins = set(m.session._joins)  # the block layouts joined at the parties
+    _compare(got, resident, STREAM_ATOL, f"{preset} with its table in row blocks")
+    family, runs = m.model.family, cost["runs_by_program"]
+    assert table and runs[f"{family}_stage_embed_table"] == 4 * 2  # 4 blocks, prefill and one decode step
+    assert runs[f"{family}_stage_embed_rows"] == 2 and f"{family}_stage_embed" not in runs
+    tied = preset == "gpt2-debug"
+    assert runs.get(f"{family}_stage_head_table", 0) == (4 * 2 if tied else 0)
+    assert runs.get(f"{family}_stage_head_output", 0) == (2 if tied else 0)
+    assert ((32, 32),) * 4 not in joins, joins  # the [128, 32] table in 4 blocks was never joined
+
+
 def test_stories260k_streamed_equals_resident(backend, stories_gguf):
     """8 greedy tokens on sim; the first 4 of them on nodes and ray (CI time: the debug presets
     above compare whole windows, logits and cached tokens on every backend)."""

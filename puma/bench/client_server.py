@@ -12,8 +12,11 @@ Cells (each in one session; tokens checked against the same set's plaintext run)
   out, ``sim``: the two-party mode beside the three-party one, in one invocation.
 
 Counting: send actions and bytes per party are SPU's link counters during program execution
-(:mod:`puma.runtime.cost`); the busiest party's send actions bound the sequential messages. SPU's
-cheetah options are its defaults (Ferret OT from yacl, the HE matrix product of BumbleBee).
+(:mod:`puma.runtime.cost`); the busiest party's send actions bound the sequential messages.
+SPU's cheetah options: its defaults (Ferret OT from yacl, the HE matrix product of BumbleBee),
+plus the colocated optimization that ``mode: client-server`` turns on: the owner's party keeps
+the weights as its private values, so a product of an activation by a weight is one homomorphic
+product of a secret by the owner's matrix (two for secret by secret).
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ def _generation(m: SecureModel, prompt: str, new: int) -> dict:
     return {**figures, "load": machine.report()}
 
 
+#: How long a party waits for the other's message in the served cells: SmolLM2's one-hot
+#: embedding product keeps the owner's party computing for minutes between messages.
+RECV_S = 900
+
+
 def _served(source: str, prompt: str, new: int, ready_s: float) -> dict:
     """The owner serving ``source`` in its own process; one client's generation."""
     with tempfile.TemporaryDirectory(prefix="puma-cs-") as root:
-        topo = client_server_topology(os.path.join(root, "cs.yaml"))
+        topo = client_server_topology(os.path.join(root, "cs.yaml"), recv_s=RECV_S)
         manifest = os.path.join(root, "manifest.json")
         with owner_serving(topo, source, manifest, root, ready_s):
             with SecureModel.from_pretrained(manifest, backend="nodes", config=topo, approx=APPROX) as m:
@@ -152,8 +160,9 @@ def _step(step: dict) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        "Client-server mode (`puma-fast`, cheetah FM64/18, the owner's party and the client's on this machine; "
-        "`sim`: both in one process). Per step: bytes over both parties, the busiest party's send actions, "
+        "Client-server mode (`puma-fast`, cheetah FM64/18, the weights private to the owner's party; the "
+        "owner's party and the client's on this machine, `sim`: both in one process; `gpt2/aby3`: three "
+        "parties, for comparison). Per step: bytes over all parties, the busiest party's send actions, "
         "seconds, modelled LAN/WAN seconds (1 ms, 10 Gbit/s / 40 ms, 400 Mbit/s).",
         "",
         "| cell | tokens = plaintext | step | bytes | busiest sends | s | LAN / WAN s "

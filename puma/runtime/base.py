@@ -80,6 +80,16 @@ class Session(abc.ABC):
     def release_params(self, keys: list[str]) -> None:
         """Let go of weight subtrees held by :meth:`hold_params` (streamed mode)."""
 
+    def table_row_blocks(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The row blocks a streamed token table of ``shape`` travels in ([]: it travels whole)."""
+        return []
+
+    def table_blocks(self, name: str) -> list[tuple[int, int]]:
+        """The row blocks [start, stop) in which this run reads the token table ``name``: each
+        block k is then the weight ``name#k`` for :meth:`hold_params` (streamed weights only);
+        [] when the table is read whole."""
+        return []
+
     def _owner_peak_rss(self) -> int:
         """Peak RSS of the model owner's process when it is not this one (else 0)."""
         return 0

@@ -69,13 +69,20 @@ def plan(
     per_weight: int,
     budget: int,
     mode: str = "auto",
+    table_rows: list[tuple[int, int]] = (),
 ) -> WeightPlan:
     """Choose resident or streamed weights for a model of ``shapes`` (flat Flax paths) run in
-    ``stages`` (:class:`puma.models.layers.Stages`) when a weight costs ``per_weight`` bytes."""
+    ``stages`` (:class:`puma.models.layers.Stages`) when a weight costs ``per_weight`` bytes.
+    ``table_rows``: the row blocks a streamed token table is read in (``stages.table``), so a
+    streamed stage holds its largest block rather than the whole table."""
     if mode not in MODES:
         raise PumaError(f"weights mode must be one of {', '.join(MODES)}, not {mode!r}")
     size = {name: int(np.prod(shape, dtype=np.int64)) * per_weight for name, shape in shapes.items()}
     resident = sum(size.values())
+    if table_rows:  # streamed, the table is held one row block at a time
+        shape = shapes[stages.table]
+        rows = max(stop - start for start, stop in table_rows)
+        size[stages.table] = rows * int(np.prod(shape[1:], dtype=np.int64)) * per_weight
     by_stage: dict[str, int] = {}
     for name, nbytes in size.items():
         top = name.split("/", 1)[0]

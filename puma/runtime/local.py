@@ -186,14 +186,16 @@ class LocalParties:
         self.stop()
 
 
-def client_server_topology(path, job_idle_s: float = 300, clients=("client",)) -> str:
+def client_server_topology(path, job_idle_s: float = 300, clients=("client",), recv_s: float = 30) -> str:
     """A client-server topology at ``path`` (cheetah; the owner's party ``provider`` with link
-    and control ports, the client's party ``customer`` with a link only) and its certificates."""
+    and control ports, the client's party ``customer`` with a link only) and its certificates.
+    ``recv_s``: how long a party waits for the other's message (a homomorphic product of a big
+    model's one-hot embedding keeps one party computing for minutes)."""
     link0, control0, link1 = free_ports(3)
     doc = {
         "mode": "client-server",
         "protocol": "cheetah",
-        "timeouts": {"connect_s": 10, "recv_s": 30, "job_idle_s": job_idle_s},
+        "timeouts": {"connect_s": 10, "recv_s": recv_s, "job_idle_s": job_idle_s},
         "tls": {"dir": "certs"},
         "clients": list(clients),
         "parties": [

@@ -65,9 +65,10 @@ CHUNK_BYTES = 64 << 20
 #: One party's share of a weight: a whole ``libspu.Share`` or a piece of one.
 PartyValue = Union[libspu.Share, sharing.Piece]
 
-#: How the owner shares one tensor: per step, the name suffix (a row block's ``#k``, see
-#: :func:`puma.runtime.sharing.row_blocks`), one value per party and the plaintext bytes covered.
-ShareFunction = Callable[[np.ndarray], Iterator[tuple[str, list[PartyValue], int]]]
+#: How the owner shares one tensor (or only its row block k): per step, the name suffix (a row
+#: block's ``#k``, see :func:`puma.runtime.sharing.row_blocks`), one value per party and the
+#: plaintext bytes covered.
+ShareFunction = Callable[[np.ndarray, "int | None"], Iterator[tuple[str, list[PartyValue], int]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +110,16 @@ def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFuncti
         def one(value):
             yield io.make_shares(value, libspu.Visibility.VIS_SECRET, owner_rank), value.nbytes
 
-    def share(value):
+    def share(value, block: int | None = None):
         value = np.asarray(value, np.float32)
         blocks = sharing.row_blocks(value.shape, field)
         if not blocks:
             for parts, plain in one(value):
                 yield "", parts, plain
         for k, (start, stop) in enumerate(blocks):
-            for parts, plain in one(value[start:stop]):
-                yield sharing.block_name("", k), parts, plain
+            if block is None or block == k:
+                for parts, plain in one(value[start:stop]):
+                    yield sharing.block_name("", k), parts, plain
 
     return share
 
@@ -134,6 +136,17 @@ class ModelOwner:
 
     def __init__(self, params: "dict | LazyParams"):
         self._weights = params if isinstance(params, LazyParams) else _lazy_tree(params)
+        self._kept: tuple[str, np.ndarray] | None = None  # the table whose row blocks are being shared
+
+    def _tensor(self, name: str, in_blocks: bool) -> np.ndarray:
+        """Weight ``name``; a table shared block by block is read (dequantized) once and kept
+        until another is asked for."""
+        if not in_blocks:
+            return self._weights.get(name)
+        if self._kept is None or self._kept[0] != name:
+            self._kept = None
+            self._kept = (name, np.asarray(self._weights.get(name), np.float32))
+        return self._kept[1]
 
     @classmethod
     def from_spec(cls, spec: OwnerSpec) -> "ModelOwner":
@@ -158,8 +171,9 @@ class ModelOwner:
         chunk: dict[str, list[PartyValue]] = {}
         size = 0
         for name in self._weights.names() if names is None else names:
-            for suffix, parts, plain in share(self._weights.get(name)):
-                key = self.PREFIX + name + suffix
+            base, sep, block = name.partition("#")  # name#k: row block k of a table read in blocks
+            for suffix, parts, plain in share(self._tensor(base, bool(sep)), int(block) if sep else None):
+                key = self.PREFIX + base + suffix
                 if key in chunk:
                     yield self._bundles(chunk, world_size)
                     chunk, size = {}, 0

@@ -221,7 +221,7 @@ class SecureSession(Session):
             if not streamed:
                 raise PumaError("a share store keeps streamed weights: use it with --weights streamed or auto")
             self.use_share_store(share_store, model_id)
-        self._param_avals = param_avals
+        self._param_avals = dict(param_avals)
         self.mesh.open_owner(spec, self.protocol_config.runtime_config(profile=False).SerializeToString())
         if streamed:
             self.weights_mode = "streamed"
@@ -357,6 +357,20 @@ class SecureSession(Session):
     def release_params(self, keys: list[str]) -> None:
         if self.weights_mode == "streamed" and not self.published:
             self.mesh.drop([ModelOwner.PREFIX + n for n in self._flat_names(keys)])
+
+    def table_row_blocks(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        return [] if self.published else sharing.row_blocks(shape, self.protocol_config.field)
+
+    def table_blocks(self, name: str) -> list[tuple[int, int]]:
+        if self.weights_mode != "streamed" or self.published or not name:
+            return []
+        shape = tuple(flatten(self._param_avals)[name].shape)
+        blocks = self.table_row_blocks(shape)
+        for k, (start, stop) in enumerate(blocks):  # the owner shares block k as weight name#k
+            self._param_avals[sharing.block_name(name, k)] = jax.ShapeDtypeStruct(
+                (stop - start, *shape[1:]), np.float32
+            )
+        return blocks
 
     # -- runs ----------------------------------------------------------------------------------
 
