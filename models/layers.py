@@ -406,6 +406,14 @@ def project(x: Array, linears: list[Linear], fused: bool) -> list[Array]:
     return [out if b is None else out + b for out, (_, b) in zip(outputs, parts)]
 
 
+#: The most rows x table entries one lookup takes at once; more tokens are looked up in groups
+#: of positions, one after the other (the same rows). cheetah's homomorphic product of a one-hot
+#: by the table holds about 0.76 GB per row of GPT-2's 50 257 entries on top of 3.1 GB (measured:
+#: 4.6 GB at 2 rows, 9.2 GB at 8), so GPT-2's 32-token prompt at once needed more than this
+#: machine's 24 GiB; three-party runs pay one more round per group.
+LOOKUP_ELEMENTS = 1 << 19
+
+
 class Embedding(nn.Module):
     """A lookup table ``embedding`` of shape ``[num, dim]``."""
 
@@ -417,8 +425,13 @@ class Embedding(nn.Module):
         self.embedding = self.param("embedding", normal_init(self.std), (self.num, self.dim), jnp.float32)
 
     def __call__(self, ids: Array, ops: Ops) -> Array:
-        """Rows for (possibly secret) ids through the ops set: [...] -> [..., dim]."""
-        return ops.embed(ids, self.embedding)
+        """Rows for (possibly secret) ids [B, T] (or client-made one-hot rows [B, T, V]) through
+        the ops set, :data:`LOOKUP_ELEMENTS` at a time: -> [B, T, dim]."""
+        group = max(1, LOOKUP_ELEMENTS // (ids.shape[0] * self.num))
+        if ids.shape[1] <= group:
+            return ops.embed(ids, self.embedding)
+        parts = [ops.embed(ids[:, t : t + group], self.embedding) for t in range(0, ids.shape[1], group)]
+        return jnp.concatenate(parts, axis=1)  # [B, T, dim]
 
     def take_public(self, ids: Array) -> Array:
         """Rows for public ids (positions): a plain gather, [...] -> [..., dim]."""
