@@ -34,6 +34,10 @@ ACTIVATION_ABS = {"silu": 1e-2, "gelu": 5.5e-3, "gelu_tanh": 5.5e-3}  # fits [9.
 #: Under SPU (ABY3 FM64/18): the same functions with truncation noise (measured in brackets).
 SPU_SOFTMAX_ABS = 1.3e-3  # [1.07e-3, largest of 3 runs]
 SPU_NORM_REL = 1e-3  # of a row's largest output: the chords' 7e-4 plus truncation noise [7.0e-4]
+#: ... for a row at the domain's low end (mean square 2^-13): each square and each weighted entry
+#: is truncated to 2^-18, which is 3.4e-4 of entries of 2^-6.5 and, over 576 squares, 3 sd of
+#: 5.7e-4 of the rsqrt: 7e-4 + 3.4e-4 + 5.7e-4 [1.3e-3 in a failing run; the bound 1e-3 failed 2 runs of 14]
+SPU_NORM_EDGE_REL = 2e-3
 SPU_ACTIVATION_ABS = 1.1e-2  # SiLU's fit 9.8e-3 plus truncation noise [9.76e-3]
 SPU_RECIPROCAL_REL = 1e-3  # the chords' 8.34e-4 + truncation noise [8.34e-4]
 
@@ -254,7 +258,8 @@ def test_norms_under_spu_inside_and_at_the_domain_edges(session):
     w = rng.uniform(0.5, 1.5, width).astype(np.float32)
     got = _spu(session, "rms", lambda s, p: chat.rms_norm(s["x"], s["w"], 1e-6), {"x": x[:3], "w": w})
     want = _rms(x[:3], w, 1e-6)
-    assert np.all(np.abs(got - want).max(-1) <= SPU_NORM_REL * np.abs(want).max(-1)), "rms_norm under SPU"
+    rel = np.array([SPU_NORM_REL, SPU_NORM_REL, SPU_NORM_EDGE_REL])
+    assert np.all(np.abs(got - want).max(-1) <= rel * np.abs(want).max(-1)), "rms_norm under SPU"
     big = _spu(session, "rms_big", lambda s, p: chat.rms_norm(s["x"], s["w"], 1e-6), {"x": x[3:] * 2.0**-9, "w": w})
     want = _rms(x[3:], w, 1e-6)
     assert np.all(np.abs(big - want).max(-1) <= SPU_NORM_REL * np.abs(want).max(-1)), "pre-scaled large row"
