@@ -455,12 +455,6 @@ def attend_table(table: Array, x: Array) -> Array:
     return (table @ rows.T).T.reshape(x.shape[:-1] + (table.shape[0],))  # [num, dim] @ [dim, R] -> [R, num]
 
 
-def onehot_columns(ids: Array, n: int) -> Array:
-    """One-hot rows of token ids [B, T] over n entries, by equality with a public iota as
-    ``puma``'s embedding builds them (an id outside [0, n) gives a zero row): [B, T, n]."""
-    return (ids[..., None] == jnp.arange(n, dtype=ids.dtype)).astype(jnp.float32)
-
-
 class LayerNorm(nn.Module):
     """LayerNorm parameters (``weight``, ``bias``) applied through ``ops.layer_norm`` to the
     input pre-scaled by 2^-``shift`` (:func:`~puma.protocols.base.prescale`)."""

@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from puma import protocols
-from puma.models.layers import attend_table, onehot_columns
+from puma.models.layers import attend_table
 from puma.models.loading import LoadedModel
 from puma.program import Program
+from puma.protocols import puma as puma_set
 from puma.runtime.base import Session
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,15 @@ def head_program(model: LoadedModel, ops, head: "_Head") -> Program:
 def table_embed_program(model: LoadedModel, ops, first: bool) -> Program:
     """One row block of the token table's embedding: state ``rows`` (plus, after the first
     block, what the earlier blocks gave) + the ids' one-hot columns of the block @ the block.
-    The client gives one-hot columns (``client_onehot``) or ids with the block's public first row."""
+    The client gives the block's one-hot columns (``client_onehot``: the set's own one-hot
+    product) or ids with the block's public first row (PUMA's one-hot by equality with an iota,
+    whatever the set's embedding: an id outside the block gives a zero row)."""
     onehot = ops.plan.client_onehot
 
     def fn(params, state, secret, public):
         x = secret["input_ids"]  # the block's one-hot columns [B, T, n], or ids [B, T]
-        columns = x if onehot else onehot_columns(x - public["row_start"], params["table"].shape[0])
-        rows = jnp.einsum("btv,vd->btd", columns, params["table"])  # [B, T, n] @ [n, D] -> [B, T, D]
+        table = params["table"]
+        rows = ops.embed(x, table) if onehot else puma_set.embed(x - public["row_start"], table)  # [B, T, D]
         return {}, {"rows": rows if first else state["rows"] + rows}
 
     return Program(
@@ -333,22 +336,23 @@ def _embed_in_blocks(session, model, ops, stages, blocks, secret: dict, public: 
             table_embed_program(model, ops, first=k == 0), block_secret, block_public, state=slot, bind={"table": name}
         )
         session.release_params([name])
-    others = tuple(key for key in stages.embed if key != stages.table.split("/", 1)[0])
-    if others:
-        session.hold_params(list(others))
+    others = _beside_table(stages.embed, stages)
+    session.hold_params(list(others))
     session.run(embed_rows_program(model, ops, others), {}, {"position_ids": public["position_ids"]}, state=slot)
-    if others:
-        session.release_params(list(others))
+    session.release_params(list(others))
+
+
+def _beside_table(keys: tuple[str, ...], stages) -> tuple[str, ...]:
+    """A stage's weight subtrees other than the token table's."""
+    return tuple(key for key in keys if key != stages.table.split("/", 1)[0])
 
 
 def _head_in_blocks(session, model, ops, stages, blocks, head: _Head, secret: dict, slot: str) -> dict:
     """The tied head with the token table in row blocks (see the module doc)."""
-    others = tuple(key for key in stages.head if key != stages.table.split("/", 1)[0])
-    if others:
-        session.hold_params(list(others))
+    others = _beside_table(stages.head, stages)
+    session.hold_params(list(others))
     session.run(head_input_program(model, ops, others, bool(head.reads)), {}, {}, state=slot)
-    if others:
-        session.release_params(list(others))
+    session.release_params(list(others))
     for k in range(len(blocks)):
         name = _table_key(stages, k)
         session.hold_params([name])

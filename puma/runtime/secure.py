@@ -258,7 +258,7 @@ class SecureSession(Session):
         self.share_store = os.path.join(directory, hashlib.sha1(ident.encode()).hexdigest()[:16])
 
     def hold_params(self, keys: list[str]) -> None:
-        if self.weights_mode != "streamed" or self.published:
+        if self.weights_mode != "streamed" or self.published or not keys:
             return  # published models: the parties load from their own stores what a run needs
         start = time.perf_counter()
         names = self._flat_names(keys)
@@ -355,7 +355,7 @@ class SecureSession(Session):
         return _Compiled(self._put(program.name, code), lowered)
 
     def release_params(self, keys: list[str]) -> None:
-        if self.weights_mode == "streamed" and not self.published:
+        if self.weights_mode == "streamed" and not self.published and keys:
             self.mesh.drop([ModelOwner.PREFIX + n for n in self._flat_names(keys)])
 
     def table_row_blocks(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
