@@ -27,7 +27,7 @@ def test_latency_cells_on_llama_debug(tmp_path):
         assert text is None and len(ids) == 5  # no tokenizer: seeded ids
         figures, result = latency.measure_generation(m, text, ids, steps)
         shapes = latency.decode_shapes(m.model.config, len(ids), steps)
-        sites = latency.decode_sites(m.model.config, m.ops, shapes, m.model.shifts)
+        sites = latency.decode_sites(m.model.config, m.ops, shapes, shifts=m.model.shifts)
         found = latency.measure_sites(m.session, m.ops, sites, figures["decode_mean"])
 
     # the step figures are the runtime's own per-step counts
@@ -90,3 +90,37 @@ def test_latency_cells_on_llama_debug(tmp_path):
     assert "cold process s" in text
     made = latency.plot(data, str(tmp_path / "plots"))
     assert [p.rsplit("/", 1)[1] for p in made] == ["latency_sites_llama-debug.png"]
+
+
+def test_gemma3_sites_count_its_norms_and_read_a_blocked_table_as_the_model_does():
+    """Gemma 3's decode step has four norms per block and per-head query/key norms; with its
+    table in row blocks the embedding is one lookup per block and the head one product per block
+    with the argmax over the joined logits. Oracles: the weights' names (norm count), and the
+    same sites on the whole table: a block's lookup sends what the whole lookup sends (its
+    output is the same [1, D]); the blocked head sends the same bytes (its outputs add up to V)
+    in more send actions."""
+    with SecureModel.from_pretrained("llama-debug") as llama:
+        assert latency.block_norms(llama.model.param_avals()) == 2
+    with SecureModel.from_pretrained("gemma3-debug", approx="puma-fast", backend="sim") as m:
+        config = m.model.config
+        per_layer = latency.block_norms(m.model.param_avals())
+        assert per_layer == 4
+        shapes = latency.decode_shapes(config, 5, 1)
+        vocab = config.vocab_size
+        blocks = [(0, vocab // 2), (vocab // 2, vocab)]
+        whole = {s.name: s for s in latency.decode_sites(config, m.ops, shapes, per_layer=per_layer)}
+        blocked = {s.name: s for s in latency.decode_sites(config, m.ops, shapes, per_layer=4, blocks=blocks)}
+        assert whole["norm"].count == 4 * config.num_hidden_layers + 1
+        assert whole["query/key norms"].count == config.num_hidden_layers
+        assert blocked["embedding"].count == 2 and blocked["head"].count == 1
+        cost = {
+            (kind, name): latency.measure_site(m.session, m.ops, sites[name])
+            for kind, sites in (("whole", whole), ("blocked", blocked))
+            for name in ("embedding", "head")
+        }
+    one, two = cost["whole", "embedding"], cost["blocked", "embedding"]
+    assert two["once"]["bytes_sent"] == one["once"]["bytes_sent"] > 0
+    assert two["per_step"]["bytes_sent"] == 2 * one["per_step"]["bytes_sent"]
+    one, two = cost["whole", "head"], cost["blocked", "head"]
+    assert two["once"]["bytes_sent"] == one["once"]["bytes_sent"]
+    assert two["once"]["max_party_send_actions"] > one["once"]["max_party_send_actions"]

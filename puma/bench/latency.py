@@ -11,7 +11,8 @@ calibration preflight picks; the cell records it):
    seconds modelled under a LAN (1 ms, 10 Gbit/s) and a WAN (40 ms, 400 Mbit/s); the pphlo ops of
    the last decode step that send most often and that take most seconds.
 2. **Sites.** Each site of one decode step (norms, projections, rotary embedding, attention
-   products, softmax, activation, head, embedding) run as a program of its own in the same
+   products, softmax, activation, head, embedding; the query/key norms where the family has them;
+   a token table streamed in row blocks as the model reads it) run as a program of its own in the same
    session, at the decode step's shapes (one token against the cache slots the generation
    used), with secret random inputs of the real shapes in realistic ranges, times its count per
    step. Beside the sum: the decode steps' measured figure; the difference is what the site
@@ -51,7 +52,9 @@ from puma.bench.load import LoadMonitor, wait_quiet
 from puma.bench.report import CellStore, profiled
 from puma.errors import PumaError
 from puma.models import layers
+from puma.models.llama import RotaryDecoderConfig
 from puma.program import Program
+from puma.runtime.params import flatten
 
 log = logging.getLogger(__name__)
 
@@ -237,31 +240,55 @@ def _normal(rng, shape, scale=1.0) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def site_embedding(config, ops, rng) -> Site:
+def site_embedding(config, ops, rng, blocks=()) -> Site:
     """The token's embedding row: one-hot row [1, V] times the table [V, D] for sets whose
-    client one-hot encodes (``ops.plan.client_onehot``), else the set's secret lookup."""
+    client one-hot encodes (``ops.plan.client_onehot``), else the set's secret lookup. With the
+    table in row ``blocks`` (:meth:`~puma.runtime.base.Session.table_blocks`), one block's
+    lookup, counted once per block, as :mod:`puma.staged` runs it."""
     vocab, hidden = config.vocab_size, config.hidden_size
-    ids = tasks.client_ids(ops, rng.integers(0, vocab, (1, 1)), vocab)
+    rows = blocks[0][1] - blocks[0][0] if blocks else vocab
+    ids = tasks.client_ids(ops, rng.integers(0, rows, (1, 1)), rows)
     how = "one-hot row [1, V] x table [V, D]" if ops.plan.client_onehot else "the set's lookup of a secret id"
+    where = f"per row block of {rows} (of {len(blocks)})" if blocks else "once"
     return Site(
         "embedding",
-        f"{how}, once per step",
-        1,
+        f"{how}, {where} per step",
+        max(1, len(blocks)),
         lambda s, p: ops.embed(s["ids"], s["table"]),
-        {"ids": ids, "table": _normal(rng, (vocab, hidden), 0.02)},
+        {"ids": ids, "table": _normal(rng, (rows, hidden), 0.02)},
     )
 
 
-def site_norm(config, ops, rng) -> Site:
-    """RMSNorm of one row [1, 1, D] (mean square about 1): two per layer and the final one."""
+def site_norm(config, ops, rng, per_layer: int) -> Site:
+    """RMSNorm of one row [1, 1, D] (mean square about 1): ``per_layer`` per block (LLaMA 2,
+    Gemma 3 4) and the final one."""
     return Site(
         "norm",
-        "ops.rms_norm on [1, 1, D]; 2 per layer + the final norm",
-        2 * config.num_hidden_layers + 1,
+        f"ops.rms_norm on [1, 1, D]; {per_layer} per layer + the final norm",
+        per_layer * config.num_hidden_layers + 1,
         lambda s, p: ops.rms_norm(s["x"], s["w"], config.rms_norm_eps),
         {
             "x": _normal(rng, (1, 1, config.hidden_size)),
             "w": rng.uniform(0.5, 1.5, config.hidden_size).astype(np.float32),
+        },
+    )
+
+
+def site_qk_norm(config, ops, rng) -> Site:
+    """The per-head RMSNorms of the token's queries [1, 1, H, Dh] and keys [1, 1, Hkv, Dh]
+    (Qwen3, Gemma 3: ``config.qk_norm``); per layer."""
+    heads, kv_heads, dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
+    return Site(
+        "query/key norms",
+        "ops.rms_norm over each query and key head's Dh; per layer",
+        config.num_hidden_layers,
+        lambda s, p: (ops.rms_norm(s["q"], s["wq"], eps), ops.rms_norm(s["k"], s["wk"], eps)),
+        {
+            "q": _normal(rng, (1, 1, heads, dh)),
+            "k": _normal(rng, (1, 1, kv_heads, dh)),
+            "wq": rng.uniform(0.5, 1.5, dh).astype(np.float32),
+            "wk": rng.uniform(0.5, 1.5, dh).astype(np.float32),
         },
     )
 
@@ -379,13 +406,17 @@ def site_activation(config, ops, rng) -> Site:
     )
 
 
-def site_head(config, ops, rng) -> Site:
+def site_head(config, ops, rng, blocks=()) -> Site:
     """The LM head product [1, D] x [D, V] (the table's transpose when tied) and the set's
-    argmax over the vocabulary (greedy, token revealed); the final norm is in ``norm``."""
+    argmax over the vocabulary (greedy, token revealed); the final norm is in ``norm``. With
+    the tied table in row ``blocks``, each block's product against its own row of the input
+    (distinct operands: no product is shared) and the argmax over the joined logits, as
+    :mod:`puma.staged` runs them."""
     vocab, hidden = config.vocab_size, config.hidden_size
     if config.tie_word_embeddings:  # the model's own tied projection (its operand layout matters)
-        table = layers.Embedding(vocab, hidden)
-        shape = (vocab, hidden)
+        rows = blocks[0][1] - blocks[0][0] if blocks else vocab
+        table = layers.Embedding(rows, hidden)
+        shape = (rows, hidden)
 
         def logits(x, w):
             return table.apply({"params": {"embedding": w}}, x, method="attend")
@@ -396,32 +427,50 @@ def site_head(config, ops, rng) -> Site:
         def logits(x, w):
             return jnp.einsum("td,dv->tv", x, w)
 
-    return Site(
-        "head",
-        "LM head product [1, D] x [D, V] and ops.argmax over V; once per step",
-        1,
-        lambda s, p: ops.argmax(logits(s["x"], s["w"])),
-        {"x": _normal(rng, (1, hidden)), "w": _normal(rng, shape, 0.05)},
-    )
+    if config.tie_word_embeddings and blocks:  # [1, D] against each block: [1, rows] each, joined [1, V']
+
+        def call(s, p):
+            return ops.argmax(jnp.concatenate([logits(s["x"][k : k + 1], s["w"]) for k in range(len(blocks))], -1))
+
+        what = f"LM head product [1, D] x [D, V] in {len(blocks)} row blocks of {shape[0]} and ops.argmax over them"
+        x = _normal(rng, (len(blocks), hidden))
+    else:
+
+        def call(s, p):
+            return ops.argmax(logits(s["x"], s["w"]))
+
+        what = "LM head product [1, D] x [D, V] and ops.argmax over V"
+        x = _normal(rng, (1, hidden))
+    return Site("head", f"{what}; once per step", 1, call, {"x": x, "w": _normal(rng, shape, 0.05)})
 
 
-def decode_sites(config, ops, shapes: dict, shifts=None, seed: int = 0) -> list[Site]:
-    """Every site of one decode step of a LLaMA ``config`` under ``ops`` at ``shapes``
-    (:func:`decode_shapes`); ``shifts`` (the model's :class:`NormShifts`) adds the norms'
-    shrinking pre-scales."""
+def block_norms(param_avals: dict) -> int:
+    """RMSNorms per decoder block outside the attention, counted in the first block's weights
+    (``*norm*/weight`` other than the query/key norms): LLaMA 2, Gemma 3 4."""
+    names = [path for path in flatten(param_avals) if path.startswith("layers_0/")]
+    return sum(1 for p in names if p.endswith("norm/weight") and p.split("/")[-2] not in ("q_norm", "k_norm"))
+
+
+def decode_sites(config, ops, shapes: dict, *, per_layer: int = 2, shifts=None, blocks=(), seed: int = 0) -> list[Site]:
+    """Every site of one decode step of a rotary decoder (LLaMA, Qwen, Gemma 3) ``config`` under
+    ``ops`` at ``shapes`` (:func:`decode_shapes`): ``per_layer`` norms per block (:func:`block_norms`),
+    the query/key norms where the family has them, the token table in row ``blocks`` when it
+    streams so; ``shifts`` (the model's :class:`NormShifts`) adds the norms' shrinking pre-scales."""
     rng = np.random.default_rng(seed)
     slots, valid = shapes["cache_slots"], shapes["valid"]
-    sites = [site_embedding(config, ops, rng), site_norm(config, ops, rng)]
+    sites = [site_embedding(config, ops, rng, blocks), site_norm(config, ops, rng, per_layer)]
     shrinking = [k for k in (shifts.nonzero().values() if shifts else ()) if k > 0]
     if shrinking:  # a shift by k > 0 costs a truncation whatever k is; shifts < 0 are additions
         sites.append(site_norm_shift(config, ops, rng, max(shrinking), len(shrinking)))
+    if getattr(config, "qk_norm", False):
+        sites.append(site_qk_norm(config, ops, rng))
     sites += [
         site_projections(config, ops, rng),
         site_rotary(config, ops, rng, shapes["position"]),
         site_attention(config, ops, rng, slots, valid),
         site_softmax(config, ops, rng, slots, valid),
         site_activation(config, ops, rng),
-        site_head(config, ops, rng),
+        site_head(config, ops, rng, blocks),
     ]
     return sites
 
@@ -640,12 +689,16 @@ def measure_cell(
                 **figures,
                 "chat_example": _chat_example(model),
             }
-            if sites and model.family != "llama":
-                cell["sites"] = {"skipped": f"the sites are LLaMA's blocks; {source} is a {model.family}"}
+            if sites and not isinstance(model.config, RotaryDecoderConfig):
+                cell["sites"] = {"skipped": f"the sites are the rotary decoders' blocks; {source} is a {model.family}"}
             elif sites and m.session.mesh.remote_compile:
                 cell["sites"] = {"skipped": f"{backend} runs only the parties' own programs: sites need sim or ray"}
             elif sites:
-                chosen = decode_sites(model.config, ops, shapes, model.shifts)
+                avals = model.param_avals()
+                blocks = m.session.table_blocks(model.module().stages().table or "")
+                chosen = decode_sites(
+                    model.config, ops, shapes, per_layer=block_norms(avals), shifts=model.shifts, blocks=blocks
+                )
                 shown = sys.stderr.isatty()
                 with tqdm(total=len(chosen), desc="sites", unit="site", leave=False, disable=not shown) as bar:
                     cell["sites"] = measure_sites(m.session, ops, chosen, figures["decode_mean"], bar.update)
@@ -768,6 +821,37 @@ def _s(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def _activation_rows(cells: dict) -> list[str]:
+    """The gated activation of each measured model beside the others' (Gemma 3's tanh-GeLU against
+    SmolLM2's SiLU): per call and per entry of its [1, I] input, in the cell's own format."""
+    rows = [(k, c) for k, c in cells.items() if "activation" in c["sites"]["sites"]]
+    if len({k.split("/")[0] for k, _ in rows}) < 2:
+        return []
+    lines = [
+        "",
+        "The gated activation act(gate) * up of one decode step, model beside model (each in its own format):",
+        "",
+        "| model | set | activation | format | entries I | calls per step | busiest party's sends per call | "
+        "bytes per entry (all parties) | per step: busiest sends, MB, slowest party s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, cell in rows:
+        site, width = cell["sites"]["sites"]["activation"], cell["config"]["intermediate"]
+        once, ps = site["once"], site["per_step"]
+        act = site["what"].split("(", 1)[0].removeprefix("ops.")
+        lines.append(
+            f"| {key.split('/')[0]} | {cell['approx']} | {act} | {cell['protocol']} | {width} | {site['count']} | "
+            f"{once['max_party_send_actions']} | {once['bytes_sent'] / width:.0f} | "
+            f"{ps['max_party_send_actions']}, {_mb(ps['bytes_sent'])}, {_s(ps['max_party_s'])} |"
+        )
+    lines += [
+        "",
+        "Bytes per entry: all parties' bytes of one call over its I entries (an FM128 share is twice an FM64 one); "
+        "busiest party's sends per call: the rounds of one call, which do not grow with I.",
+    ]
+    return lines
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     cells = {k: v for k, v in result["cells"].items() if not k.endswith("/first-token")}
@@ -848,6 +932,7 @@ def markdown(result: dict) -> str:
             "additions, the cache update; negative where the sites' own runs cost more, e.g. each run's fixed "
             "overhead in seconds, or where the busiest party of a whole step is not the busiest of every site).",
         ]
+    lines += _activation_rows(with_sites)
     lines += [
         "",
         "Top pphlo ops of the last decode step (summed over the parties):",
