@@ -275,3 +275,26 @@ def test_load_monitor_tells_other_processes_from_ours():
         time.sleep(3.5)
     report = busy.report()
     assert report["contended"] and report["others_cpu_s"] >= 2.0, report
+
+
+def test_real_targets_judge_each_real_llm_and_say_what_was_not_measured():
+    """Issues 22 and 31 in the README: met only with every prompt identical and the perplexity within 1 %."""
+    both = {
+        "format": "FM64/18, shifts",
+        "greedy": {"match": [True, True]},
+        "perplexity_change": -0.004,
+        "positions": 100,
+    }
+    greedy_only = {"format": "FM128/26", "greedy": {"match": [True, True]}}
+    data = {
+        "accuracy-smollm2.json": {"results": {"real": {"a": both, "b": {**both, "perplexity_change": 0.02}}}},
+        "accuracy-gemma3.json": {"results": {"real": {"a": greedy_only}}},
+    }
+    assert readme._real_targets(data) == [
+        "- SmolLM2-135M with `a` at FM64/18: greedy 32 tokens identical to plaintext on 2 of 2 prompts, WikiText-2 "
+        "perplexity -0.40% (100 positions) (targets: all, within 1%): met",
+        "- SmolLM2-135M with `b` at FM64/18: greedy 32 tokens identical to plaintext on 2 of 2 prompts, WikiText-2 "
+        "perplexity +2.00% (100 positions) (targets: all, within 1%): missed",
+        "- Gemma 3 270M with `a` at FM128/26: greedy 32 tokens identical to plaintext on 2 of 2 prompts, WikiText-2 "
+        "perplexity not measured (targets: all, within 1%): missed",
+    ]

@@ -118,7 +118,7 @@ REGISTRY: dict[str, Benchmark] = {
         Benchmark(
             "accuracy",
             "accuracy",
-            "accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction-bits sweep, a real LLM (SmolLM2)",
+            "accuracy suites: SST-2 (MiniLM), stories260K, WikiText-2, fraction bits, real LLMs (SmolLM2, Gemma 3)",
             "bench-results/accuracy.json",
             (
                 _section("accuracy.json", "Accuracy suites", "puma bench accuracy"),
@@ -133,6 +133,12 @@ REGISTRY: dict[str, Benchmark] = {
                     "A real LLM under MPC: SmolLM2-135M",
                     "puma bench accuracy --suites real --sets puma-fast puma-lean puma "
                     "--out bench-results/accuracy-smollm2.json",
+                ),
+                _section(
+                    "accuracy-gemma3.json",
+                    "A real LLM under MPC: Gemma 3 270M (Gemma terms: benchmark use only)",
+                    "puma bench accuracy --suites real --real-model gemma3 --sets puma-fast --real-lines 2 "
+                    "--out bench-results/accuracy-gemma3.json",
                 ),
             ),
         ),

@@ -200,7 +200,8 @@ def real_lm(
             }
         if cells["greedy"] is not None:
             row.update(greedy=cells["greedy"], divergences=fidelity.divergences(plain, cells["greedy"]))
-        row.update(cells["wikitext"] or {})
+        if cells["wikitext"] is not None:
+            row.update(cells["wikitext"], wikitext_lines=lines)
         out[name] = row
     return out
 
@@ -272,6 +273,7 @@ def run(
     connect: dict | None = None,
     real_model: str = "smollm2",
     real_checks=REAL_CHECKS,
+    real_lines: int = REAL_LINES,
 ) -> dict:
     """Run the accuracy ``suites``; ``connect`` (``config``, ``ray_address``) says where the
     ``nodes``/``ray`` parties are."""
@@ -303,7 +305,7 @@ def run(
             folder,
             real_model,
             new_tokens=32,
-            lines=REAL_LINES,
+            lines=real_lines,
             tokens=128,
             checks=real_checks,
         )
@@ -328,6 +330,12 @@ def add_arguments(p) -> None:
         help="suites to run; real: a real LLM's greedy tokens and WikiText-2 (default: %(default)s)",
     )
     p.add_argument("--real-model", default="smollm2", help="the real LLM of the 'real' suite (default: %(default)s)")
+    p.add_argument(
+        "--real-lines",
+        type=int,
+        default=REAL_LINES,
+        help="WikiText-2 test lines (up to 128 tokens each) of the 'real' suite (default: %(default)s)",
+    )
     p.add_argument(
         "--real-checks",
         nargs="+",
@@ -363,6 +371,7 @@ def main(args) -> dict:
         connect=options.connect(args),
         real_model=args.real_model,
         real_checks=args.real_checks,
+        real_lines=args.real_lines,
     )
 
 
@@ -416,11 +425,12 @@ def markdown(result: dict) -> str:
         lines.append("")
     if res.get("real"):
         model = os.path.basename(result["config"].get("real_model", "smollm2"))
+        wikitext_lines = next((r["wikitext_lines"] for r in res["real"].values() if "wikitext_lines" in r), REAL_LINES)
         lines += [
             f"A real LLM, {model} (massive activations in its residual stream), under MPC at the format "
             f"the calibration preflight chose: greedy continuations of {len(PROMPTS)} prompts (one batch, "
             "32 new tokens) against the same set in plaintext, and WikiText-2 test "
-            f"({REAL_LINES} lines, up to 128 tokens) against plaintext exact:",
+            f"({wikitext_lines} lines, up to 128 tokens) against plaintext exact:",
             "",
             "| set | format | greedy 32 tokens identical | perplexity (exact) | change | top-1 agreement |",
             "|---|---|---|---|---|---|",
