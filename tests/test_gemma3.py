@@ -138,12 +138,21 @@ def test_gemma3_staged_equals_whole(tiny_gemma3):
 
 def test_gemma3_under_mpc_equals_plaintext(tiny_gemma3):
     """puma-fast on sim (the default set): the logits of 6 tokens (past the window of 4) within
-    SPU_ATOL of plaintext puma's."""
+    SPU_ATOL of plaintext puma's; a greedy decode with the secret KV cache (3-token prompt, 5
+    new tokens: the window binds from the second step) gives the tokens of the same set in
+    plaintext, where the plaintext's top two logits at each step differ by more than 2 SPU_ATOL
+    (asserted: no near-tie can flip a token)."""
     path, _ = tiny_gemma3
     prompts = [[5, 9, 17, 33, 65, 101]]
     want = SecureModel.from_pretrained(str(path)).logits(prompts).outputs
+    prompt, new = [105, 121, 32], 5  # plaintext: 2, 2, 2, 78, 78 (smallest margin 0.21)
+    plain = SecureModel.from_pretrained(str(path), approx="puma-fast")
+    tokens = plain.generate_ids([prompt], new).tokens[0]
+    steps = np.sort(plain.logits([prompt + tokens[:-1]]).outputs[0, len(prompt) - 1 :], axis=-1)  # [new, V]
+    assert np.all(steps[:, -1] - steps[:, -2] > 2 * SPU_ATOL), "a near-tie in the plaintext decode: change the prompt"
     with SecureModel.from_pretrained(str(path), backend="sim") as secure:
         _check(secure.logits(prompts).outputs, want, atol=SPU_ATOL, what="secure logits")
+        assert secure.generate_ids([prompt], new).tokens[0] == tokens
 
 
 # -- GGUF ------------------------------------------------------------------------------------
