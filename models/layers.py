@@ -11,6 +11,7 @@ built with; nothing here calls ``jax.nn`` for them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -406,11 +407,13 @@ def project(x: Array, linears: list[Linear], fused: bool) -> list[Array]:
     return [out if b is None else out + b for out, (_, b) in zip(outputs, parts)]
 
 
-#: The most rows x table entries one lookup takes at once; more tokens are looked up in groups
-#: of positions, one after the other (the same rows). cheetah's homomorphic product of a one-hot
-#: by the table holds about 0.76 GB per row of GPT-2's 50 257 entries on top of 3.1 GB (measured:
-#: 4.6 GB at 2 rows, 9.2 GB at 8), so GPT-2's 32-token prompt at once needed more than this
-#: machine's 24 GiB; three-party runs pay one more round per group.
+#: The most rows x table entries one lookup takes at once. Beyond it, client-made one-hot rows
+#: are looked up in slices of the vocabulary (each slice's one-hot columns times the table's
+#: rows of that slice, summed: every table row is read once), secret ids in groups of positions
+#: (one equality with every row per group). cheetah's homomorphic product of a one-hot by the
+#: table holds about 0.76 GB per row of GPT-2's 50 257 entries on top of 3.1 GB (measured: 4.6 GB
+#: at 2 rows, 9.2 GB at 8), so GPT-2's 32-token prompt at once needed more than this machine's
+#: 24 GiB; each slice or group costs one more round.
 LOOKUP_ELEMENTS = 1 << 19
 
 
@@ -427,9 +430,16 @@ class Embedding(nn.Module):
     def __call__(self, ids: Array, ops: Ops) -> Array:
         """Rows for (possibly secret) ids [B, T] (or client-made one-hot rows [B, T, V]) through
         the ops set, :data:`LOOKUP_ELEMENTS` at a time: -> [B, T, dim]."""
-        group = max(1, LOOKUP_ELEMENTS // (ids.shape[0] * self.num))
-        if ids.shape[1] <= group:
+        rows = ids.shape[0] * ids.shape[1]
+        if rows * self.num <= LOOKUP_ELEMENTS:
             return ops.embed(ids, self.embedding)
+        if ids.ndim == 3:  # one-hot [B, T, V]: slices of the vocabulary, each table row read once
+            width = max(1, LOOKUP_ELEMENTS // rows)
+            parts = [
+                ops.embed(ids[..., v : v + width], self.embedding[v : v + width]) for v in range(0, self.num, width)
+            ]
+            return functools.reduce(jnp.add, parts)  # [B, T, dim]
+        group = max(1, LOOKUP_ELEMENTS // (ids.shape[0] * self.num))
         parts = [ops.embed(ids[:, t : t + group], self.embedding) for t in range(0, ids.shape[1], group)]
         return jnp.concatenate(parts, axis=1)  # [B, T, dim]
 

@@ -171,3 +171,35 @@ def test_kv_cache_decoding_equals_full_recomputation(preset):
     # the last step's logits predict beyond the window; compare every position both computed
     valid = full_mask.astype(bool)
     _check(cached[:, :slots][valid], np.asarray(ref)[valid], atol=1e-5, what="cached vs full logits")
+
+
+def test_lookups_beyond_the_limit_read_vocabulary_slices_or_position_groups(monkeypatch):
+    """Past LOOKUP_ELEMENTS rows x entries, client-made one-hot rows are looked up in slices of
+    the vocabulary (every table row read once) and secret ids in groups of positions; both give
+    the table's rows exactly (oracle: numpy indexing), each call within the limit."""
+    import dataclasses
+
+    from puma.models import layers
+
+    monkeypatch.setattr(layers, "LOOKUP_ELEMENTS", 64)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 8)).astype(np.float32)
+    ids = rng.integers(0, 50, (2, 7))
+    onehot = np.eye(50, dtype=np.float32)[ids]  # [2, 7, 50]
+    for name, x, want_calls in (("puma-fast", onehot, 13), ("puma", ids, 7)):
+        calls = []
+        ops = protocols.get(name)
+
+        def embed(i, t, ops=ops):
+            calls.append((i.shape, t.shape))
+            return ops.embed(i, t)
+
+        spied = dataclasses.replace(ops, embed=embed)
+        got = layers.Embedding(50, 8).apply({"params": {"embedding": table}}, x, spied)
+        np.testing.assert_allclose(np.asarray(got), table[ids], atol=1e-6, err_msg=name)
+        assert len(calls) == want_calls, (name, calls)
+        if x.ndim == 3:  # slices within the limit: their columns add up to the vocabulary, as the table rows do
+            assert sum(i[-1] for i, _ in calls) == sum(t[0] for _, t in calls) == 50
+            assert all(np.prod(i) <= 64 for i, _ in calls)
+        else:  # one position of 2 rows x 50 entries is past the limit already: one position per group
+            assert all(i == (2, 1) and t == (50, 8) for i, t in calls)
