@@ -246,10 +246,10 @@ def site_embedding(config, ops, rng, blocks=()) -> Site:
     table in row ``blocks`` (:meth:`~puma.runtime.base.Session.table_blocks`), one block's
     lookup, counted once per block, as :mod:`puma.staged` runs it."""
     vocab, hidden = config.vocab_size, config.hidden_size
-    rows = blocks[0][1] - blocks[0][0] if blocks else vocab
+    rows = max((stop - start for start, stop in blocks), default=vocab)  # the largest block's
     ids = tasks.client_ids(ops, rng.integers(0, rows, (1, 1)), rows)
     how = "one-hot row [1, V] x table [V, D]" if ops.plan.client_onehot else "the set's lookup of a secret id"
-    where = f"per row block of {rows} (of {len(blocks)})" if blocks else "once"
+    where = f"per row block of up to {rows} (of {len(blocks)})" if blocks else "once"
     return Site(
         "embedding",
         f"{how}, {where} per step",
@@ -413,13 +413,13 @@ def site_head(config, ops, rng, blocks=()) -> Site:
     (distinct operands: no product is shared) and the argmax over the joined logits, as
     :mod:`puma.staged` runs them."""
     vocab, hidden = config.vocab_size, config.hidden_size
+    sizes = [stop - start for start, stop in blocks]
     if config.tie_word_embeddings:  # the model's own tied projection (its operand layout matters)
-        rows = blocks[0][1] - blocks[0][0] if blocks else vocab
-        table = layers.Embedding(rows, hidden)
+        rows = max(sizes, default=vocab)
         shape = (rows, hidden)
 
         def logits(x, w):
-            return table.apply({"params": {"embedding": w}}, x, method="attend")
+            return layers.Embedding(w.shape[0], hidden).apply({"params": {"embedding": w}}, x, method="attend")
 
     else:
         shape = (hidden, vocab)
@@ -429,10 +429,11 @@ def site_head(config, ops, rng, blocks=()) -> Site:
 
     if config.tie_word_embeddings and blocks:  # [1, D] against each block: [1, rows] each, joined [1, V']
 
-        def call(s, p):
-            return ops.argmax(jnp.concatenate([logits(s["x"][k : k + 1], s["w"]) for k in range(len(blocks))], -1))
+        def call(s, p):  # block k: the first sizes[k] rows of one secret block, against x's row k
+            parts = [logits(s["x"][k : k + 1], s["w"][:size]) for k, size in enumerate(sizes)]
+            return ops.argmax(jnp.concatenate(parts, -1))  # [1, V]
 
-        what = f"LM head product [1, D] x [D, V] in {len(blocks)} row blocks of {shape[0]} and ops.argmax over them"
+        what = f"LM head product [1, D] x [D, V] in {len(blocks)} row blocks of up to {rows} and ops.argmax over V"
         x = _normal(rng, (len(blocks), hidden))
     else:
 
