@@ -8,7 +8,6 @@ checks, the plots made from the same files) and replaces the part of README.md b
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from puma.bench import plots
@@ -80,20 +79,16 @@ def _real_targets(data: dict) -> list[str]:
     lines = []
     for file, model in REAL_FILES.items():
         for name, r in ((data.get(file) or {}).get("results", {}).get("real") or {}).items():
-            parts = []
-            if "greedy" in r:
-                same, total = sum(r["greedy"]["match"]), len(r["greedy"]["match"])
-                parts.append(f"greedy 32 tokens identical to plaintext on {same} of {total} prompts")
-            else:
-                same, total = 0, 1
-                parts.append("greedy 32 tokens not measured")
-            if "perplexity_change" in r:
-                change = r["perplexity_change"]
-                parts.append(f"WikiText-2 perplexity {100 * change:+.2f}% ({r['positions']} positions)")
-            else:
-                change = math.inf
-                parts.append("WikiText-2 perplexity not measured")
-            met = same == total and abs(change) <= 0.01
+            match, change = r.get("greedy", {}).get("match"), r.get("perplexity_change")
+            parts = [
+                f"greedy 32 tokens identical to plaintext on {sum(match)} of {len(match)} prompts"
+                if match is not None
+                else "greedy 32 tokens not measured",
+                f"WikiText-2 perplexity {100 * change:+.2f}% ({r['positions']} positions)"
+                if change is not None
+                else "WikiText-2 perplexity not measured",
+            ]
+            met = match is not None and all(match) and change is not None and abs(change) <= 0.01
             lines.append(
                 f"- {model} with `{name}` at {r['format'].split(',')[0]}: {', '.join(parts)} "
                 f"(targets: all, within 1%): {'met' if met else 'missed'}"
