@@ -109,7 +109,7 @@ def test_gemma3_sites_count_its_norms_and_read_a_blocked_table_as_the_model_does
         vocab = config.vocab_size
         blocks = [(0, 100), (100, vocab)]  # uneven, as a table whose rows do not divide evenly
         whole = {s.name: s for s in latency.decode_sites(config, m.ops, shapes, per_layer=per_layer)}
-        blocked = {s.name: s for s in latency.decode_sites(config, m.ops, shapes, per_layer=4, blocks=blocks)}
+        blocked = {s.name: s for s in latency.decode_sites(config, m.ops, shapes, per_layer=per_layer, blocks=blocks)}
         assert whole["norm"].count == 4 * config.num_hidden_layers + 1
         assert whole["query/key norms"].count == config.num_hidden_layers
         assert blocked["embedding"].count == 2 and blocked["head"].count == 1

@@ -176,7 +176,8 @@ def test_kv_cache_decoding_equals_full_recomputation(preset):
 def test_lookups_beyond_the_limit_read_vocabulary_slices_or_position_groups(monkeypatch):
     """Past LOOKUP_ELEMENTS rows x entries, client-made one-hot rows are looked up in slices of
     the vocabulary (every table row read once) and secret ids in groups of positions; both give
-    the table's rows exactly (oracle: numpy indexing), each call within the limit."""
+    the table's rows exactly (oracle: numpy indexing); each slice is within the limit, each group
+    as few positions as the limit allows (one, here)."""
     import dataclasses
 
     from puma.models import layers
