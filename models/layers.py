@@ -580,7 +580,7 @@ def row_slice(rows: str | None) -> slice:
     return {None: slice(None), "last": slice(-1, None), "first": slice(0, 1)}[rows]
 
 
-#: Fused-head attention multiplies H times more terms locally (the block-diagonal operands'
+#: Fused-head attention multiplies H times more terms locally (the spread operands'
 #: zeros); above this many multiply-adds per product the heads are multiplied one by one.
 FUSED_HEADS_MAX_MACS = 2**30
 
@@ -616,36 +616,38 @@ def attend(
     return out.reshape(batch, length, heads * head_dim)
 
 
-def _block_diagonal(x: Array, group: int) -> Array:
-    """[B, Hkv, R, C] -> [B, H * R, H * C] with block h = x[:, h // group], zeros elsewhere.
-
-    The zeros are public and the placement is a select on a public pattern: no communication.
-    """
-    batch, kv_heads, rows, cols = x.shape
-    heads = kv_heads * group
-    blocks = jnp.repeat(x, group, axis=1)  # [B, H, R, C]
-    eye = np.eye(heads, dtype=bool)[None, :, None, :, None]  # [1, H, 1, H, 1]
-    placed = jnp.where(eye, blocks[:, :, :, None, :], 0.0)  # [B, H, R, H, C]
-    return placed.reshape(batch, heads * rows, heads * cols)
+def _spread(x: Array) -> Array:
+    """[B, R, H, C] -> [B, R * H, H * C]: row (r, h) holds x[:, r, h] in column block h, zeros
+    elsewhere. The zeros are public and the placement is a select on a public pattern: no
+    communication, and it touches only the query (or probability) side of a product."""
+    batch, rows, heads, cols = x.shape
+    eye = np.eye(heads, dtype=bool)[None, None, :, :, None]  # [1, 1, H, H, 1]
+    placed = jnp.where(eye, x[:, :, :, None, :], 0.0)  # [B, R, H, H, C]
+    return placed.reshape(batch, rows * heads, heads * cols)
 
 
 def _attend_fused(q: Array, k: Array, v: Array, mask: Array, ops: Ops) -> Array:
-    """All heads in one product each way: Q [T, H*Dh] @ blockdiag(K_h^T), P [T, H*S] @ blockdiag(V_h).
+    """All heads in one product each way: spread(Q) [T*H, H*Dh] @ K stacked per head [H*Dh, S]
+    and spread(P) [T*H, H*S] @ V stacked per head [H*S, Dh].
 
-    Row t of the first product holds every head's scores of query t side by side, so its
-    outputs are exactly the H per-head score matrices (the same bytes under ABY3, where a
-    product costs per output); the second product's outputs are the heads' outputs already
-    in the [T, H*Dh] layout.
+    Row (t, h) of the spread queries holds query t's head h in column block h, and row block h
+    of the stacked keys is head h's key head (its group's), so the product's outputs are exactly
+    the H per-head score matrices (the same outputs, so the same bytes under ABY3, where a
+    product costs per output); the values product gives every head's output the same way.
+    The zeros sit on the query and probability side, T*H*H*(Dh + S) entries, not on the keys'
+    and values' H*Dh*H*S (a decode step of SmolLM2: 6 480 entries, not 165 888).
     """
     batch, length, kv_heads, group, head_dim = q.shape
     heads, keys = kv_heads * group, k.shape[1]
-    keys_t = _block_diagonal(jnp.transpose(k, (0, 2, 3, 1)), group)  # [B, Hkv, Dh, S] -> [B, H*Dh, H*S]
-    scores = jnp.einsum("btn,bnm->btm", q.reshape(batch, length, heads * head_dim), keys_t)  # [B, T, H*S]
+    queries = _spread(q.reshape(batch, length, heads, head_dim))  # [B, T*H, H*Dh]
+    keys_t = jnp.repeat(jnp.transpose(k, (0, 2, 3, 1)), group, axis=1)  # [B, Hkv, Dh, S] -> [B, H, Dh, S]
+    scores = jnp.einsum("brn,bns->brs", queries, keys_t.reshape(batch, heads * head_dim, keys))  # [B, T*H, S]
     scores = jnp.transpose(scores.reshape(batch, length, kv_heads, group, keys), (0, 2, 3, 1, 4))  # [B, Hkv, G, T, S]
     probs = ops.softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, S]
-    probs = jnp.transpose(probs, (0, 3, 1, 2, 4)).reshape(batch, length, heads * keys)  # [B, T, H*S]
-    values = _block_diagonal(jnp.transpose(v, (0, 2, 1, 3)), group)  # [B, Hkv, S, Dh] -> [B, H*S, H*Dh]
-    return jnp.einsum("btm,bmn->btn", probs, values)  # [B, T, H*Dh]
+    probs = _spread(jnp.transpose(probs, (0, 3, 1, 2, 4)).reshape(batch, length, heads, keys))  # [B, T*H, H*S]
+    values = jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), group, axis=1)  # [B, Hkv, S, Dh] -> [B, H, S, Dh]
+    out = jnp.einsum("brm,bmd->brd", probs, values.reshape(batch, heads * keys, head_dim))  # [B, T*H, Dh]
+    return out.reshape(batch, length, heads * head_dim)
 
 
 def default_positions(key_valid: Array, cache_index: Array, length: int) -> Array:
