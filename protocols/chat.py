@@ -27,7 +27,8 @@ forces them:
   without building a one-hot (4 send actions less each).
 - **Norms in three steps:** the row's squares and the weighted row come out of one
   elementwise product [x | x] * [x | w]; the binned reciprocal square root of the squares'
-  sum (the 1/n folded into its table); one multiplication scales the row.
+  sum (the 1/n folded into its table), read as the row times a bin's intercept and one
+  scale (:meth:`LinearBins.times`: the guess itself is never formed).
 - **Activations as piecewise cubics** on a few public edges (one comparison call, the
   piece's coefficients read from a table, Horner's rule): SiLU errs by 9.8e-3 (puma-lean's
   relu(x) - p(|x|): 5.8e-2), GeLU by 5.4e-3.
@@ -270,13 +271,13 @@ def softmax(x, where=None):
     """Softmax from :func:`exp_levels` and a binned scaled reciprocal: no maximum, no clip.
 
     Weights w_i = e^(x_i - t_(K-1)) lie in (1, e^LADDER_STEP] at the maximum's level, so a row's
-    sum lies in [1, S e^LADDER_STEP]; the normaliser is 2^16 / sum from :func:`scaled_reciprocal`
-    and the product is scaled back by 2^-16. Masked entries are set below the ladder before and
+    sum lies in [1, S e^LADDER_STEP]; the weights times 2^16 / sum (the bins of
+    :func:`scaled_reciprocal`, read by :meth:`LinearBins.times`) are scaled back by 2^-16. Masked entries are set below the ladder before and
     to 0 after (public: free). Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT).
     Measured max |error| per probability 1.0e-3 in plaintext and 1.07e-3 under SPU (rows of up
     to 1024 scores, half masked, maxima at both ends of the domain; ``tests/test_chat.py``).
     Cost at SmolLM2's decode shape (9 heads x 16 slots), measured by ``puma bench latency``:
-    59 send actions at the busiest party (puma-fast's: 126), 0.95 MB (all parties; puma-fast's:
+    57 send actions at the busiest party (puma-fast's: 126), 0.96 MB (all parties; puma-fast's:
     0.11 MB): the ladder compares S x 22 scores.
     """
     if where is not None:
@@ -306,8 +307,8 @@ def _rsqrt_bins(n: int) -> LinearBins:
 
 def _normalized(x, weight, bias, eps):
     """(x - mean) * rsqrt(mean square + eps) * weight (+ bias): the squares and the weighted row
-    from one elementwise product [x | x] * [x | w], their sum, the binned rsqrt (continuous),
-    one multiplication.
+    from one elementwise product [x | x] * [x | w], their sum, the weighted row times the binned
+    rsqrt (continuous; :meth:`LinearBins.times`).
 
     Each square is truncated on its own (2^-18, random), so the sum of n errs by about
     sqrt(n) 2^-18, far below a row's sum at the preflight's smallest mean square (2^-10 n)."""
@@ -338,8 +339,8 @@ def rms_norm(x, weight, eps):
 
     Domain as :func:`layer_norm`. Measured max relative error (of a row's largest output)
     7e-4, the chords' (asserted in ``tests/test_chat.py``). Cost at SmolLM2's decode shape (one
-    row of 576), measured by ``puma bench latency``: 23 send actions at the busiest party
-    (puma-fast's: 71), 0.13 MB (all parties).
+    row of 576), measured by ``puma bench latency``: 21 send actions at the busiest party
+    (puma-fast's: 71), 0.16 MB (all parties).
     """
     return _normalized(x, weight, None, eps)
 

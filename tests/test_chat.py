@@ -127,6 +127,27 @@ def test_rsqrt_bins_over_the_sum_domain_and_its_edges(width):
     assert excess.max() <= 0, excess.max()
 
 
+@pytest.mark.parametrize("site", ["norm", "softmax"])
+def test_bins_scale_a_row_as_the_row_times_the_guess(site):
+    """LinearBins.times (the form the norms and the softmax use: a SmolLM2 row of 576, a
+    softmax row of 16 scores) against numpy's y c x^-power over the whole domain and its edges:
+    within the chords' error plus the table's grid."""
+    if site == "norm":
+        bins, power, scale = chat._rsqrt_bins(576), 0.5, math.sqrt(576)
+        low, high = 576 * chat.RSQRT_LOW, 576 * chat.RSQRT_HIGH
+    else:
+        low, high = 1.0, 16 * math.exp(chat.LADDER_STEP)
+        bins, power, scale = chat._bins(1.0, 2.0**chat.RECIPROCAL_BITS, low, high), 1.0, 2.0**chat.RECIPROCAL_BITS
+    x = np.exp(np.linspace(np.log(low), np.log(high), 4001))
+    x = np.concatenate([x, [low, high], bins.thresholds * 0.9999, bins.thresholds * 1.0001])
+    x = x[(x >= low) & (x <= high)].astype(np.float32)[:, None]
+    y = np.random.default_rng(0).uniform(-3.0, 3.0, (x.shape[0], 5)).astype(np.float32)
+    got = np.asarray(bins.times(jnp.asarray(x), jnp.asarray(y)), np.float64)
+    want = y * scale * x.astype(np.float64) ** -power
+    excess = np.abs(got - want) - ((bins.error + 1e-6) * np.abs(want) + 8 * GRID * np.abs(y))
+    assert excess.max() <= 0, excess.max()
+
+
 @pytest.mark.parametrize("keys", [1, 37, 1024])
 def test_scaled_reciprocal_over_softmax_sums(keys):
     high = keys * math.exp(chat.LADDER_STEP)
