@@ -141,18 +141,22 @@ class LinearBins:
         u = (line[..., 2:] * x) * 2.0**-self.SCALE_BITS  # x / e_j in [1, r)
         return line[..., :1] + line[..., 1:2] * u
 
+    @functools.cached_property
+    def intercept_table(self) -> np.ndarray:
+        """[m, 2]: the intercept a_j and k 2^SCALE_BITS / e_j per bin, k = b_j / a_j (the chord
+        of u^-power over [1, r] is scaled per bin, so k is one value up to rounding)."""
+        slope = self.table[:, 1] / self.table[:, 0]  # k
+        return np.stack([self.table[:, 0], self.table[:, 2] * slope], axis=1)
+
     def times(self, x, y):
         """y * guess(x) for x [..., 1] and a row y [..., n], as (y a_j) (1 + k x / e_j).
 
-        A chord's slope over its intercept, k = b_j / a_j, is the same in every bin (the
-        chord of u^-power over [1, r] is scaled per bin), so with k folded into the scale
-        column, x's scale and y a_j come out of one elementwise product (n + 1 entries, as
-        many as ``y * guess(x)``'s), the guess is never formed, and after the bins three
-        products and truncations remain where ``y * guess(x)`` takes four. Error: as
-        :meth:`guess` times y, within 2^-f of it."""
-        slope = self.table[:, 1] / self.table[:, 0]  # k, one value (up to rounding)
-        table = np.stack([self.table[:, 0], self.table[:, 2] * slope], axis=1)  # [m, 2]: a_j, k 2^SCALE_BITS / e_j
-        line = bin_rows(x, self.thresholds, table)  # [..., 2]
+        With k folded into the scale column (:attr:`intercept_table`), x's scale and y a_j come
+        out of one elementwise product (n + 1 entries) and the guess is never formed: after the
+        bins three products and truncations remain where ``y * guess(x)`` takes four, at the
+        price of one more n-entry product ((y a_j) times the scale). Error: as :meth:`guess`
+        times y, within 2^-f of it."""
+        line = bin_rows(x, self.thresholds, self.intercept_table)  # [..., 2]
         left = jnp.concatenate([line[..., 1:], jnp.broadcast_to(line[..., :1], y.shape)], axis=-1)  # [..., 1 + n]
         both = left * jnp.concatenate([x, y], axis=-1)  # [..., 1 + n]: k x scale, y a_j
         ku = both[..., :1] * 2.0**-self.SCALE_BITS  # k x / e_j
@@ -164,6 +168,11 @@ def _bins(power: float, scale: float, low: float, high: float, ratio: float = BI
     return LinearBins.fit(power, scale, low, high, ratio)
 
 
+def _reciprocal_bins(high: float, bits: int = RECIPROCAL_BITS) -> LinearBins:
+    """The bins of :func:`scaled_reciprocal`: 2^bits / s on [1, high]."""
+    return _bins(1.0, 2.0**bits, 1.0, high)
+
+
 def scaled_reciprocal(s, high: float, bits: int = RECIPROCAL_BITS):
     """2^bits / s for s in [1, high] (shape [..., 1]) from :class:`LinearBins` alone.
 
@@ -172,7 +181,7 @@ def scaled_reciprocal(s, high: float, bits: int = RECIPROCAL_BITS):
     1.5e-3 under SPU). Cost: one comparison with 12 log2(high) thresholds per row, two
     multiplications and two truncations.
     """
-    return _bins(1.0, 2.0**bits, 1.0, high).guess(s)
+    return _reciprocal_bins(high, bits).guess(s)
 
 
 def ladder() -> np.ndarray:
@@ -272,8 +281,9 @@ def softmax(x, where=None):
 
     Weights w_i = e^(x_i - t_(K-1)) lie in (1, e^LADDER_STEP] at the maximum's level, so a row's
     sum lies in [1, S e^LADDER_STEP]; the weights times 2^16 / sum (the bins of
-    :func:`scaled_reciprocal`, read by :meth:`LinearBins.times`) are scaled back by 2^-16. Masked entries are set below the ladder before and
-    to 0 after (public: free). Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT).
+    :func:`scaled_reciprocal`, read by :meth:`LinearBins.times`) are scaled back by 2^-16.
+    Masked entries are set below the ladder before and to 0 after (public: free). Domain: rows
+    whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT).
     Measured max |error| per probability 1.0e-3 in plaintext and 1.07e-3 under SPU (rows of up
     to 1024 scores, half masked, maxima at both ends of the domain; ``tests/test_chat.py``).
     Cost at SmolLM2's decode shape (9 heads x 16 slots), measured by ``puma bench latency``:
@@ -284,7 +294,7 @@ def softmax(x, where=None):
         x = jnp.where(where, x, float(ladder()[0]) - LADDER_STEP / 2)
     e = exp_levels(x)
     high = x.shape[-1] * math.exp(LADDER_STEP)
-    p = _bins(1.0, 2.0**RECIPROCAL_BITS, 1.0, high).times(jnp.sum(e, axis=-1, keepdims=True), e) * 2.0**-RECIPROCAL_BITS
+    p = _reciprocal_bins(high).times(jnp.sum(e, axis=-1, keepdims=True), e) * 2.0**-RECIPROCAL_BITS
     return p if where is None else jnp.where(where, p, 0.0)
 
 

@@ -137,7 +137,7 @@ def test_bins_scale_a_row_as_the_row_times_the_guess(site):
         low, high = 576 * chat.RSQRT_LOW, 576 * chat.RSQRT_HIGH
     else:
         low, high = 1.0, 16 * math.exp(chat.LADDER_STEP)
-        bins, power, scale = chat._bins(1.0, 2.0**chat.RECIPROCAL_BITS, low, high), 1.0, 2.0**chat.RECIPROCAL_BITS
+        bins, power, scale = chat._reciprocal_bins(high), 1.0, 2.0**chat.RECIPROCAL_BITS
     x = np.exp(np.linspace(np.log(low), np.log(high), 4001))
     x = np.concatenate([x, [low, high], bins.thresholds * 0.9999, bins.thresholds * 1.0001])
     x = x[(x >= low) & (x <= high)].astype(np.float32)[:, None]
