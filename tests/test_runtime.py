@@ -234,3 +234,48 @@ def test_interleaved_profile_blocks_are_untangled_or_refused(start_after):
         for block in got:
             assert block.ops == expected[block.name].ops and block.link == expected[block.name].link
     assert recovered >= (150 if start_after is None else 300)
+
+
+def test_a_taken_link_port_fails_with_the_words_ray_retries_on():
+    """A party's link port can be taken between the actor finding it free and brpc listening on
+    it (it happened in CI); yacl's error for that is what :class:`RayMesh` retries on."""
+    import socket
+
+    import spu.libspu as libspu
+
+    from puma.runtime import ray_mesh
+    from puma.runtime.party import link_desc
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        desc = link_desc([("party0", f"127.0.0.1:{port}"), ("party1", "127.0.0.1:1")], 1, 1)
+        with pytest.raises(RuntimeError, match=ray_mesh._PORT_TAKEN):
+            libspu.link.create_brpc(desc, 0)
+
+
+def test_ray_opens_new_parties_when_a_link_port_was_taken(ray_cluster, monkeypatch, caplog):
+    """The first parties fail as a taken port makes them fail; the session starts new ones on
+    new ports and computes the right logits."""
+    from puma.errors import PumaError
+    from puma.runtime import ray_mesh
+
+    real, attempts = ray_mesh.RayMesh._open_parties, []
+
+    def taken_once(self, *args):
+        attempts.append(len(self.actors))
+        if len(attempts) == 1:
+            real(self, *args)  # real parties with open links, which the retry must kill
+            raise PumaError(f"ray: party 0 failed during open links: [brpc_link.cc:106] {ray_mesh._PORT_TAKEN}")
+        real(self, *args)
+
+    monkeypatch.setattr(ray_mesh.RayMesh, "_open_parties", taken_once)
+    model = models.load("llama-debug")
+    expected = tasks.causal_logits(_plain(model), model, EXACT, IDS).outputs
+    with open_session("ray", spu_settings=EXACT.spu) as session:
+        session.load_params(model.params)
+        result = tasks.causal_logits(session, model, EXACT, IDS)
+    assert attempts == [0, 0], f"each attempt starts from no parties: {attempts}"
+    assert "new parties, new ports" in caplog.text
+    _check(result.outputs, expected, what="llama-debug logits after a retried open")

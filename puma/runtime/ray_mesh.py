@@ -249,6 +249,8 @@ def _default_token() -> bool:
 
 
 #: What to check when the cluster does not start the actors puma asked for.
+_PORT_TAKEN = "brpc server failed start"  # yacl's words when a party's link port is taken
+_LINK_ATTEMPTS = 3
 _ACTORS_DID_NOT_START = (
     "the Ray cluster did not start its actors (see `ray status` for resources "
     "and the cluster's worker logs, e.g. for authentication errors)"
@@ -304,6 +306,7 @@ class RayMesh(Mesh):
         self.timeout = recv_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._started_ray = False
+        self.actors = []
         if not ray.is_initialized():
             try:
                 with warnings.catch_warnings(), _own_sigterm():
@@ -323,34 +326,49 @@ class RayMesh(Mesh):
                     )
                 where = f" at {address}" if address else ""
                 raise PumaError(f"cannot start or reach Ray{where}: {first_line(err)}{hint}") from err
+        links = [tls and (*tls.party_link(party_ids[r]), tls.links_ca) for r in range(self.world_size)]
+        config = protocol.runtime_config().SerializeToString()
+        for attempt in range(1, _LINK_ATTEMPTS + 1):
+            try:
+                self._open_parties(not address, config, links, protocol)
+                return
+            except PumaError as err:
+                self.close_parties()
+                if _PORT_TAKEN not in str(err) or attempt == _LINK_ATTEMPTS:
+                    self.close()
+                    raise
+                log.warning("a party's link port was taken before it listened; new parties, new ports: %s", err)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_parties(self, loopback: bool, config: bytes, links: list, protocol) -> None:
+        """Start one actor per party, each on a port it found free, and connect their links. A
+        port is found free before brpc listens on it, so another process may take it between:
+        the caller retries on that failure alone."""
+        import ray
+
         resources = ray.cluster_resources()
         actor_cls = ray.remote(PartyActor)
-        self.actors = []
         for rank in range(self.world_size):
             options = {"num_cpus": 0, "runtime_env": _actor_env()}
             tag = f"puma_party{rank}"
             if tag in resources:
                 options["resources"] = {tag: 0.001}
             self.actors.append(actor_cls.options(**options).remote(rank))
-        try:
-            addresses = self._started([a.address.remote(not address) for a in self.actors])
-            hosts = self._started([a.host.remote() for a in self.actors])
-            self.hosts = [(name, free) for name, free, _ in hosts]
-            self.heaps = [kept for _, _, kept in hosts]
-            config = protocol.runtime_config().SerializeToString()
-            links = [tls and (*tls.party_link(party_ids[r]), tls.links_ca) for r in range(self.world_size)]
-            self._get(
-                [
-                    a.open.remote(addresses, config, recv_timeout_s, connect_timeout_s, link, protocol)
-                    for a, link in zip(self.actors, links)
-                ],
-                "open links",
-                timeout=connect_timeout_s + 30,
-                timeout_hint=LINKS_DID_NOT_CONNECT,
-            )
-        except BaseException:
-            self.close()
-            raise
+        addresses = self._started([a.address.remote(loopback) for a in self.actors])
+        hosts = self._started([a.host.remote() for a in self.actors])
+        self.hosts = [(name, free) for name, free, _ in hosts]
+        self.heaps = [kept for _, _, kept in hosts]
+        self._get(
+            [
+                a.open.remote(addresses, config, self.timeout, self.connect_timeout_s, link, protocol)
+                for a, link in zip(self.actors, links)
+            ],
+            "open links",
+            timeout=self.connect_timeout_s + 30,
+            timeout_hint=LINKS_DID_NOT_CONNECT,
+        )
 
     def _started(self, refs, who: list[str] | None = None) -> list:
         """Wait up to ``connect_s`` for actors' first answers: an actor the cluster cannot
@@ -444,13 +462,18 @@ class RayMesh(Mesh):
             refs.append(self.actors[len(refs)].call.remote(command, **kwargs))
         return self._get(refs, command)
 
+    def close_parties(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+
     def close(self) -> None:
         import ray
 
         self.close_owner()
-        for actor in getattr(self, "actors", []):
-            ray.kill(actor)
-        self.actors = []
+        self.close_parties()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
