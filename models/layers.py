@@ -173,6 +173,7 @@ class Family:
     gguf_names: dict | None = None  # GGUF tensor name -> HF name ("{i}": layer); None: no GGUF architecture
     gguf_permuted_rotary: bool = False  # llama.cpp stored the q/k rows permuted (its "llama" architecture)
     gguf_norm_offset: float = 0.0  # llama.cpp stored the norms' weights plus this (Gemma's 1 + weight)
+    joins: tuple = ()  # (module, its projections, joined name): stored side by side for fused sets
 
     @property
     def causal(self) -> bool:
@@ -394,17 +395,32 @@ class Linear(nn.Module):
         return y if bias is None else y + bias
 
 
-def project(x: Array, linears: list[Linear], fused: bool) -> list[Array]:
+def project(x: Array, linears: list[Linear], fused: bool, joined: Linear | None = None) -> list[Array]:
     """Each of ``linears`` applied to x. ``fused`` (:attr:`ExecutionPlan.fused_projections`)
-    joins their kernels along the outputs and multiplies once: the same outputs, one matrix
-    product (one round under MPC) instead of one per projection; joining shares is local."""
+    multiplies once by their kernels side by side: the same outputs, one matrix product (one
+    round under MPC) instead of one per projection. The side-by-side kernel is ``joined`` when the
+    weights were loaded so (:func:`puma.models.loading.join_projections`: the owner joins them
+    before sharing, once), else it is made in the program by joining the kernels, which is local
+    on shares but copies them at every run."""
     if not fused:
         return [linear(x) for linear in linears]
+    if joined is not None:
+        y = joined(x)  # [..., sum of outs]
+        sizes = [linear.features for linear in linears]
+        return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1)
     parts = [linear.weights(x.shape[-1]) for linear in linears]
     kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # [in, sum of outs]
     y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, sum of outs] -> [..., sum of outs]
     outputs = jnp.split(y, np.cumsum([k.shape[1] for k, _ in parts])[:-1].tolist(), axis=-1)
     return [out if b is None else out + b for out, (_, b) in zip(outputs, parts)]
+
+
+def joined_linear(module: nn.Module, name: str, linears: list[Linear]) -> Linear | None:
+    """The Linear ``name`` of ``module`` holding ``linears``' kernels side by side when the
+    loaded weights have it (:func:`puma.models.loading.join_projections`), else None."""
+    if name not in module.variables.get("params", {}):
+        return None
+    return Linear(sum(linear.features for linear in linears), linears[0].use_bias, name=name)
 
 
 #: The most rows x table entries one lookup takes at once. Beyond it, client-made one-hot rows

@@ -29,6 +29,7 @@ from puma.models.layers import (
     Stages,
     attend,
     hf_fields,
+    joined_linear,
     project,
     record,
     row_slice,
@@ -203,7 +204,7 @@ class LlamaAttention(nn.Module):
             Linear(kv_heads * dh, cfg.qkv_bias, name="v_proj"),
         ]
         if plan.fused_projections:  # one product for all rows; only the kept rows' queries are used
-            q, k, v = project(x, projections, fused=True)
+            q, k, v = project(x, projections, True, joined_linear(self, "qkv_proj", projections))
             q = q[:, keep]
         else:
             q, k, v = projections[0](x[:, keep]), projections[1](x), projections[2](x)
@@ -252,14 +253,12 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = self.ops.activation(cfg.hidden_act)
-        gate, up = project(
-            x,
-            [
-                Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj"),
-                Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj"),
-            ],
-            self.ops.plan.fused_projections,
-        )
+        projections = [
+            Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj"),
+            Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj"),
+        ]
+        joined = joined_linear(self, "gate_up_proj", projections)
+        gate, up = project(x, projections, self.ops.plan.fused_projections, joined)
         record(self, "activation_input", gate)
         gated = act(gate) * up
         record(self, "gated_product", gated)
@@ -355,6 +354,11 @@ HF_MAPPING = [
     ("model.norm.weight", "norm/weight", False),
     ("lm_head.weight", "lm_head/kernel", True),
 ]
+
+#: Projections of one input that a set with ``fused_projections`` multiplies as one product:
+#: (module, its projections, the joined Linear's name). The model owner stores their kernels and
+#: biases side by side along the outputs for such a set (:func:`puma.models.loading.join_projections`).
+JOINS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 
 #: GGUF (llama.cpp) tensor name -> Hugging Face name. llama.cpp stores LLaMA's q/k rows permuted
 #: for its interleaved rotary layout; :mod:`puma.models.gguf` undoes that permutation

@@ -42,6 +42,7 @@ FAMILIES = {
         llama.PRESETS,
         "model.",
         gguf_names=llama.GGUF_NAMES,
+        joins=llama.JOINS,
         gguf_permuted_rotary=True,
     ),
     "qwen2": Family(
@@ -52,6 +53,7 @@ FAMILIES = {
         qwen2.PRESETS,
         "model.",
         gguf_names=qwen2.GGUF_NAMES,
+        joins=llama.JOINS,
     ),
     "qwen3": Family(
         "qwen3",
@@ -61,6 +63,7 @@ FAMILIES = {
         qwen3.PRESETS,
         "model.",
         gguf_names=qwen3.GGUF_NAMES,
+        joins=llama.JOINS,
     ),
     "gemma3": Family(
         "gemma3",
@@ -71,6 +74,7 @@ FAMILIES = {
         "model.",
         gguf_names=gemma3.GGUF_NAMES,
         gguf_norm_offset=1.0,
+        joins=llama.JOINS,
     ),
 }
 
@@ -149,12 +153,13 @@ class LoadedModel:
     def variables(self) -> dict:
         return {"params": self.params}
 
-    def param_avals(self) -> dict:
-        """Shapes and dtypes of the weights (public), without the weights."""
-        flat = {
-            k: jax.ShapeDtypeStruct(shape, np.float32) for k, shape in param_shapes(self.family, self.config).items()
-        }
-        return unflatten(flat)
+    def param_avals(self, joined: bool = False) -> dict:
+        """Shapes and dtypes of the weights (public), without the weights; ``joined``: as
+        :func:`join_projections` lays them out."""
+        shapes = param_shapes(self.family, self.config)
+        if joined:
+            shapes = joined_shapes(shapes, FAMILIES[self.family].joins)
+        return unflatten({k: jax.ShapeDtypeStruct(shape, np.float32) for k, shape in shapes.items()})
 
 
 def load(
@@ -288,6 +293,55 @@ def convert_hf_state(family: str, config, tensors: dict[str, TensorRef], source:
     if missing:
         raise PumaError(f"{source}: no tensor maps to {missing[0]}")
     return LazyParams({p: expected[p] for p in loaders}, loaders, source)
+
+
+def _joined_groups(shapes: dict, joins: tuple) -> dict[str, list[str]]:
+    """Joined path -> the paths it joins, in order, for every module of ``shapes`` that ``joins``
+    names (``.../self_attn/q_proj/kernel`` ... -> ``.../self_attn/qkv_proj/kernel``)."""
+    groups = {}
+    for path in shapes:
+        names = path.split("/")
+        if len(names) < 3:
+            continue
+        module, part, leaf = names[-3:]
+        scope = "/".join(names[:-2])  # up to the module: layers_0/self_attn
+        for parent, parts, joined in joins:
+            if module == parent and part == parts[0]:
+                groups[f"{scope}/{joined}/{leaf}"] = [f"{scope}/{p}/{leaf}" for p in parts]
+    return groups
+
+
+def joined_shapes(shapes: dict, joins: tuple) -> dict:
+    """``shapes`` with each group of :func:`_joined_groups` replaced by its joined tensor (the
+    parts' last axes, their outputs, added up), in the first part's place."""
+    groups = _joined_groups(shapes, joins)
+    first = {paths[0]: joined for joined, paths in groups.items()}
+    dropped = {p for paths in groups.values() for p in paths}
+    out = {}
+    for path, shape in shapes.items():
+        if path in first:
+            paths = groups[first[path]]
+            out[first[path]] = (*shape[:-1], sum(shapes[p][-1] for p in paths))
+        elif path not in dropped:
+            out[path] = shape
+    return out
+
+
+def join_projections(lazy: LazyParams, joins: tuple) -> LazyParams:
+    """The weights with the projections ``joins`` names stored side by side along their outputs
+    (q/k/v as ``qkv_proj``, gate/up as ``gate_up_proj``; kernels [in, sum of outs], biases [sum of
+    outs]), for a set that multiplies them as one product (:attr:`ExecutionPlan.fused_projections`):
+    the owner joins them once before sharing instead of the parties copying their shares into
+    one at every run. Lazy as ``lazy`` is: a joined tensor is read when asked for."""
+    groups = _joined_groups(lazy.shapes, joins)
+    shapes = joined_shapes(lazy.shapes, joins)
+    loaders = {}
+    for path in shapes:
+        if path in groups:
+            loaders[path] = lambda paths=groups[path]: np.concatenate([lazy.get(p) for p in paths], axis=-1)
+        else:
+            loaders[path] = lambda path=path: lazy.get(path)
+    return LazyParams(shapes, loaders, lazy.source)
 
 
 def _converter(ref: TensorRef, transpose: bool) -> Callable[[], np.ndarray]:

@@ -138,8 +138,10 @@ class ExecutionPlan:
             wanted, the [CLS] row for pooled and classifier heads); keys and values still come
             from every row, so outputs and caches are unchanged.
         fused_projections: independent projections of the same input run as one matrix product
-            (LLaMA's query/key/value and gate/up: the kernels are joined along their outputs, a
-            local operation on shares), so they cost one round instead of one each.
+            (LLaMA's query/key/value and gate/up, their kernels side by side along the outputs),
+            so they cost one round instead of one each. The model owner stores them so when it
+            shares the weights (the family's ``joins``); on weights published to parties, which
+            any set may use, the program joins them (local on shares, a copy at every run).
         fused_rotary: the rotary embedding and the scores' 1/sqrt(d) (as d^(-1/4) on queries and
             on keys, which the cache keeps so scaled) are one product by a public per-position
             matrix in a decode step: one truncation instead of five.

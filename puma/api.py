@@ -188,9 +188,10 @@ class SecureModel:
             log.info("%s (%s)", plan.describe(), "staged" if by_stage else "one program")
             if not streamed:
                 progress.status("loading the weights (%s)", plan.describe())
-            spec = OwnerSpec(source, tuple(sorted((overrides or {}).items())))
-            store_id = deploy.model_id(source, overrides) if share_store else ""
-            session.load_model(spec, model.param_avals(), streamed, share_store, store_id)
+            joins = loading.FAMILIES[model.family].joins if ops.plan.fused_projections else ()
+            spec = OwnerSpec(source, tuple(sorted((overrides or {}).items())), joins=joins)
+            store_id = deploy.model_id(source, overrides) + ("-joined" if joins else "") if share_store else ""
+            session.load_model(spec, model.param_avals(joined=bool(joins)), streamed, share_store, store_id)
             secure = cls(model, session, ops, by_stage)
             secure.weight_plan = plan
             secure.fixed_plan = fixed_plan

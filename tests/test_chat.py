@@ -14,7 +14,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from puma.models import load
+from puma.models import llama, load
+from puma.models.loading import join_projections
 from puma.protocols import chat, fixed, lean
 from puma.protocols.base import FixedPoint
 
@@ -203,7 +204,8 @@ def test_activations_against_numpy_everywhere(name):
 
 def test_fused_projections_and_rotary_change_no_output():
     """llama-debug in plaintext: forward, prefill and a decode step with the fusions equal the
-    plain model (float32 rounding)."""
+    plain model (float32 rounding); the forward pass too on the weights as the owner stores them
+    for a fused set (q/k/v and gate/up side by side)."""
     model = load("llama-debug")
     exact = protocols.get("exact")
     fused = exact.with_plan(fused_projections=True, fused_rotary=True)
@@ -211,6 +213,8 @@ def test_fused_projections_and_rotary_change_no_output():
     plain, joined = model.module(exact), model.module(fused)
     variables = model.variables()
     _check(joined.apply(variables, ids)[0], plain.apply(variables, ids)[0], 1e-5, "forward")
+    side_by_side = {"params": join_projections(load("llama-debug", lazy=True).lazy, llama.JOINS).materialize()}
+    _check(joined.apply(side_by_side, ids)[0], plain.apply(variables, ids)[0], 1e-5, "forward, joined weights")
     slots = 16
     got, cache = joined.apply(variables, ids[:, :5], None, None, slots, method="prefill")
     want, cache_ref = plain.apply(variables, ids[:, :5], None, None, slots, method="prefill")
@@ -225,6 +229,33 @@ def test_fused_projections_and_rotary_change_no_output():
         got = joined.apply(variables, single[:, 5:], mask, position, c, 5, method="decode")[0]
         want = plain.apply(variables, single[:, 5:], mask, position, cr, 5, method="decode")[0]
         _check(got, want, 1e-5, f"decode batch {len(single)}")
+
+
+def test_the_owner_shares_fused_sets_projections_side_by_side(monkeypatch):
+    """Under MPC (sim) the owner opens the weights joined for puma-chat, not for puma-fast, and
+    puma-chat's tokens equal its plaintext run's."""
+    from puma.api import SecureModel
+    from puma.runtime.roles import OwnerSpec
+
+    opened, real = [], OwnerSpec.open
+
+    def spy(spec):
+        lazy = real(spec)
+        opened.append(lazy.names())
+        return lazy
+
+    monkeypatch.setattr(OwnerSpec, "open", spy)
+    want = SecureModel.from_pretrained("llama-debug", approx="puma-chat").generate_ids([[5, 6, 7, 8]], 3).tokens
+    for approx, joined in (("puma-chat", True), ("puma-fast", False)):
+        opened.clear()
+        with SecureModel.from_pretrained("llama-debug", approx=approx, backend="sim") as m:
+            got = m.generate_ids([[5, 6, 7, 8]], 3).tokens
+        names = set(opened[-1])
+        assert ("layers_0/self_attn/qkv_proj/kernel" in names) == joined, approx
+        assert ("layers_0/mlp/gate_up_proj/kernel" in names) == joined, approx
+        assert ("layers_0/mlp/up_proj/kernel" in names) != joined, approx
+        if approx == "puma-chat":
+            assert got == want
 
 
 def test_preflight_checks_the_softmax_row_maximum():

@@ -34,6 +34,16 @@ def _left_padded_batch(vocab, lengths, seed=1):
     return seqs, ids, mask, tasks.positions_from_mask(mask)
 
 
+def _reference_logits(hf, ids, mask, pos) -> np.ndarray:
+    """transformers' logits for left-padded ``ids`` with their mask and positions."""
+    with torch.no_grad():
+        return hf(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
+
+
 @pytest.mark.parametrize("preset", ["gpt2-debug", "llama-debug"])
 def test_causal_lm_matches_transformers(preset, tmp_path):
     family, config = models.presets()[preset]
@@ -41,12 +51,7 @@ def test_causal_lm_matches_transformers(preset, tmp_path):
     loaded = models.load(str(tmp_path))
     assert loaded.family == family and loaded.config == config
     _, ids, mask, pos = _left_padded_batch(config.vocab_size, [7, 4])
-    with torch.no_grad():
-        ref = hf(
-            torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(pos, dtype=torch.long),
-        ).logits.numpy()
+    ref = _reference_logits(hf, ids, mask, pos)
     logits, _ = loaded.module().apply(loaded.variables(), ids, mask, pos)
     valid = mask.astype(bool)
     _check(np.asarray(logits)[valid], ref[valid], what=f"{preset} logits")
@@ -59,6 +64,34 @@ def test_llama_debug_has_gqa_and_untied_head(tmp_path):
     params = models.load(str(tmp_path)).params
     assert "lm_head" in params
     assert params["layers_0"]["self_attn"]["k_proj"]["kernel"].shape == (32, 2 * 8)
+
+
+@pytest.mark.parametrize("preset", ["llama-debug", "qwen2-debug"])
+def test_joined_projections_give_transformers_logits(preset, tmp_path):
+    """The owner's side-by-side q/k/v and gate/up (with Qwen2's q/k/v biases) read by a set with
+    fused projections: the same logits as transformers on the same checkpoint, and each joined
+    tensor is its parts' columns in order."""
+    from puma.models import loading
+
+    family, config = models.presets()[preset]
+    hf = hf_model(family, config, tmp_path)
+    loaded = models.load(str(tmp_path), lazy=True)
+    joined = loading.join_projections(loaded.lazy, loading.FAMILIES[family].joins)
+    attn = "layers_1/self_attn/"
+    assert {"qkv_proj/kernel", "q_proj/kernel"} & {n[len(attn) :] for n in joined.names()} == {"qkv_proj/kernel"}
+    parts = [loaded.lazy.get(attn + f"{p}_proj/kernel") for p in "qkv"]
+    np.testing.assert_array_equal(joined.get(attn + "qkv_proj/kernel"), np.concatenate(parts, axis=1))
+    if config.qkv_bias:
+        biases = [loaded.lazy.get(attn + f"{p}_proj/bias") for p in "qkv"]
+        np.testing.assert_array_equal(joined.get(attn + "qkv_proj/bias"), np.concatenate(biases))
+    assert joined.shapes == loading.joined_shapes(loaded.lazy.shapes, loading.FAMILIES[family].joins)
+    _, ids, mask, pos = _left_padded_batch(config.vocab_size, [7, 4])
+    ref = _reference_logits(hf, ids, mask, pos)
+    fused = protocols.get("exact").with_plan(fused_projections=True)
+    module = models.FAMILIES[family].module_cls(config, fused)
+    logits, _ = module.apply({"params": joined.materialize()}, ids, mask, pos)
+    valid = mask.astype(bool)
+    _check(np.asarray(logits)[valid], ref[valid], what=f"{preset} logits on joined projections")
 
 
 @pytest.mark.parametrize("preset", ["bert-debug", "bert-debug-cls"])
@@ -132,12 +165,7 @@ def test_stories260k_gguf_matches_transformers(stories_gguf):
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (5, 8, 4)
     hf = _hf_stories(stories_gguf)
     _, ids, mask, pos = _left_padded_batch(cfg.vocab_size, [12, 5], seed=3)
-    with torch.no_grad():
-        ref = hf(
-            torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(pos, dtype=torch.long),
-        ).logits.numpy()
+    ref = _reference_logits(hf, ids, mask, pos)
     logits, _ = loaded.module().apply(loaded.variables(), ids, mask, pos)
     valid = mask.astype(bool)
     _check(np.asarray(logits)[valid], ref[valid], what="stories260K logits")

@@ -73,17 +73,21 @@ ShareFunction = Callable[[np.ndarray, "int | None"], Iterator[tuple[str, list[Pa
 
 @dataclasses.dataclass(frozen=True)
 class OwnerSpec:
-    """Where the model owner reads its weights: a source for :func:`puma.models.load`."""
+    """Where the model owner reads its weights: a source for :func:`puma.models.load`; ``joins``
+    (the family's, for a set with fused projections): projections it stores side by side."""
 
     source: str
     overrides: tuple = ()
     seed: int = 0
+    joins: tuple = ()
 
     def open(self) -> LazyParams:
         """The weights, opened lazily (nothing is read until a tensor is asked for)."""
         from puma.models import load
+        from puma.models.loading import join_projections
 
-        return load(self.source, overrides=dict(self.overrides) or None, seed=self.seed, lazy=True).lazy
+        lazy = load(self.source, overrides=dict(self.overrides) or None, seed=self.seed, lazy=True).lazy
+        return join_projections(lazy, self.joins) if self.joins else lazy
 
 
 def share_function(config: libspu.RuntimeConfig, world_size: int) -> ShareFunction:
