@@ -405,14 +405,14 @@ def project(x: Array, linears: list[Linear], fused: bool, joined: Linear | None 
     if not fused:
         return [linear(x) for linear in linears]
     if joined is not None:
-        y = joined(x)  # [..., sum of outs]
-        sizes = [linear.features for linear in linears]
-        return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1)
-    parts = [linear.weights(x.shape[-1]) for linear in linears]
-    kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # [in, sum of outs]
-    y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, sum of outs] -> [..., sum of outs]
-    outputs = jnp.split(y, np.cumsum([k.shape[1] for k, _ in parts])[:-1].tolist(), axis=-1)
-    return [out if b is None else out + b for out, (_, b) in zip(outputs, parts)]
+        y, biases = joined(x), [None] * len(linears)  # [..., sum of outs], biases included
+    else:
+        parts = [linear.weights(x.shape[-1]) for linear in linears]
+        kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # [in, sum of outs]
+        y = jnp.einsum("...i,io->...o", x, kernel)  # [..., in] x [in, sum of outs] -> [..., sum of outs]
+        biases = [b for _, b in parts]
+    outputs = jnp.split(y, np.cumsum([linear.features for linear in linears])[:-1].tolist(), axis=-1)
+    return [out if b is None else out + b for out, b in zip(outputs, biases)]
 
 
 def joined_linear(module: nn.Module, name: str, linears: list[Linear]) -> Linear | None:

@@ -248,9 +248,11 @@ def _default_token() -> bool:
     return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
-#: What to check when the cluster does not start the actors puma asked for.
-_PORT_TAKEN = "brpc server failed start"  # yacl's words when a party's link port is taken
+#: yacl's words when a party's link port was taken before brpc listened on it, and how many
+#: times :class:`RayMesh` then starts new parties on new ports.
+_PORT_TAKEN = "brpc server failed start"
 _LINK_ATTEMPTS = 3
+#: What to check when the cluster does not start the actors puma asked for.
 _ACTORS_DID_NOT_START = (
     "the Ray cluster did not start its actors (see `ray status` for resources "
     "and the cluster's worker logs, e.g. for authentication errors)"
