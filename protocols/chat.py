@@ -50,7 +50,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
-from puma.protocols import fixed, lean
+from puma.protocols import fixed, lean, puma
 from puma.protocols.base import ExecutionPlan, input_limit, variance_domain
 
 #: Rows the softmax is right for: |row maximum| below this (checked by the calibration preflight).
@@ -237,18 +237,18 @@ def exp_levels(x):
     - Every score is compared with the ladder (one batched comparison: bits [..., S, J]); the
       thresholds some score of the row passes (an OR over the row) give K.
     - A score at level l lies in (t_(l-1), t_l], so x = t_(l-1) + LADDER_STEP u with u in
-      (0, 1], and w = e^((l - K + 1/2) LADDER_STEP) q(u) with q(u) ~ e^((u - 1/2) LADDER_STEP).
-    - The level's weight is linear in the passed thresholds and in the score's bits: integers
-      (a product by public differences, then one product of the bits by the row's
-      coefficients), so a dropped level's weight is exactly 0.
-    - u is set to 0 below the ladder (one product by the first bit,
-      :func:`puma.protocols.fixed.times_integer`), so q lies in [e^-3, e^3] however far below a
-      score is.
+      (0, 1], and its weight is W(l, K) q(u): W(l, K) = 2^WEIGHT_BITS e^((l - K + 1/2)
+      LADDER_STEP) an integer (:func:`level_weights`, 0 for a dropped level) and
+      q(u) ~ e^((u - 1/2) LADDER_STEP).
+    - W is linear in the passed thresholds and in the score's bits: integers (a product by
+      public differences, then one product of the bits by the row's coefficients).
     - q is the fitted polynomial (:func:`exp_coefficients`) on powers of u (three products;
-      its coefficients as integers: one truncation), then one multiplication by the weight
-      (see :data:`WEIGHT_BITS`). Written as q times the scaled weight: written as (q times the
-      integer) scaled, the compiler moved the scaling onto the next product's other factor (r
-      in the softmax), whose fixed point lost 0.2 %.
+      its coefficients as integers: one truncation), and the weight is q times the integer W
+      (:func:`puma.protocols.fixed.times_integer`: the product of the encodings) scaled by
+      2^-WEIGHT_BITS (one truncation). Below the ladder (level 0) u is unbounded and q may be
+      anything, even wrapped around the ring under SPU; W is exactly 0 there, so the exact
+      product is exactly 0 and u needs no clamp. In float32 plaintext q stays finite for
+      scores above -6e4 (u^8 below 3e38).
 
     Domain: rows whose maximum lies in [-SCORE_LIMIT, SCORE_LIMIT). Measured max relative
     error of a weight at the top two levels 4.6e-4 in float32 (the polynomial's), at the third
@@ -264,15 +264,14 @@ def exp_levels(x):
     terms = np.concatenate([table[:1], np.diff(table, axis=0)], axis=0)  # [J+1, L]: W[0, K], differences
     per_top = np.diff(terms, axis=1).T  # [J, J+1]
     coefficients = passed @ jnp.asarray(per_top) + jnp.asarray(terms[:, 0])  # [..., J+1] integers
-    bits = above.astype(jnp.int32)
+    bits = fixed.arithmetic(above)  # [..., S, J], read by a product and a sum
     weight = coefficients[..., :1] + jnp.sum(bits * coefficients[..., None, 1:], axis=-1)  # [..., S] at 2^WEIGHT_BITS
     level = jnp.sum(bits, axis=-1)  # [..., S]
     shift = fixed.integer_table(1.0 / LADDER_STEP, SCALE_BITS)
     u = fixed.times_integer(x, shift) * 2.0**-SCALE_BITS + (1.0 - float(thresholds[0]) / LADDER_STEP - level)
-    u = fixed.times_integer(u, bits[..., 0])  # 0 below the ladder: u lies in [0, 1] everywhere
     polynomial = np.asarray(exp_coefficients()) * math.exp(-LADDER_STEP / 2)  # q(u) ~ e^(step (u - 1/2))
     q = fixed.scaled_sum(_powers(u), polynomial, COEFFICIENT_BITS)  # [..., S]
-    return q * (weight.astype(q.dtype) * 2.0**-WEIGHT_BITS)
+    return fixed.times_integer(q, weight) * 2.0**-WEIGHT_BITS
 
 
 @input_limit(lambda fx: SCORE_LIMIT)  # of a row maximum
@@ -287,7 +286,7 @@ def softmax(x, where=None):
     Measured max |error| per probability 1.0e-3 in plaintext and 1.07e-3 under SPU (rows of up
     to 1024 scores, half masked, maxima at both ends of the domain; ``tests/test_chat.py``).
     Cost at SmolLM2's decode shape (9 heads x 16 slots), measured by ``puma bench latency``:
-    57 send actions at the busiest party (puma-fast's: 126), 0.96 MB (all parties; puma-fast's:
+    52 send actions at the busiest party (puma-fast's: 126), 0.82 MB (all parties; puma-fast's:
     0.11 MB): the ladder compares S x 22 scores.
     """
     if where is not None:
@@ -432,6 +431,76 @@ def silu(x):
     return _piecewise(x, "silu")
 
 
+#: :func:`argmax` compares pairs while more than PAIR_LIMIT entries remain (a group of g compares
+#: g (g - 1) / 2 pairs, so wide groups pay in bytes where entries are many), then groups of
+#: GROUP. Measured at a 49 152-entry row under ABY3 FM64/18: 117 send actions at the busiest
+#: party and 9.2 MB (all pairs: 181 and 8.7 MB; groups from 4 096 on: 109 and 9.7 MB; from 512:
+#: 126 and 8.8 MB).
+PAIR_LIMIT, GROUP = 2048, 8
+
+
+def _group_winners(v, index, g: int):
+    """One tournament round over groups of g neighbours: v, index [..., m, g] -> [..., m].
+
+    Every pair (i < j) of a group is compared in one call (gt = v_j > v_i); entry i wins when it
+    beats every earlier entry strictly and no later one beats it (the first maximum, as
+    ``jnp.argmax``): an AND of g - 1 bits, and exactly one entry of a group wins. The winner's
+    value is the sum of the entries times their winning bits (exact integer products)."""
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+    later = jnp.concatenate([v[..., j : j + 1] for _, j in pairs], axis=-1)  # [..., m, P]
+    earlier = jnp.concatenate([v[..., i : i + 1] for i, _ in pairs], axis=-1)
+    gt = later > earlier  # [..., m, P]: one comparison call
+    literals = []
+    for k in range(g):  # entry k: v_k > v_i for i < k, not v_j > v_k for j > k
+        row = [gt[..., p] if j == k else ~gt[..., p] for p, (i, j) in enumerate(pairs) if k in (i, j)]
+        literals.append(jnp.stack(row, axis=-1))  # [..., m, g - 1]
+    wins = fixed.arithmetic(jnp.all(jnp.stack(literals, axis=-2), axis=-1))  # [..., m, g]
+    value = jnp.sum(fixed.times_integer(v, wins), axis=-1)
+    return value, jnp.sum(wins * index, axis=-1)
+
+
+def argmax(x):
+    """Index of the largest entry over the last axis (the first one on ties), by a tournament:
+    pairs (:func:`puma.protocols.puma.tournament_round`) while more than PAIR_LIMIT entries
+    remain, then groups of GROUP neighbours (:func:`_group_winners`), the entries that fill no
+    group in one group of their own; a lone entry passes unchanged.
+
+    A group round costs one comparison call, ceil(log2(g - 1)) rounds of ANDs and one product,
+    whatever g is: three rounds of 8 do the work of nine pair rounds. Source: puma's log-depth
+    tournament, with wider (k-ary) rounds once entries are few. Error: none (the index of
+    ``jnp.argmax``, ties included; asserted in plaintext and under SPU). Cost at SmolLM2's
+    vocabulary (49 152) under ABY3 FM64/18: 117 send actions at the busiest party, 9.2 MB (all
+    parties); puma's pairs alone: 181 and 8.7 MB.
+    """
+    index = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    while x.shape[-1] > PAIR_LIMIT:  # pairs: one bit per pair selects (fewer bytes than wins)
+        x, index = puma.tournament_round(x, index)
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        g = min(GROUP, n)
+        full = n // g * g
+        values, indices = [], []
+        if full:
+            grouped = _group_winners(
+                x[..., :full].reshape(*x.shape[:-1], full // g, g),  # [..., n // g, g]
+                index[..., :full].reshape(*x.shape[:-1], full // g, g),
+                g,
+            )
+            values.append(grouped[0])
+            indices.append(grouped[1])
+        rest = n - full
+        if rest == 1:
+            values.append(x[..., full:])
+            indices.append(index[..., full:])
+        elif rest:
+            tail = _group_winners(x[..., None, full:], index[..., None, full:], rest)  # [..., 1]
+            values.append(tail[0])
+            indices.append(tail[1])
+        x = jnp.concatenate(values, axis=-1)
+        index = jnp.concatenate(indices, axis=-1)
+    return index[..., 0]
+
+
 OPS = dataclasses.replace(
     lean.OPS,
     name="puma-chat",
@@ -441,6 +510,7 @@ OPS = dataclasses.replace(
     softmax=softmax,
     layer_norm=layer_norm,
     rms_norm=rms_norm,
+    argmax=argmax,
     plan=ExecutionPlan(
         client_onehot=True,
         fused_heads=True,

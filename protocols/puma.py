@@ -182,21 +182,27 @@ def argmax(x):
     parties and 542 send actions, against 41.3 MB and 2309 for SPU's ``jnp.argmax``.
     """
     index = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    while x.shape[-1] > 1:
+        x, index = tournament_round(x, index)
+    return index[..., 0]
+
+
+def tournament_round(x, index):
+    """One round of :func:`argmax`: values and indices [..., n] -> [..., ceil(n / 2)]."""
 
     def halves(v, pairs):  # entries 2j and 2j+1 by a reshape: a strided slice would be a gather
         both = v[..., :pairs].reshape(*v.shape[:-1], pairs // 2, 2)  # [..., n // 2, 2]
         return both[..., 0], both[..., 1]
 
-    while x.shape[-1] > 1:
-        pairs = x.shape[-1] // 2 * 2
-        first, second = halves(x, pairs)  # [..., n // 2] each
-        take = second > first
-        winners = jnp.where(take, second, first)
-        index_first, index_second = halves(index, pairs)
-        winner_index = jnp.where(take, index_second, index_first)
-        x = jnp.concatenate([winners, x[..., pairs:]], axis=-1)  # [..., ceil(n / 2)]
-        index = jnp.concatenate([winner_index, index[..., pairs:]], axis=-1)
-    return index[..., 0]
+    pairs = x.shape[-1] // 2 * 2
+    first, second = halves(x, pairs)  # [..., n // 2] each
+    take = second > first
+    winners = jnp.where(take, second, first)
+    index_first, index_second = halves(index, pairs)
+    winner_index = jnp.where(take, index_second, index_first)
+    x = jnp.concatenate([winners, x[..., pairs:]], axis=-1)  # [..., ceil(n / 2)]
+    index = jnp.concatenate([winner_index, index[..., pairs:]], axis=-1)
+    return x, index
 
 
 #: SPU settings PUMA relies on: one reciprocal per softmax row broadcast to the row.

@@ -345,3 +345,24 @@ def test_activations_and_reciprocal_under_spu(session):
     got = _spu(session, "reciprocal", lambda a, p: chat.scaled_reciprocal(a["s"], high), {"s": s})
     rel = np.abs(got * s / 2.0**chat.RECIPROCAL_BITS - 1).max()
     assert rel <= SPU_RECIPROCAL_REL, rel
+
+
+def _tied_rows(seed: int, width: int) -> np.ndarray:
+    """Rows of small integers (many exact ties, the maximum often repeated), one constant row."""
+    rows = np.random.default_rng(seed).integers(-4, 4, (4, width)).astype(np.float32)
+    rows[0] = 1.5
+    return rows
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 8, 9, 17, 300, chat.PAIR_LIMIT + 1, 5000])
+def test_argmax_plaintext_is_numpys_first_maximum(width):
+    rows = _tied_rows(width, width)
+    assert np.asarray(chat.argmax(jnp.asarray(rows))).tolist() == np.argmax(rows, -1).tolist()
+
+
+def test_argmax_under_spu_is_numpys_first_maximum(session):
+    """Pair rounds, then groups of 8 and a tail group, on tied rows and on a row past PAIR_LIMIT."""
+    for width in (11, 1001, chat.PAIR_LIMIT * 2 + 3):
+        rows = _tied_rows(width, width)
+        got = _spu(session, f"argmax_{width}", lambda s, p: chat.argmax(s["x"]), {"x": rows})
+        assert got.astype(int).tolist() == np.argmax(rows, -1).tolist(), width
