@@ -32,6 +32,9 @@ forces them:
 - **Activations as piecewise cubics** on a few public edges (one comparison call, the
   piece's coefficients read from a table, Horner's rule): SiLU errs by 9.8e-3 (puma-lean's
   relu(x) - p(|x|): 5.8e-2), GeLU by 5.4e-3.
+- **Argmax in wide rounds:** pairs while many logits remain, then groups of 8 whose 28 pairs
+  are compared in one call (:func:`argmax`); bits two operations read are converted to
+  arithmetic once (:func:`puma.protocols.fixed.arithmetic`).
 - **Plan:** all heads in one product (``fused_heads``), the query/key/value and gate/up
   projections each as one product (``fused_projections``), the rotary embedding and the
   query's 1/sqrt(d) as one product by a public matrix (``fused_rotary``), and the last
@@ -286,7 +289,7 @@ def softmax(x, where=None):
     Measured max |error| per probability 1.0e-3 in plaintext and 1.07e-3 under SPU (rows of up
     to 1024 scores, half masked, maxima at both ends of the domain; ``tests/test_chat.py``).
     Cost at SmolLM2's decode shape (9 heads x 16 slots), measured by ``puma bench latency``:
-    52 send actions at the busiest party (puma-fast's: 126), 0.82 MB (all parties; puma-fast's:
+    53 send actions at the busiest party (puma-fast's: 126), 0.82 MB (all parties; puma-fast's:
     0.11 MB): the ladder compares S x 22 scores.
     """
     if where is not None:

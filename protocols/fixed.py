@@ -89,6 +89,6 @@ def arithmetic(bits):
     every op that reads it as a number, so bits read by two ops are converted twice. A product
     by the public identity converts them once (a public product: no message beyond the
     conversion). Measured in :func:`puma.protocols.chat.exp_levels` (bits read by a product and
-    by a sum): 2 send actions per party fewer, 19 % fewer bytes there."""
+    by a sum): 2 to 3 send actions per party fewer, 13 % fewer bytes in the softmax."""
     size = bits.shape[-1]
     return bits.astype(jnp.int32) @ jnp.eye(size, dtype=jnp.int32)
