@@ -465,8 +465,8 @@ def _group_winners(v, index, g: int):
 def argmax(x):
     """Index of the largest entry over the last axis (the first one on ties), by a tournament:
     pairs (:func:`puma.protocols.puma.tournament_round`) while more than PAIR_LIMIT entries
-    remain, then groups of GROUP neighbours (:func:`_group_winners`), the entries that fill no
-    group in one group of their own; a lone entry passes unchanged.
+    remain, then groups of GROUP neighbours (:func:`_group_winners`), the last group filled
+    with copies of the last entry (public positions; a copy never wins ahead of its original).
 
     A group round costs one comparison call, ceil(log2(g - 1)) rounds of ANDs and one product,
     whatever g is: three rounds of 8 do the work of nine pair rounds. Source: puma's log-depth
@@ -481,26 +481,12 @@ def argmax(x):
     while x.shape[-1] > 1:
         n = x.shape[-1]
         g = min(GROUP, n)
-        full = n // g * g
-        values, indices = [], []
-        if full:
-            grouped = _group_winners(
-                x[..., :full].reshape(*x.shape[:-1], full // g, g),  # [..., n // g, g]
-                index[..., :full].reshape(*x.shape[:-1], full // g, g),
-                g,
-            )
-            values.append(grouped[0])
-            indices.append(grouped[1])
-        rest = n - full
-        if rest == 1:
-            values.append(x[..., full:])
-            indices.append(index[..., full:])
-        elif rest:
-            tail = _group_winners(x[..., None, full:], index[..., None, full:], rest)  # [..., 1]
-            values.append(tail[0])
-            indices.append(tail[1])
-        x = jnp.concatenate(values, axis=-1)
-        index = jnp.concatenate(indices, axis=-1)
+        groups = -(-n // g)
+        if groups * g > n:  # copies of the last entry fill its group: never ahead of it on a tie
+            x = jnp.concatenate([x, jnp.repeat(x[..., -1:], groups * g - n, axis=-1)], axis=-1)
+            index = jnp.concatenate([index, jnp.repeat(index[..., -1:], groups * g - n, axis=-1)], axis=-1)
+        shape = (*x.shape[:-1], groups, g)  # [..., n / g, g]
+        x, index = _group_winners(x.reshape(shape), index.reshape(shape), g)
     return index[..., 0]
 
 
