@@ -123,4 +123,6 @@ def test_gemma3_sites_count_its_norms_and_read_a_blocked_table_as_the_model_does
     assert two["per_step"]["bytes_sent"] == 2 * one["per_step"]["bytes_sent"]
     one, two = cost["whole", "head"], cost["blocked", "head"]
     assert two["once"]["bytes_sent"] == one["once"]["bytes_sent"]
-    assert two["once"]["max_party_send_actions"] > one["once"]["max_party_send_actions"]
+    # all parties' send actions: the busiest party's vary from run to run (81-84 for the same
+    # head program here), the sum does not (241 whole, 249 in blocks)
+    assert two["once"]["send_actions"] > one["once"]["send_actions"]
