@@ -442,13 +442,14 @@ def silu(x):
 PAIR_LIMIT, GROUP = 2048, 8
 
 
-def _group_winners(v, index, g: int):
+def _group_winners(v, index):
     """One tournament round over groups of g neighbours: v, index [..., m, g] -> [..., m].
 
     Every pair (i < j) of a group is compared in one call (gt = v_j > v_i); entry i wins when it
     beats every earlier entry strictly and no later one beats it (the first maximum, as
     ``jnp.argmax``): an AND of g - 1 bits, and exactly one entry of a group wins. The winner's
     value is the sum of the entries times their winning bits (exact integer products)."""
+    g = v.shape[-1]
     pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
     later = jnp.concatenate([v[..., j : j + 1] for _, j in pairs], axis=-1)  # [..., m, P]
     earlier = jnp.concatenate([v[..., i : i + 1] for i, _ in pairs], axis=-1)
@@ -486,7 +487,7 @@ def argmax(x):
             x = jnp.concatenate([x, jnp.repeat(x[..., -1:], groups * g - n, axis=-1)], axis=-1)
             index = jnp.concatenate([index, jnp.repeat(index[..., -1:], groups * g - n, axis=-1)], axis=-1)
         shape = (*x.shape[:-1], groups, g)  # [..., n / g, g]
-        x, index = _group_winners(x.reshape(shape), index.reshape(shape), g)
+        x, index = _group_winners(x.reshape(shape), index.reshape(shape))
     return index[..., 0]
 
 

@@ -361,7 +361,8 @@ def test_argmax_plaintext_is_numpys_first_maximum(width):
 
 
 def test_argmax_under_spu_is_numpys_first_maximum(session):
-    """Pair rounds, then groups of 8 and a tail group, on tied rows and on a row past PAIR_LIMIT."""
+    """Pair rounds, then groups of 8 (the last one filled with copies where the width leaves it
+    short), on tied rows and on a row past PAIR_LIMIT."""
     for width in (11, 1001, chat.PAIR_LIMIT * 2 + 3):
         rows = _tied_rows(width, width)
         got = _spu(session, f"argmax_{width}", lambda s, p: chat.argmax(s["x"]), {"x": rows})
