@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from puma import calibration, deploy, progress, protocols, tasks
+from puma.conversation import Conversation
 from puma.errors import PumaError
 from puma.manifest import client_model, is_manifest, read_manifest
 from puma.models import LoadedModel, load, loading
@@ -304,6 +305,34 @@ class SecureModel:
             slot_bucket=slot_bucket,
             progress=progress,
             stream=stream,
+            staged_run=self.staged,
+        )
+
+    def conversation(
+        self,
+        *,
+        chat: bool | None = None,
+        reveal: str = "token",
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chunk_bucket: int = 8,
+        slot_bucket: int = 16,
+    ) -> Conversation:
+        """A conversation of several turns on this session (:class:`puma.conversation.Conversation`):
+        its key/value cache stays secret at the parties between turns, so a turn costs one
+        secure step for the whole message and one per reply token. ``chat`` puts turns through
+        the chat template (default: when the tokenizer has one); sampling as :meth:`generate`;
+        ``chunk_bucket``/``slot_bucket`` round a message's tokens and the cache's slots."""
+        return Conversation(
+            self.session,
+            self.model,
+            self.ops,
+            chat=chat,
+            reveal=reveal,
+            sampling=tasks.Sampling(temperature, top_k, seed),
+            chunk_bucket=chunk_bucket,
+            slot_bucket=slot_bucket,
             staged_run=self.staged,
         )
 

@@ -173,6 +173,29 @@ def decode_program(model: LoadedModel, ops, reveal: str = "token", sampling: Sam
     )
 
 
+def grow_cache_program(model: LoadedModel, ops, slots: int) -> Program:
+    """The key/value cache held in a slot, widened to ``slots`` slots with zeros (the new
+    slots hold no token until a step writes one). Reveals nothing and sends nothing: padding
+    shares with zeros is local to each party. Reads ``cache``: the whole model's (a tuple of
+    layers) or, bound to ``cache_<i>``, one block's (:mod:`puma.staged`)."""
+
+    def fn(params, state, secret, public):
+        def widen(a):  # [B, S, Hkv, Dh] -> [B, slots, Hkv, Dh]
+            return jnp.pad(a, [(0, 0), (0, slots - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+        return {}, {"cache": jax.tree_util.tree_map(widen, state["cache"])}
+
+    return Program(
+        f"{model.family}_grow_cache",
+        fn,
+        key=(ops.name, model.program_key, slots),
+        spec=("grow_cache", {"slots": slots}),
+        param_keys=(),
+        state_reads=("cache",),
+        builtin=protocols.registered(ops),
+    )
+
+
 def encoder_program(model: LoadedModel, ops, head: str) -> Program:
     """BERT with one head (``hidden``, ``pooled``, ``mean``, ``classify``); reveals its output."""
     module = model.module(ops)
@@ -255,6 +278,7 @@ BUILDERS = {
         model, ops, layer, phase, max_len, rows
     ),
     "stage_head": lambda model, ops, **spec: _stage_head(model, ops, spec),
+    "grow_cache": lambda model, ops, slots: grow_cache_program(model, ops, slots),
 }
 
 
@@ -276,7 +300,7 @@ def reveals(model: LoadedModel, spec) -> tuple[str, str | None]:
     (``embed``/``classify``/``encode``, ``outputs``), or (``stage``, None) for stages that
     reveal nothing."""
     builder, arguments = spec
-    if builder in ("stage_embed", "stage_block"):
+    if builder in ("stage_embed", "stage_block", "grow_cache"):
         return "stage", None
     if builder in ("forward", "prefill", "decode") or (builder == "stage_head" and "head" not in arguments):
         if builder == "stage_head" and not arguments.get("last_only"):
@@ -380,6 +404,37 @@ class EncodingResult:
 # -- loops -----------------------------------------------------------------------------------
 
 
+class StepClient:
+    """The client's side of a generation step: the token ids it shares (and its sampling noise),
+    and the next token it reads from what the step reveals (the token, or the logits it picks
+    from itself)."""
+
+    def __init__(self, model: LoadedModel, ops, reveal: str, sampling: Sampling, batch: int):
+        if reveal not in REVEAL_CHOICES:
+            raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
+        if sampling.top_k and not 0 < sampling.top_k <= model.config.vocab_size:
+            raise PumaError(f"top_k must be in 1..{model.config.vocab_size}")
+        self.ops, self.reveal, self.sampling, self.batch = ops, reveal, sampling, batch
+        self.vocab = model.config.vocab_size
+        self.rng = np.random.default_rng(sampling.seed)
+
+    def secret(self, ids: np.ndarray) -> dict:
+        """The client's inputs of a step with token ids [B, T]."""
+        inputs = {"input_ids": client_ids(self.ops, ids, self.vocab)}
+        if self.reveal == "token" and not self.sampling.greedy:
+            inputs["gumbel"] = self.rng.gumbel(size=(self.batch, self.vocab)).astype(np.float32)
+        return inputs
+
+    def take(self, outputs) -> np.ndarray:
+        """The next token per row [B] from a step's revealed outputs."""
+        if self.reveal == "token":
+            return np.asarray(outputs["token"]).reshape(self.batch).astype(np.int32)
+        logits = np.asarray(outputs["logits"], np.float64).reshape(self.batch, self.vocab)
+        if self.sampling.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int32)
+        return _sample_plain(logits, self.sampling, self.rng)
+
+
 def bucket(n: int, size: int) -> int:
     """n rounded up to a multiple of ``size`` (static shapes: one compiled program per bucket)."""
     return -(-n // size) * size
@@ -414,41 +469,23 @@ def generate(
     called after every step with each prompt's tokens so far, as the client receives them.
     ``staged_run`` runs every step stage by stage (:mod:`puma.staged`).
     """
-    if reveal not in REVEAL_CHOICES:
-        raise PumaError(f"reveal must be one of {REVEAL_CHOICES}, not {reveal!r}")
     if not model.causal:
         raise PumaError(f"{model.source} is a {model.family} encoder: it cannot generate text")
     if max_new_tokens < 1:
         raise PumaError("max_new_tokens must be at least 1")
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise PumaError("empty prompt: give at least one token")
-    if sampling.top_k and not 0 < sampling.top_k <= model.config.vocab_size:
-        raise PumaError(f"top_k must be in 1..{model.config.vocab_size}")
+    client = StepClient(model, ops, reveal, sampling, len(prompt_ids))
+    secret, take = client.secret, client.take
     longest = max(len(p) for p in prompt_ids)
     check_length(model, longest, max_new_tokens)
     check_ids(model, prompt_ids)
     pad_id = int(model.config.eos_token_id)
-    vocab = model.config.vocab_size
     batch = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
     step_costs: list[dict] = []
     step_reports: list[CostReport] = []
-    rng = np.random.default_rng(sampling.seed)
-
-    def secret(ids: np.ndarray) -> dict:
-        inputs = {"input_ids": client_ids(ops, ids, vocab)}
-        if reveal == "token" and not sampling.greedy:
-            inputs["gumbel"] = rng.gumbel(size=(batch, vocab)).astype(np.float32)
-        return inputs
-
-    def take(outputs) -> np.ndarray:
-        if reveal == "token":
-            return np.asarray(outputs["token"]).reshape(batch).astype(np.int32)
-        logits = np.asarray(outputs["logits"], np.float64).reshape(batch, vocab)
-        if sampling.greedy:
-            return np.argmax(logits, axis=-1).astype(np.int32)
-        return _sample_plain(logits, sampling, rng)
 
     def record(tokens: np.ndarray) -> bool:
         for i, tok in enumerate(tokens):

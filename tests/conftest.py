@@ -73,6 +73,27 @@ def tiny_gpt2(tmp_path_factory):
     return _tiny_folder(tmp_path_factory, "gpt2-debug", "gpt2-debug")
 
 
+#: A ChatML-like template in the tiny tokenizer's words: w1 opens a user message, w3 an
+#: assistant's, w2 closes either.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w1 {% else %}w3 {% endif %}{{ m['content'] }} w2 "
+    "{% endfor %}{% if add_generation_prompt %}w3 {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_chat(tmp_path_factory):
+    """llama-debug weights (perturbed, random) and a word-level tokenizer with a chat template
+    (:data:`TINY_CHAT_TEMPLATE`) in a HF folder; the PyTorch reference model."""
+    from transformers import AutoTokenizer
+
+    path, model = _tiny_folder(tmp_path_factory, "llama-debug", "llama-debug")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_cls(tmp_path_factory):
     """A BertForSequenceClassification folder (bert-debug-cls) with a word-level tokenizer."""

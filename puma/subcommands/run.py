@@ -26,13 +26,7 @@ def add_parsers(sub, common) -> None:
         help="prompt text (repeat for a batch; default: none, give --prompt or --ids)",
     )
     options.add_ids_arg(inputs)
-    gen.add_argument(
-        "--max-new-tokens",
-        "-n",
-        type=options.positive,
-        default=16,
-        help="tokens to generate (default: %(default)s)",
-    )
+    _add_generation_args(gen, 16, "tokens to generate")
     gen.add_argument(
         "--chat",
         action="store_true",
@@ -40,29 +34,25 @@ def add_parsers(sub, common) -> None:
         "default: the prompt as it is)",
     )
     gen.add_argument(
-        "--reveal",
-        choices=("token", "logits"),
-        default="token",
-        help="what the client receives per step: the chosen token id (computed under MPC) or the logits "
-        "(default: %(default)s)",
-    )
-    gen.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute the whole window per token (default: a secret KV cache at the parties)",
     )
-    gen.add_argument(
-        "--temperature",
-        type=float,
-        help="sample at this temperature > 0 (default: greedy)",
-    )
-    gen.add_argument(
-        "--top-k",
-        type=int,
-        help="with --temperature: sample among the k most likely tokens (default: all)",
-    )
-    gen.add_argument("--seed", type=int, help="seed of the client's sampling randomness (default: random)")
     gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="a conversation of several turns: messages from standard input, one per line; the secret "
+        "KV cache stays at the parties between turns",
+    )
+    options.add_model_args(chat)
+    _add_generation_args(chat, 64, "most tokens per reply (a reply ends earlier at the end-of-sequence token)")
+    chat.add_argument(
+        "--plain",
+        action="store_true",
+        help="continue the text turn by turn without the chat template (default: the template, when the model has one)",
+    )
+    chat.set_defaults(func=cmd_chat)
 
     emb = sub.add_parser(
         "embed",
@@ -124,6 +114,35 @@ def add_parsers(sub, common) -> None:
         help="print the ranges, the plan and the table as JSON (default: a table)",
     )
     cal.set_defaults(func=cmd_calibrate)
+
+
+def _add_generation_args(p, max_new_tokens: int, what: str) -> None:
+    """--max-new-tokens, --reveal and the sampling options of ``generate`` and ``chat``."""
+    p.add_argument(
+        "--max-new-tokens",
+        "-n",
+        type=options.positive,
+        default=max_new_tokens,
+        help=f"{what} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reveal",
+        choices=("token", "logits"),
+        default="token",
+        help="what the client receives per step: the chosen token id (computed under MPC) or the logits "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="sample at this temperature > 0 (default: greedy)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="with --temperature: sample among the k most likely tokens (default: all)",
+    )
+    p.add_argument("--seed", type=int, help="seed of the client's sampling randomness (default: random)")
 
 
 def _progress(total: int, what: str, unit: str = "tok", disable: bool = False):
@@ -222,7 +241,7 @@ def cmd_generate(args) -> int:
     if args.chat and args.ids:
         raise PumaError("--chat applies the chat template to text: give --prompt, not --ids")
     with options.open_model(args) as m:
-        shown = _Shown(m.model, args) if _streams(args) else None
+        shown = _Shown.generation(m.model, args) if _streams(args) else None
         with _progress(args.max_new_tokens, "generating", disable=shown is not None) as bar:
             if args.ids:
                 result = m.generate_ids(args.ids, progress=bar.update, **settings)
@@ -265,29 +284,106 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """One reply per line of standard input, streamed to stdout as its tokens are revealed (with
+    --json: one JSON line per turn). On stderr after each turn: its first-token and reply
+    seconds and its cost; at the end, the whole conversation's cost and what ran where."""
+    temperature, top_k = _sampling(args)
+    interactive = sys.stdin.isatty()
+    with options.open_model(args) as m:
+        with m.conversation(
+            chat=False if args.plain else None, reveal=args.reveal, temperature=temperature, top_k=top_k, seed=args.seed
+        ) as talk:
+            turns = []
+            tokenizer = m.model.tokenizer
+
+            def reply_text(tokens):
+                return tokenizer.decode(tokens, skip_special_tokens=True)
+
+            with m.session.measure() as total:
+                for number, line in enumerate(_messages(interactive), start=1):
+                    shown = None if args.json else _Shown(reply_text)
+                    turn = talk.say(line, args.max_new_tokens, stream=shown.update if shown else None)
+                    turns.append(turn)
+                    if shown:
+                        shown.finish()
+                    _report_turn(args, number, line, turn)
+            if not turns:
+                raise PumaError("no message on standard input: write one per line (Ctrl-D ends the conversation)")
+    if not args.json:
+        _emit(args, {}, [], total)
+    return 0
+
+
+def _messages(interactive: bool):
+    """The non-empty lines of standard input, stripped; at a terminal, after a ``> `` prompt."""
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _report_turn(args, number: int, message: str, turn) -> None:
+    """A turn's JSON line (--json) or its one-line summary on stderr."""
+    first, *steps = turn.step_costs
+    if args.json:
+        payload = {
+            "turn": number,
+            "message": message,
+            "message_tokens": turn.message_tokens,
+            "tokens": turn.tokens,
+            "text": turn.text,
+            "first_token_s": round(turn.first_token_s, 3),
+            "reply_s": round(turn.reply_s, 3),
+            "steps": turn.step_costs,
+            "backend": args.backend,
+            "approx": args.approx,
+        }
+        print(json.dumps(payload), flush=True)
+        return
+    if not get_backend(args.backend).secure:
+        return
+    per_token = f"; per reply token {sum(s['max_party_send_actions'] for s in steps) / len(steps):.0f}" if steps else ""
+    print(
+        f"puma: turn {number}: {turn.message_tokens} message tokens in one step, first token after "
+        f"{turn.first_token_s:.1f} s, {len(turn.tokens)} tokens in {turn.reply_s:.1f} s; busiest party's send "
+        f"actions: message step {first['max_party_send_actions']}{per_token}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _streams(args) -> bool:
     """Whether generated text is printed as each token is revealed: one text prompt, not JSON."""
     return not args.json and not args.ids and len(args.prompt) == 1
 
 
 class _Shown:
-    """Prints a generation as it grows: the prompt (unless it went through the chat template),
-    then what each revealed token adds to the decoded text. A byte-level token that ends inside
-    a character waits for the token that completes it."""
+    """Prints a generation as it grows: what each revealed token adds to the decoded text
+    (``decode(tokens)``). A byte-level token that ends inside a
+    character waits for the token that completes it."""
 
-    def __init__(self, model, args):
-        from puma import tasks
-
-        self.tokenizer = model.tokenizer
-        self.prompt_ids = tasks.encode_prompts(model, args.prompt, args.chat)[0]
+    def __init__(self, decode):
+        self.decode = decode
         self.printed = ""
+
+    @classmethod
+    def generation(cls, model, args) -> "_Shown":
+        """For ``puma generate``'s one text prompt: the prompt first (unless it went through the
+        chat template), then its continuation."""
+        from puma.tasks import continuation, encode_prompts
+
+        prompt_ids = encode_prompts(model, args.prompt, args.chat)[0]
         if not args.chat:
             print(args.prompt[0], end="", flush=True)
+        return cls(lambda generated: continuation(model.tokenizer, prompt_ids, generated[0]))
 
-    def update(self, generated: list[list[int]]) -> None:
-        from puma.tasks import continuation
-
-        text = continuation(self.tokenizer, self.prompt_ids, generated[0])
+    def update(self, tokens) -> None:
+        text = self.decode(tokens)
         if text.startswith(self.printed) and not text.endswith("\ufffd"):
             print(text[len(self.printed) :], end="", flush=True)
             self.printed = text
