@@ -10,6 +10,7 @@ tensor is named in the error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -215,16 +216,25 @@ def _finish(model: LoadedModel, tensors: "LazyParams | None", weights: bool, laz
 
 
 def param_shapes(family: str, config) -> dict:
-    """The Flax parameter tree of ``config`` as ``{path: shape}`` without allocating weights."""
+    """The Flax parameter tree of ``config`` as ``{path: shape}`` without allocating weights.
+
+    Traced once per (family, config) in a process (configs are frozen, hashable dataclasses):
+    SmolLM2's 30 layers take about 4 s to trace, and loading, the weight plan and the owner
+    each ask (a plaintext ``puma generate -m smollm2 -n 2`` went from 31 s to 21 s here)."""
+    return dict(_param_shapes(family, config))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(family: str, config) -> tuple[tuple[str, tuple[int, ...]], ...]:
     fam = FAMILIES[family]
     module = fam.module_cls(config)
     ids = np.zeros((1, 2), np.int32)
     kwargs = fam.init_kwargs(config)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, **kwargs))["params"]
-    return {
-        "/".join(k.key for k in path): tuple(leaf.shape)
+    return tuple(
+        ("/".join(k.key for k in path), tuple(leaf.shape))
         for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-    }
+    )
 
 
 def _tensor_seed(seed: int, path: str) -> list[int]:

@@ -64,6 +64,7 @@ class Turn:
     first_token_s: float
     reply_s: float
     step_costs: list[dict] = dataclasses.field(default_factory=list)
+    step_reports: list[CostReport] = dataclasses.field(default_factory=list)  # the same steps, in full
     logits: list[np.ndarray] = dataclasses.field(default_factory=list)  # [V] per reply token (reveal="logits")
 
 
@@ -100,9 +101,10 @@ class Conversation:
         self.slots = 0  # the cache's size; 0 before the first turn
         self.mask = np.zeros((1, 0), np.int32)  # [1, slots]: 1 where a slot holds a token
         self.index = 0  # the next free slot
-        self.positions = 0  # tokens in the cache (the next token's position)
         self.messages: list[dict] = []  # the template's view: user and assistant texts
         self.pending: list[int] = []  # the last reply's last token: revealed, not yet in the cache
+        self.history: list[int] = []  # the tokens the cache holds, in order (no padding)
+        self.closed = False
 
     # -- the turn's tokens -------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Conversation:
             staged_run=self.staged_run,
         )
         self.index += width
-        self.positions += len(ids)
+        self.history += ids
         return out
 
     def say(self, text: str, max_new_tokens: int = 64, stream: Callable[[list[int]], Any] | None = None) -> Turn:
@@ -187,11 +189,13 @@ class Conversation:
         text: str | None = None,
     ) -> Turn:
         """As :meth:`say` for a message given as token ids (appended as they are)."""
+        if self.closed:
+            raise PumaError("this conversation is closed (its cache was freed): start a new one")
         ids = [*self.pending, *map(int, ids)]
         if len(ids) == len(self.pending):
             raise PumaError("empty message: give at least one token")
         tasks.check_ids(self.model, [ids])
-        tasks.check_length(self.model, self.positions + len(ids), max_new_tokens)
+        tasks.check_length(self.model, len(self.history) + len(ids), max_new_tokens)
         first = self.slots == 0
         width = tasks.bucket(len(ids), self.chunk_bucket)
         self._reserve(self.index + width + max_new_tokens - 1)
@@ -199,11 +203,13 @@ class Conversation:
         reply: list[int] = []
         logits: list[np.ndarray] = []
         step_costs: list[dict] = []
+        step_reports: list[CostReport] = []
 
         def advance(step: str, step_ids: list[int], first: bool) -> int:
             with self.session.measure() as step_cost:
                 out = self._step(step_ids, first)
             step_costs.append({"step": step, **tasks._brief(step_cost)})
+            step_reports.append(step_cost)
             if self.reveal == "logits":
                 logits.append(np.asarray(out["logits"], np.float64).reshape(-1))
             reply.append(int(self.client.take(out)[0]))
@@ -221,13 +227,13 @@ class Conversation:
         said = self.model.tokenizer.decode(reply, skip_special_tokens=True) if self.model.tokenizer else ""
         self.messages += [{"role": "user", "content": text or ""}, {"role": "assistant", "content": said}]
         seconds = time.perf_counter() - start
-        return Turn(reply, said, cost, len(ids), first_token_s, seconds, step_costs, logits)
+        return Turn(reply, said, cost, len(ids), first_token_s, seconds, step_costs, step_reports, logits)
 
     def close(self) -> None:
         """Free the cache at the parties (the conversation cannot go on after)."""
-        if self.slots:
+        if self.slots and not self.closed:
             self.session.free(self.slot)
-            self.slots = 0
+        self.closed = True
 
     def __enter__(self):
         return self

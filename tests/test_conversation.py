@@ -16,6 +16,7 @@ import pytest
 
 from puma import cli
 from puma.api import SecureModel
+from puma.errors import PumaError
 
 #: Under SPU (sim, the exact set) against transformers in float32: fixed point's error, as
 #: tests/test_runtime.py's FXP_ATOL (measured here: 1.6e-3 on llama-debug's logits).
@@ -66,6 +67,8 @@ def test_turns_under_mpc_continue_the_conversation_as_transformers_does(sim_llam
     assert len(turns[0].tokens) == 3 and eos not in turns[0].tokens, turns[0].tokens
     assert turns[1].message_tokens == len(SECOND) + 1, "the first reply's last token goes in with the message"
     _check_turns(tiny_llama_chat[1], turns, [FIRST, SECOND], eos, FXP_ATOL)
+    with pytest.raises(PumaError, match="conversation is closed"):
+        talk.say_ids(SECOND, 1)
     message, decode = turns[1].step_costs[0], turns[1].step_costs[1]
     assert message["max_party_send_actions"] < 2 * decode["max_party_send_actions"], turns[1].step_costs
 

@@ -104,10 +104,16 @@ def backend_options(request, tmp_path):
 
 def test_stories260k_cached_generation_under_puma(backend_options, stories_gguf):
     """New tokens with the KV cache under MPC (PUMA set) equal plaintext: 24 on sim, 8 on
-    nodes and ray, and the cache-less path's first 12 on sim (CI time)."""
+    nodes and ray, and the cache-less path's first 12 on sim (CI time). On nodes, a
+    conversation of two turns in the same job also equals plaintext: the parties build the
+    second message's step and the cache's widening themselves."""
     backend, options = backend_options
     count = 24 if backend == "sim" else 8
-    want = SecureModel.from_pretrained(stories_gguf).generate("Once upon a time", count)
+    plain = SecureModel.from_pretrained(stories_gguf)
+    want = plain.generate("Once upon a time", count)
+    turns = [("Once upon a time", count), (" The dog ran", 1)]  # the first turn runs the programs above
+    with plain.conversation(chat=False) as talk:
+        want_turns = [talk.say(text, n).tokens for text, n in turns]
     with SecureModel.from_pretrained(stories_gguf, approx="puma", backend=backend, **options) as m:
         got = m.generate("Once upon a time", count)
         _check_tokens(got.tokens, want.tokens, f"{backend} cached")
@@ -115,6 +121,11 @@ def test_stories260k_cached_generation_under_puma(backend_options, stories_gguf)
             nocache = m.generate("Once upon a time", 12, use_cache=False).tokens
             _check_tokens(nocache, [t[:12] for t in want.tokens], "cache-less")
             assert got.texts[0].startswith(", there was a little girl named Lily.")
+        if backend == "nodes":
+            with m.conversation(chat=False) as talk:
+                got_turns = [talk.say(text, n).tokens for text, n in turns]
+                assert talk.slots == 32, "the second turn widens the cache (16 -> 32 slots)"
+            _check_tokens(got_turns, want_turns, "conversation on nodes")
     prefill, *steps = got.step_costs
     assert got.cost.runs == count and len(steps) == count - 1
     assert max(s["bytes_sent"] for s in steps) < prefill["bytes_sent"]

@@ -92,6 +92,29 @@ def test_latency_cells_on_llama_debug(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in made] == ["latency_sites_llama-debug.png"]
 
 
+def test_conversation_cell_on_a_tiny_chat_model(tmp_path, tiny_llama_chat):
+    """Two turns of ``puma chat`` under MPC: the second message is one step (not one per token),
+    the started-over prompt is the whole conversation so far, and the table renders."""
+    talk = latency.measure_conversation(str(tiny_llama_chat[0]), "puma-chat", reply_tokens=3)
+    first, second = talk["turns"]
+    assert [t["message"] for t in talk["turns"]] == [latency.CHAT_EXAMPLE[0], latency.FOLLOW_UP]
+    # the cache holds the first message, the first reply but its last token, then the second message
+    # (which carries that token, or the template's closing after an end-of-sequence token)
+    assert (
+        talk["restart"]["prompt_tokens"]
+        == first["message_tokens"] + first["reply_tokens"] - 1 + second["message_tokens"]
+    )
+    assert second["message_step"]["max_party_send_actions"] > 0 and second["first_token_s"] > 0
+    decode = next(t["decode_mean"] for t in talk["turns"] if t["decode_mean"])
+    assert second["message_step"]["max_party_send_actions"] < 2 * decode["max_party_send_actions"]
+    store = CellStore(str(tmp_path / "latency.json"), {"backend": "sim"})
+    store.put("tiny/puma-chat/conversation", talk)
+    data = json.loads((tmp_path / "latency.json").read_text())
+    data["config"].update(prompt_tokens=5, decode_steps=4, networks={k: "" for k in latency.NETWORKS})
+    text = latency.markdown(data)
+    assert "| tiny | puma-chat | 2, started over |" in text and "| tiny | puma-chat | 1 |" in text
+
+
 def test_gemma3_sites_count_its_norms_and_read_a_blocked_table_as_the_model_does():
     """Gemma 3's decode step has four norms per block and per-head query/key norms; with its
     table in row blocks the embedding is one lookup per block and the head one product per block

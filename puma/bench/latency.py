@@ -71,12 +71,16 @@ MODELS = {
 #: The rows a plain ``puma bench latency`` measures (Gemma 3's, at FM128 with streamed weights,
 #: takes about an hour with its first-token runs: ask for it with ``--models gemma3-270m``).
 DEFAULT_MODELS = ("stories260K", "smollm2-135m")
+#: The models whose cells include a conversation of two turns (chat models: a chat template).
+CONVERSATION_MODELS = ("smollm2-135m",)
 #: The networks the steps are modelled under (:data:`puma.network.NAMED`): 1 ms, 10 Gbit/s; 40 ms, 400 Mbit/s.
 NETWORKS = ("lan-10g", "wan")
 #: The prompt: its first ``--prompt-tokens`` tokens (random ids for a model without a tokenizer).
 PROMPT_TEXT = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her friends."
 #: The README's chat example, whose per-token cost the decode step stands for.
 CHAT_EXAMPLE = ("What is the capital of France?", 16)
+#: The chat example's follow-up: the second turn of the conversation cell (``puma chat``).
+FOLLOW_UP = "And of Italy?"
 #: Seconds one ``puma generate`` process may take before it is killed.
 PROCESS_TIMEOUT_S = 3600.0
 TOP_OPS = 5
@@ -707,6 +711,66 @@ def measure_cell(
     return cell
 
 
+def measure_conversation(
+    source: str,
+    approx: str,
+    backend: str = "sim",
+    connect: dict | None = None,
+    quiet: bool = False,
+    reply_tokens: int = CHAT_EXAMPLE[1],
+) -> dict:
+    """Two turns of ``puma chat`` (:class:`puma.conversation.Conversation`) in one session: the
+    chat example's question, then :data:`FOLLOW_UP`, each reply at most ``reply_tokens`` (the
+    example's).
+    Per turn: the message's step (all its tokens in one step), the reply's decode steps (mean),
+    the seconds to the reply's first token and the compile seconds in them (a new shape compiles
+    once). Beside the second turn, ``restart``: the prefill a client that starts over runs (the
+    whole conversation so far as one new prompt, in the same session; a new process adds the
+    loading and sharing of the first-token cells)."""
+    if quiet and not wait_quiet(600):
+        raise PumaError("the machine stayed busy for 10 minutes: other processes take CPU time (see top)")
+    question, new = CHAT_EXAMPLE[0], reply_tokens
+    with SecureModel.from_pretrained(source, approx=approx, backend=backend, **(connect or {})) as m:
+        if m.model.tokenizer is None or not getattr(m.model.tokenizer, "chat_template", None):
+            return {"skipped": f"{source} has no chat template"}
+        with LoadMonitor(getattr(m.session.mesh, "pids", ())) as machine:
+            turns = []
+            with m.conversation() as talk:
+                for message in (question, FOLLOW_UP):
+                    held = len(talk.history)
+                    turn = talk.say(message, new)
+                    profiled(turn.cost)
+                    steps = [step_figures(b, r) for b, r in zip(turn.step_costs, turn.step_reports)]
+                    turns.append(
+                        {
+                            "message": message,
+                            "message_tokens": turn.message_tokens,
+                            "reply": turn.text,
+                            "reply_tokens": len(turn.tokens),
+                            "cache_slots": talk.slots,
+                            "first_token_s": round(turn.first_token_s, 3),
+                            "compile_s": round(turn.cost.compile_s, 3),
+                            "message_step": steps[0],
+                            "decode_mean": mean_step(steps[1:]) if len(steps) > 1 else None,
+                        }
+                    )
+                prompt = talk.history[: held + turn.message_tokens]
+            with m.session.measure() as restart:
+                again = m.generate_ids([prompt], 1)
+            profiled(again.cost)
+            figures = step_figures(again.step_costs[0], again.step_reports[0])
+    return {
+        "source": source,
+        "approx": approx,
+        "backend": backend,
+        "protocol": restart.protocol,
+        "command": f'printf "{question}\\n{FOLLOW_UP}\\n" | puma chat -m {source} -n {new} --approx {approx}',
+        "turns": turns,
+        "restart": {"prompt_tokens": len(prompt), "compile_s": round(restart.compile_s, 3), "prefill": figures},
+        "load": machine.report(),
+    }
+
+
 def _prompt_args(prompt) -> tuple[str | None, list[int]]:
     """A cell's prompt as (text, ids): text for a model with a tokenizer, else the ids."""
     return (prompt, []) if isinstance(prompt, str) else (None, list(prompt))
@@ -724,9 +788,10 @@ def run(
     connect: dict | None = None,
     quiet: bool = False,
     cold_warm: bool = True,
+    conversations: bool = True,
 ) -> dict:
-    """Fill the latency cells (``model/set`` and ``model/set/first-token``), write the JSON and
-    the sites plot beside it (``plots/``)."""
+    """Fill the latency cells (``model/set``, ``model/set/first-token`` and, for a chat model,
+    ``model/set/conversation``), write the JSON and the sites plot beside it (``plots/``)."""
     sets = list(sets or default_sets())
     config = {
         "backend": backend,
@@ -753,6 +818,11 @@ def run(
             store.measure(
                 f"{name}/{approx}/first-token",
                 lambda: first_token(source, approx, *_prompt_args(cell["prompt"]), backend, connect, quiet=quiet),
+            )
+        if conversations and name in CONVERSATION_MODELS:
+            store.measure(
+                f"{name}/{approx}/conversation",
+                lambda: measure_conversation(source, approx, backend, connect, quiet=quiet),
             )
     plot(store.data, os.path.join(os.path.dirname(os.path.abspath(out)), "plots"))
     return store.data
@@ -788,6 +858,11 @@ def add_arguments(p) -> None:
         action="store_true",
         help="leave out the cold and warm first token in new processes (default: measure them)",
     )
+    p.add_argument(
+        "--no-conversation",
+        action="store_true",
+        help="leave out the two-turn conversation of the chat models (default: measure it)",
+    )
     options.add_quiet_arg(p)
     options.add_data_arg(p)
 
@@ -807,6 +882,7 @@ def main(args) -> dict:
         connect=options.connect(args),
         quiet=args.require_quiet,
         cold_warm=not args.no_first_token,
+        conversations=not args.no_conversation,
     )
 
 
@@ -855,7 +931,7 @@ def _activation_rows(cells: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    cells = {k: v for k, v in result["cells"].items() if not k.endswith("/first-token")}
+    cells = {k: v for k, v in result["cells"].items() if k.count("/") == 1}
     nets = cfg["networks"]
     lan, wan = (nets[k] for k in NETWORKS)
     lines = [
@@ -975,4 +1051,57 @@ def markdown(result: dict) -> str:
             "first token); compile s: the `compile_s` its JSON reports (lowering and compiling, or lowering and "
             "the compile cache lookup); * = other processes contended these seconds.",
         ]
+    lines += _conversation_rows(result["cells"])
     return "\n".join(lines)
+
+
+def _conversation_rows(cells: dict) -> list[str]:
+    """The two-turn conversations (``model/set/conversation``): per turn, the message's one step
+    and the reply's decode steps; beside the second turn, a client that starts over."""
+    talks = {k: v for k, v in cells.items() if k.endswith("/conversation") and "turns" in v}
+    if not talks:
+        return []
+    lines = [
+        "",
+        "A conversation of two turns in one session (`puma chat`: the chat example's question, then "
+        f'"{FOLLOW_UP}"), the cache kept secret at the parties between turns:',
+        "",
+        "| model | set | turn | message tokens | first token s (compile s) | message step: busiest sends, MB, sim s, "
+        "WAN s | reply tokens | decode step (mean): busiest sends, sim s | cache slots |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, talk in talks.items():
+        name, approx = key.split("/")[:2]
+        star = "*" if talk.get("load", {}).get("contended") else ""
+        rows = [
+            (str(i), t, t["message_tokens"], t["first_token_s"], t["compile_s"]) for i, t in enumerate(talk["turns"], 1)
+        ]
+        restart = talk["restart"]
+        rows.append(
+            (
+                "2, started over",
+                {"message_step": restart["prefill"]},
+                restart["prompt_tokens"],
+                None,
+                restart["compile_s"],
+            )
+        )
+        for label, turn, tokens, first_s, compile_s in rows:
+            step, mean = turn["message_step"], turn.get("decode_mean")
+            first = f"{first_s:.1f}{star} ({compile_s:.1f})" if first_s is not None else f"- ({compile_s:.1f})"
+            decode = f"{mean['max_party_send_actions']:.0f}, {_s(mean['wall_s'])}{star}" if mean else "-"
+            lines.append(
+                f"| {name} | {approx} | {label} | {tokens} | {first} | {step['max_party_send_actions']}, "
+                f"{_mb(step['bytes_sent'])}, {_s(step['wall_s'])}{star}, {_s(step['modelled_s'][NETWORKS[1]])} | "
+                f"{turn.get('reply_tokens', '-')} | {decode} | {turn.get('cache_slots', '-')} |"
+            )
+    lines += [
+        "",
+        "Message step: the one secure step that appends a turn's tokens to the cache and reveals the reply's "
+        "first token (the first turn's is a prefill); first token s: from the message to its reply's first token, "
+        "compilation included (each new shape compiles once per process; the compile cache keeps it for the next); "
+        '"2, started over": the prefill of the whole conversation so far as one new prompt, in the same session '
+        "(a new process adds the loading and sharing of the first-token table). Figures per step as in the first "
+        "table.",
+    ]
+    return lines
