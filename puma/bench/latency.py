@@ -724,8 +724,9 @@ def measure_conversation(
     example's).
     Per turn: the message's step (all its tokens in one step), the reply's decode steps (mean),
     the seconds to the reply's first token and the compile seconds in them (a new shape compiles
-    once). Beside the second turn, ``restart``: the prefill a client that starts over runs (the
-    whole conversation so far as one new prompt, in the same session; a new process adds the
+    once per process; the compile cache keeps it for the next), and the turn's compile seconds.
+    Beside the second turn, ``restart``: the prefill a client that starts over runs (the whole
+    conversation so far as one new prompt, in the same session; a new process adds the
     loading and sharing of the first-token cells)."""
     if quiet and not wait_quiet(600):
         raise PumaError("the machine stayed busy for 10 minutes: other processes take CPU time (see top)")
@@ -749,6 +750,7 @@ def measure_conversation(
                             "reply_tokens": len(turn.tokens),
                             "cache_slots": talk.slots,
                             "first_token_s": round(turn.first_token_s, 3),
+                            "first_token_compile_s": round(turn.step_reports[0].compile_s, 3),
                             "compile_s": round(turn.cost.compile_s, 3),
                             "message_step": steps[0],
                             "decode_mean": mean_step(steps[1:]) if len(steps) > 1 else None,
@@ -1067,14 +1069,15 @@ def _conversation_rows(cells: dict) -> list[str]:
         f'"{FOLLOW_UP}"), the cache kept secret at the parties between turns:',
         "",
         "| model | set | turn | message tokens | first token s (compile s) | message step: busiest sends, MB, sim s, "
-        "WAN s | reply tokens | decode step (mean): busiest sends, sim s | cache slots |",
+        "WAN s | reply tokens | decode step (mean): busiest sends, MB, sim s | cache slots |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, talk in talks.items():
         name, approx = key.split("/")[:2]
         star = "*" if talk.get("load", {}).get("contended") else ""
         rows = [
-            (str(i), t, t["message_tokens"], t["first_token_s"], t["compile_s"]) for i, t in enumerate(talk["turns"], 1)
+            (str(i), t, t["message_tokens"], t["first_token_s"], t["first_token_compile_s"])
+            for i, t in enumerate(talk["turns"], 1)
         ]
         restart = talk["restart"]
         rows.append(
@@ -1089,7 +1092,11 @@ def _conversation_rows(cells: dict) -> list[str]:
         for label, turn, tokens, first_s, compile_s in rows:
             step, mean = turn["message_step"], turn.get("decode_mean")
             first = f"{first_s:.1f}{star} ({compile_s:.1f})" if first_s is not None else f"- ({compile_s:.1f})"
-            decode = f"{mean['max_party_send_actions']:.0f}, {_s(mean['wall_s'])}{star}" if mean else "-"
+            decode = (
+                f"{mean['max_party_send_actions']:.0f}, {_mb(mean['bytes_sent'])}, {_s(mean['wall_s'])}{star}"
+                if mean
+                else "-"
+            )
             lines.append(
                 f"| {name} | {approx} | {label} | {tokens} | {first} | {step['max_party_send_actions']}, "
                 f"{_mb(step['bytes_sent'])}, {_s(step['wall_s'])}{star}, {_s(step['modelled_s'][NETWORKS[1]])} | "
