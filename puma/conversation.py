@@ -208,7 +208,7 @@ class Conversation:
         def advance(step: str, step_ids: list[int], first: bool) -> int:
             with self.session.measure() as step_cost:
                 out = self._step(step_ids, first)
-            step_costs.append({"step": step, **tasks._brief(step_cost)})
+            step_costs.append({"step": step, **tasks.step_brief(step_cost)})
             step_reports.append(step_cost)
             if self.reveal == "logits":
                 logits.append(np.asarray(out["logits"], np.float64).reshape(-1))

@@ -523,7 +523,7 @@ def generate(
                     slots,
                     staged_run=staged_run,
                 )
-            step_costs.append({"step": "prefill", **_brief(step_cost)})
+            step_costs.append({"step": "prefill", **step_brief(step_cost)})
             step_reports.append(step_cost)
             tokens = take(out)
             done = record(tokens)
@@ -549,7 +549,7 @@ def generate(
                             slot,
                             staged_run=staged_run,
                         )
-                    step_costs.append({"step": f"decode {k}", **_brief(step_cost)})
+                    step_costs.append({"step": f"decode {k}", **step_brief(step_cost)})
                     step_reports.append(step_cost)
                     tokens = take(out)
                     done = record(tokens)
@@ -571,7 +571,7 @@ def generate(
                         sampling,
                         staged_run=staged_run,
                     )
-                step_costs.append({"step": f"forward {k}", **_brief(step_cost)})
+                step_costs.append({"step": f"forward {k}", **step_brief(step_cost)})
                 step_reports.append(step_cost)
                 tokens = take(out)
                 if record(tokens):
@@ -606,7 +606,7 @@ def _sample_plain(logits: np.ndarray, sampling: Sampling, rng) -> np.ndarray:
     return np.argmax(scores + rng.gumbel(size=scores.shape), axis=-1).astype(np.int32)
 
 
-def _brief(report: CostReport) -> dict:
+def step_brief(report: CostReport) -> dict:
     """A step's cost: totals over the parties and the busiest party's share (see
     :mod:`puma.runtime.cost` for how each is counted)."""
     parties = report.per_party or []
