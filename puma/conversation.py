@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from puma import tasks
+from puma import staged, tasks
 from puma.errors import PumaError
 from puma.models.loading import LoadedModel
 from puma.runtime.base import Session
@@ -88,7 +88,7 @@ class Conversation:
     ):
         if not model.causal:
             raise PumaError(f"{model.source} is a {model.family} encoder: it cannot hold a conversation")
-        templated = bool(model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None))
+        templated = tasks.has_chat_template(model)
         if chat and not templated:
             raise PumaError(f"{model.source} has no chat template: leave out --chat to continue the text turn by turn")
         self.session, self.model, self.ops = session, model, ops
@@ -110,13 +110,12 @@ class Conversation:
 
     def _message_ids(self, text: str) -> list[int]:
         """The tokens this turn appends before the reply: see the module docstring."""
+        if not self.messages:  # as puma generate encodes a prompt
+            return tasks.encode_prompts(self.model, [text], self.chat)[0]
         tokenizer = self.model.tokenizer
         if not self.chat:
-            return list(tokenizer(text, add_special_tokens=not self.messages)["input_ids"])
-        user = {"role": "user", "content": text}
-        if not self.messages:
-            return list(tokenizer.apply_chat_template([user], add_generation_prompt=True))
-        history = [*self.messages[:-1], {"role": "assistant", "content": _REPLY}, user]
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        history = [*self.messages[:-1], {"role": "assistant", "content": _REPLY}, {"role": "user", "content": text}]
         rendered = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
         if rendered.count(_REPLY) != 1:
             raise PumaError(f"{self.model.source}'s chat template rewrites replies: it cannot continue a conversation")
@@ -134,7 +133,7 @@ class Conversation:
             program = tasks.grow_cache_program(self.model, self.ops, slots)
             if self.staged_run:
                 for i in range(self.model.config.num_layers):
-                    self.session.run(program, {}, {}, state=self.slot, bind={"cache": f"cache_{i}"})
+                    self.session.run(program, {}, {}, state=self.slot, bind={"cache": staged.cache_entry(i)})
             else:
                 self.session.run(program, {}, {}, state=self.slot)
             log.info("conversation cache widened from %d to %d slots", self.slots, slots)

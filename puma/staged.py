@@ -254,6 +254,11 @@ def encoder_head(head: str) -> _Head:
     return _Head(fn, {"head": head}, head, head)
 
 
+def cache_entry(layer: int) -> str:
+    """The slot entry that holds block ``layer``'s key/value cache in a staged run."""
+    return f"cache_{layer}"
+
+
 def run(
     session: Session,
     model: LoadedModel,
@@ -303,7 +308,7 @@ def run(
             session.hold_params([key])
             rows = last_rows if i == stages.layers - 1 else None
             program = block_program(model, ops, i, phase, max_len, rows)
-            session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": f"cache_{i}"})
+            session.run(program, {}, block_public, state=slot, bind={"layer": key, "cache": cache_entry(i)})
             session.release_params([key])
         if blocks and stages.tied and head.reveal is not None:
             out = _head_in_blocks(session, model, ops, stages, blocks, head, head_secret, slot)

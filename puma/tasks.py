@@ -324,6 +324,12 @@ def client_ids(ops, ids: np.ndarray, vocab: int) -> np.ndarray:
     return (ids[..., None] == np.arange(vocab, dtype=np.int32)).astype(np.float32)
 
 
+def has_chat_template(model: LoadedModel) -> bool:
+    """Whether the model's tokenizer has a chat template (the GGUF's, or a folder's
+    ``tokenizer_config.json``)."""
+    return bool(model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None))
+
+
 def encode_prompts(model: LoadedModel, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
     """Tokenize prompts (with the tokenizer's BOS convention); refuses empty ones. With ``chat``
     each prompt is a user message put through the tokenizer's chat template, with the
@@ -337,7 +343,7 @@ def encode_prompts(model: LoadedModel, prompts: Sequence[str], chat: bool = Fals
         raise PumaError(f"{model.source} has no tokenizer: pass token ids instead of text")
     if not chat:
         return [list(tokenizer(text)["input_ids"]) for text in prompts]
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(model):
         raise PumaError(f"{model.source} has no chat template: leave out --chat and write the prompt yourself")
     return [
         list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))

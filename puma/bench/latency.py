@@ -644,7 +644,7 @@ def _config_summary(config) -> dict:
 
 def _chat_example(model) -> dict | None:
     """The README's chat example's prompt length and cache (tokenizer only, nothing runs)."""
-    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+    if not tasks.has_chat_template(model):
         return None
     question, new = CHAT_EXAMPLE
     tokens = len(tasks.encode_prompts(model, [question], chat=True)[0])
@@ -732,7 +732,7 @@ def measure_conversation(
         raise PumaError("the machine stayed busy for 10 minutes: other processes take CPU time (see top)")
     question, new = CHAT_EXAMPLE[0], reply_tokens
     with SecureModel.from_pretrained(source, approx=approx, backend=backend, **(connect or {})) as m:
-        if m.model.tokenizer is None or not getattr(m.model.tokenizer, "chat_template", None):
+        if not tasks.has_chat_template(m.model):
             return {"skipped": f"{source} has no chat template"}
         with LoadMonitor(getattr(m.session.mesh, "pids", ())) as machine:
             turns = []

@@ -294,21 +294,20 @@ def cmd_chat(args) -> int:
         with m.conversation(
             chat=False if args.plain else None, reveal=args.reveal, temperature=temperature, top_k=top_k, seed=args.seed
         ) as talk:
-            turns = []
             tokenizer = m.model.tokenizer
 
             def reply_text(tokens):
                 return tokenizer.decode(tokens, skip_special_tokens=True)
 
+            number = 0
             with m.session.measure() as total:
                 for number, line in enumerate(_messages(interactive), start=1):
                     shown = None if args.json else _Shown(reply_text)
                     turn = talk.say(line, args.max_new_tokens, stream=shown.update if shown else None)
-                    turns.append(turn)
                     if shown:
                         shown.finish()
                     _report_turn(args, number, line, turn)
-            if not turns:
+            if not number:
                 raise PumaError("no message on standard input: write one per line (Ctrl-D ends the conversation)")
     if not args.json:
         _emit(args, {}, [], total)
@@ -364,8 +363,8 @@ def _streams(args) -> bool:
 
 class _Shown:
     """Prints a generation as it grows: what each revealed token adds to the decoded text
-    (``decode(tokens)``). A byte-level token that ends inside a
-    character waits for the token that completes it."""
+    (``decode(tokens)``). A byte-level token that ends inside a character waits for the token
+    that completes it."""
 
     def __init__(self, decode):
         self.decode = decode
